@@ -1,0 +1,76 @@
+// The Python module simcore._C: error translation, build facts, and the ops.
+#include <pybind11/pybind11.h>
+
+#include "bindings/ops.h"
+#include "bindings/tensor_arg.h"
+#include "common/tensor_view.h"
+
+#ifdef SIMCORE_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "simcore's compiled kernels (C++ and, when built with nvcc, CUDA)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const simcore::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const simcore::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  py::dict info;
+#ifdef SIMCORE_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_runtime_version"] = simcore::cuda::runtime_version();
+#else
+  info["cuda"] = false;
+  info["cuda_runtime_version"] = 0;
+#endif
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#ifdef __AVX512F__
+  info["avx512"] = true;
+#else
+  info["avx512"] = false;
+#endif
+  m.attr("build_info") = info;
+
+  // Number of CUDA devices the driver reports; 0 without CUDA, driver or GPU.
+  m.def("cuda_device_count", []() {
+#ifdef SIMCORE_WITH_CUDA
+    return simcore::cuda::device_count();
+#else
+    return 0;
+#endif
+  });
+
+  // What the boundary makes of a packed tensor; lets tests exercise its checks.
+  m.def("inspect_tensor", [](const py::handle& t) {
+    const simcore::TensorView v = simcore::tensor_from_py(t, "tensor");
+    py::list shape, strides;
+    for (int d = 0; d < v.ndim; ++d) {
+      shape.append(v.shape[d]);
+      strides.append(v.strides[d]);
+    }
+    py::dict out;
+    out["dtype"] = simcore::dtype_name(v.dtype);
+    out["shape"] = py::tuple(shape);
+    out["strides"] = py::tuple(strides);
+    out["contiguous"] = v.is_contiguous();
+    return out;
+  });
+
+  simcore::bind_margin_softmax(m);
+  simcore::bind_cosine_topk(m);
+}

@@ -1,0 +1,71 @@
+#include "bindings/tensor_arg.h"
+
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace simcore {
+namespace {
+
+DType parse_dtype(const std::string& s, const char* name) {
+  if (s == "float32") return DType::Float32;
+  if (s == "float16") return DType::Float16;
+  if (s == "bfloat16") return DType::BFloat16;
+  if (s == "float64") return DType::Float64;
+  if (s == "int64") return DType::Int64;
+  if (s == "int32") return DType::Int32;
+  if (s == "uint8") return DType::UInt8;
+  if (s == "bool") return DType::Bool;
+  throw TypeError(detail::concat(name, ": unsupported dtype ", s));
+}
+
+}  // namespace
+
+TensorView tensor_from_py(const py::handle& obj, const char* name) {
+  SIMCORE_CHECK_TYPE(py::isinstance<py::tuple>(obj) && py::len(obj) == 8, name,
+                     ": expected a packed tensor (simcore._dispatch.tensor_arg)");
+  auto t = py::reinterpret_borrow<py::tuple>(obj);
+  TensorView v;
+  v.name = name;
+  const auto data = t[0].cast<uint64_t>();
+  const auto storage = t[1].cast<uint64_t>();
+  const auto storage_nbytes = t[2].cast<int64_t>();
+  v.dtype = parse_dtype(t[3].cast<std::string>(), name);
+  const auto device = t[4].cast<std::string>();
+  SIMCORE_CHECK(device == "cpu" || device == "cuda", name, ": unsupported device ", device);
+  v.device = device == "cpu" ? Device::CPU : Device::CUDA;
+  v.device_index = t[5].cast<int>();
+  const auto shape = t[6].cast<std::vector<int64_t>>();
+  const auto strides = t[7].cast<std::vector<int64_t>>();
+  SIMCORE_CHECK(shape.size() == strides.size() && shape.size() <= static_cast<size_t>(kMaxDims), name,
+                ": at most ", kMaxDims, " dimensions are supported, got ", shape.size());
+  v.ndim = static_cast<int>(shape.size());
+  v.data = reinterpret_cast<void*>(static_cast<uintptr_t>(data));
+
+  // The view must lie inside its storage: [data + min_offset, data + max_offset].
+  const int64_t item = itemsize(v.dtype);
+  int64_t max_offset = 0;
+  bool empty = false;
+  for (int d = 0; d < v.ndim; ++d) {
+    SIMCORE_CHECK(shape[d] >= 0, name, ": negative size");
+    SIMCORE_CHECK(strides[d] >= 0, name, ": negative strides are not supported");
+    v.shape[d] = shape[d];
+    v.strides[d] = strides[d];
+    if (shape[d] == 0) empty = true;
+    else max_offset += (shape[d] - 1) * strides[d];
+  }
+  if (!empty) {
+    SIMCORE_CHECK(data != 0, name, ": null data pointer");
+    SIMCORE_CHECK(data % static_cast<uint64_t>(item) == 0, name, ": data pointer is not aligned to its dtype");
+    SIMCORE_CHECK(data >= storage && storage_nbytes >= 0, name, ": data lies outside its storage");
+    const uint64_t end = data - storage + static_cast<uint64_t>(max_offset + 1) * static_cast<uint64_t>(item);
+    SIMCORE_CHECK(end <= static_cast<uint64_t>(storage_nbytes), name,
+                  ": view reaches past the end of its storage");
+  }
+  return v;
+}
+
+}  // namespace simcore

@@ -1,0 +1,19 @@
+// Python -> TensorView at the boundary. simcore/_dispatch.py:tensor_arg()
+// packs a torch tensor as a tuple; this re-checks every field, because the
+// core never trusts Python.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include "common/tensor_view.h"
+
+namespace simcore {
+
+// Tuple layout: (data_ptr, storage_ptr, storage_nbytes, dtype, device,
+//                device_index, shape, strides)
+TensorView tensor_from_py(const pybind11::handle& obj, const char* name);
+
+// For optional arguments passed as None.
+inline bool is_none(const pybind11::handle& obj) { return obj.is_none(); }
+
+}  // namespace simcore

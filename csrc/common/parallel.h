@@ -1,0 +1,35 @@
+// Parallel loops for the CPU kernels (not for nvcc). OpenMP with an explicit thread count:
+// Python passes torch.get_num_threads(), and the extension shares torch's
+// libgomp (same soname), so there is one thread pool, not two.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace simcore {
+
+// Calls body(begin, end) on contiguous chunks of [0, n), at most num_threads at
+// once. Bodies must not throw: validate before calling.
+template <class Body>
+void parallel_for(int64_t n, int num_threads, int64_t min_chunk, const Body& body) {
+  if (n <= 0) return;
+  const int64_t max_chunks = std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk));
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, max_chunks)));
+  if (threads == 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    const int64_t chunk = (n + nt - 1) / nt;
+    const int64_t begin = std::min<int64_t>(n, t * chunk);
+    const int64_t end = std::min<int64_t>(n, begin + chunk);
+    if (begin < end) body(begin, end);
+  }
+}
+
+}  // namespace simcore

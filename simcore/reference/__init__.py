@@ -1,0 +1,10 @@
+"""Plain-PyTorch references: the specification of each compiled kernel.
+
+Short, obviously right, never optimised, and float64-capable. Tests compare
+the kernels against these; ``simcore.set_backend("reference")`` runs them
+instead of the kernels.
+"""
+from simcore.reference.cosine_topk import cosine_topk
+from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss, margin_target
+
+__all__ = ["cosine_topk", "margin_softmax_loss", "margin_target", "SIN_EPS"]

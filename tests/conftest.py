@@ -1,0 +1,42 @@
+"""Shared test fixtures: logged seeds, poisoned outputs, tolerances."""
+import os
+import random
+
+import pytest
+import torch
+
+# Tests never fall back to the references silently: a missing or broken
+# extension is an error (SIMCORE_BACKEND=reference still forces them).
+os.environ.setdefault("SIMCORE_BACKEND", "compiled")
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test, printed so a failure can be replayed with SIMCORE_TEST_SEED."""
+    value = int(os.environ.get("SIMCORE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"\n[seed] {request.node.nodeid}: SIMCORE_TEST_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def poisoned(shape, dtype=torch.float32, device="cpu"):
+    """An output buffer full of NaN (or the dtype's max for integers), so unwritten elements show."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
+
+
+def rel_err(out, ref):
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf, so NaN never passes."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,95 @@
+"""The compiled core is present, shares torch's OpenMP runtime, and checks its boundary."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import simcore
+from simcore import _dispatch
+
+
+def test_compiled_extension_loads():
+    # No silent fallback: the suite fails when the extension did not build.
+    ext = _dispatch.extension()
+    assert set(ext.build_info) >= {"cuda", "compiler"}
+
+
+def _nvcc_present():
+    return os.environ.get("SIMCORE_CUDA") != "0" and (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))
+
+
+@pytest.mark.skipif(not _nvcc_present(), reason="nvcc is not installed here, so no CUDA build is expected")
+def test_cuda_sources_were_compiled():
+    # Where nvcc exists (CI), `pip install .` must have compiled csrc/cuda.
+    assert _dispatch.extension().build_info["cuda"]
+
+
+def test_version_and_cuda_query():
+    assert simcore.__version__ == "0.1.0"
+    assert simcore.cuda_available() == (torch.cuda.is_available() and _dispatch.extension().build_info["cuda"])
+
+
+def test_single_openmp_runtime():
+    code = ("import simcore, torch; from simcore import _C;"
+            "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'libomp' in l}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    libs = eval(out.strip().splitlines()[-1])
+    assert len(libs) <= 1, f"two OpenMP runtimes loaded: {libs}"
+
+
+def test_backend_switch(monkeypatch):
+    assert simcore.get_backend() == "compiled"  # tests/conftest.py
+    previous = simcore.get_backend()
+    try:
+        simcore.set_backend("reference")
+        assert not _dispatch.use_compiled(torch.device("cpu"))
+        simcore.set_backend("auto")
+        assert _dispatch.use_compiled(torch.device("cpu"))
+    finally:
+        simcore.set_backend(previous)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        simcore.set_backend("fast")
+
+
+def test_backend_env_var():
+    code = "import simcore; print(simcore.get_backend())"
+    env = dict(os.environ, SIMCORE_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_boundary_reads_views():
+    ext = _dispatch.extension()
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)[:, 1:3]
+    info = ext.inspect_tensor(_dispatch.tensor_arg(t))
+    assert info == {"dtype": "float32", "shape": (3, 2), "strides": (4, 1), "contiguous": False}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (2, 8, "past the end of its storage"),          # storage too small for the view
+    (0, 0, "null data pointer"),
+    (3, "complex64", "unsupported dtype"),
+    (4, "mps", "unsupported device"),
+])
+def test_boundary_rejects_bad_views(field, value, message):
+    ext = _dispatch.extension()
+    packed = list(_dispatch.tensor_arg(torch.zeros(4, 4)))
+    packed[field] = value
+    with pytest.raises((ValueError, TypeError), match=message):
+        ext.inspect_tensor(tuple(packed))
+
+
+def test_boundary_rejects_misaligned_and_outside_pointers():
+    ext = _dispatch.extension()
+    packed = list(_dispatch.tensor_arg(torch.zeros(4, 4)))
+    misaligned = list(packed)
+    misaligned[0] += 2
+    with pytest.raises(ValueError, match="aligned"):
+        ext.inspect_tensor(tuple(misaligned))
+    before = list(packed)
+    before[0] -= 4
+    with pytest.raises(ValueError, match="outside its storage"):
+        ext.inspect_tensor(tuple(before))
