@@ -38,10 +38,13 @@ def extension():
     """The compiled module ``simcore._C``; raises ImportError with the cause if it is missing."""
     ext = _load_extension()
     if ext is None:
-        raise ImportError(
-            "simcore's compiled extension is not available "
-            f"({_ext_error}); reinstall with `pip install .` and read the build output"
-        ) from _ext_error
+        package_dir = os.path.dirname(os.path.abspath(__file__))
+        hint = "reinstall with `pip install .` and read the build output"
+        if os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
+            hint = ("simcore was imported from its source folder, which holds no build: run "
+                    "`python setup.py build_ext --inplace`, or run from another folder (or `pytest` "
+                    "rather than `python -m pytest`) to use the installed package")
+        raise ImportError(f"simcore's compiled extension is not available ({_ext_error}); {hint}") from _ext_error
     return ext
 
 
