@@ -32,10 +32,11 @@ def test_version_and_cuda_query():
     assert simcore.cuda_available() == (torch.cuda.is_available() and _dispatch.extension().build_info["cuda"])
 
 
-def test_single_openmp_runtime():
+def test_single_openmp_runtime(tmp_path):
     code = ("import simcore, torch; from simcore import _C;"
             "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'libomp' in l}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
     libs = eval(out.strip().splitlines()[-1])
     assert len(libs) <= 1, f"two OpenMP runtimes loaded: {libs}"
 
@@ -54,10 +55,11 @@ def test_backend_switch(monkeypatch):
         simcore.set_backend("fast")
 
 
-def test_backend_env_var():
+def test_backend_env_var(tmp_path):
     code = "import simcore; print(simcore.get_backend())"
     env = dict(os.environ, SIMCORE_BACKEND="reference")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=tmp_path)
     assert out.stdout.strip() == "reference"
 
 
