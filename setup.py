@@ -106,10 +106,11 @@ class BuildExt(build_ext):
     """Compiles csrc/cuda/*.cu with nvcc when available, then links everything."""
 
     def build_extension(self, ext):
-        cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
-        if not shutil.which(cxx.split()[0]):
-            _fail(f"no C++ compiler found (tried '{cxx.split()[0]}'). Install one "
-                  "(Debian/Ubuntu: apt-get install g++) or set CXX.")
+        for var in ("CC", "CXX"):  # setuptools compiles with CC and links C++ with CXX
+            tool = (os.environ.get(var) or sysconfig.get_config_var(var) or "c++").split()[0]
+            if not shutil.which(tool):
+                _fail(f"no C++ compiler found ({var} is '{tool}'). Install one "
+                      "(Debian/Ubuntu: apt-get install g++) or point CC and CXX at it.")
         nvcc = _find_nvcc()
         if nvcc:
             ext.extra_objects += self._compile_cuda(nvcc, ext)

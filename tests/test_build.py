@@ -32,11 +32,16 @@ def test_version_and_cuda_query():
     assert simcore.cuda_available() == (torch.cuda.is_available() and _dispatch.extension().build_info["cuda"])
 
 
+def _env(**updates):
+    # Subprocesses import the same simcore as this process, from outside the source folder.
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(simcore.__file__)), **updates)
+
+
 def test_single_openmp_runtime(tmp_path):
     code = ("import simcore, torch; from simcore import _C;"
             "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'libomp' in l}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=tmp_path).stdout
+                         cwd=tmp_path, env=_env()).stdout
     libs = eval(out.strip().splitlines()[-1])
     assert len(libs) <= 1, f"two OpenMP runtimes loaded: {libs}"
 
@@ -57,7 +62,7 @@ def test_backend_switch(monkeypatch):
 
 def test_backend_env_var(tmp_path):
     code = "import simcore; print(simcore.get_backend())"
-    env = dict(os.environ, SIMCORE_BACKEND="reference")
+    env = _env(SIMCORE_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=tmp_path)
     assert out.stdout.strip() == "reference"
@@ -95,3 +100,32 @@ def test_boundary_rejects_misaligned_and_outside_pointers():
     before[0] -= 4
     with pytest.raises(ValueError, match="outside its storage"):
         ext.inspect_tensor(tuple(before))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_source = pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "setup.py")),
+                                  reason="runs setup.py from a source checkout")
+
+
+def _run_setup(tmp_path, env_updates, prelude=""):
+    code = (prelude + "import sys; sys.argv = ['setup.py', 'build_ext', '--build-temp', sys.argv[1]];"
+            "import runpy; runpy.run_path('setup.py', run_name='__main__')")
+    env = dict(os.environ, SIMCORE_CUDA="0", **env_updates)
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@needs_source
+def test_build_without_compiler_says_so(tmp_path):
+    out = _run_setup(tmp_path, {"CC": "/nonexistent/cc", "CXX": "/nonexistent/c++"})
+    assert out.returncode != 0
+    assert "simcore build error: no C++ compiler found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@needs_source
+def test_build_without_pybind11_says_so(tmp_path):
+    out = _run_setup(tmp_path, {}, prelude="import sys; sys.modules['pybind11'] = None;")
+    assert out.returncode != 0
+    assert "simcore build error: pybind11 is not installed" in out.stderr
+    assert "Traceback" not in out.stderr
