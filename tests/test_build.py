@@ -21,7 +21,7 @@ def _nvcc_present():
     return os.environ.get("SIMCORE_CUDA") != "0" and (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))
 
 
-@pytest.mark.skipif(not _nvcc_present(), reason="nvcc is not installed here, so no CUDA build is expected")
+@pytest.mark.skipif(not _nvcc_present(), reason="no nvcc here (or SIMCORE_CUDA=0), so no CUDA build is expected")
 def test_cuda_sources_were_compiled():
     # Where nvcc exists (CI), `pip install .` must have compiled csrc/cuda.
     assert _dispatch.extension().build_info["cuda"]
