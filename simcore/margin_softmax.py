@@ -208,7 +208,7 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
         if row_weight is None or (grad_x is None and grad_w is None):
             return loss
 
-        gxh = torch.zeros(b, d, dtype=f32, device=dev) if grad_x is not None else None
+        gxh = torch.empty(b, d, dtype=f32, device=dev) if grad_x is not None else None
         ubuf = torch.empty(block * d, dtype=f32, device=dev) if grad_w is not None else None
         for c0 in range(0, s, block):  # pass 2: gradients (reuses pass 1's block when there is one)
             if nblocks > 1:
@@ -216,8 +216,11 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
             n = cos.shape[1]
             ext.ms_grad_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(lse),
                               tensor_arg(row_weight), tensor_arg(tcos), ex)
-            if gxh is not None:
-                gxh.addmm_(cos, wh)  # ∂L/∂x̂ += G·Ŵ
+            if gxh is not None:  # ∂L/∂x̂ += G·Ŵ
+                if c0 == 0:
+                    torch.mm(cos, wh, out=gxh)
+                else:
+                    gxh.addmm_(cos, wh)
             if grad_w is not None:
                 u = ubuf[:n * d].view(n, d)
                 torch.mm(cos.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
@@ -238,6 +241,22 @@ def _row_weight(b, reduction, device):
     return torch.full((b,), 1.0 / b if reduction == 0 else 1.0, dtype=torch.float32, device=device)
 
 
+def _weight_grad_buffer(weight, sampled):
+    """Dense (C, D) gradient of ``weight``: the kernels write the sampled rows, the rest are zero."""
+    if sampled.numel() == weight.shape[0]:  # every row is written (sampled ids are unique)
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+
+
+def _scaled(grad, scale):
+    """grad·scale; skips the full pass when the upstream gradient is exactly 1 (the usual
+    ``loss.backward()``), checked eagerly only (traced graphs always multiply)."""
+    if not torch.compiler.is_compiling() and scale.device.type == "cpu" and scale.numel() == 1 \
+            and scale.item() == 1.0:
+        return grad
+    return grad * scale.to(grad.dtype)
+
+
 def _reduce(loss_rows, reduction):
     if reduction == 0:
         return loss_rows.mean()
@@ -253,7 +272,7 @@ def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled
     """Loss and, for reduction mean/sum, both gradients in the same pass (scaled in backward)."""
     grads = reduction != 2 and (need_gx or need_gw)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if grads and need_gx else x.new_empty(0)
-    gw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if grads and need_gw else weight.new_empty(0)
+    gw = _weight_grad_buffer(weight, sampled) if grads and need_gw else weight.new_empty(0)
     loss_rows = _fused(x, labels, weight, sampled, m1, m2, m3, scale,
                        row_weight=_row_weight(x.shape[0], reduction, x.device) if grads else None,
                        grad_x=gx if grads and need_gx else None, grad_w=gw if grads and need_gw else None)
@@ -275,7 +294,7 @@ def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled
             need_gw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
-    gw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_gw else weight.new_empty(0)
+    gw = _weight_grad_buffer(weight, sampled) if need_gw else weight.new_empty(0)
     _fused(x, labels, weight, sampled, m1, m2, m3, scale, row_weight=grad_rows.float().contiguous(),
            grad_x=gx if need_gx else None, grad_w=gw if need_gw else None)
     return gx, gw
@@ -290,6 +309,8 @@ def _(x, labels, weight, sampled, grad_rows, m1, m2, m3, scale, need_gx, need_gw
 def _setup_context(ctx, inputs, output):
     x, labels, weight, sampled, m1, m2, m3, scale, reduction, need_gx, need_gw = inputs
     _, gx, gw = output
+    ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
+    ctx.consumed = False
     ctx.params = (m1, m2, m3, scale)
     ctx.reduction, ctx.need_gx, ctx.need_gw = reduction, need_gx, need_gw
     if reduction == 2:
@@ -303,9 +324,17 @@ def _backward(ctx, grad_loss, _gx, _gw):
         x, labels, weight, sampled = ctx.saved_tensors
         gx, gw = _bwd_op(x, labels, weight, sampled, grad_loss, *ctx.params, ctx.need_gx, ctx.need_gw)
     else:
+        if grad_loss is None:
+            return (None,) * 11
         gx, gw = ctx.saved_tensors
-        gx = gx * grad_loss.to(gx.dtype) if ctx.need_gx else None
-        gw = gw * grad_loss.to(gw.dtype) if ctx.need_gw else None
+        if ctx.consumed and not torch.compiler.is_compiling():
+            # The first backward may hand out the saved gradients themselves (upstream grad 1),
+            # and autograd may then accumulate into them: they are not reusable.
+            raise RuntimeError("simcore.margin_softmax_partial: a second backward through the same graph is not "
+                               "supported for reduction='mean'/'sum' (use reduction='none' and reduce yourself)")
+        ctx.consumed = True
+        gx = _scaled(gx, grad_loss) if ctx.need_gx else None
+        gw = _scaled(gw, grad_loss) if ctx.need_gw else None
     return (gx if ctx.need_gx else None, None, gw if ctx.need_gw else None, None,
             None, None, None, None, None, None, None)
 

@@ -148,6 +148,16 @@ inline float fast_exp(float x) {
 template <class T>
 inline float load(const T* p, int64_t j) { return to_float(p[j]); }
 
+// Rows per thread so that each thread touches at least kMinBytesPerThread.
+// These kernels run ~1 ms per 10-30 MB on one core; opening a parallel region
+// costs far less on an idle machine, but on a loaded one (this project's shared
+// 2-core CI machines) the region waits for a descheduled thread: up to ~10 ms
+// measured per region. Large problems (millions of classes) still use every thread.
+constexpr int64_t kMinBytesPerThread = int64_t{32} << 20;
+inline int64_t min_rows(int64_t row_bytes) {
+  return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, row_bytes));
+}
+
 template <class T>
 SIMCORE_CLONES float row_max(const T* a, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
@@ -184,7 +194,7 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
   float* tcos = target_cos.ptr<float>();
   float* tlog = target_logit.ptr<float>();
   const float s = static_cast<float>(p.scale);
-  parallel_for(b, num_threads, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* a = base + i * lda;
       const int64_t t = tcol[i] - col0;
@@ -227,7 +237,7 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
   const float* rw = row_weight.ptr<float>();
   const float* tcos = target_cos.ptr<float>();
   const float s = static_cast<float>(p.scale);
-  parallel_for(b, num_threads, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* a = base + i * lda;
       const int64_t t = tcol[i] - col0;
@@ -270,7 +280,8 @@ void normalize_rows_impl(const TensorView& src, const int64_t* index, const Tens
   T* op = out.ptr<T>();
   float* np = norms.ptr<float>();
   const int64_t ls = src.stride(0), lo = out.stride(0);
-  parallel_for(n, num_threads, 64, [&](int64_t begin, int64_t end) {
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(S) + sizeof(T));
+  parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) np[r] = normalize_row(sp + (index ? index[r] : r) * ls, op + r * lo, d, eps);
   });
 }
@@ -301,7 +312,8 @@ void project_rows_impl(const TensorView& u, const TensorView& v, const TensorVie
   const float* np = norms.ptr<float>();
   O* op = out.ptr<O>();
   const int64_t lu = u.stride(0), lv = v.stride(0), lo = out.stride(0);
-  parallel_for(n, num_threads, 64, [&](int64_t begin, int64_t end) {
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float) + sizeof(V) + sizeof(O));
+  parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       project_row(up + r * lu, vp + r * lv, op + (index ? index[r] : r) * lo, d, static_cast<double>(np[r]), eps);
   });
