@@ -448,3 +448,32 @@ def test_cuda_matches_reference(dtype, budget, generator, monkeypatch):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(loss.cpu(), rl) <= 1e-5
     assert rel_err(xc.grad.cpu(), rgx) <= tol and rel_err(wc.grad.cpu(), rgw) <= tol
+
+
+def test_non_unit_upstream_gradient_and_second_backward(generator):
+    x, y, w = _args(10, 16, 40)
+    x.requires_grad_()
+    w.requires_grad_()
+    loss, s = simcore.arcface_partial(x, y, w, sample_rate=0.5, return_sampled=True, generator=generator)
+    (2.5 * loss).backward(retain_graph=True)
+    rl, rgx, rgw = _reference(x, y, w, s, MARGINS["arcface"], "mean", torch.tensor(2.5))
+    assert rel_err(x.grad, rgx) <= 1e-5 and rel_err(w.grad, rgw) <= 1e-5
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    # reduction='none' recomputes in backward, so retained graphs work
+    x.grad = w.grad = None
+    rows = simcore.arcface_partial(x, y, w, sample_rate=1.0, reduction="none")
+    rows.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    rows.sum().backward()
+    assert rel_err(x.grad, 2 * first) <= 1e-6
+
+
+def test_no_grad_and_frozen_weight(generator):
+    x, y, w = _args(6, 8, 30)
+    with torch.no_grad():
+        l0 = simcore.arcface_partial(x, y, w, sample_rate=1.0)
+    x.requires_grad_()
+    l1 = simcore.arcface_partial(x, y, w, sample_rate=1.0)  # weight frozen: only x gets a gradient
+    l1.backward()
+    assert rel_err(l0, l1.detach()) <= 1e-7 and x.grad is not None and w.grad is None

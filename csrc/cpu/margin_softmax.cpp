@@ -197,8 +197,8 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
   parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* a = base + i * lda;
-      const int64_t t = tcol[i] - col0;
-      const bool has = t >= 0 && t < n;
+      const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
+      const int64_t t = has ? tcol[i] - col0 : -1;
       // split [0, n) around the target column so the loops stay branch-free
       const int64_t n1 = has ? t : n;
       const T* a2 = has ? a + t + 1 : a + n;
@@ -240,8 +240,8 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
   parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* a = base + i * lda;
-      const int64_t t = tcol[i] - col0;
-      const bool has = t >= 0 && t < n;
+      const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
+      const int64_t t = has ? tcol[i] - col0 : -1;
       const float c = rw[i] * s;  // d loss_i / d logit = rw·(softmax − one-hot); d logit / d cos = s
       if (!has) {
         row_softmax(a, n, s, l[i], c);

@@ -94,7 +94,7 @@ __global__ void targets_kernel(const int64_t* labels, int64_t b, const int64_t* 
     else hi = mid;
   }
   // unknown label: a column no block holds, so the target logit stays NaN
-  out[i] = (y >= 0 && y < num_classes && lo < s && sampled[lo] == y) ? lo : INT64_MIN;
+  out[i] = (y >= 0 && y < num_classes && lo < s && sampled[lo] == y) ? lo : -1;
 }
 
 template <class T>
@@ -105,8 +105,8 @@ __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int
   __shared__ float tz_shared;
   const int64_t i = blockIdx.x;
   const T* a = cos + i * lda;
-  const int64_t t = target_col[i] - col0;
-  const bool has = t >= 0 && t < n;
+  const bool has = target_col[i] >= col0 && target_col[i] - col0 < n;  // no overflow for any value
+  const int64_t t = has ? target_col[i] - col0 : -1;
   const float s = static_cast<float>(p.scale);
   if (threadIdx.x == 0) {
     float tz = -INFINITY;
@@ -149,7 +149,7 @@ __global__ void grad_block_kernel(T* cos, int64_t lda, int64_t n, const int64_t*
                                   const float* target_cos) {
   const int64_t i = blockIdx.x;
   T* a = cos + i * lda;
-  const int64_t t = target_col[i] - col0;
+  const int64_t t = (target_col[i] >= col0 && target_col[i] - col0 < n) ? target_col[i] - col0 : -1;
   const float s = static_cast<float>(p.scale);
   const float l = lse[i];
   const float c = row_weight[i] * s;
