@@ -51,10 +51,13 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     """Sorted int64 class ids: every class in ``labels``, plus negatives drawn
     uniformly without replacement up to ``num_samples`` ids in total (exactly the
     positives when they alone reach ``num_samples``). Deterministic for a given
-    ``generator`` (random numbers are drawn on the generator's device, CPU by default).
+    ``generator`` state (random numbers are drawn on the generator's device, CPU
+    by default) and backend.
 
-    Cost O(B log B + k log k) for k negatives, independent of ``num_classes``
-    except when k is a large fraction of it (then one permutation, O(C)).
+    Compiled backend: Floyd's algorithm on the host over the negatives' ranks with
+    a C/8-byte bitmap, O(k + C/64) for k negatives (C in the millions is fine);
+    the ids are then moved to ``labels.device``. Reference backend: rejection
+    sampling in torch, O(k log k).
     """
     positives = torch.unique(labels)  # sorted
     p = positives.numel()
@@ -65,11 +68,15 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     if k >= n:
         return torch.arange(num_classes, device=labels.device)
     gdev = generator.device if generator is not None else torch.device("cpu")
-    if 4 * k >= n:  # dense: one permutation is cheaper than rejection
-        ranks = torch.randperm(n, generator=generator, device=gdev)[:k]
-    else:
-        ranks = _distinct_uniform(k, n, generator, gdev)
-    ranks = ranks.to(labels.device)
+    if _dispatch.use_compiled(torch.device("cpu")):
+        randoms = torch.empty(k, dtype=torch.int64, device=gdev).random_(generator=generator).cpu()
+        pos = positives.cpu()
+        bitmap = torch.empty((n + 63) // 64, dtype=torch.int64)
+        out = torch.empty(p + k, dtype=torch.int64)
+        _dispatch.extension().ms_sample_classes(tensor_arg(pos), tensor_arg(randoms), num_classes,
+                                                tensor_arg(bitmap), tensor_arg(out))
+        return out.to(labels.device)
+    ranks = _distinct_uniform(k, n, generator, gdev).to(labels.device)
     # The r-th negative class is r + #{j : positives[j] − j <= r}.
     shift = positives - torch.arange(p, device=labels.device)
     negatives = ranks + torch.searchsorted(shift, ranks, right=True)

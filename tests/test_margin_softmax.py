@@ -191,7 +191,16 @@ def test_outputs_fully_written_poisoned(generator):
 
 
 # --------------------------------------------------------------------------- sampling
-def test_sampling_semantics_and_determinism(seed):
+@pytest.fixture(params=["compiled", "reference"])
+def sampler_backend(request):
+    """Both samplers: Floyd's algorithm in C++ and the torch rejection sampler."""
+    previous = simcore.get_backend()
+    simcore.set_backend(request.param)
+    yield request.param
+    simcore.set_backend(previous)
+
+
+def test_sampling_semantics_and_determinism(seed, sampler_backend):
     c = 5000
     y = torch.randint(c, (300,))
     for num in (10, 400, 1200, 4000, 4999):  # positives only / rejection path / permutation path
@@ -203,8 +212,8 @@ def test_sampling_semantics_and_determinism(seed):
         assert len(a) == max(num, len(torch.unique(y)))
 
 
-@pytest.mark.parametrize("num", [8, 17])  # rejection path (k < n/4) and permutation path
-def test_negatives_are_uniform(num, seed):
+@pytest.mark.parametrize("num", [8, 17, 50])  # torch sampler: rejection (k < n/4) and permutation paths
+def test_negatives_are_uniform(num, seed, sampler_backend):
     c, trials = 60, 3000
     y = torch.tensor([3, 3, 7, 59])
     gen = torch.Generator().manual_seed(seed)
@@ -217,6 +226,32 @@ def test_negatives_are_uniform(num, seed):
     expected, sd = trials * p, math.sqrt(trials * p * (1 - p))
     assert (counts[~neg] == trials).all()
     assert ((counts[neg] - expected).abs() <= 5 * sd).all()
+
+
+def test_sampling_pairs_are_uniform(seed):
+    """Without replacement means pairwise inclusion probabilities k(k−1)/(n(n−1)), too."""
+    c, num, trials = 12, 4, 6000
+    y = torch.tensor([0])
+    gen = torch.Generator().manual_seed(seed)
+    pairs = torch.zeros(c, c)
+    for _ in range(trials):
+        s = ms.sample_classes(y, c, num, gen)[1:]
+        pairs[s.unsqueeze(1), s.unsqueeze(0)] += 1
+    n, k = c - 1, num - 1
+    p = k * (k - 1) / (n * (n - 1))
+    off = pairs[1:, 1:][~torch.eye(n, dtype=torch.bool)]
+    assert ((off - trials * p).abs() <= 5 * math.sqrt(trials * p * (1 - p))).all()
+
+
+def test_cpp_sampler_rejects_bad_arguments():
+    ext = _dispatch.extension()
+    pos, rnd, bm, out = torch.tensor([3, 1]), torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
+        torch.empty(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="sorted"):
+        ext.ms_sample_classes(tensor_arg(pos), tensor_arg(rnd), 10, tensor_arg(bm), tensor_arg(out))
+    pos2, rnd2 = torch.tensor([1, 3]), torch.zeros(9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="negatives"):
+        ext.ms_sample_classes(tensor_arg(pos2), tensor_arg(rnd2), 10, tensor_arg(bm), tensor_arg(out))
 
 
 def test_sampling_millions_of_classes(generator):

@@ -159,6 +159,18 @@ void bind_margin_softmax(py::module_& m) {
         }
       },
       "out[out_index[r]] = (u_r − (u_r·v_r) v_r) / norms[r] (u/eps where norms[r] <= eps)");
+
+  m.def(
+      "ms_sample_classes",
+      [](py::handle positives_, py::handle randoms_, int64_t num_classes, py::handle bitmap_, py::handle out_) {
+        const TensorView positives = tensor_from_py(positives_, "positives");
+        const TensorView randoms = tensor_from_py(randoms_, "randoms");
+        const TensorView bitmap = tensor_from_py(bitmap_, "bitmap");
+        const TensorView out = tensor_from_py(out_, "out");
+        py::gil_scoped_release release;
+        cpu::sample_classes(positives, randoms, num_classes, bitmap, out);
+      },
+      "host: sorted positives + a uniform k-subset of the other classes (k = len(randoms))");
 }
 
 }  // namespace simcore

@@ -415,5 +415,50 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   });
 }
 
+void sample_classes(const TensorView& positives, const TensorView& randoms, int64_t num_classes,
+                    const TensorView& bitmap, const TensorView& out) {
+  for (const TensorView* t : {&positives, &randoms, &bitmap, &out}) {
+    t->expect_dtype(DType::Int64).expect_ndim(1).expect_contiguous().expect_device(Device::CPU, 0);
+  }
+  const int64_t p = positives.size(0), k = randoms.size(0);
+  SIMCORE_CHECK(num_classes >= 1, "num_classes must be positive, got ", num_classes);
+  SIMCORE_CHECK(p <= num_classes, "more positives (", p, ") than classes (", num_classes, ")");
+  const int64_t n = num_classes - p;  // negatives to draw from
+  SIMCORE_CHECK(k <= n, "cannot draw ", k, " negatives from ", n, " classes");
+  SIMCORE_CHECK(bitmap.size(0) >= (n + 63) / 64, "bitmap must hold at least ", (n + 63) / 64, " words");
+  out.expect_size(0, p + k);
+  const int64_t* pos = positives.ptr<int64_t>();
+  for (int64_t j = 0; j < p; ++j) {
+    SIMCORE_CHECK(pos[j] >= 0 && pos[j] < num_classes, "positive class ", pos[j], " is outside [0, ", num_classes,
+                  ")");
+    SIMCORE_CHECK(j == 0 || pos[j] > pos[j - 1], "positives must be sorted and unique");
+  }
+  uint64_t* bits = reinterpret_cast<uint64_t*>(bitmap.ptr<int64_t>());
+  const int64_t words = (n + 63) / 64;
+  std::memset(bits, 0, static_cast<size_t>(words) * sizeof(uint64_t));
+  const int64_t* rnd = randoms.ptr<int64_t>();
+  // Floyd: for j = n−k .. n−1 pick t uniform in [0, j]; take t, or j if t is taken.
+  for (int64_t j = n - k, i = 0; j < n; ++j, ++i) {
+    const uint64_t r = static_cast<uint64_t>(rnd[i]) & ((uint64_t{1} << 63) - 1);
+    const uint64_t t = static_cast<uint64_t>((static_cast<unsigned __int128>(r) * static_cast<uint64_t>(j + 1)) >> 63);
+    const uint64_t pick = (bits[t >> 6] >> (t & 63)) & 1u ? static_cast<uint64_t>(j) : t;
+    bits[pick >> 6] |= uint64_t{1} << (pick & 63);
+  }
+  // Ranks in increasing order -> classes (rank r is class r + #{j : pos[j] − j <= r}), merged with the positives.
+  int64_t* o = out.ptr<int64_t>();
+  int64_t pi = 0, w = 0;
+  for (int64_t q = 0; q < words; ++q) {
+    uint64_t word = bits[q];
+    while (word) {
+      const int64_t r = q * 64 + __builtin_ctzll(word);
+      word &= word - 1;
+      while (pi < p && pos[pi] - pi <= r) o[w++] = pos[pi++];
+      o[w++] = r + pi;
+    }
+  }
+  while (pi < p) o[w++] = pos[pi++];
+  SIMCORE_CHECK(w == p + k, "internal error: sampled ", w, " classes, expected ", p + k);
+}
+
 }  // namespace cpu
 }  // namespace simcore

@@ -13,6 +13,8 @@
 //   project_rows    the normalisation Jacobian: (u − (u·v̂)v̂)/‖row‖, written
 //                   (scattered by index) into a gradient of any float dtype
 //
+//   sample_classes  (host only) positives + uniform negatives without replacement
+//
 // Every entry point re-checks shapes, dtypes, devices and index ranges.
 #pragma once
 
@@ -86,6 +88,13 @@ void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col
                 int num_threads);
 void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
                   const TensorView* out_index, double eps, int num_threads);
+
+// Partial FC sampling on the host: out = sorted(positives ∪ k negatives), the k
+// negatives a uniform k-subset of the classes not in `positives` (Floyd's
+// algorithm over negative ranks, one 63-bit random per draw from `randoms`).
+// `bitmap` holds >= ceil((C − P)/64) zeroed int64 words of workspace. O(k + C/64).
+void sample_classes(const TensorView& positives, const TensorView& randoms, int64_t num_classes,
+                    const TensorView& bitmap, const TensorView& out);
 
 }  // namespace cpu
 }  // namespace simcore
