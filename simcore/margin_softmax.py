@@ -216,7 +216,11 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
             return loss
 
         gxh = torch.empty(b, d, dtype=f32, device=dev) if grad_x is not None else None
-        ubuf = torch.empty(block * d, dtype=f32, device=dev) if grad_w is not None else None
+        # ∂L/∂ŵ goes straight into grad_w (then projected in place) when its rows are the
+        # block's rows in order: compact output, or every class sampled (sampled == arange(C)).
+        in_place = (grad_w is not None and grad_w.dtype == f32 and grad_w.is_contiguous()
+                    and (grad_w_compact or s == weight.shape[0]))
+        ubuf = torch.empty(block * d, dtype=f32, device=dev) if grad_w is not None and not in_place else None
         for c0 in range(0, s, block):  # pass 2: gradients (reuses pass 1's block when there is one)
             if nblocks > 1:
                 idx, wh, wn, cos = load_block(c0)
@@ -229,9 +233,9 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
                 else:
                     gxh.addmm_(cos, wh)
             if grad_w is not None:
-                u = ubuf[:n * d].view(n, d)
+                u = grad_w[c0:c0 + n] if in_place else ubuf[:n * d].view(n, d)
                 torch.mm(cos.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
-                if grad_w_compact:
+                if grad_w_compact or in_place:
                     ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn),
                                         tensor_arg(grad_w[c0:c0 + n]), None, NORM_EPS, ex)
                 else:
