@@ -36,16 +36,17 @@ __device__ __forceinline__ void st(double* p, float v) { *p = v; }
 __device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// Reductions over the whole block; every thread gets the result.
+// Reductions over the whole block; every thread gets the result. `identity` fills
+// the lanes beyond the number of warps (0 for sums, −inf for max).
 template <class Op>
-__device__ float block_reduce(float v, Op op, float* shared) {
+__device__ float block_reduce(float v, Op op, float* shared, float identity) {
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // shared may still be read by a previous reduction
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   const int warps = (blockDim.x + 31) >> 5;
-  v = lane < warps ? shared[lane] : shared[0];
+  v = lane < warps ? shared[lane] : identity;
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
@@ -76,7 +77,7 @@ __global__ void normalize_rows_kernel(const S* src, int64_t ls, int64_t src_rows
     const float v = ld(x + k);
     acc += v * v;
   }
-  const float norm = sqrtf(block_reduce(acc, SumOp{}, shared));
+  const float norm = sqrtf(block_reduce(acc, SumOp{}, shared, 0.0f));
   const float inv = static_cast<float>(1.0 / fmax(static_cast<double>(norm), eps));
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, ld(x + k) * inv);
   if (threadIdx.x == 0) norms[r] = norm;
@@ -127,13 +128,13 @@ __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int
     const float z = j == t ? tz : s * ld(a + j);
     m = MaxOp{}(m, z);
   }
-  const float bm = block_reduce(m, MaxOp{}, shared);
+  const float bm = block_reduce(m, MaxOp{}, shared, -INFINITY);
   float acc = 0.0f;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const float z = j == t ? tz : s * ld(a + j);
     acc += expf(z - bm);
   }
-  const float bsum = block_reduce(acc, SumOp{}, shared);
+  const float bsum = block_reduce(acc, SumOp{}, shared, 0.0f);
   if (threadIdx.x == 0) {
     const float om = run_max[i];
     const float nm = bm != bm ? bm : fmaxf(om, bm);
@@ -179,7 +180,7 @@ __global__ void project_rows_kernel(const float* u, int64_t lu, const V* v, int6
   if (norm > eps) {
     float acc = 0.0f;
     for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += ur[k] * ld(vr + k);
-    const float dot = block_reduce(acc, SumOp{}, shared);
+    const float dot = block_reduce(acc, SumOp{}, shared, 0.0f);
     const float inv = static_cast<float>(1.0 / norm);
     for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, (ur[k] - dot * ld(vr + k)) * inv);
   } else {
