@@ -205,7 +205,6 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
             torch.mm(xh, wh.t(), out=cos)
             return idx, wh, wn, cos
 
-        blocks = []
         for c0 in range(0, s, block):  # pass 1: online log-sum-exp
             idx, wh, wn, cos = load_block(c0)
             ext.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(run_max),

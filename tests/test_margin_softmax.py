@@ -445,6 +445,21 @@ def test_head_adamw_first_step_matches_torch(generator):
     assert (head.row_step == 1).all()
 
 
+def test_head_adamw_touches_only_sampled_rows(generator):
+    c, d = 300, 8
+    head = simcore.PartialMarginHead(c, d, sample_rate=0.1, optimizer="adamw", lr=1e-2, weight_decay=0.1)
+    before = head.weight.clone()
+    loss, s = head(torch.randn(6, d, generator=generator), torch.randint(c, (6,), generator=generator),
+                   generator=generator, return_sampled=True)
+    loss.backward()
+    head.step()
+    mask = torch.zeros(c, dtype=torch.bool)
+    mask[s] = True
+    assert torch.equal(head.weight[~mask], before[~mask])  # weight decay too moves sampled rows only
+    assert (head.exp_avg[~mask] == 0).all() and (head.row_step[~mask] == 0).all()
+    assert (head.row_step[mask] == 1).all() and (head.weight[mask] != before[mask]).any(1).all()
+
+
 def test_head_grow_and_centres(generator):
     head = simcore.PartialMarginHead(10, 6, sample_rate=0.5)
     emb = torch.randn(15, 6, generator=generator)
