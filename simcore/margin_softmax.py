@@ -1,55 +1,581 @@
 """Margin-softmax losses over sampled class subsets (ArcFace, CosFace, combined).
 
-INTERIM: runs the plain-PyTorch reference; the fused kernel replaces the body
-of ``margin_softmax_partial`` (issue: arcface_partial).
+Public API: :func:`margin_softmax_partial` (the one kernel), :func:`arcface_partial`
+(additive angular margin m2), :func:`cosface_partial` (additive cosine margin m3),
+:class:`PartialMarginHead` (class centres + a truly sparse optimizer) and
+:func:`sample_classes` (the Partial FC sampler). Semantics and design: docs/margin_softmax.md.
+
+How the compiled path works (CPU and CUDA run this same Python code; only the
+epilogue kernels in ``simcore._C`` differ by device):
+
+* ``ms_normalize_rows`` gathers the sampled centres of one class block (by index),
+  converts them to float32 and L2-normalises them; the embeddings likewise, once.
+* torch's GEMM (oneDNN/MKL on CPU, cuBLAS on CUDA) forms the block of cosines.
+* ``ms_lse_block`` puts the margin on the target column and merges the block into
+  an online log-sum-exp; ``ms_grad_block`` turns the block, in place, into
+  row_weight·s·(softmax − one-hot) with dψ/dcos θ on the target.
+* two GEMMs give ∂L/∂x̂ and ∂L/∂ŵ; ``ms_project_rows`` applies the
+  normalisation Jacobian (u − (u·v̂)v̂)/‖v‖ and scatters the rows straight into
+  the gradient of ``weight``.
+
+When the whole (B × S) cosine matrix fits the workspace budget it is computed
+once and reused (3 GEMMs); otherwise classes are processed in blocks twice
+(pass 1: log-sum-exp, pass 2: gradients; 4 GEMMs) and extra memory stays
+O(B·block + block·D), never O(B·S).
 """
+from __future__ import annotations
+
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
-from simcore.reference.margin_softmax import margin_softmax_loss
+from simcore import _dispatch
+from simcore._dispatch import tensor_arg
+from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss
+
+__all__ = ["margin_softmax_partial", "arcface_partial", "cosface_partial", "PartialMarginHead", "sample_classes"]
+
+# Bytes of the (B × block) cosine workspace. When B·S·4 fits, one block holds
+# every sampled class and pass 1's cosines are reused (3 GEMMs instead of 4).
+WORKSPACE_BYTES = 32 << 20
+NORM_EPS = 1e-12  # as F.normalize: rows are divided by max(‖row‖, NORM_EPS)
+_REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def sample_classes(labels, num_classes, num_samples, generator=None):
-    """Sorted int64 class ids: every label, plus uniform negatives without
-    replacement up to ``num_samples`` in total."""
-    positives = torch.unique(labels)
-    if num_samples <= positives.numel():
+# --------------------------------------------------------------------------- sampling
+def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sorted int64 class ids: every class in ``labels``, plus negatives drawn
+    uniformly without replacement up to ``num_samples`` ids in total (exactly the
+    positives when they alone reach ``num_samples``). Deterministic for a given
+    ``generator`` state (random numbers are drawn on the generator's device, CPU
+    by default) and backend.
+
+    Compiled backend: Floyd's algorithm on the host over the negatives' ranks with
+    a C/8-byte bitmap, O(k + C/64) for k negatives (C in the millions is fine);
+    the ids are then moved to ``labels.device``. Reference backend: rejection
+    sampling in torch, O(k log k).
+    """
+    positives = torch.unique(labels)  # sorted
+    p = positives.numel()
+    k = int(num_samples) - p
+    if k <= 0:
         return positives
-    keep = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
-    keep[positives] = False
-    rest = keep.nonzero().squeeze(1)
-    pick = torch.randperm(rest.numel(), generator=generator, device="cpu")[: num_samples - positives.numel()]
-    return torch.sort(torch.cat([positives, rest[pick.to(rest.device)]])).values
+    n = num_classes - p  # number of negative classes
+    if k >= n:
+        return torch.arange(num_classes, device=labels.device)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    if _dispatch.use_compiled(torch.device("cpu")):
+        randoms = torch.empty(k, dtype=torch.int64, device=gdev).random_(generator=generator).cpu()
+        pos = positives.cpu()
+        bitmap = torch.empty((n + 63) // 64, dtype=torch.int64)
+        out = torch.empty(p + k, dtype=torch.int64)
+        _dispatch.extension().ms_sample_classes(tensor_arg(pos), tensor_arg(randoms), num_classes,
+                                                tensor_arg(bitmap), tensor_arg(out))
+        return out.to(labels.device)
+    ranks = _distinct_uniform(k, n, generator, gdev).to(labels.device)
+    # The r-th negative class is r + #{j : positives[j] − j <= r}.
+    shift = positives - torch.arange(p, device=labels.device)
+    negatives = ranks + torch.searchsorted(shift, ranks, right=True)
+    return torch.sort(torch.cat([positives, negatives])).values
+
+
+def _distinct_uniform(k, n, generator, device):
+    """k distinct values of [0, n), a uniformly random k-subset: the first k distinct
+    values of an i.i.d. uniform sequence (sequential sampling without replacement)."""
+    m = int(math.ceil(-n * math.log1p(-k / n) * 1.05)) + 64  # expected draws for k distinct, plus slack
+    vals = torch.randint(n, (m,), generator=generator, device=device)
+    while True:
+        uniq, inverse = torch.unique(vals, return_inverse=True)
+        if uniq.numel() >= k:
+            break
+        vals = torch.cat([vals, torch.randint(n, (max(64, m // 8),), generator=generator, device=device)])
+    first = torch.full((uniq.numel(),), vals.numel(), dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(vals.numel(), device=device), reduce="amin")
+    return uniq[torch.argsort(first)[:k]]
+
+
+# --------------------------------------------------------------------------- checks
+def _check_margins(m1, m2, m3, scale):
+    for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("scale", scale)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if m1 <= 0:
+        raise ValueError(f"m1 must be positive, got {m1}")
+    if not 0 <= m2 < math.pi:
+        raise ValueError(f"m2 (the angular margin) must lie in [0, pi), got {m2}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+
+
+def _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction):
+    for name, t in (("embeddings", embeddings), ("labels", labels), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"embeddings must be float32, float16, bfloat16 or float64, got {embeddings.dtype}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 class ids, got {labels.dtype} (convert with labels.long(); "
+                        "other integer types are rejected rather than reinterpreted)")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_classes, dim), got shape {tuple(weight.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D (batch,), got shape {tuple(labels.shape)}")
+    b, d = embeddings.shape
+    if b == 0:
+        raise ValueError("empty batch: embeddings has 0 rows")
+    if labels.shape[0] != b:
+        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {b} rows")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight has dim {weight.shape[1]} but embeddings has dim {d}")
+    if weight.shape[0] == 0 or d == 0:
+        raise ValueError(f"weight must have at least one class and one dimension, got {tuple(weight.shape)}")
+    if not (embeddings.device == labels.device == weight.device):
+        raise ValueError(f"embeddings, labels and weight must be on one device, got {embeddings.device}, "
+                         f"{labels.device} and {weight.device}")
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        raise ValueError("weight must have unit stride along its last dimension (rows may be strided); "
+                         "pass weight.contiguous()")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_samples is None:
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not (0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not torch.compiler.is_compiling():  # one host sync; the C++ kernel checks again either way
+        lo, hi = torch.aminmax(labels)
+        if lo.item() < 0 or hi.item() >= weight.shape[0]:
+            raise ValueError(f"labels must lie in [0, {weight.shape[0]}), got values in [{lo.item()}, {hi.item()}]")
+
+
+# --------------------------------------------------------------------------- the fused routine
+def _exec(device: torch.device) -> int:
+    return _dispatch.num_threads() if device.type == "cpu" else _dispatch.cuda_stream(device)
+
+
+def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, grad_x=None, grad_w=None,
+           grad_w_compact=False, workspace_bytes=None):
+    """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``.
+
+    With ``row_weight`` (B,) float32 the gradients of Σ_i row_weight_i·loss_i are
+    written into ``grad_x`` (B, D) and/or ``grad_w``: (C, D) rows ``sampled``
+    (the rest untouched) or, with ``grad_w_compact``, (S, D) in sampled order.
+    Any of the outputs may be None. Device-agnostic: CPU and CUDA differ only in
+    the kernels behind ``ext``.
+    """
+    ext = _dispatch.extension()
+    dev = x.device
+    ex = _exec(dev)
+    b, d = x.shape
+    s = sampled.numel()
+    f32 = torch.float32
+    budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    block = s if b * s * 4 <= budget else max(256, budget // (4 * b))
+    block = min(block, s)
+    nblocks = -(-s // block)
+    margins = (float(m1), float(m2), float(m3), float(scale), SIN_EPS)
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+        tcol = torch.empty(b, dtype=torch.int64, device=dev)
+        ext.ms_targets(tensor_arg(labels), tensor_arg(sampled), weight.shape[0], tensor_arg(tcol), ex)
+        xh = torch.empty(b, d, dtype=f32, device=dev)
+        xn = torch.empty(b, dtype=f32, device=dev)
+        ext.ms_normalize_rows(tensor_arg(x), None, tensor_arg(xh), tensor_arg(xn), NORM_EPS, ex)
+        run_max = torch.full((b,), -math.inf, dtype=f32, device=dev)
+        run_sum = torch.zeros(b, dtype=f32, device=dev)
+        tcos = torch.full((b,), math.nan, dtype=f32, device=dev)
+        tlogit = torch.full((b,), math.nan, dtype=f32, device=dev)  # stays NaN if a label is never found
+        wbuf = torch.empty(block * d, dtype=f32, device=dev)
+        wnorm = torch.empty(block, dtype=f32, device=dev)
+        cbuf = torch.empty(b * block, dtype=f32, device=dev)
+
+        def load_block(c0):
+            n = min(block, s - c0)
+            idx = sampled[c0:c0 + n]
+            wh, wn = wbuf[:n * d].view(n, d), wnorm[:n]
+            ext.ms_normalize_rows(tensor_arg(weight), tensor_arg(idx), tensor_arg(wh), tensor_arg(wn), NORM_EPS, ex)
+            cos = cbuf[:b * n].view(b, n)
+            torch.mm(xh, wh.t(), out=cos)
+            return idx, wh, wn, cos
+
+        for c0 in range(0, s, block):  # pass 1: online log-sum-exp
+            idx, wh, wn, cos = load_block(c0)
+            ext.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(run_max),
+                             tensor_arg(run_sum), tensor_arg(tcos), tensor_arg(tlogit), ex)
+        lse = run_max + torch.log(run_sum)
+        loss = lse - tlogit
+        if row_weight is None or (grad_x is None and grad_w is None):
+            return loss
+
+        gxh = torch.empty(b, d, dtype=f32, device=dev) if grad_x is not None else None
+        # ∂L/∂ŵ goes straight into grad_w (then projected in place) when its rows are the
+        # block's rows in order: compact output, or every class sampled (sampled == arange(C)).
+        in_place = (grad_w is not None and grad_w.dtype == f32 and grad_w.is_contiguous()
+                    and (grad_w_compact or s == weight.shape[0]))
+        ubuf = torch.empty(block * d, dtype=f32, device=dev) if grad_w is not None and not in_place else None
+        for c0 in range(0, s, block):  # pass 2: gradients (reuses pass 1's block when there is one)
+            if nblocks > 1:
+                idx, wh, wn, cos = load_block(c0)
+            n = cos.shape[1]
+            ext.ms_grad_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(lse),
+                              tensor_arg(row_weight), tensor_arg(tcos), ex)
+            if gxh is not None:  # ∂L/∂x̂ += G·Ŵ
+                if c0 == 0:
+                    torch.mm(cos, wh, out=gxh)
+                else:
+                    gxh.addmm_(cos, wh)
+            if grad_w is not None:
+                u = grad_w[c0:c0 + n] if in_place else ubuf[:n * d].view(n, d)
+                torch.mm(cos.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
+                if grad_w_compact or in_place:
+                    ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn),
+                                        tensor_arg(grad_w[c0:c0 + n]), None, NORM_EPS, ex)
+                else:
+                    ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn), tensor_arg(grad_w),
+                                        tensor_arg(idx), NORM_EPS, ex)
+        if gxh is not None:
+            ext.ms_project_rows(tensor_arg(gxh), tensor_arg(xh), tensor_arg(xn), tensor_arg(grad_x), None,
+                                NORM_EPS, ex)
+        return loss
+
+
+# --------------------------------------------------------------------------- custom ops (torch.compile, autograd)
+def _row_weight(b, reduction, device):
+    return torch.full((b,), 1.0 / b if reduction == 0 else 1.0, dtype=torch.float32, device=device)
+
+
+def _weight_grad_buffer(weight, sampled):
+    """Dense (C, D) gradient of ``weight``: the kernels write the sampled rows, the rest are zero."""
+    if sampled.numel() == weight.shape[0]:  # every row is written (sampled ids are unique)
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+
+
+def _scaled(grad, scale):
+    """grad·scale; skips the full pass when the upstream gradient is exactly 1 (the usual
+    ``loss.backward()``), checked eagerly only (traced graphs always multiply)."""
+    if not torch.compiler.is_compiling() and scale.device.type == "cpu" and scale.numel() == 1 \
+            and scale.item() == 1.0:
+        return grad
+    return grad * scale.to(grad.dtype)
+
+
+def _reduce(loss_rows, reduction):
+    if reduction == 0:
+        return loss_rows.mean()
+    if reduction == 1:
+        return loss_rows.sum()
+    return loss_rows
+
+
+@torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor, m1: float,
+            m2: float, m3: float, scale: float, reduction: int, need_gx: bool,
+            need_gw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and, for reduction mean/sum, both gradients in the same pass (scaled in backward)."""
+    grads = reduction != 2 and (need_gx or need_gw)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if grads and need_gx else x.new_empty(0)
+    gw = _weight_grad_buffer(weight, sampled) if grads and need_gw else weight.new_empty(0)
+    loss_rows = _fused(x, labels, weight, sampled, m1, m2, m3, scale,
+                       row_weight=_row_weight(x.shape[0], reduction, x.device) if grads else None,
+                       grad_x=gx if grads and need_gx else None, grad_w=gw if grads and need_gw else None)
+    return _reduce(loss_rows, reduction), gx, gw
+
+
+@_fwd_op.register_fake
+def _(x, labels, weight, sampled, m1, m2, m3, scale, reduction, need_gx, need_gw):
+    grads = reduction != 2 and (need_gx or need_gw)
+    loss = x.new_empty((x.shape[0],) if reduction == 2 else (), dtype=torch.float32)
+    gx = x.new_empty(x.shape) if grads and need_gx else x.new_empty(0)
+    gw = weight.new_empty(weight.shape) if grads and need_gw else weight.new_empty(0)
+    return loss, gx, gw
+
+
+@torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
+def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
+            grad_rows: torch.Tensor, m1: float, m2: float, m3: float, scale: float, need_gx: bool,
+            need_gw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
+    gw = _weight_grad_buffer(weight, sampled) if need_gw else weight.new_empty(0)
+    _fused(x, labels, weight, sampled, m1, m2, m3, scale, row_weight=grad_rows.float().contiguous(),
+           grad_x=gx if need_gx else None, grad_w=gw if need_gw else None)
+    return gx, gw
+
+
+@_bwd_op.register_fake
+def _(x, labels, weight, sampled, grad_rows, m1, m2, m3, scale, need_gx, need_gw):
+    return (x.new_empty(x.shape) if need_gx else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_gw else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, labels, weight, sampled, m1, m2, m3, scale, reduction, need_gx, need_gw = inputs
+    _, gx, gw = output
+    ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
+    ctx.consumed = False
+    ctx.params = (m1, m2, m3, scale)
+    ctx.reduction, ctx.need_gx, ctx.need_gw = reduction, need_gx, need_gw
+    if reduction == 2:
+        ctx.save_for_backward(x, labels, weight, sampled)
+    else:
+        ctx.save_for_backward(gx, gw)
+
+
+def _backward(ctx, grad_loss, _gx, _gw):
+    if ctx.reduction == 2:
+        x, labels, weight, sampled = ctx.saved_tensors
+        gx, gw = _bwd_op(x, labels, weight, sampled, grad_loss, *ctx.params, ctx.need_gx, ctx.need_gw)
+    else:
+        if grad_loss is None:
+            return (None,) * 11
+        gx, gw = ctx.saved_tensors
+        if ctx.consumed and not torch.compiler.is_compiling():
+            # The first backward may hand out the saved gradients themselves (upstream grad 1),
+            # and autograd may then accumulate into them: they are not reusable.
+            raise RuntimeError("simcore.margin_softmax_partial: a second backward through the same graph is not "
+                               "supported for reduction='mean'/'sum' (use reduction='none' and reduce yourself)")
+        ctx.consumed = True
+        gx = _scaled(gx, grad_loss) if ctx.need_gx else None
+        gw = _scaled(gw, grad_loss) if ctx.need_gw else None
+    return (gx if ctx.need_gx else None, None, gw if ctx.need_gw else None, None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("simcore::margin_softmax_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def _loss_on_sampled(embeddings, labels, weight, sampled, m1, m2, m3, scale, reduction):
+    """Dispatch: compiled kernels (float32/float16/bfloat16) or the reference (float64, or backend)."""
+    if (embeddings.dtype == torch.float64 or weight.dtype == torch.float64
+            or not _dispatch.use_compiled(embeddings.device)):
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return margin_softmax_loss(embeddings, labels, weight, sampled, m1=m1, m2=m2, m3=m3, scale=scale,
+                                       reduction=reduction)
+    grad = torch.is_grad_enabled()
+    loss, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, float(m1), float(m2),
+                         float(m3), float(scale), _REDUCTIONS[reduction], grad and embeddings.requires_grad,
+                         grad and weight.requires_grad)
+    return loss
 
 
 def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0, scale=64.0,
                            sample_rate=0.1, num_samples=None, generator=None, reduction="mean",
                            return_sampled=False):
+    """Combined-margin softmax cross-entropy over a sampled subset of classes (Partial FC).
+
+    Logits are ``scale·cos θ_ij`` for the sampled classes j, and ``scale·ψ(θ)`` with
+    ``ψ(θ) = cos(m1·θ + m2) − m3`` for the target (beyond θ* = (π − m2)/m1:
+    ``cos θ − cos θ* − 1 − m3``). ``embeddings`` (B, D) and ``weight`` (C, D) are
+    L2-normalised inside. ``labels`` (B,) int64 in [0, C).
+
+    Sampling: every class in ``labels`` plus uniform negatives without replacement
+    up to ``num_samples`` (default ``ceil(sample_rate·C)``); ``sample_rate=1.0`` is
+    the full softmax. ``generator`` makes it deterministic. ``return_sampled=True``
+    returns ``(loss, sampled)`` with the sorted int64 class ids used.
+
+    Returns a float32 loss for float32/float16/bfloat16 inputs (float64 for float64),
+    reduced by ``reduction`` ('mean', 'sum' or 'none'). Gradients flow to
+    ``embeddings`` and ``weight`` (non-zero only on sampled rows). NaN or Inf in
+    the inputs gives a NaN loss for the rows they reach (no error is raised).
+    """
+    _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction)
+    _check_margins(m1, m2, m3, scale)
     num_classes = weight.shape[0]
     if num_samples is None:
         num_samples = math.ceil(sample_rate * num_classes)
-    sampled = sample_classes(labels, num_classes, num_samples, generator)
-    loss = margin_softmax_loss(embeddings, labels, weight, sampled, m1=m1, m2=m2, m3=m3, scale=scale,
-                               reduction=reduction)
+    if num_samples >= num_classes:
+        sampled = torch.arange(num_classes, device=labels.device)
+    else:
+        sampled = sample_classes(labels, num_classes, num_samples, generator)
+    loss = _loss_on_sampled(embeddings, labels, weight, sampled, m1, m2, m3, scale, reduction)
     return (loss, sampled) if return_sampled else loss
 
 
-def arcface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, **kwargs):
-    return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=margin, m3=0.0, scale=scale, **kwargs)
+def arcface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, sample_rate=0.1, num_samples=None,
+                    generator=None, reduction="mean", return_sampled=False):
+    """ArcFace (additive angular margin, Deng et al. 2019): target logit s·cos(θ + margin).
+    See :func:`margin_softmax_partial`."""
+    return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=margin, m3=0.0, scale=scale,
+                                  sample_rate=sample_rate, num_samples=num_samples, generator=generator,
+                                  reduction=reduction, return_sampled=return_sampled)
 
 
-def cosface_partial(embeddings, labels, weight, *, margin=0.35, scale=64.0, **kwargs):
-    return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=0.0, m3=margin, scale=scale, **kwargs)
+def cosface_partial(embeddings, labels, weight, *, margin=0.35, scale=64.0, sample_rate=0.1, num_samples=None,
+                    generator=None, reduction="mean", return_sampled=False):
+    """CosFace / AM-Softmax (additive cosine margin, Wang et al. 2018): target logit s·(cos θ − margin).
+    See :func:`margin_softmax_partial`."""
+    return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=0.0, m3=margin, scale=scale,
+                                  sample_rate=sample_rate, num_samples=num_samples, generator=generator,
+                                  reduction=reduction, return_sampled=return_sampled)
 
 
+# --------------------------------------------------------------------------- the head
 class PartialMarginHead(nn.Module):
-    def __init__(self, num_classes, embedding_dim, *, margin=0.5, scale=64.0, sample_rate=0.1):
-        super().__init__()
-        self.margin, self.scale, self.sample_rate = margin, scale, sample_rate
-        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+    """Class centres for a margin-softmax loss over sampled classes, with a truly
+    sparse update: each step touches only the sampled rows of the centres and of
+    their optimizer state (InsightFace's PartialFC V1 behaviour).
 
-    def forward(self, embeddings, labels):
-        return arcface_partial(embeddings, labels, self.weight, margin=self.margin, scale=self.scale,
-                               sample_rate=self.sample_rate)
+    The centres (``weight``, (C, D)) are a parameter with ``requires_grad=False``:
+    standard optimizers and DDP ignore it. ``loss.backward()`` sends the embedding
+    gradient to the backbone as usual and records the gradient of the sampled
+    centre rows in the head; ``head.step()`` then applies the head's own row-wise
+    optimizer ("sgd": momentum + L2 weight decay, PyTorch SGD semantics; "adamw":
+    Adam with per-row step counts and decoupled weight decay, on sampled rows only)::
+
+        head = PartialMarginHead(num_classes, 512, margin=0.5, scale=64.0, sample_rate=0.1, lr=0.1)
+        opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
+        for images, labels in loader:
+            loss = head(backbone(images), labels)
+            opt.zero_grad(); head.zero_grad()
+            loss.backward()
+            opt.step(); head.step()
+
+    Change the head's learning rate with ``head.lr = ...`` (schedulers act on the
+    backbone optimizer only). Gradients from several backward passes before
+    ``step()`` accumulate (duplicate rows are summed).
+    """
+
+    def __init__(self, num_classes, embedding_dim, *, margin=0.5, scale=64.0, sample_rate=0.1, m1=1.0, m3=0.0,
+                 optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        _check_margins(m1, margin, m3, scale)
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        self.m1, self.margin, self.m3, self.scale, self.sample_rate = m1, margin, m3, scale, sample_rate
+        self.optimizer, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
+        self.betas, self.eps = betas, eps
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype),
+                                   requires_grad=False)
+        nn.init.normal_(self.weight, std=0.01)
+        self._init_state(num_classes)
+        self._pending = []  # (sampled ids, gradient rows) recorded by backward
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def _init_state(self, rows):
+        like = dict(device=self.weight.device, dtype=torch.float32)
+        d = self.weight.shape[1]
+        if self.optimizer == "sgd":
+            self.register_buffer("momentum_buffer", torch.zeros(rows, d, **like) if self.momentum else None)
+        else:
+            self.register_buffer("exp_avg", torch.zeros(rows, d, **like))
+            self.register_buffer("exp_avg_sq", torch.zeros(rows, d, **like))
+            self.register_buffer("row_step", torch.zeros(rows, dtype=torch.int64, device=self.weight.device))
+
+    def forward(self, embeddings, labels, *, generator=None, return_sampled=False):
+        """Loss (mean over the batch) over the positives plus sampled negatives."""
+        w = self.weight
+        _check_inputs(embeddings, labels, w, self.sample_rate, None, "mean")
+        num_samples = math.ceil(self.sample_rate * self.num_classes)
+        if num_samples >= self.num_classes:
+            sampled = torch.arange(self.num_classes, device=labels.device)
+        else:
+            sampled = sample_classes(labels, self.num_classes, num_samples, generator)
+        train = torch.is_grad_enabled() and self.training
+        rows = w.index_select(0, sampled)
+        if train:
+            rows.requires_grad_(True)
+            rows.register_hook(lambda g: self._pending.append((sampled, g.detach())))
+        target = torch.searchsorted(sampled, labels)
+        loss = _loss_on_sampled(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device),
+                                self.m1, self.margin, self.m3, self.scale, "mean")
+        return (loss, sampled) if return_sampled else loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the recorded centre gradients (and any parameter gradients)."""
+        super().zero_grad(set_to_none)
+        self._pending.clear()
+
+    @torch.no_grad()
+    def step(self):
+        """Apply the recorded gradients to the sampled rows only; returns the updated row ids."""
+        if not self._pending:
+            return None
+        idx = torch.cat([i for i, _ in self._pending])
+        grad = torch.cat([g for _, g in self._pending]).float()
+        self._pending.clear()
+        if len(idx) and torch.unique(idx).numel() != idx.numel():
+            idx, inverse = torch.unique(idx, return_inverse=True)
+            grad = torch.zeros(idx.numel(), grad.shape[1], device=grad.device).index_add_(0, inverse, grad)
+        w = self.weight.index_select(0, idx).float()
+        lr, wd = self.lr, self.weight_decay
+        if self.optimizer == "sgd":
+            if wd:
+                grad = grad.add(w, alpha=wd)
+            if self.momentum:
+                buf = self.momentum_buffer.index_select(0, idx).mul_(self.momentum).add_(grad)
+                self.momentum_buffer.index_copy_(0, idx, buf)
+                grad = buf
+            w.add_(grad, alpha=-lr)
+        else:
+            b1, b2 = self.betas
+            step = self.row_step.index_select(0, idx) + 1
+            self.row_step.index_copy_(0, idx, step)
+            m = self.exp_avg.index_select(0, idx).mul_(b1).add_(grad, alpha=1 - b1)
+            v = self.exp_avg_sq.index_select(0, idx).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            self.exp_avg.index_copy_(0, idx, m)
+            self.exp_avg_sq.index_copy_(0, idx, v)
+            stepf = step.to(torch.float32).unsqueeze(1)
+            bc1 = 1 - b1 ** stepf
+            bc2 = 1 - b2 ** stepf
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.sub_(lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
+        self.weight.index_copy_(0, idx, w.to(self.weight.dtype))
+        return idx
+
+    @torch.no_grad()
+    def grow(self, new_centres: torch.Tensor) -> torch.Tensor:
+        """Append classes whose centres are ``new_centres`` (n, D) (drip training: e.g.
+        :meth:`centres_from_embeddings` of the model's own embeddings). Their optimizer
+        state starts at zero. Returns the new class ids."""
+        if not isinstance(new_centres, torch.Tensor) or new_centres.dim() != 2 \
+                or new_centres.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"new_centres must be a (n, {self.weight.shape[1]}) tensor")
+        if not torch.isfinite(new_centres).all():
+            raise ValueError("new_centres holds NaN or Inf")
+        old = self.num_classes
+        n = new_centres.shape[0]
+        self.weight = nn.Parameter(torch.cat([self.weight, new_centres.to(self.weight)]), requires_grad=False)
+        for name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step"):
+            buf = getattr(self, name, None)
+            if buf is not None:
+                setattr(self, name, torch.cat([buf, buf.new_zeros((n,) + buf.shape[1:])]))
+        self._pending.clear()
+        return torch.arange(old, old + n, device=self.weight.device)
+
+    @staticmethod
+    @torch.no_grad()
+    def centres_from_embeddings(embeddings: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Mean of the L2-normalised ``embeddings`` per group id (0..G−1), e.g. a clean
+        image and its augmented copies: the centre rows for :meth:`grow`."""
+        if groups.dtype != torch.int64 or groups.dim() != 1 or groups.shape[0] != embeddings.shape[0]:
+            raise ValueError("groups must be int64 of shape (n,) matching embeddings")
+        x = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        g = int(groups.max().item()) + 1 if groups.numel() else 0
+        sums = torch.zeros(g, x.shape[1], device=x.device).index_add_(0, groups, x)
+        counts = torch.bincount(groups, minlength=g).clamp_min(1).unsqueeze(1)
+        return sums / counts
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_dim={self.weight.shape[1]}, m1={self.m1}, "
+                f"margin={self.margin}, m3={self.m3}, scale={self.scale}, sample_rate={self.sample_rate}, "
+                f"optimizer={self.optimizer!r}, lr={self.lr}")

@@ -1,0 +1,464 @@
+// CPU epilogues of the margin-softmax loss; see margin_softmax.h for the vocabulary.
+//
+// Row-parallel (OpenMP through simcore::parallel_for). The hot loops (max,
+// exp-sum, softmax − one-hot over a block row) are branch-free so the compiler
+// vectorises them; on x86-64 with GCC they are compiled for AVX-512, AVX2 and
+// baseline and picked at load time (target_clones), because the portable build
+// has no -march=native. exp is a branch-free polynomial (relative error
+// < 2e-7, NaN propagates).
+#include "cpu/margin_softmax.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common/half.h"
+#include "common/parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define SIMCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SIMCORE_CLONES
+#endif
+
+namespace simcore {
+
+void check_margin_params(const MarginParams& p) {
+  SIMCORE_CHECK(std::isfinite(p.m1) && p.m1 > 0, "m1 must be a positive finite number, got ", p.m1);
+  SIMCORE_CHECK(std::isfinite(p.m2) && p.m2 >= 0 && p.m2 < 3.14159265358979323846, "m2 must lie in [0, pi), got ",
+                p.m2);
+  SIMCORE_CHECK(std::isfinite(p.m3), "m3 must be finite, got ", p.m3);
+  SIMCORE_CHECK(std::isfinite(p.scale) && p.scale > 0, "scale must be a positive finite number, got ", p.scale);
+  SIMCORE_CHECK(p.sin_eps > 0 && p.sin_eps < 0.5, "sin_eps must lie in (0, 0.5), got ", p.sin_eps);
+}
+
+namespace {
+
+bool is_gemm_dtype(DType t) { return t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16; }
+
+void expect_vector(const TensorView& t, DType dtype, int64_t n, const TensorView& like) {
+  t.expect_dtype(dtype).expect_ndim(1).expect_size(0, n).expect_contiguous().expect_device(like.device,
+                                                                                          like.device_index);
+}
+
+void expect_matrix(const TensorView& t, const TensorView& like) {
+  t.expect_ndim(2).expect_row_major().expect_device(like.device, like.device_index);
+}
+
+}  // namespace
+
+namespace ms_check {
+
+void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out, const TensorView& norms) {
+  expect_matrix(src, src);
+  src.expect_floating();
+  expect_matrix(out, src);
+  SIMCORE_CHECK_TYPE(is_gemm_dtype(out.dtype), "out must be float32, float16 or bfloat16, got ",
+                     dtype_name(out.dtype));
+  const int64_t n = out.size(0);
+  out.expect_size(1, src.size(1));
+  if (index) expect_vector(*index, DType::Int64, n, src);
+  else SIMCORE_CHECK(src.size(0) == n, "src has ", src.size(0), " rows but out has ", n);
+  expect_vector(norms, DType::Float32, n, src);
+}
+
+void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out) {
+  labels.expect_ndim(1).expect_contiguous();
+  SIMCORE_CHECK_TYPE(labels.dtype == DType::Int64, "labels must be int64, got ", dtype_name(labels.dtype));
+  expect_vector(sampled, DType::Int64, sampled.size(0), labels);
+  expect_vector(out, DType::Int64, labels.size(0), labels);
+  SIMCORE_CHECK(sampled.size(0) >= 1 && sampled.size(0) <= num_classes, "sampled must hold 1..", num_classes,
+                " class ids, got ", sampled.size(0));
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& run_max,
+               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit) {
+  expect_matrix(cos, cos);
+  SIMCORE_CHECK_TYPE(is_gemm_dtype(cos.dtype), "cos must be float32, float16 or bfloat16, got ",
+                     dtype_name(cos.dtype));
+  const int64_t b = cos.size(0);
+  SIMCORE_CHECK(cos.size(1) >= 1, "cos must have at least one column");
+  SIMCORE_CHECK(col0 >= 0, "col0 must be >= 0, got ", col0);
+  expect_vector(target_col, DType::Int64, b, cos);
+  expect_vector(run_max, DType::Float32, b, cos);
+  expect_vector(run_sum, DType::Float32, b, cos);
+  expect_vector(target_cos, DType::Float32, b, cos);
+  expect_vector(target_logit, DType::Float32, b, cos);
+}
+
+void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& lse,
+                const TensorView& row_weight, const TensorView& target_cos) {
+  expect_matrix(cos, cos);
+  SIMCORE_CHECK_TYPE(is_gemm_dtype(cos.dtype), "cos must be float32, float16 or bfloat16, got ",
+                     dtype_name(cos.dtype));
+  const int64_t b = cos.size(0);
+  SIMCORE_CHECK(cos.size(1) >= 1, "cos must have at least one column");
+  SIMCORE_CHECK(col0 >= 0, "col0 must be >= 0, got ", col0);
+  expect_vector(target_col, DType::Int64, b, cos);
+  expect_vector(lse, DType::Float32, b, cos);
+  expect_vector(row_weight, DType::Float32, b, cos);
+  expect_vector(target_cos, DType::Float32, b, cos);
+}
+
+void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
+                  const TensorView* out_index) {
+  expect_matrix(u, u);
+  u.expect_dtype(DType::Float32);
+  const int64_t n = u.size(0), d = u.size(1);
+  expect_matrix(v, u);
+  SIMCORE_CHECK_TYPE(is_gemm_dtype(v.dtype), "v must be float32, float16 or bfloat16, got ", dtype_name(v.dtype));
+  v.expect_size(0, n).expect_size(1, d);
+  expect_vector(norms, DType::Float32, n, u);
+  expect_matrix(out, u);
+  out.expect_floating().expect_size(1, d);
+  if (out_index) expect_vector(*out_index, DType::Int64, n, u);
+  else SIMCORE_CHECK(out.size(0) == n, "out has ", out.size(0), " rows but u has ", n);
+}
+
+}  // namespace ms_check
+
+namespace cpu {
+namespace {
+
+// exp(x) for x <= ~88: 2^k · p(r), r = x − k·ln2 in [−ln2/2, ln2/2], degree-6
+// Taylor polynomial (relative error < 2e-7). Underflows to ~1e-38 below −87.
+inline float fast_exp(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // NaN stays NaN
+  const float magic = 12582912.0f;                                  // 1.5 · 2^23: round to nearest
+  const float t = xc * 1.44269504088896341f + magic;
+  const float k = t - magic;
+  const float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t tb;
+  std::memcpy(&tb, &t, 4);
+  const int32_t ki = tb - 0x4B400000;  // integer k from the rounding trick
+  const int32_t sb = (ki + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &sb, 4);
+  return p * scale;
+}
+
+template <class T>
+inline float load(const T* p, int64_t j) { return to_float(p[j]); }
+
+// Rows per thread so that each thread touches at least kMinBytesPerThread.
+// These kernels run ~1 ms per 10-30 MB on one core; opening a parallel region
+// costs far less on an idle machine, but on a loaded one (this project's shared
+// 2-core CI machines) the region waits for a descheduled thread: up to ~10 ms
+// measured per region. Large problems (millions of classes) still use every thread.
+constexpr int64_t kMinBytesPerThread = int64_t{32} << 20;
+inline int64_t min_rows(int64_t row_bytes) {
+  return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, row_bytes));
+}
+
+template <class T>
+SIMCORE_CLONES float row_max(const T* a, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, load(a, j));  // NaN is caught by the exp-sum
+  return m;
+}
+
+// Σ exp(s·a_j − m) over j in [0, n)
+template <class T>
+SIMCORE_CLONES float row_exp_sum(const T* a, int64_t n, float s, float m) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += fast_exp(s * load(a, j) - m);
+  return acc;
+}
+
+// a_j <- c · exp(s·a_j − lse) for j in [0, n)
+template <class T>
+SIMCORE_CLONES void row_softmax(T* a, int64_t n, float s, float lse, float c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) a[j] = from_float<T>(c * fast_exp(s * load(a, j) - lse));
+}
+
+template <class T>
+void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+                    const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
+                    const TensorView& target_logit, int num_threads) {
+  const int64_t b = cos.size(0), n = cos.size(1), lda = cos.stride(0);
+  const T* base = cos.ptr<T>();
+  const int64_t* tcol = target_col.ptr<int64_t>();
+  float* rmax = run_max.ptr<float>();
+  float* rsum = run_sum.ptr<float>();
+  float* tcos = target_cos.ptr<float>();
+  float* tlog = target_logit.ptr<float>();
+  const float s = static_cast<float>(p.scale);
+  parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* a = base + i * lda;
+      const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
+      const int64_t t = has ? tcol[i] - col0 : -1;
+      // split [0, n) around the target column so the loops stay branch-free
+      const int64_t n1 = has ? t : n;
+      const T* a2 = has ? a + t + 1 : a + n;
+      const int64_t n2 = has ? n - t - 1 : 0;
+      float tz = -std::numeric_limits<float>::infinity();
+      if (has) {
+        const double c = load(a, t);
+        double psi, slope;
+        margin_psi(c, p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
+        tz = static_cast<float>(p.scale * psi);
+        tcos[i] = static_cast<float>(c);
+        tlog[i] = tz;
+      }
+      const float bm = std::max(std::max(n1 ? s * row_max(a, n1) : tz, n2 ? s * row_max(a2, n2) : tz), tz);
+      float bsum = row_exp_sum(a, n1, s, bm) + row_exp_sum(a2, n2, s, bm);
+      if (has) bsum += std::exp(tz - bm);
+      if (std::isnan(tz)) bsum = tz;
+      // merge into the running (max, sum)
+      const float om = rmax[i];
+      const float nm = std::isnan(bm) ? bm : std::max(om, bm);
+      const float os = rsum[i] == 0.0f ? 0.0f : rsum[i] * std::exp(om - nm);
+      rsum[i] = os + bsum * std::exp(bm - nm);
+      rmax[i] = nm;
+    }
+  });
+}
+
+template <class T>
+void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+                     const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos,
+                     int num_threads) {
+  const int64_t b = cos.size(0), n = cos.size(1), lda = cos.stride(0);
+  T* base = cos.ptr<T>();
+  const int64_t* tcol = target_col.ptr<int64_t>();
+  const float* l = lse.ptr<float>();
+  const float* rw = row_weight.ptr<float>();
+  const float* tcos = target_cos.ptr<float>();
+  const float s = static_cast<float>(p.scale);
+  parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* a = base + i * lda;
+      const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
+      const int64_t t = has ? tcol[i] - col0 : -1;
+      const float c = rw[i] * s;  // d loss_i / d logit = rw·(softmax − one-hot); d logit / d cos = s
+      if (!has) {
+        row_softmax(a, n, s, l[i], c);
+        continue;
+      }
+      double psi, slope;
+      margin_psi(tcos[i], p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
+      row_softmax(a, t, s, l[i], c);
+      row_softmax(a + t + 1, n - t - 1, s, l[i], c);
+      const double prob = std::exp(p.scale * psi - static_cast<double>(l[i]));
+      a[t] = from_float<T>(static_cast<float>(static_cast<double>(c) * (prob - 1.0) * slope));
+    }
+  });
+}
+
+template <class S, class T>
+SIMCORE_CLONES float normalize_row(const S* row, T* o, int64_t d, double eps) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) {
+    const double x = to_float(row[k]);
+    acc += x * x;
+  }
+  const double norm = std::sqrt(acc);
+  const float inv = static_cast<float>(1.0 / std::max(norm, eps));
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) o[k] = from_float<T>(to_float(row[k]) * inv);
+  return static_cast<float>(norm);
+}
+
+template <class S, class T>
+void normalize_rows_impl(const TensorView& src, const int64_t* index, const TensorView& out,
+                         const TensorView& norms, double eps, int num_threads) {
+  const int64_t n = out.size(0), d = out.size(1);
+  const S* sp = src.ptr<S>();
+  T* op = out.ptr<T>();
+  float* np = norms.ptr<float>();
+  const int64_t ls = src.stride(0), lo = out.stride(0);
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(S) + sizeof(T));
+  parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) np[r] = normalize_row(sp + (index ? index[r] : r) * ls, op + r * lo, d, eps);
+  });
+}
+
+// d(x/‖x‖)ᵀu = (u − (u·x̂)x̂)/‖x‖; below eps F.normalize divides by eps: the Jacobian is I/eps
+template <class V, class O>
+SIMCORE_CLONES void project_row(const float* ur, const V* vr, O* o, int64_t d, double norm, double eps) {
+  if (norm > eps) {
+    double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(ur[k]) * to_float(vr[k]);
+    const float fd = static_cast<float>(dot), inv = static_cast<float>(1.0 / norm);
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) o[k] = from_float<O>((ur[k] - fd * to_float(vr[k])) * inv);
+  } else {
+    const float inv = static_cast<float>(1.0 / eps);
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) o[k] = from_float<O>(ur[k] * inv);
+  }
+}
+
+template <class V, class O>
+void project_rows_impl(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
+                       const int64_t* index, double eps, int num_threads) {
+  const int64_t n = u.size(0), d = u.size(1);
+  const float* up = u.ptr<float>();
+  const V* vp = v.ptr<V>();
+  const float* np = norms.ptr<float>();
+  O* op = out.ptr<O>();
+  const int64_t lu = u.stride(0), lv = v.stride(0), lo = out.stride(0);
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float) + sizeof(V) + sizeof(O));
+  parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      project_row(up + r * lu, vp + r * lv, op + (index ? index[r] : r) * lo, d, static_cast<double>(np[r]), eps);
+  });
+}
+
+template <class F>
+void dispatch_gemm_dtype(DType t, const F& f) {
+  switch (t) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float16: f(Float16{}); break;
+    case DType::BFloat16: f(BFloat16{}); break;
+    default: throw TypeError(detail::concat("unsupported block dtype ", dtype_name(t)));
+  }
+}
+
+template <class F>
+void dispatch_float_dtype(DType t, const F& f) {
+  if (t == DType::Float64) f(double{});
+  else dispatch_gemm_dtype(t, f);
+}
+
+void check_index_range(const int64_t* idx, int64_t n, int64_t limit, const char* what) {
+  for (int64_t r = 0; r < n; ++r)
+    SIMCORE_CHECK(idx[r] >= 0 && idx[r] < limit, what, " holds ", idx[r], " at position ", r,
+                  ", outside [0, ", limit, ")");
+}
+
+}  // namespace
+
+void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out,
+                    const TensorView& norms, double eps, int num_threads) {
+  ms_check::normalize_rows(src, index, out, norms);
+  src.expect_device(Device::CPU, 0);
+  SIMCORE_CHECK(eps > 0, "eps must be positive");
+  const int64_t* idx = index ? index->ptr<int64_t>() : nullptr;
+  if (idx) check_index_range(idx, out.size(0), src.size(0), "index");
+  dispatch_float_dtype(src.dtype, [&](auto s) {
+    dispatch_gemm_dtype(out.dtype, [&](auto o) {
+      normalize_rows_impl<decltype(s), decltype(o)>(src, idx, out, norms, eps, num_threads);
+    });
+  });
+}
+
+void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out,
+             int num_threads) {
+  ms_check::targets(labels, sampled, num_classes, out);
+  labels.expect_device(Device::CPU, 0);
+  const int64_t b = labels.size(0), s = sampled.size(0);
+  const int64_t* lp = labels.ptr<int64_t>();
+  const int64_t* sp = sampled.ptr<int64_t>();
+  int64_t* op = out.ptr<int64_t>();
+  for (int64_t j = 0; j < s; ++j) {
+    SIMCORE_CHECK(sp[j] >= 0 && sp[j] < num_classes, "sampled holds class ", sp[j], ", outside [0, ", num_classes,
+                  ")");
+    SIMCORE_CHECK(j == 0 || sp[j] > sp[j - 1], "sampled must be strictly increasing");
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    SIMCORE_CHECK(lp[i] >= 0 && lp[i] < num_classes, "labels[", i, "] = ", lp[i], " is outside [0, ", num_classes,
+                  ")");
+    const int64_t* it = std::lower_bound(sp, sp + s, lp[i]);
+    SIMCORE_CHECK(it != sp + s && *it == lp[i], "labels[", i, "] = ", lp[i], " is not in the sampled classes");
+    op[i] = it - sp;
+  }
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
+               const TensorView& target_logit, int num_threads) {
+  ms_check::lse_block(cos, target_col, col0, run_max, run_sum, target_cos, target_logit);
+  cos.expect_device(Device::CPU, 0);
+  check_margin_params(p);
+  dispatch_gemm_dtype(cos.dtype, [&](auto t) {
+    lse_block_impl<decltype(t)>(cos, target_col, col0, p, run_max, run_sum, target_cos, target_logit, num_threads);
+  });
+}
+
+void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos,
+                int num_threads) {
+  ms_check::grad_block(cos, target_col, col0, lse, row_weight, target_cos);
+  cos.expect_device(Device::CPU, 0);
+  check_margin_params(p);
+  dispatch_gemm_dtype(cos.dtype, [&](auto t) {
+    grad_block_impl<decltype(t)>(cos, target_col, col0, p, lse, row_weight, target_cos, num_threads);
+  });
+}
+
+void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
+                  const TensorView* out_index, double eps, int num_threads) {
+  ms_check::project_rows(u, v, norms, out, out_index);
+  u.expect_device(Device::CPU, 0);
+  SIMCORE_CHECK(eps > 0, "eps must be positive");
+  const int64_t* idx = out_index ? out_index->ptr<int64_t>() : nullptr;
+  if (idx) check_index_range(idx, u.size(0), out.size(0), "out_index");
+  dispatch_gemm_dtype(v.dtype, [&](auto vt) {
+    dispatch_float_dtype(out.dtype, [&](auto ot) {
+      project_rows_impl<decltype(vt), decltype(ot)>(u, v, norms, out, idx, eps, num_threads);
+    });
+  });
+}
+
+void sample_classes(const TensorView& positives, const TensorView& randoms, int64_t num_classes,
+                    const TensorView& bitmap, const TensorView& out) {
+  for (const TensorView* t : {&positives, &randoms, &bitmap, &out}) {
+    t->expect_dtype(DType::Int64).expect_ndim(1).expect_contiguous().expect_device(Device::CPU, 0);
+  }
+  const int64_t p = positives.size(0), k = randoms.size(0);
+  SIMCORE_CHECK(num_classes >= 1, "num_classes must be positive, got ", num_classes);
+  SIMCORE_CHECK(p <= num_classes, "more positives (", p, ") than classes (", num_classes, ")");
+  const int64_t n = num_classes - p;  // negatives to draw from
+  SIMCORE_CHECK(k <= n, "cannot draw ", k, " negatives from ", n, " classes");
+  SIMCORE_CHECK(bitmap.size(0) >= (n + 63) / 64, "bitmap must hold at least ", (n + 63) / 64, " words");
+  out.expect_size(0, p + k);
+  const int64_t* pos = positives.ptr<int64_t>();
+  for (int64_t j = 0; j < p; ++j) {
+    SIMCORE_CHECK(pos[j] >= 0 && pos[j] < num_classes, "positive class ", pos[j], " is outside [0, ", num_classes,
+                  ")");
+    SIMCORE_CHECK(j == 0 || pos[j] > pos[j - 1], "positives must be sorted and unique");
+  }
+  uint64_t* bits = reinterpret_cast<uint64_t*>(bitmap.ptr<int64_t>());
+  const int64_t words = (n + 63) / 64;
+  std::memset(bits, 0, static_cast<size_t>(words) * sizeof(uint64_t));
+  const int64_t* rnd = randoms.ptr<int64_t>();
+  // Floyd: for j = n−k .. n−1 pick t uniform in [0, j]; take t, or j if t is taken.
+  for (int64_t j = n - k, i = 0; j < n; ++j, ++i) {
+    const uint64_t r = static_cast<uint64_t>(rnd[i]) & ((uint64_t{1} << 63) - 1);
+    const uint64_t t = static_cast<uint64_t>((static_cast<unsigned __int128>(r) * static_cast<uint64_t>(j + 1)) >> 63);
+    const uint64_t pick = (bits[t >> 6] >> (t & 63)) & 1u ? static_cast<uint64_t>(j) : t;
+    bits[pick >> 6] |= uint64_t{1} << (pick & 63);
+  }
+  // Ranks in increasing order -> classes (rank r is class r + #{j : pos[j] − j <= r}), merged with the positives.
+  int64_t* o = out.ptr<int64_t>();
+  int64_t pi = 0, w = 0;
+  for (int64_t q = 0; q < words; ++q) {
+    uint64_t word = bits[q];
+    while (word) {
+      const int64_t r = q * 64 + __builtin_ctzll(word);
+      word &= word - 1;
+      while (pi < p && pos[pi] - pi <= r) o[w++] = pos[pi++];
+      o[w++] = r + pi;
+    }
+  }
+  while (pi < p) o[w++] = pos[pi++];
+  SIMCORE_CHECK(w == p + k, "internal error: sampled ", w, " classes, expected ", p + k);
+}
+
+}  // namespace cpu
+}  // namespace simcore

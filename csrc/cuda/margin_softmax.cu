@@ -1,0 +1,303 @@
+// CUDA epilogues of the margin-softmax loss: the mirror of csrc/cpu/margin_softmax.cpp.
+//
+// Straightforward by design: one thread block per row, a block-wide reduction
+// (warp shuffles + shared memory), float32 accumulation whatever the block
+// dtype (float32, float16, bfloat16). The GEMMs between these kernels are
+// cuBLAS calls made by torch in simcore/margin_softmax.py, on the same stream.
+//
+// Index ranges that the CPU kernels check on the host live in device memory
+// here; the kernels never read out of bounds: an out-of-range index writes a
+// NaN row, an unknown label leaves its target column unfound, so the loss is
+// NaN (the Python layer has already rejected such input with a ValueError).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <type_traits>
+#include <cstdint>
+
+#include "cuda/margin_softmax.h"
+#include "cuda/runtime.h"
+
+namespace simcore {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const double* p) { return static_cast<float>(*p); }
+__device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(double* p, float v) { *p = v; }
+__device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Reductions over the whole block; every thread gets the result. `identity` fills
+// the lanes beyond the number of warps (0 for sums, −inf for max).
+template <class Op>
+__device__ float block_reduce(float v, Op op, float* shared, float identity) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // shared may still be read by a previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) >> 5;
+  v = lane < warps ? shared[lane] : identity;
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+struct MaxOp {
+  // NaN wins, so it propagates like the CPU kernel's sum
+  __device__ float operator()(float a, float b) const { return (a != a || a > b) ? a : b; }
+};
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <class S, class T>
+__global__ void normalize_rows_kernel(const S* src, int64_t ls, int64_t src_rows, const int64_t* index, T* out,
+                                      int64_t lo, float* norms, int64_t d, double eps) {
+  __shared__ float shared[32];
+  const int64_t r = blockIdx.x;
+  const int64_t row = index ? index[r] : r;
+  T* o = out + r * lo;
+  if (row < 0 || row >= src_rows) {  // never read out of bounds
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, NAN);
+    if (threadIdx.x == 0) norms[r] = NAN;
+    return;
+  }
+  const S* x = src + row * ls;
+  float acc = 0.0f;
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+    const float v = ld(x + k);
+    acc += v * v;
+  }
+  const float norm = sqrtf(block_reduce(acc, SumOp{}, shared, 0.0f));
+  const float inv = static_cast<float>(1.0 / fmax(static_cast<double>(norm), eps));
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, ld(x + k) * inv);
+  if (threadIdx.x == 0) norms[r] = norm;
+}
+
+__global__ void targets_kernel(const int64_t* labels, int64_t b, const int64_t* sampled, int64_t s,
+                               int64_t num_classes, int64_t* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= b) return;
+  const int64_t y = labels[i];
+  int64_t lo = 0, hi = s;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sampled[mid] < y) lo = mid + 1;
+    else hi = mid;
+  }
+  // unknown label: a column no block holds, so the target logit stays NaN
+  out[i] = (y >= 0 && y < num_classes && lo < s && sampled[lo] == y) ? lo : -1;
+}
+
+template <class T>
+__global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
+                                 MarginParams p, float* run_max, float* run_sum, float* target_cos,
+                                 float* target_logit) {
+  __shared__ float shared[32];
+  __shared__ float tz_shared;
+  const int64_t i = blockIdx.x;
+  const T* a = cos + i * lda;
+  const bool has = target_col[i] >= col0 && target_col[i] - col0 < n;  // no overflow for any value
+  const int64_t t = has ? target_col[i] - col0 : -1;
+  const float s = static_cast<float>(p.scale);
+  if (threadIdx.x == 0) {
+    float tz = -INFINITY;
+    if (has) {
+      const double c = ld(a + t);
+      double psi, slope;
+      margin_psi(c, p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
+      tz = static_cast<float>(p.scale * psi);
+      target_cos[i] = static_cast<float>(c);
+      target_logit[i] = tz;
+    }
+    tz_shared = tz;
+  }
+  __syncthreads();
+  const float tz = tz_shared;
+  float m = has ? tz : -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float z = j == t ? tz : s * ld(a + j);
+    m = MaxOp{}(m, z);
+  }
+  const float bm = block_reduce(m, MaxOp{}, shared, -INFINITY);
+  float acc = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float z = j == t ? tz : s * ld(a + j);
+    acc += expf(z - bm);
+  }
+  const float bsum = block_reduce(acc, SumOp{}, shared, 0.0f);
+  if (threadIdx.x == 0) {
+    const float om = run_max[i];
+    const float nm = bm != bm ? bm : fmaxf(om, bm);
+    const float os = run_sum[i] == 0.0f ? 0.0f : run_sum[i] * expf(om - nm);
+    run_sum[i] = os + bsum * expf(bm - nm);
+    run_max[i] = nm;
+  }
+}
+
+template <class T>
+__global__ void grad_block_kernel(T* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
+                                  MarginParams p, const float* lse, const float* row_weight,
+                                  const float* target_cos) {
+  const int64_t i = blockIdx.x;
+  T* a = cos + i * lda;
+  const int64_t t = (target_col[i] >= col0 && target_col[i] - col0 < n) ? target_col[i] - col0 : -1;
+  const float s = static_cast<float>(p.scale);
+  const float l = lse[i];
+  const float c = row_weight[i] * s;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    if (j == t) {
+      double psi, slope;
+      margin_psi(target_cos[i], p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
+      const double prob = exp(p.scale * psi - static_cast<double>(l));
+      st(a + j, static_cast<float>(static_cast<double>(c) * (prob - 1.0) * slope));
+    } else {
+      st(a + j, c * expf(s * ld(a + j) - l));
+    }
+  }
+}
+
+template <class V, class O>
+__global__ void project_rows_kernel(const float* u, int64_t lu, const V* v, int64_t lv, const float* norms, O* out,
+                                    int64_t lo, int64_t out_rows, const int64_t* index, int64_t d, double eps) {
+  __shared__ float shared[32];
+  const int64_t r = blockIdx.x;
+  const int64_t row = index ? index[r] : r;
+  if (row < 0 || row >= out_rows) return;  // never write out of bounds
+  const float* ur = u + r * lu;
+  const V* vr = v + r * lv;
+  O* o = out + row * lo;
+  const double norm = norms[r];
+  if (norm > eps) {
+    float acc = 0.0f;
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += ur[k] * ld(vr + k);
+    const float dot = block_reduce(acc, SumOp{}, shared, 0.0f);
+    const float inv = static_cast<float>(1.0 / norm);
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, (ur[k] - dot * ld(vr + k)) * inv);
+  } else {
+    const float inv = static_cast<float>(1.0 / eps);
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, ur[k] * inv);
+  }
+}
+
+template <class F>
+void dispatch_gemm_dtype(DType t, const F& f) {
+  switch (t) {
+    case DType::Float32: f(static_cast<float*>(nullptr)); break;
+    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
+    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: throw TypeError(detail::concat("unsupported block dtype ", dtype_name(t)));
+  }
+}
+
+template <class F>
+void dispatch_float_dtype(DType t, const F& f) {
+  if (t == DType::Float64) f(static_cast<double*>(nullptr));
+  else dispatch_gemm_dtype(t, f);
+}
+
+cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+
+void expect_cuda(const TensorView& t) {
+  SIMCORE_CHECK(t.device == Device::CUDA, t.name, " must be a CUDA tensor");
+}
+
+int grid(int64_t rows) {
+  SIMCORE_CHECK(rows < (int64_t{1} << 31), "too many rows for one launch: ", rows);
+  return static_cast<int>(rows);
+}
+
+}  // namespace
+
+void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out,
+                    const TensorView& norms, double eps, int64_t stream) {
+  ms_check::normalize_rows(src, index, out, norms);
+  expect_cuda(src);
+  SIMCORE_CHECK(eps > 0, "eps must be positive");
+  const int64_t n = out.size(0);
+  if (n == 0) return;
+  dispatch_float_dtype(src.dtype, [&](auto s) {
+    dispatch_gemm_dtype(out.dtype, [&](auto o) {
+      using S = std::remove_pointer_t<decltype(s)>;
+      using T = std::remove_pointer_t<decltype(o)>;
+      normalize_rows_kernel<S, T><<<grid(n), kThreads, 0, as_stream(stream)>>>(
+          src.ptr<S>(), src.stride(0), src.size(0), index ? index->ptr<int64_t>() : nullptr, out.ptr<T>(),
+          out.stride(0), norms.ptr<float>(), out.size(1), eps);
+    });
+  });
+  check(cudaGetLastError(), "simcore margin_softmax normalize_rows launch");
+}
+
+void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out,
+             int64_t stream) {
+  ms_check::targets(labels, sampled, num_classes, out);
+  expect_cuda(labels);
+  const int64_t b = labels.size(0);
+  if (b == 0) return;
+  const int64_t blocks = (b + kThreads - 1) / kThreads;
+  targets_kernel<<<grid(blocks), kThreads, 0, as_stream(stream)>>>(labels.ptr<int64_t>(), b,
+                                                                  sampled.ptr<int64_t>(), sampled.size(0),
+                                                                  num_classes, out.ptr<int64_t>());
+  check(cudaGetLastError(), "simcore margin_softmax targets launch");
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
+               const TensorView& target_logit, int64_t stream) {
+  ms_check::lse_block(cos, target_col, col0, run_max, run_sum, target_cos, target_logit);
+  expect_cuda(cos);
+  check_margin_params(p);
+  if (cos.size(0) == 0) return;
+  dispatch_gemm_dtype(cos.dtype, [&](auto tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    lse_block_kernel<T><<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
+        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p, run_max.ptr<float>(),
+        run_sum.ptr<float>(), target_cos.ptr<float>(), target_logit.ptr<float>());
+  });
+  check(cudaGetLastError(), "simcore margin_softmax lse_block launch");
+}
+
+void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos, int64_t stream) {
+  ms_check::grad_block(cos, target_col, col0, lse, row_weight, target_cos);
+  expect_cuda(cos);
+  check_margin_params(p);
+  if (cos.size(0) == 0) return;
+  dispatch_gemm_dtype(cos.dtype, [&](auto tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    grad_block_kernel<T><<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
+        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p, lse.ptr<float>(),
+        row_weight.ptr<float>(), target_cos.ptr<float>());
+  });
+  check(cudaGetLastError(), "simcore margin_softmax grad_block launch");
+}
+
+void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
+                  const TensorView* out_index, double eps, int64_t stream) {
+  ms_check::project_rows(u, v, norms, out, out_index);
+  expect_cuda(u);
+  SIMCORE_CHECK(eps > 0, "eps must be positive");
+  if (u.size(0) == 0) return;
+  dispatch_gemm_dtype(v.dtype, [&](auto vp) {
+    dispatch_float_dtype(out.dtype, [&](auto op) {
+      using V = std::remove_pointer_t<decltype(vp)>;
+      using O = std::remove_pointer_t<decltype(op)>;
+      project_rows_kernel<V, O><<<grid(u.size(0)), kThreads, 0, as_stream(stream)>>>(
+          u.ptr<float>(), u.stride(0), v.ptr<V>(), v.stride(0), norms.ptr<float>(), out.ptr<O>(), out.stride(0),
+          out.size(0), out_index ? out_index->ptr<int64_t>() : nullptr, u.size(1), eps);
+    });
+  });
+  check(cudaGetLastError(), "simcore margin_softmax project_rows launch");
+}
+
+}  // namespace cuda
+}  // namespace simcore

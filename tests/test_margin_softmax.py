@@ -1,0 +1,529 @@
+"""simcore.margin_softmax_partial (ArcFace/CosFace/combined over sampled classes):
+compiled kernels against the float64 reference, sampling, the sparse head, bad input."""
+import math
+
+import pytest
+import torch
+
+import simcore
+import simcore.margin_softmax as ms
+from simcore import _dispatch
+from simcore._dispatch import tensor_arg
+from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
+from conftest import cuda, poisoned, rel_err
+
+MARGINS = {  # (m1, m2, m3, scale)
+    "arcface": (1.0, 0.5, 0.0, 64.0),
+    "cosface": (1.0, 0.0, 0.35, 64.0),
+    "combined": (1.0, 0.3, 0.2, 40.0),
+    "sphere": (1.35, 0.0, 0.0, 30.0),
+}
+
+
+def _reference(x, y, w, sampled, margins, reduction, grad_out=None):
+    """Loss and gradients of the float64 reference on the same (possibly half) input values."""
+    m1, m2, m3, s = margins
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    loss = margin_softmax_loss(xd, y, wd, sampled, m1=m1, m2=m2, m3=m3, scale=s, reduction=reduction)
+    g = torch.ones_like(loss) if grad_out is None else grad_out.double()
+    gx, gw = torch.autograd.grad(loss, (xd, wd), g)
+    return loss, gx, gw
+
+
+def _kernel(x, y, w, margins, reduction, grad_out=None, **kw):
+    m1, m2, m3, s = margins
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss, sampled = simcore.margin_softmax_partial(x, y, w, m1=m1, m2=m2, m3=m3, scale=s, reduction=reduction,
+                                                   return_sampled=True, **kw)
+    g = torch.ones_like(loss) if grad_out is None else grad_out
+    gx, gw = torch.autograd.grad(loss, (x, w), g)
+    return loss, sampled, gx, gw
+
+
+def _labels(b, c, gen, duplicates=False):
+    if duplicates:  # a few classes, many repeats
+        pool = torch.randperm(c, generator=gen)[: max(1, min(c, b // 4))]
+        return pool[torch.randint(len(pool), (b,), generator=gen)]
+    return torch.randint(c, (b,), generator=gen)
+
+
+@pytest.mark.parametrize("variant", list(MARGINS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_float32_matches_reference(variant, reduction, blocked, generator, monkeypatch):
+    if blocked:  # force the two-pass class-blocked path (256-class blocks)
+        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+    for _ in range(3):
+        b = int(torch.randint(1, 40, (1,), generator=generator))
+        d = int(torch.randint(2, 70, (1,), generator=generator))
+        c = int(torch.randint(2, 900, (1,), generator=generator))
+        x = torch.randn(b, d, generator=generator) * 3
+        w = torch.randn(c, d, generator=generator) * 0.1
+        y = _labels(b, c, generator, duplicates=bool(torch.rand(1, generator=generator) < 0.5))
+        rate = float(torch.rand(1, generator=generator) * 0.9 + 0.1)
+        g = torch.rand(b, generator=generator) if reduction == "none" else None
+        loss, sampled, gx, gw = _kernel(x, y, w, MARGINS[variant], reduction, g, sample_rate=rate,
+                                        generator=torch.Generator().manual_seed(1))
+        rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS[variant], reduction, g)
+        assert loss.dtype == torch.float32
+        assert rel_err(loss, rl) <= 1e-5
+        assert rel_err(gx, rgx) <= 1e-5
+        assert rel_err(gw, rgw) <= 1e-5
+
+
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+def test_half_inputs_against_float64(xdtype, wdtype, generator):
+    b, d, c = 37, 48, 500
+    x = (torch.randn(b, d, generator=generator) * 2).to(xdtype)
+    w = torch.randn(c, d, generator=generator).to(wdtype)
+    y = _labels(b, c, generator, duplicates=True)
+    loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], "mean", sample_rate=0.5)
+    rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], "mean")
+    assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
+    assert rel_err(loss, rl) <= 1e-5  # float32 accumulation of exactly the half values
+    tol = 1e-2 if torch.bfloat16 in (xdtype, wdtype) else 2e-3  # gradients are rounded to the input dtype
+    assert rel_err(gx, rgx) <= tol
+    assert rel_err(gw, rgw) <= tol
+
+
+def _at_angles(thetas, d, c, gen):
+    """Embeddings at exactly the given angles to their (random) class centre."""
+    w = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.randint(c, (len(thetas),), generator=gen)
+    u = w[y]
+    v = torch.randn(len(thetas), d, generator=gen, dtype=torch.float64)
+    v = torch.nn.functional.normalize(v - (v * u).sum(1, keepdim=True) * u, dim=1)
+    t = torch.tensor(thetas, dtype=torch.float64).unsqueeze(1)
+    x = (torch.cos(t) * u + torch.sin(t) * v) * 2.5
+    return x, y, w * 0.7
+
+
+@pytest.mark.parametrize("variant", ["arcface", "combined", "sphere"])
+def test_extreme_angles(variant, generator):
+    m1, m2, m3, s = MARGINS[variant]
+    ts = theta_star(m1, m2)
+    well = [1e-2, 0.3, ts - 1e-2, ts + 1e-2, min(ts + 0.3, math.pi - 1e-2)]
+    edge = [0.0, 1e-6, 1e-3, ts - 1e-5, ts, ts + 1e-5, math.pi - 1e-4, math.pi]
+    x, y, w = _at_angles(well + edge, 32, 50, generator)
+    g = torch.ones(len(y))
+    loss, sampled, gx, gw = _kernel(x.float(), y, w.float(), MARGINS[variant], "none", g, sample_rate=1.0)
+    rl, rgx, rgw = _reference(x.float(), y, w.float(), sampled, MARGINS[variant], "none", g)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert rel_err(loss, rl) <= 1e-5
+    n = len(well)  # well-conditioned angles: gradients to float32 accuracy
+    assert rel_err(gx[:n], rgx[:n]) <= 1e-5
+    # θ within float32 resolution of 0 or π: acos is ill-conditioned there, so only
+    # bounded gradients are promised (|dψ/dθ| <= m1 and ‖∂cos/∂x‖ <= 1/‖x‖).
+    bound = s * m1 * 1.01 / x.norm(dim=1).float().unsqueeze(1)
+    assert (gx[n:].norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
+
+
+def test_fallback_is_continuous_and_decreasing():
+    from simcore.reference.margin_softmax import margin_target
+    for m1, m2, m3 in [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (1.35, 0.0, 0.0)]:
+        ts = theta_star(m1, m2)
+        t = torch.tensor([ts - 1e-9, ts + 1e-9], dtype=torch.float64)
+        psi = margin_target(torch.cos(t), m1, m2, m3)
+        assert abs(psi[0] - psi[1]) < 1e-8
+        grid = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+        p = margin_target(torch.cos(grid), m1, m2, m3)
+        assert (p[1:] <= p[:-1] + 1e-12).all()
+
+
+def test_gradcheck_reference_float64(generator):
+    b, d, c = 5, 6, 9
+    x, y, w = _at_angles([0.2, 1.0, 2.0, 2.9, 3.0], d, c, generator)  # two targets beyond θ* = π − 0.5
+    x.requires_grad_()
+    w.requires_grad_()
+    sampled = torch.arange(c)
+    for m in MARGINS.values():
+        fn = lambda x, w: margin_softmax_loss(x, y, w, sampled, m1=m[0], m2=m[1], m3=m[2], scale=m[3] / 8)  # noqa
+        assert torch.autograd.gradcheck(fn, (x, w))
+
+
+def test_float64_inputs_stay_float64(generator):
+    x = torch.randn(6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(20, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    loss = simcore.arcface_partial(x, torch.arange(6), w, sample_rate=1.0)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    assert x.grad.dtype == torch.float64
+
+
+def test_weight_gradient_only_on_sampled_rows(generator):
+    b, d, c = 16, 24, 400
+    x = torch.randn(b, d, generator=generator, requires_grad=True)
+    w = torch.randn(c, d, generator=generator, requires_grad=True)
+    y = _labels(b, c, generator)
+    loss, sampled = simcore.arcface_partial(x, y, w, sample_rate=0.2, return_sampled=True, generator=generator)
+    loss.backward()
+    mask = torch.zeros(c, dtype=torch.bool)
+    mask[sampled] = True
+    assert (w.grad[~mask] == 0).all()
+    assert (w.grad[mask].norm(dim=1) > 0).all()
+    assert len(sampled) == math.ceil(0.2 * c)
+
+
+def test_outputs_fully_written_poisoned(generator):
+    """Kernel-level: every gradient row the routine owns is written, and only those."""
+    b, d, c = 9, 16, 300
+    x = torch.randn(b, d, generator=generator)
+    w = torch.randn(c, d, generator=generator)
+    y = _labels(b, c, generator)
+    sampled = ms.sample_classes(y, c, 120, generator)
+    for budget in (None, 1):
+        gx = poisoned((b, d))
+        gw = poisoned((c, d))
+        gwc = poisoned((len(sampled), d))
+        rw = torch.full((b,), 1.0 / b)
+        loss = ms._fused(x, y, w, sampled, 1.0, 0.5, 0.0, 64.0, row_weight=rw, grad_x=gx, grad_w=gw,
+                         workspace_bytes=budget)
+        ms._fused(x, y, w, sampled, 1.0, 0.5, 0.0, 64.0, row_weight=rw, grad_w=gwc, grad_w_compact=True,
+                  workspace_bytes=budget)
+        mask = torch.zeros(c, dtype=torch.bool)
+        mask[sampled] = True
+        assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
+        assert torch.isfinite(gw[mask]).all() and torch.isnan(gw[~mask]).all()
+        assert torch.equal(gwc, gw[sampled])
+
+
+# --------------------------------------------------------------------------- sampling
+@pytest.fixture(params=["compiled", "reference"])
+def sampler_backend(request):
+    """Both samplers: Floyd's algorithm in C++ and the torch rejection sampler."""
+    previous = simcore.get_backend()
+    simcore.set_backend(request.param)
+    yield request.param
+    simcore.set_backend(previous)
+
+
+def test_sampling_semantics_and_determinism(seed, sampler_backend):
+    c = 5000
+    y = torch.randint(c, (300,))
+    for num in (10, 400, 1200, 4000, 4999):  # positives only / rejection path / permutation path
+        a = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
+        b = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b) and a.dtype == torch.int64
+        assert (a[1:] > a[:-1]).all() and a.min() >= 0 and a.max() < c
+        assert torch.isin(y, a).all()
+        assert len(a) == max(num, len(torch.unique(y)))
+
+
+@pytest.mark.parametrize("num", [8, 17, 50])  # torch sampler: rejection (k < n/4) and permutation paths
+def test_negatives_are_uniform(num, seed, sampler_backend):
+    c, trials = 60, 3000
+    y = torch.tensor([3, 3, 7, 59])
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(c)
+    for _ in range(trials):
+        counts[ms.sample_classes(y, c, num, gen)] += 1
+    neg = torch.ones(c, dtype=torch.bool)
+    neg[y] = False
+    p = (num - 3) / (c - 3)
+    expected, sd = trials * p, math.sqrt(trials * p * (1 - p))
+    assert (counts[~neg] == trials).all()
+    assert ((counts[neg] - expected).abs() <= 5 * sd).all()
+
+
+def test_sampling_pairs_are_uniform(seed):
+    """Without replacement means pairwise inclusion probabilities k(k−1)/(n(n−1)), too."""
+    c, num, trials = 12, 4, 6000
+    y = torch.tensor([0])
+    gen = torch.Generator().manual_seed(seed)
+    pairs = torch.zeros(c, c)
+    for _ in range(trials):
+        s = ms.sample_classes(y, c, num, gen)[1:]
+        pairs[s.unsqueeze(1), s.unsqueeze(0)] += 1
+    n, k = c - 1, num - 1
+    p = k * (k - 1) / (n * (n - 1))
+    off = pairs[1:, 1:][~torch.eye(n, dtype=torch.bool)]
+    assert ((off - trials * p).abs() <= 5 * math.sqrt(trials * p * (1 - p))).all()
+
+
+def test_cpp_sampler_rejects_bad_arguments():
+    ext = _dispatch.extension()
+    pos, rnd, bm, out = torch.tensor([3, 1]), torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
+        torch.empty(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="sorted"):
+        ext.ms_sample_classes(tensor_arg(pos), tensor_arg(rnd), 10, tensor_arg(bm), tensor_arg(out))
+    pos2, rnd2 = torch.tensor([1, 3]), torch.zeros(9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="negatives"):
+        ext.ms_sample_classes(tensor_arg(pos2), tensor_arg(rnd2), 10, tensor_arg(bm), tensor_arg(out))
+
+
+def test_sampling_millions_of_classes(generator):
+    y = torch.randint(3_000_000, (256,), generator=generator)
+    s = ms.sample_classes(y, 3_000_000, 300_000, generator)
+    assert len(s) == 300_000 and torch.isin(y, s).all() and (s[1:] > s[:-1]).all()
+
+
+def test_full_rate_uses_every_class(generator):
+    y = torch.randint(50, (8,), generator=generator)
+    _, s = simcore.arcface_partial(torch.randn(8, 4), y, torch.randn(50, 4), sample_rate=1.0, return_sampled=True)
+    assert torch.equal(s, torch.arange(50))
+
+
+# --------------------------------------------------------------------------- bad input
+def _args(b=4, d=8, c=20):
+    return torch.randn(b, d), torch.randint(c, (b,)), torch.randn(c, d)
+
+
+@pytest.mark.parametrize("case,exc", [
+    ("label_too_big", ValueError), ("label_negative", ValueError), ("int32_labels", TypeError),
+    ("float_labels", TypeError), ("dim_mismatch", ValueError), ("batch_mismatch", ValueError),
+    ("empty_batch", ValueError), ("mixed_device", ValueError), ("rate_zero", ValueError),
+    ("rate_above_one", ValueError), ("bad_reduction", ValueError), ("int_embeddings", TypeError),
+    ("weight_transposed", ValueError), ("embeddings_3d", ValueError), ("num_samples_zero", ValueError),
+    ("negative_scale", ValueError), ("not_tensor", TypeError),
+])
+def test_bad_input(case, exc):
+    x, y, w = _args()
+    kw = {}
+    if case == "label_too_big":
+        y[1] = 20
+    elif case == "label_negative":
+        y[0] = -1
+    elif case == "int32_labels":
+        y = y.int()
+    elif case == "float_labels":
+        y = y.float()
+    elif case == "dim_mismatch":
+        w = torch.randn(20, 9)
+    elif case == "batch_mismatch":
+        y = y[:3]
+    elif case == "empty_batch":
+        x, y = x[:0], y[:0]
+    elif case == "mixed_device":
+        y = y.to("meta")
+    elif case == "rate_zero":
+        kw["sample_rate"] = 0.0
+    elif case == "rate_above_one":
+        kw["sample_rate"] = 1.5
+    elif case == "bad_reduction":
+        kw["reduction"] = "avg"
+    elif case == "int_embeddings":
+        x = x.long()
+    elif case == "weight_transposed":
+        w = torch.randn(8, 20).t()
+    elif case == "embeddings_3d":
+        x = x.unsqueeze(0)
+    elif case == "num_samples_zero":
+        kw["num_samples"] = 0
+    elif case == "negative_scale":
+        kw["scale"] = -1.0
+    elif case == "not_tensor":
+        x = x.tolist()
+    with pytest.raises(exc):
+        simcore.arcface_partial(x, y, w, **kw)
+
+
+def test_non_contiguous_embeddings_and_labels_are_accepted(generator):
+    x = torch.randn(12, 8, generator=generator).t()  # column-major
+    y = torch.randint(30, (16,), generator=generator)[::2]
+    w = torch.randn(60, 12, generator=generator)[::2]  # strided rows are fine
+    loss, s = simcore.arcface_partial(x, y, w, sample_rate=1.0, return_sampled=True)
+    ref = margin_softmax_loss(x, y, w, s)
+    assert rel_err(loss, ref) <= 1e-5
+
+
+def test_cpp_rechecks_arguments():
+    ext = _dispatch.extension()
+    y = torch.tensor([0, 5, 21])
+    s = torch.arange(20)
+    out = torch.empty(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="outside"):
+        ext.ms_targets(tensor_arg(y), tensor_arg(s), 20, tensor_arg(out), 1)
+    y32, s_desc = y.int(), s.flip(0).contiguous()  # keep the tensors alive while their pointers are used
+    with pytest.raises(TypeError, match="int64"):
+        ext.ms_targets(tensor_arg(y32), tensor_arg(s), 30, tensor_arg(out), 1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ext.ms_targets(tensor_arg(y), tensor_arg(s_desc), 30, tensor_arg(out), 1)
+    cos = torch.zeros(3, 4)
+    v, v2 = torch.zeros(3), torch.zeros(2)
+    with pytest.raises(ValueError, match="size"):
+        ext.ms_lse_block(tensor_arg(cos), tensor_arg(out), 0, 1.0, 0.5, 0.0, 64.0, 1e-4, tensor_arg(v),
+                         tensor_arg(v2), tensor_arg(v), tensor_arg(v), 1)
+    with pytest.raises(ValueError, match="m2"):
+        ext.ms_grad_block(tensor_arg(cos), tensor_arg(out), 0, 1.0, 4.0, 0.0, 64.0, 1e-4, tensor_arg(v),
+                          tensor_arg(v), tensor_arg(v), 1)
+    src, idx, dst, norms = torch.zeros(5, 4), torch.tensor([0, 5]), torch.zeros(2, 4), torch.zeros(2)
+    with pytest.raises(ValueError, match="index"):
+        ext.ms_normalize_rows(tensor_arg(src), tensor_arg(idx), tensor_arg(dst), tensor_arg(norms), 1e-12, 1)
+
+
+def test_nan_and_inf_give_nan_loss_for_the_rows_they_reach(generator):
+    x, y, w = _args(6, 8, 30)
+    x[2, 3] = float("nan")
+    loss = simcore.arcface_partial(x, y, w, sample_rate=1.0, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(6) != 2]).all()
+    x, y, w = _args(6, 8, 30)
+    w[y[0] if y[0] != 7 else 8, 1] = float("inf")  # a sampled centre: reaches every row
+    loss = simcore.arcface_partial(x, y, w, sample_rate=1.0, reduction="none")
+    assert torch.isnan(loss).all()
+
+
+# --------------------------------------------------------------------------- torch.compile, autocast
+def test_torch_compile_fullgraph(generator):
+    x, y, w = _args(16, 32, 100)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def f(x, y, w):
+        return simcore.arcface_partial(x, y, w, sample_rate=1.0, margin=0.4, scale=40.0)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y, w)
+    loss.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = f(x, y, w)
+    ref.backward()
+    assert rel_err(loss, ref) <= 1e-6 and rel_err(gx, x.grad) <= 1e-6 and rel_err(gw, w.grad) <= 1e-6
+
+
+def test_autocast_returns_float32(generator):
+    lin = torch.nn.Linear(16, 8)
+    w = torch.randn(40, 8, generator=generator, requires_grad=True)
+    inp = torch.randn(6, 16, generator=generator)
+    y = torch.randint(40, (6,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = lin(inp)
+        loss, s = simcore.arcface_partial(emb, y, w, sample_rate=1.0, return_sampled=True)
+    assert emb.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    ref = margin_softmax_loss(emb.detach().double(), y, w.detach().double(), s)
+    assert rel_err(loss, ref) <= 1e-5
+    loss.backward()
+    assert lin.weight.grad is not None and torch.isfinite(w.grad).all()
+
+
+# --------------------------------------------------------------------------- the head
+def test_head_sgd_sparse_matches_dense_sgd_on_sampled_rows(generator):
+    c, d, b = 200, 16, 12
+    head = simcore.PartialMarginHead(c, d, sample_rate=0.25, lr=0.5, momentum=0.9, weight_decay=1e-3)
+    dense = head.weight.detach().clone().requires_grad_()
+    opt = torch.optim.SGD([dense], lr=0.5, momentum=0.9, weight_decay=1e-3)
+    for step in range(3):
+        x = torch.randn(b, d, generator=generator, requires_grad=True)
+        y = torch.randint(c, (b,), generator=generator)
+        before = head.weight.clone()
+        loss, s = head(x, y, generator=torch.Generator().manual_seed(step), return_sampled=True)
+        head.zero_grad()
+        loss.backward()
+        assert x.grad is not None
+        head.step()
+        changed = (head.weight != before).any(1)
+        mask = torch.zeros(c, dtype=torch.bool)
+        mask[s] = True
+        assert not changed[~mask].any()  # untouched rows: weight, and momentum below
+        assert (head.momentum_buffer[~mask] == 0).all() if step == 0 else True
+        if step == 0:  # one step from zero state: equals dense SGD on the sampled rows
+            ref = simcore.arcface_partial(x.detach(), y, dense, num_samples=len(s),
+                                          generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            ref.backward()
+            opt.step()
+            assert rel_err(head.weight[s], dense.detach()[s]) <= 1e-6
+
+
+def test_head_adamw_first_step_matches_torch(generator):
+    c, d, b = 100, 8, 10
+    head = simcore.PartialMarginHead(c, d, sample_rate=1.0, optimizer="adamw", lr=1e-2, weight_decay=0.0)
+    dense = head.weight.detach().clone().requires_grad_()
+    x = torch.randn(b, d, generator=generator)
+    y = torch.randint(c, (b,), generator=generator)
+    head(x, y).backward()
+    idx = head.step()
+    simcore.arcface_partial(x, y, dense, sample_rate=1.0).backward()
+    opt = torch.optim.AdamW([dense], lr=1e-2, weight_decay=0.0)
+    opt.step()
+    assert torch.equal(idx, torch.arange(c))
+    # Adam's first step is ≈ lr·sign(g): float32 differences in tiny gradient entries show, hence 1e-5
+    assert rel_err(head.weight, dense.detach()) <= 1e-5
+    assert (head.row_step == 1).all()
+
+
+def test_head_adamw_touches_only_sampled_rows(generator):
+    c, d = 300, 8
+    head = simcore.PartialMarginHead(c, d, sample_rate=0.1, optimizer="adamw", lr=1e-2, weight_decay=0.1)
+    before = head.weight.clone()
+    loss, s = head(torch.randn(6, d, generator=generator), torch.randint(c, (6,), generator=generator),
+                   generator=generator, return_sampled=True)
+    loss.backward()
+    head.step()
+    mask = torch.zeros(c, dtype=torch.bool)
+    mask[s] = True
+    assert torch.equal(head.weight[~mask], before[~mask])  # weight decay too moves sampled rows only
+    assert (head.exp_avg[~mask] == 0).all() and (head.row_step[~mask] == 0).all()
+    assert (head.row_step[mask] == 1).all() and (head.weight[mask] != before[mask]).any(1).all()
+
+
+def test_head_grow_and_centres(generator):
+    head = simcore.PartialMarginHead(10, 6, sample_rate=0.5)
+    emb = torch.randn(15, 6, generator=generator)
+    groups = torch.arange(3).repeat_interleave(5)
+    centres = simcore.PartialMarginHead.centres_from_embeddings(emb, groups)
+    assert centres.shape == (3, 6)
+    ids = head.grow(centres)
+    assert torch.equal(ids, torch.arange(10, 13)) and head.num_classes == 13
+    assert head.momentum_buffer.shape == (13, 6)
+    assert torch.allclose(head.weight[12], torch.nn.functional.normalize(emb[10:], dim=1).mean(0))
+    loss = head(torch.randn(4, 6, requires_grad=True), torch.tensor([0, 10, 11, 12]))
+    loss.backward()
+    assert head.step() is not None
+
+
+def test_head_eval_records_nothing(generator):
+    head = simcore.PartialMarginHead(30, 4).eval()
+    head(torch.randn(5, 4, requires_grad=True), torch.arange(5)).backward()
+    assert head.step() is None
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("budget", [None, 1])
+def test_cuda_matches_reference(dtype, budget, generator, monkeypatch):
+    if budget:
+        monkeypatch.setattr(ms, "WORKSPACE_BYTES", budget)
+    x = (torch.randn(33, 64, generator=generator) * 2).to(dtype)
+    w = torch.randn(700, 64, generator=generator).to(dtype)
+    y = _labels(33, 700, generator, duplicates=True)
+    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    loss, s = simcore.arcface_partial(xc, y.cuda(), wc, sample_rate=0.5, return_sampled=True)
+    loss.backward()
+    rl, rgx, rgw = _reference(x, y, w, s.cpu(), MARGINS["arcface"], "mean")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(loss.cpu(), rl) <= 1e-5
+    assert rel_err(xc.grad.cpu(), rgx) <= tol and rel_err(wc.grad.cpu(), rgw) <= tol
+
+
+def test_non_unit_upstream_gradient_and_second_backward(generator):
+    x, y, w = _args(10, 16, 40)
+    x.requires_grad_()
+    w.requires_grad_()
+    loss, s = simcore.arcface_partial(x, y, w, sample_rate=0.5, return_sampled=True, generator=generator)
+    (2.5 * loss).backward(retain_graph=True)
+    rl, rgx, rgw = _reference(x, y, w, s, MARGINS["arcface"], "mean", torch.tensor(2.5))
+    assert rel_err(x.grad, rgx) <= 1e-5 and rel_err(w.grad, rgw) <= 1e-5
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    # reduction='none' recomputes in backward, so retained graphs work
+    x.grad = w.grad = None
+    rows = simcore.arcface_partial(x, y, w, sample_rate=1.0, reduction="none")
+    rows.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    rows.sum().backward()
+    assert rel_err(x.grad, 2 * first) <= 1e-6
+
+
+def test_no_grad_and_frozen_weight(generator):
+    x, y, w = _args(6, 8, 30)
+    with torch.no_grad():
+        l0 = simcore.arcface_partial(x, y, w, sample_rate=1.0)
+    x.requires_grad_()
+    l1 = simcore.arcface_partial(x, y, w, sample_rate=1.0)  # weight frozen: only x gets a gradient
+    l1.backward()
+    assert rel_err(l0, l1.detach()) <= 1e-7 and x.grad is not None and w.grad is None
