@@ -2,7 +2,7 @@
 cosine top-k search, with a compiled C++/CUDA core.
 
 Public API:
-  arcface_partial, cosface_partial, margin_softmax_partial, PartialMarginHead
+  arcface_partial, cosface_partial, margin_softmax_partial, PartialMarginHead, sample_classes
   cosine_topk, FlatIndex, faiss_index
   set_backend, get_backend, cuda_available
 """
@@ -11,12 +11,12 @@ import torch  # noqa: F401  (loads torch's libgomp before the extension: one Ope
 from simcore._dispatch import cuda_available, get_backend, set_backend
 from simcore.cosine_topk import FlatIndex, cosine_topk, faiss_index
 from simcore.margin_softmax import (PartialMarginHead, arcface_partial, cosface_partial,
-                                    margin_softmax_partial)
+                                    margin_softmax_partial, sample_classes)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "cuda_available", "get_backend", "set_backend",
-    "arcface_partial", "cosface_partial", "margin_softmax_partial", "PartialMarginHead",
+    "arcface_partial", "cosface_partial", "margin_softmax_partial", "PartialMarginHead", "sample_classes",
     "cosine_topk", "FlatIndex", "faiss_index",
 ]
