@@ -338,8 +338,8 @@ class ShardedPartialMarginHead(PartialMarginHead):
         return buf[buf >= 0] if any(s != bmax for s in sizes) else buf
 
     def grow(self, new_centres):
-        raise NotImplementedError("grow() is not supported on a sharded head: build a larger head and load the "
-                                  "old centres with simcore.distributed.load_resharded (docs/distributed.md)")
+        raise NotImplementedError("grow() is not supported on a sharded head: grow a single-process head, save "
+                                  "it and load it with simcore.distributed.load_resharded (docs/distributed.md)")
 
     # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self):
