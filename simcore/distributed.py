@@ -48,6 +48,7 @@ from simcore.margin_softmax import PartialMarginHead, _fused, _scaled, check_sam
 __all__ = ["ShardedPartialMarginHead", "shard_bounds", "load_resharded"]
 
 _FORMAT = "simcore.sharded_margin_head.v1"
+_META = 13  # int64 fields per rank in the metadata all-gather
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
 
@@ -236,11 +237,12 @@ class ShardedPartialMarginHead(PartialMarginHead):
     def _exchange_meta(self, embeddings, labels, sampled):
         problem = self._local_problem(embeddings, labels, sampled)
         dev = self.weight.device
-        meta = torch.zeros(12, dtype=torch.int64)
+        meta = torch.zeros(_META, dtype=torch.int64)
         meta[0] = 0 if problem is None else 1
         if problem is None:
             b, d = embeddings.shape
             meta[1], meta[2], meta[3] = b, d, _DTYPE_CODES[embeddings.dtype]
+            meta[12] = int(torch.is_grad_enabled() and embeddings.requires_grad)
             if b:
                 lo, hi = torch.aminmax(labels)
                 meta[4], meta[5] = lo.item(), hi.item()
@@ -253,9 +255,9 @@ class ShardedPartialMarginHead(PartialMarginHead):
                 meta[9] = int(((sc % 1000003) * (torch.arange(sc.numel()) % 1009 + 1)).sum()) if sc.numel() else 0
         meta[10] = self._config_crc
         meta[11] = self.weight.shape[1]
-        gathered = torch.empty(self.world_size * 12, dtype=torch.int64, device=dev)
+        gathered = torch.empty(self.world_size * _META, dtype=torch.int64, device=dev)
         _all_gather_single(gathered, meta.to(dev), self.process_group)
-        g = gathered.cpu().view(self.world_size, 12)
+        g = gathered.cpu().view(self.world_size, _META)
         where = f"simcore sharded head (rank {self.rank} of {self.world_size})"
         bad = [k for k in range(self.world_size) if g[k, 0]]
         if bad:
@@ -274,6 +276,9 @@ class ShardedPartialMarginHead(PartialMarginHead):
         if len(set(codes)) != 1:
             raise TypeError(f"{where}: embeddings dtype differs across ranks: "
                             f"{[_DTYPE_NAMES[c] for c in codes]}")
+        if len(set(g[:, 12].tolist())) != 1:
+            raise ValueError(f"{where}: embeddings require grad on ranks {g[:, 12].nonzero().flatten().tolist()} "
+                             "only: every rank must take part in the backward (its reduce-scatter) or none")
         n = sum(sizes)
         if n == 0:
             raise ValueError(f"{where}: empty global batch (every rank passed 0 rows)")

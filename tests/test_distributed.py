@@ -137,6 +137,8 @@ def _worker(rank, ws, tmp):
         out["F_missing"] = _grab_error(lambda: head(x, y, sampled=inp["SB"]))  # lacks some labels
         other = simcore.PartialMarginHead(C, D, process_group=grp, **dict(_head_kwargs("A"), scale=10.0))
         out["F_config"] = _grab_error(lambda: (other if rank == 0 else head)(x, y, sampled=inp["SA"]))
+        out["F_grad"] = _grab_error(lambda: head(x if rank == 0 else x.clone().requires_grad_(True), y,
+                                                 sampled=inp["SA"]))
         out["F_small"] = _grab_error(lambda: simcore.PartialMarginHead(ws - 1, D, process_group=grp))
         out["F_after"] = head(x, y, sampled=inp["SA"]).detach()
         torch.save(out, os.path.join(tmp, f"out{ws}_{rank}.pt"))
@@ -341,6 +343,7 @@ def test_bad_input_raises_on_every_rank(world, ws):
         assert o["F_sampled"].startswith("ValueError") and "same tensor" in o["F_sampled"]
         assert o["F_missing"].startswith("ValueError") and "contain every label" in o["F_missing"]
         assert o["F_config"].startswith("ValueError") and "identical arguments" in o["F_config"]
+        assert o["F_grad"].startswith("ValueError") and "require grad on ranks" in o["F_grad"]
         assert o["F_small"].startswith("ValueError") and "at least the world size" in o["F_small"]
         # the group is still in step after the errors
         assert rel_err(o["F_after"], expect["A"]["loss"]) <= TOL
