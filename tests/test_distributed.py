@@ -139,6 +139,9 @@ def _worker(rank, ws, tmp):
         out["F_config"] = _grab_error(lambda: (other if rank == 0 else head)(x, y, sampled=inp["SA"]))
         out["F_grad"] = _grab_error(lambda: head(x if rank == 0 else x.clone().requires_grad_(True), y,
                                                  sampled=inp["SA"]))
+        out["F_f64"] = _grab_error(lambda: head(x.double() if rank == 0 else x, y, sampled=inp["SA"]))
+        out["F_empty"] = _grab_error(lambda: head(x[:0], y[:0]))
+        out["F_grow"] = _grab_error(lambda: head.grow(torch.zeros(1, D)))
         out["F_small"] = _grab_error(lambda: simcore.PartialMarginHead(ws - 1, D, process_group=grp))
         out["F_after"] = head(x, y, sampled=inp["SA"]).detach()
         torch.save(out, os.path.join(tmp, f"out{ws}_{rank}.pt"))
@@ -344,6 +347,12 @@ def test_bad_input_raises_on_every_rank(world, ws):
         assert o["F_missing"].startswith("ValueError") and "contain every label" in o["F_missing"]
         assert o["F_config"].startswith("ValueError") and "identical arguments" in o["F_config"]
         assert o["F_grad"].startswith("ValueError") and "require grad on ranks" in o["F_grad"]
+        if rank == 0:
+            assert o["F_f64"].startswith("TypeError") and "float64 is not supported" in o["F_f64"]
+        else:
+            assert o["F_f64"].startswith("ValueError") and "rank(s) [0]" in o["F_f64"]
+        assert o["F_empty"].startswith("ValueError") and "empty global batch" in o["F_empty"]
+        assert o["F_grow"].startswith("NotImplementedError") and "load_resharded" in o["F_grow"]
         assert o["F_small"].startswith("ValueError") and "at least the world size" in o["F_small"]
         # the group is still in step after the errors
         assert rel_err(o["F_after"], expect["A"]["loss"]) <= TOL
