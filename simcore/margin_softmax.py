@@ -490,6 +490,9 @@ class PartialMarginHead(nn.Module):
                  optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                  device=None, dtype=None, process_group=None):
         super().__init__()
+        if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
+            raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
+                             "or simcore.distributed.ShardedPartialMarginHead")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 1:

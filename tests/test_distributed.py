@@ -374,3 +374,10 @@ def test_needs_initialised_process_group():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         simcore.PartialMarginHead(10, 4, process_group=object())
+
+
+def test_subclass_with_process_group_is_refused():
+    class Mine(simcore.PartialMarginHead):
+        pass
+    with pytest.raises(ValueError, match="does not shard"):
+        Mine(10, 4, process_group=object())
