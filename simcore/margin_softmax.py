@@ -99,6 +99,26 @@ def _distinct_uniform(k, n, generator, device):
 
 
 # --------------------------------------------------------------------------- checks
+def check_sampled(sampled, labels, num_classes):
+    """Raise unless ``sampled`` is a 1-D int64 tensor of strictly increasing class ids
+    in [0, num_classes) on ``labels.device`` that contains every label."""
+    if not isinstance(sampled, torch.Tensor) or sampled.dtype != torch.int64 or sampled.dim() != 1:
+        raise TypeError("sampled must be a 1-D int64 tensor of class ids")
+    if sampled.device != labels.device:
+        raise ValueError(f"sampled is on {sampled.device} but labels on {labels.device}")
+    if sampled.numel() == 0:
+        raise ValueError("sampled is empty")
+    if sampled.numel() > 1 and not bool((sampled[1:] > sampled[:-1]).all()):
+        raise ValueError("sampled must be strictly increasing (sorted, no duplicates)")
+    if int(sampled[0]) < 0 or int(sampled[-1]) >= num_classes:
+        raise ValueError(f"sampled holds ids outside [0, {num_classes}): [{int(sampled[0])}, {int(sampled[-1])}]")
+    if labels.numel():
+        col = torch.searchsorted(sampled, labels).clamp_(max=sampled.numel() - 1)
+        missing = sampled[col] != labels
+        if bool(missing.any()):
+            raise ValueError(f"sampled must contain every label; missing e.g. class {int(labels[missing][0])}")
+
+
 def _check_margins(m1, m2, m3, scale):
     for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("scale", scale)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -162,7 +182,7 @@ def _exec(device: torch.device) -> int:
 
 
 def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, grad_x=None, grad_w=None,
-           grad_w_compact=False, workspace_bytes=None):
+           grad_w_compact=False, workspace_bytes=None, target_col=None, combine=None):
     """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``.
 
     With ``row_weight`` (B,) float32 the gradients of Σ_i row_weight_i·loss_i are
@@ -170,6 +190,12 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
     (the rest untouched) or, with ``grad_w_compact``, (S, D) in sampled order.
     Any of the outputs may be None. Device-agnostic: CPU and CUDA differ only in
     the kernels behind ``ext``.
+
+    Class-sharded use (simcore.distributed): ``target_col`` (B,) int64 gives each
+    row's column in ``sampled`` directly, −1 where the target class lives on
+    another shard (``labels`` is then ignored); ``combine(run_max, run_sum,
+    target_logit)`` turns this shard's pass-1 pieces into the global
+    ``(lse, target_logit)`` (all-reduces) before the losses and pass 2.
     """
     ext = _dispatch.extension()
     dev = x.device
@@ -183,8 +209,11 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
     nblocks = -(-s // block)
     margins = (float(m1), float(m2), float(m3), float(scale), SIN_EPS)
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-        tcol = torch.empty(b, dtype=torch.int64, device=dev)
-        ext.ms_targets(tensor_arg(labels), tensor_arg(sampled), weight.shape[0], tensor_arg(tcol), ex)
+        if target_col is None:
+            tcol = torch.empty(b, dtype=torch.int64, device=dev)
+            ext.ms_targets(tensor_arg(labels), tensor_arg(sampled), weight.shape[0], tensor_arg(tcol), ex)
+        else:
+            tcol = target_col
         xh = torch.empty(b, d, dtype=f32, device=dev)
         xn = torch.empty(b, dtype=f32, device=dev)
         ext.ms_normalize_rows(tensor_arg(x), None, tensor_arg(xh), tensor_arg(xn), NORM_EPS, ex)
@@ -209,7 +238,10 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
             idx, wh, wn, cos = load_block(c0)
             ext.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(run_max),
                              tensor_arg(run_sum), tensor_arg(tcos), tensor_arg(tlogit), ex)
-        lse = run_max + torch.log(run_sum)
+        if combine is None:
+            lse = run_max + torch.log(run_sum)
+        else:
+            lse, tlogit = combine(run_max, run_sum, tlogit)
         loss = lse - tlogit
         if row_weight is None or (grad_x is None and grad_w is None):
             return loss
@@ -442,12 +474,25 @@ class PartialMarginHead(nn.Module):
     Change the head's learning rate with ``head.lr = ...`` (schedulers act on the
     backbone optimizer only). Gradients from several backward passes before
     ``step()`` accumulate (duplicate rows are summed).
+
+    ``process_group`` (a ``torch.distributed`` group): the centres are sharded
+    across its ranks and the constructor returns a
+    :class:`simcore.distributed.ShardedPartialMarginHead` (docs/distributed.md).
     """
+
+    def __new__(cls, *args, process_group=None, **kwargs):
+        if process_group is not None and cls is PartialMarginHead:
+            from simcore.distributed import ShardedPartialMarginHead
+            cls = ShardedPartialMarginHead
+        return super().__new__(cls)
 
     def __init__(self, num_classes, embedding_dim, *, margin=0.5, scale=64.0, sample_rate=0.1, m1=1.0, m3=0.0,
                  optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                 device=None, dtype=None):
+                 device=None, dtype=None, process_group=None):
         super().__init__()
+        if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
+            raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
+                             "or simcore.distributed.ShardedPartialMarginHead")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 1:
@@ -480,12 +525,16 @@ class PartialMarginHead(nn.Module):
             self.register_buffer("exp_avg_sq", torch.zeros(rows, d, **like))
             self.register_buffer("row_step", torch.zeros(rows, dtype=torch.int64, device=self.weight.device))
 
-    def forward(self, embeddings, labels, *, generator=None, return_sampled=False):
-        """Loss (mean over the batch) over the positives plus sampled negatives."""
+    def forward(self, embeddings, labels, *, generator=None, sampled=None, return_sampled=False):
+        """Loss (mean over the batch) over the positives plus sampled negatives.
+        ``sampled``: use these sorted unique class ids (they must include every
+        label) instead of drawing them."""
         w = self.weight
         _check_inputs(embeddings, labels, w, self.sample_rate, None, "mean")
         num_samples = math.ceil(self.sample_rate * self.num_classes)
-        if num_samples >= self.num_classes:
+        if sampled is not None:
+            check_sampled(sampled, labels, self.num_classes)
+        elif num_samples >= self.num_classes:
             sampled = torch.arange(self.num_classes, device=labels.device)
         else:
             sampled = sample_classes(labels, self.num_classes, num_samples, generator)
