@@ -5,9 +5,11 @@ Public API:
   arcface_partial, cosface_partial, margin_softmax_partial, PartialMarginHead, sample_classes
   cosine_topk, FlatIndex, faiss_index
   set_backend, get_backend, cuda_available
+  distributed (load_resharded; PartialMarginHead(..., process_group=g) shards the centres)
 """
 import torch  # noqa: F401  (loads torch's libgomp before the extension: one OpenMP runtime)
 
+from simcore import distributed  # noqa: F401  (class-sharded head: PartialMarginHead(..., process_group=))
 from simcore._dispatch import cuda_available, get_backend, set_backend
 from simcore.cosine_topk import FlatIndex, cosine_topk, faiss_index
 from simcore.margin_softmax import (PartialMarginHead, arcface_partial, cosface_partial,
