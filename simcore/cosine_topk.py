@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 import zlib
 from typing import Iterable, Optional
 
@@ -79,7 +80,9 @@ def _as_block(chunk, dim, device, offset):
     if isinstance(chunk, np.ndarray):
         if chunk.dtype.type not in _NP_FLOATS:
             raise TypeError(f"database chunk at row {offset} must be float16/32/64, got numpy {chunk.dtype}")
-        chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        with warnings.catch_warnings():  # read-only memmaps: never written here
+            warnings.simplefilter("ignore", UserWarning)
+            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         if device.type != "cpu":
             chunk = chunk.to(device, non_blocking=False)
     elif not isinstance(chunk, torch.Tensor):

@@ -376,8 +376,10 @@ void cosine_topk_update(const TopkUpdateArgs& a, int num_threads) {
   const int64_t* off = a.excl_offsets.ptr<int64_t>();
   const int64_t* idx = a.excl_index.ptr<int64_t>();
   SIMCORE_CHECK(off[0] == 0 && off[Q] == E, "exclude offsets must start at 0 and end at ", E);
+  for (int64_t q = 0; q < Q; ++q)
+    SIMCORE_CHECK(off[q] <= off[q + 1] && off[q + 1] <= E, "exclude offsets must be non-decreasing within [0, ", E,
+                  "] (query ", q, ")");
   for (int64_t q = 0; q < Q; ++q) {
-    SIMCORE_CHECK(off[q] <= off[q + 1], "exclude offsets must be non-decreasing (query ", q, ")");
     for (int64_t i = off[q] + 1; i < off[q + 1]; ++i)
       SIMCORE_CHECK(idx[i - 1] <= idx[i], "exclude indices must be sorted within each query (query ", q, ")");
   }
