@@ -90,9 +90,10 @@ def test_ties_go_to_the_lower_index(generator):
             assert torch.equal(i, ref_i), (normalized, k)
             assert torch.equal(s, ref_s), (normalized, k)
     # Duplicated rows: the lower index comes first.
-    db2 = torch.randn(50, 16, generator=generator).repeat(3, 1)   # row j == row j + 50 == row j + 100
-    q2 = db2[:5] * 2.0                                           # each query's best is its own row (3 ties)
-    s, i = simcore.cosine_topk(q2, db2, 3, normalized=True)
+    # +-1 rows: x.y <= 32 with equality only for y == x, all in exact integer arithmetic.
+    db2 = torch.randn(50, 32, generator=generator).sign().repeat(3, 1)  # row j == row j+50 == row j+100
+    q2 = db2[:5]                                                        # best: its own row, 3 ties
+    s, i = simcore.cosine_topk(q2, db2, 3, normalized=True, block_size=64)
     assert torch.equal(i, torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
     assert (s[:, 0] == s[:, 1]).all() and (s[:, 1] == s[:, 2]).all()
 
@@ -275,8 +276,8 @@ def test_kernel_rechecks_its_arguments():
         call(k=0)
     with pytest.raises(ValueError, match="outside"):
         call(q_begin=1)
-    with pytest.raises(ValueError, match="capacity"):
-        call(reservoir=torch.zeros(Q, k + 1, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="k must be"):
+        call(reservoir=torch.zeros(Q, k, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="exceed the database size"):
         call(n_total=10)
     with pytest.raises(TypeError, match="float32"):

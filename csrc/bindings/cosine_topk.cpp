@@ -101,7 +101,7 @@ void bind_cosine_topk(py::module_& m) {
       py::arg("n_total"), py::arg("rescore"), py::arg("num_threads"), py::arg("stream") = 0,
       "Per tile: threshold scan (+ exact rescoring), exclusion, merge into the running top-k reservoirs.");
 
-  m.attr("COSINE_TOPK_MIN_SLACK") = kTopkMinSlack;
+  m.attr("COSINE_TOPK_MIN_SLACK") = kTopkMinSlack;  // CUDA; the CPU needs 1
 }
 
 }  // namespace simcore

@@ -62,7 +62,9 @@ void check_update_args(const TopkUpdateArgs& a) {
     SIMCORE_CHECK(a.db_base + nb <= a.n_total, "tile rows [", a.db_base, ", ", a.db_base + nb,
                   ") exceed the database size ", a.n_total);
   }
-  SIMCORE_CHECK(cap >= a.k + kTopkMinSlack || (a.n_total >= 0 && cap > a.n_total),
+  // CUDA appends up to a thread block after a compaction; the CPU one entry.
+  const int64_t min_slack = dev == Device::CUDA ? kTopkMinSlack : 1;
+  SIMCORE_CHECK(cap >= a.k + min_slack || (a.n_total >= 0 && cap > a.n_total),
                 "reservoir capacity ", cap, " is too small for k=", a.k);
   if (a.rescore) {
     SIMCORE_CHECK_TYPE(is_half(a.scores.dtype) || a.scores.dtype == DType::Float32, "scores dtype");
@@ -85,7 +87,7 @@ template <class T>
 inline float load(const T* p, int64_t i) { return to_float(p[i]); }
 
 template <class T>
-float dot(const float* q, const T* d, int64_t D) {
+float dot_generic(const float* q, const T* d, int64_t D) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= D; i += 8)
@@ -147,11 +149,34 @@ __attribute__((target("avx512f"))) float row_sumsq_avx512(const T* row, int64_t 
   return s;
 }
 
+template <class T>
+__attribute__((target("avx512f"))) float dot_avx512(const float* q, const T* d, int64_t D) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= D; i += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(d + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), load16(d + i + 16), a1);
+  }
+  for (; i + 16 <= D; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(d + i), a0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (; i < D; ++i) s += q[i] * to_float(d[i]);
+  return s;
+}
+
 inline bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
 }
 #endif
+
+// Exact float32 rescoring dot product (summation order is the implementation's).
+template <class T>
+inline float dot(const float* q, const T* d, int64_t D) {
+#ifdef SIMCORE_TOPK_AVX512
+  if (cpu_has_avx512()) return dot_avx512<T>(q, d, D);
+#endif
+  return dot_generic<T>(q, d, D);
+}
 
 template <class T>
 inline float row_sumsq(const T* row, int64_t D) {

@@ -71,9 +71,9 @@ struct TopkUpdateArgs {
   bool rescore = false;
 };
 
-// Reservoir capacity rule: cap >= k + kTopkMinSlack (the CUDA kernel appends
-// up to one thread block of candidates after a compaction), or cap > n_total
-// (a known database size: the reservoir can never fill).
+// Reservoir capacity rule: cap > n_total (a known database size: the reservoir
+// never fills), or cap >= k + kTopkMinSlack on CUDA (the kernel appends up to
+// one thread block of candidates after a compaction), cap >= k + 1 on the CPU.
 constexpr int64_t kTopkMinSlack = 256;
 
 // Boundary checks shared by the CPU and CUDA entry points: shapes, dtypes,
