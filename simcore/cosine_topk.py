@@ -185,13 +185,17 @@ def _gemm_dtype(db_dtype, device, cosine):
     return torch.bfloat16
 
 
-def _slack_factor(gemm_dtype, dim):
-    """Bound on |approx - exact| / (||q|| ||d||) for a half tile GEMM: rounding the
-    query (u) and, for float16 -> bfloat16 blocks, the row (u), the float32
-    accumulation (D * 2^-24) and the half output (u); doubled for margin, plus the
-    float16 subnormal floor of a unit query (sqrt(D) * 2^-25)."""
+def _slack_factor(gemm_dtype, db_dtype, dim):
+    """Bound on |approx - exact| / (||q|| ||d||) for a half tile GEMM (docs/cosine_topk.md):
+    rounding the query to the GEMM dtype (u), rounding the row when its dtype differs
+    (float16 -> bfloat16: u), the float32 accumulation of exact half products
+    (D * 2^-24) and rounding the output (u); times 1.25 for margin, plus the float16
+    subnormal floor of a unit query (sqrt(D) * 2^-25)."""
     u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[gemm_dtype]
-    return 2.0 * (3 * u + u * u + dim * 2.0 ** -24) + math.sqrt(dim) * 2.0 ** -24
+    roundings = 2 if db_dtype == gemm_dtype else 3
+    bound = roundings * u + roundings * u * u + dim * 2.0 ** -24
+    subnormal = math.sqrt(dim) * 2.0 ** -25 if gemm_dtype == torch.float16 else 0.0
+    return 1.25 * bound + subnormal
 
 
 def _search(queries, source, k, normalized, exclude, block_size, progress):
@@ -253,7 +257,7 @@ def _search(queries, source, k, normalized, exclude, block_size, progress):
                 slack = torch.empty(nb, dtype=torch.float32, device=device)
                 ext.cosine_topk_prepare_block(_dispatch.tensor_arg(blk), _dispatch.tensor_arg(scale),
                                               _dispatch.tensor_arg(slack), _dispatch.tensor_arg(status),
-                                              base + s, cosine, _slack_factor(gdt, D) if rescore else 0.0,
+                                              base + s, cosine, _slack_factor(gdt, blk.dtype, D) if rescore else 0.0,
                                               nthreads, stream)
                 gblk = blk if blk.dtype == gdt else blk.to(gdt)
                 if gdt not in q_gemm:
@@ -384,15 +388,14 @@ def cosine_topk(queries: torch.Tensor, database, k: int, *, normalized: bool = F
     if not _dispatch.use_compiled(queries.device):
         with torch.no_grad():
             return _reference_search(queries.detach(), source, k, normalized, exclude)
-    if isinstance(database, torch.Tensor) and (exclude is None or isinstance(exclude, (str, torch.Tensor))):
-        if isinstance(exclude, str) and exclude not in ("self", "diagonal"):
-            raise ValueError(f"exclude must be None, 'self' or an (E, 2) tensor of (query, index) pairs, got {exclude!r}")
-        if isinstance(exclude, torch.Tensor):
-            _exclusion(exclude, queries.shape[0], database.shape[0], torch.device("cpu"))  # validate early
-        with torch.no_grad():
-            return _cosine_topk_op(queries.detach(), database.detach(), k, bool(normalized),
-                                   exclude if isinstance(exclude, torch.Tensor) else None,
-                                   isinstance(exclude, str), int(block_size or 0))
+    if isinstance(exclude, str) and exclude not in ("self", "diagonal"):
+        raise ValueError(f"exclude must be None, 'self' or an (E, 2) tensor of (query, index) pairs, got {exclude!r}")
+    if torch.compiler.is_compiling() and isinstance(database, torch.Tensor) and \
+            (exclude is None or isinstance(exclude, (str, torch.Tensor))):
+        # Under torch.compile the search is one opaque custom op (register_fake gives the shapes).
+        return _cosine_topk_op(queries.detach(), database.detach(), k, bool(normalized),
+                               exclude if isinstance(exclude, torch.Tensor) else None,
+                               isinstance(exclude, str), int(block_size or 0))
     with torch.no_grad():
         return _search(queries.detach(), source, k, bool(normalized), exclude, block_size, progress)
 
