@@ -1,0 +1,409 @@
+"""simcore.cosine_topk, FlatIndex and faiss_index against the reference (and FAISS)."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import simcore
+from simcore import _dispatch
+from simcore.reference.cosine_topk import cosine_topk as reference
+
+from conftest import cuda, poisoned
+
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+def full_scores(q, db, normalized=False):
+    q, db = q.double(), db.double()
+    if not normalized:
+        q, db = F.normalize(q, dim=1), F.normalize(db, dim=1)
+    return q @ db.T
+
+
+def check_topk(scores, index, q, db, k, *, normalized=False, tol=1e-5, exclude=None):
+    """A correct top-k up to ties within tol: shapes, order, every returned score is the true
+    score of its index, and the scores equal the reference's k best (float64)."""
+    Q = q.shape[0]
+    assert scores.shape == (Q, k) and index.shape == (Q, k)
+    assert scores.dtype == torch.float32 and index.dtype == torch.int64
+    assert not torch.isnan(scores).any()
+    full = full_scores(q, db, normalized)
+    if exclude is not None:
+        full[exclude[:, 0], exclude[:, 1]] = float("-inf")
+    ref_s, ref_i = reference(q.double(), db.double(), k, normalized=normalized, exclude=exclude)
+    valid = index >= 0
+    assert torch.equal(valid, ref_i >= 0)
+    assert (scores[~valid] == float("-inf")).all()
+    assert (scores[:, 1:] <= scores[:, :-1]).all(), "scores must be sorted descending"
+    got = full.gather(1, index.clamp_min(0))
+    assert (got[valid] - scores[valid].double()).abs().max().item() <= tol if valid.any() else True
+    assert (ref_s[valid].double() - scores[valid].double()).abs().max().item() <= tol if valid.any() else True
+    for row in index:  # no duplicates
+        r = row[row >= 0]
+        assert r.unique().numel() == r.numel()
+    return ref_s, ref_i
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Q,N,D,k,block", [
+    (1, 1, 8, 1, None),          # single query, single row
+    (7, 1000, 32, 5, 128),       # sizes not multiples of the block
+    (33, 3001, 48, 100, 512),
+    (5, 777, 16, 777, 100),      # k = N
+    (64, 5000, 64, 1, None),     # k = 1
+    (9, 4000, 24, 600, 333),     # large k: several reservoir compactions
+])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_matches_reference_float32(device, Q, N, D, k, block, normalized, generator):
+    q = torch.randn(Q, D, generator=generator).to(device)
+    db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(device)
+    s, i = simcore.cosine_topk(q, db, k, normalized=normalized, block_size=block)
+    ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q.cpu(), db.cpu(), k, normalized=normalized,
+                              tol=1e-5 * (1 if not normalized else float(q.norm(dim=1).max() * db.norm(dim=1).max())))
+    assert (i.cpu() == ref_i).float().mean() >= 0.98  # differences only at float32 near-ties
+
+
+@pytest.mark.parametrize("qdtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_query_dtypes(qdtype, generator):
+    q = torch.randn(10, 32, generator=generator).to(qdtype)
+    db = torch.randn(500, 32, generator=generator)
+    s, i = simcore.cosine_topk(q, db, 7)
+    check_topk(s, i, q.float(), db, 7)
+
+
+def test_ties_go_to_the_lower_index(generator):
+    # Rows 2^m * (+-e_r): every score is exactly a query component, with many
+    # duplicates; exact in any summation order, so ties are real ties.
+    D, N = 8, 300
+    axis = torch.randint(0, D, (N,), generator=generator)
+    sign = torch.randint(0, 2, (N,), generator=generator) * 2 - 1
+    power = 2.0 ** torch.randint(-3, 4, (N,), generator=generator)
+    db = torch.zeros(N, D)
+    db[torch.arange(N), axis] = sign * power
+    q = torch.randn(20, D, generator=generator)
+    for normalized in (False, True):
+        for k in (1, 10, 150, N):
+            s, i = simcore.cosine_topk(q, db, k, normalized=normalized, block_size=64)
+            ref_s, ref_i = reference(q, db, k, normalized=normalized)
+            assert torch.equal(i, ref_i), (normalized, k)
+            assert torch.equal(s, ref_s), (normalized, k)
+    # Duplicated rows: the lower index comes first.
+    # +-1 rows: x.y <= 32 with equality only for y == x, all in exact integer arithmetic.
+    db2 = torch.randn(50, 32, generator=generator).sign().repeat(3, 1)  # row j == row j+50 == row j+100
+    q2 = db2[:5]                                                        # best: its own row, 3 ties
+    s, i = simcore.cosine_topk(q2, db2, 3, normalized=True, block_size=64)
+    assert torch.equal(i, torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
+    assert (s[:, 0] == s[:, 1]).all() and (s[:, 1] == s[:, 2]).all()
+
+
+def test_streaming_equals_in_memory(tmp_path, generator):
+    # Integer data and inner products: exact whatever the tiling, so results must be identical.
+    N, D = 10_000, 16
+    db = torch.randint(-4, 5, (N, D), generator=generator).float()
+    q = torch.randint(-4, 5, (13, D), generator=generator).float()
+    expect = simcore.cosine_topk(q, db, 20, normalized=True)
+    mm = np.lib.format.open_memmap(tmp_path / "db.npy", mode="w+", dtype=np.float32, shape=(N, D))
+    mm[:] = db.numpy()
+    mm.flush()
+    mm = np.load(tmp_path / "db.npy", mmap_mode="r")
+    got = simcore.cosine_topk(q, mm, 20, normalized=True, progress=False)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+    cuts = [0, 1, 1, 2500, 2501, 7777, N]  # uneven chunks, an empty one, numpy and torch mixed
+    chunks = [db[a:b] if j % 2 else db[a:b].numpy() for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    got = simcore.cosine_topk(q, iter(chunks), 20, normalized=True, progress=False)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+    # Random data, cosine: equal up to float32 rounding.
+    dbr = torch.randn(N, D, generator=generator)
+    a = simcore.cosine_topk(q, dbr, 10)
+    b = simcore.cosine_topk(q, (dbr[s:s + 999] for s in range(0, N, 999)), 10, progress=False)
+    assert (a[0] - b[0]).abs().max() <= 1e-6 and (a[1] == b[1]).float().mean() >= 0.99
+
+
+def test_exclude(generator):
+    x = torch.randn(200, 24, generator=generator)
+    s, i = simcore.cosine_topk(x, x, 5, exclude="self", block_size=64)
+    pairs = torch.stack([torch.arange(200), torch.arange(200)], 1)
+    check_topk(s, i, x, x, 5, exclude=pairs)
+    assert not (i == torch.arange(200)[:, None]).any()
+    # Explicit pairs, unsorted and repeated; in-memory and streamed agree.
+    pairs = torch.stack([torch.randint(0, 30, (300,), generator=generator),
+                         torch.randint(0, 200, (300,), generator=generator)], 1)
+    q = x[:30] + 0.1 * torch.randn(30, 24, generator=generator)
+    s, i = simcore.cosine_topk(q, x, 8, exclude=pairs, block_size=50)
+    check_topk(s, i, q, x, 8, exclude=pairs)
+    s2, i2 = simcore.cosine_topk(q, iter([x[:70], x[70:]]), 8, exclude=pairs, progress=False)
+    assert torch.equal(i, i2)
+    # Fewer than k candidates left: missing slots are (-inf, -1).
+    db = torch.randn(4, 24, generator=generator)
+    ex = torch.tensor([[0, 0], [0, 3], [1, 2]])
+    s, i = simcore.cosine_topk(db[:2], db, 4, exclude=ex)
+    assert (i[0, 2:] == -1).all() and (s[0, 2:] == float("-inf")).all() and (i[0, :2] >= 0).all()
+    assert (i[1, 3] == -1) and (i[1, :3] >= 0).all()
+    ref_s, ref_i = reference(db[:2], db, 4, exclude=ex)
+    assert torch.equal(i, ref_i)
+
+
+def _clustered(n, d, generator, centers=100, spread=0.3):
+    c = torch.randn(centers, d, generator=generator)
+    return c[torch.randint(0, centers, (n,), generator=generator)] + spread * torch.randn(n, d, generator=generator)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("data", ["random", "clustered"])
+def test_half_database(dtype, data, generator):
+    N, D, k = 20_000, 64, 20
+    if data == "random":
+        db32, q = torch.randn(N, D, generator=generator), torch.randn(100, D, generator=generator)
+    else:  # 100 clusters; queries are noisy copies of database rows
+        db32 = _clustered(N, D, generator)
+        q = db32[torch.randint(0, N, (100,), generator=generator)] + 0.02 * torch.randn(100, D, generator=generator)
+    db = db32.to(dtype)
+    s, i = simcore.cosine_topk(q, db, k, block_size=3000)
+    # Exact with respect to the half database (float64 reference on the same values) ...
+    ref_s, ref_i = check_topk(s, i, q, db.float(), k, tol=2e-6)
+    assert (i == ref_i).float().mean() >= 0.99
+    # ... and recall@k against the float32 database's exact result (stated in docs).
+    _, i32 = simcore.cosine_topk(q, db32, k)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(i, i32)])
+    assert recall >= 0.99, recall
+
+
+def test_matches_faiss_flat_ip(generator):
+    faiss = pytest.importorskip("faiss")
+    q, db = torch.randn(50, 64, generator=generator), torch.randn(5000, 64, generator=generator)
+    qn, dbn = F.normalize(q, dim=1), F.normalize(db, dim=1)
+    index = faiss.IndexFlatIP(64)
+    index.add(dbn.numpy())
+    fs, fi = index.search(qn.numpy(), 30)
+    s, i = simcore.cosine_topk(q, db, 30)
+    assert np.abs(s.numpy() - fs).max() <= 1e-5
+    assert (i.numpy() == fi).mean() >= 0.98
+
+
+def test_reference_backend_agrees(generator):
+    q, db = torch.randn(8, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    a = simcore.cosine_topk(q, db, 10, exclude="self")
+    previous = simcore.get_backend()
+    try:
+        simcore.set_backend("reference")
+        b = simcore.cosine_topk(q, db, 10, exclude="self")
+    finally:
+        simcore.set_backend(previous)
+    assert (a[0] - b[0]).abs().max() <= 1e-6 and (a[1] == b[1]).float().mean() >= 0.95
+
+
+def test_bad_input():
+    q, db = torch.randn(4, 8), torch.randn(20, 8)
+    with pytest.raises(ValueError, match="D=8.*D=9"):
+        simcore.cosine_topk(q, torch.randn(20, 9), 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        simcore.cosine_topk(torch.randn(0, 8), db, 3)
+    with pytest.raises(ValueError, match="empty"):
+        simcore.cosine_topk(q, torch.randn(0, 8), 1)
+    with pytest.raises(ValueError, match="empty"):
+        simcore.cosine_topk(q, iter([]), 1)
+    for k in (0, -1, 21):
+        with pytest.raises(ValueError, match="k"):
+            simcore.cosine_topk(q, db, k)
+    with pytest.raises(ValueError, match="exceeds"):
+        simcore.cosine_topk(q, iter([db[:5], db[5:]]), 21)
+    with pytest.raises(TypeError, match="k must be an int"):
+        simcore.cosine_topk(q, db, 2.0)
+    with pytest.raises(TypeError, match="float"):
+        simcore.cosine_topk(q.long(), db, 3)
+    with pytest.raises(TypeError, match="float"):
+        simcore.cosine_topk(q, db.int(), 3)
+    with pytest.raises(TypeError):
+        simcore.cosine_topk(q, "database.npy", 3)
+    with pytest.raises(ValueError, match="2-D"):
+        simcore.cosine_topk(q[0], db, 3)
+    with pytest.raises(ValueError, match="on meta"):
+        simcore.cosine_topk(q, db.to("meta"), 3)
+    bad = db.clone()
+    bad[13, 2] = float("nan")
+    with pytest.raises(ValueError, match="database row 13"):
+        simcore.cosine_topk(q, bad, 3)
+    bad[13, 2] = float("inf")
+    with pytest.raises(ValueError, match="database row 13"):
+        simcore.cosine_topk(q, bad.bfloat16(), 3)
+    with pytest.raises(ValueError, match="database row 17"):
+        simcore.cosine_topk(q, iter([db[:17], torch.full((1, 8), float("nan"))]), 3, progress=False)
+    badq = q.clone()
+    badq[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="queries row 2"):
+        simcore.cosine_topk(badq, db, 3)
+    for ex, err in [(torch.tensor([[0, 20]]), ValueError), (torch.tensor([[4, 0]]), ValueError),
+                    (torch.tensor([[-1, 0]]), ValueError), (torch.tensor([0, 1]), ValueError),
+                    (torch.tensor([[0.0, 1.0]]), TypeError), ("others", ValueError), (5, TypeError)]:
+        with pytest.raises(err):
+            simcore.cosine_topk(q, db, 3, exclude=ex)
+    with pytest.raises(ValueError, match="block_size"):
+        simcore.cosine_topk(q, db, 3, block_size=0)
+
+
+def test_bad_memmap(tmp_path):
+    q = torch.randn(3, 8)
+    raw = np.memmap(tmp_path / "db.f32", dtype=np.float32, mode="w+", shape=(100,))
+    with pytest.raises(ValueError, match="memmap"):
+        simcore.cosine_topk(q, raw, 3)
+    with pytest.raises(ValueError, match="D=8"):
+        simcore.cosine_topk(q, raw.reshape(10, 10), 3)
+    with pytest.raises(TypeError, match="float"):
+        simcore.cosine_topk(q, np.zeros((10, 8), dtype=np.int32), 3)
+
+
+def test_kernel_rechecks_its_arguments():
+    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    Q, nb, D, k = 4, 16, 8, 2
+    cap = k + ext.COSINE_TOPK_MIN_SLACK
+    args = dict(scores=torch.zeros(Q, nb), scale=torch.ones(nb), slack=torch.zeros(nb), queries=torch.zeros(Q, D),
+                query_norms=torch.ones(Q), block=torch.zeros(nb, D), exclude_offsets=torch.zeros(Q + 1, dtype=torch.int64),
+                exclude_index=torch.zeros(0, dtype=torch.int64), reservoir=torch.zeros(Q, cap, 2, dtype=torch.int64),
+                count=torch.zeros(Q, dtype=torch.int64), threshold=torch.full((Q,), float("-inf")))
+    ints = dict(q_begin=0, db_base=0, k=k, n_total=-1, rescore=False, num_threads=1)
+
+    def call(**over):
+        a = {**args, **{n: v for n, v in over.items() if n in args}}
+        i = {**ints, **{n: v for n, v in over.items() if n in ints}}
+        ext.cosine_topk_update(*[A(a[n]) for n in args], *i.values())
+
+    call()
+    with pytest.raises(ValueError, match="k must be"):
+        call(k=cap)
+    with pytest.raises(ValueError, match="k must be"):
+        call(k=0)
+    with pytest.raises(ValueError, match="outside"):
+        call(q_begin=1)
+    with pytest.raises(ValueError, match="k must be"):
+        call(reservoir=torch.zeros(Q, k, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="exceed the database size"):
+        call(n_total=10)
+    with pytest.raises(TypeError, match="float32"):
+        call(scores=torch.zeros(Q, nb, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sorted"):
+        call(exclude_offsets=torch.tensor([0, 2, 2, 2, 2]), exclude_index=torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="offsets"):
+        call(exclude_offsets=torch.tensor([0, 3, 2, 2, 2]), exclude_index=torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="offsets"):
+        call(exclude_offsets=torch.tensor([0, 0, 0, 0, 9]), exclude_index=torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="count"):
+        call(count=torch.full((Q,), cap + 1, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        call(rescore=True, block=torch.zeros(nb, D + 1))
+
+
+def test_kernel_with_poisoned_state(generator):
+    # The reservoir starts as garbage (NaN scores / max indices): only the first
+    # `count` slots may be read, and every slot the result uses must be written.
+    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    mod = sys.modules["simcore.cosine_topk"]
+    Q, N, D, k = 6, 700, 16, 9
+    q = F.normalize(torch.randn(Q, D, generator=generator), dim=1)
+    db = torch.randn(N, D, generator=generator)
+    cap = k + ext.COSINE_TOPK_MIN_SLACK
+    reservoir = poisoned((Q, cap * 4), torch.float32).view(torch.int64).view(Q, cap, 2)
+    count = torch.zeros(Q, dtype=torch.int64)
+    thr = torch.full((Q,), float("-inf"))
+    scale, slack, status = poisoned((N,)), poisoned((N,)), torch.full((1,), 2**63 - 1)
+    ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, True, 0.0, 1)
+    assert torch.isfinite(scale).all() and int(status) == 2**63 - 1
+    eo, ei = torch.zeros(Q + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    for s0 in range(0, N, 100):
+        tile = poisoned((Q, 100))
+        torch.mm(q, db[s0:s0 + 100].T, out=tile)
+        ext.cosine_topk_update(A(tile), A(scale[s0:s0 + 100]), A(slack[s0:s0 + 100]), A(q), A(torch.ones(Q)),
+                               A(db[s0:s0 + 100]), A(eo), A(ei), A(reservoir), A(count), A(thr), 0, s0, k, -1,
+                               False, 2)
+    s, i = mod._finalize(reservoir, count, k)
+    check_topk(s, i, q, db, k)
+
+
+def test_flat_index_round_trip(tmp_path, generator):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        index = simcore.FlatIndex(32, dtype=dtype)
+        a, b = torch.randn(1500, 32, generator=generator), torch.randn(700, 32, generator=generator)
+        index.add(a)
+        index.add(b.numpy())
+        assert len(index) == 2200
+        q = torch.randn(5, 32, generator=generator)
+        s, i = index.search(q, 10)
+        check_topk(s, i, q, torch.cat([a, b]).to(dtype).float(), 10, tol=2e-6)
+        path = tmp_path / f"index_{dtype}.simc"
+        index.save(path)
+        loaded = simcore.FlatIndex.load(path)
+        assert loaded.dtype == dtype and loaded.dim == 32 and len(loaded) == 2200
+        assert torch.equal(loaded.vectors.view(torch.int16), index.vectors.view(torch.int16)) \
+            if dtype != torch.float32 else torch.equal(loaded.vectors.view(torch.int32), index.vectors.view(torch.int32))
+        s2, i2 = loaded.search(q, 10)
+        assert torch.equal(s, s2) and torch.equal(i, i2)
+    ip = simcore.FlatIndex(4, metric="ip")
+    ip.add(torch.tensor([[1.0, 0, 0, 0], [3.0, 0, 0, 0]]))
+    assert simcore.FlatIndex.load(_saved(ip, tmp_path)).search(torch.tensor([[1.0, 0, 0, 0]]), 1)[1].item() == 1
+
+
+def _saved(index, tmp_path):
+    path = tmp_path / "x.simc"
+    index.save(path)
+    return path
+
+
+def test_flat_index_rejects_bad_files_and_input(tmp_path, generator):
+    index = simcore.FlatIndex(8)
+    index.add(torch.randn(100, 8, generator=generator))
+    path = _saved(index, tmp_path)
+    raw = path.read_bytes()
+    cases = {"truncated": raw[:-5], "padded": raw + b"\0", "header": raw[:20],
+             "magic": b"XXXXXXXX" + raw[8:], "payload": raw[:-1] + bytes([raw[-1] ^ 1]),
+             "dim": raw[:24] + bytes([raw[24] ^ 1]) + raw[25:]}
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.simc"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError):
+            simcore.FlatIndex.load(bad)
+    with pytest.raises(ValueError, match="shape"):
+        index.add(torch.randn(3, 9))
+    with pytest.raises(TypeError):
+        simcore.FlatIndex(8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="empty"):
+        simcore.FlatIndex(8).search(torch.randn(1, 8), 1)
+    with pytest.raises(ValueError, match="row 102"):
+        index.add(torch.cat([torch.zeros(2, 8), torch.full((1, 8), float("nan"))]))
+
+
+def test_faiss_index(generator):
+    pytest.importorskip("faiss")
+    db = torch.randn(3000, 32, generator=generator)
+    q = db[:20] + 0.01 * torch.randn(20, 32, generator=generator)
+    exact_s, exact_i = simcore.cosine_topk(q, db, 5)
+    for kind in ("Flat", "HNSW32", "IVF16,Flat"):
+        index = simcore.faiss_index(db, kind, nprobe=16 if kind.startswith("IVF") else None)
+        assert len(index) == 3000
+        s, i = index.search(q, 5)
+        assert s.dtype == torch.float32 and i.dtype == torch.int64 and s.shape == (20, 5)
+        assert (i[:, 0] == exact_i[:, 0]).float().mean() >= 0.9
+        if kind == "Flat":
+            assert (s - exact_s).abs().max() <= 1e-5
+    flat = simcore.FlatIndex(32)
+    flat.add(db)
+    assert len(flat.to_faiss("Flat")) == 3000
+
+
+def test_faiss_missing_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        simcore.faiss_index(torch.randn(10, 4), "Flat")
+
+
+def test_torch_compile_smoke(generator):
+    q, db = torch.randn(6, 16, generator=generator), torch.randn(200, 16, generator=generator)
+
+    def fn(q, db):
+        s, i = simcore.cosine_topk(q, db, 4)
+        return s * 2, i
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    s, i = compiled(q, db)
+    s0, i0 = simcore.cosine_topk(q, db, 4)
+    assert torch.equal(i, i0) and torch.equal(s, s0 * 2)
