@@ -3,7 +3,7 @@ cosine top-k search, with a compiled C++/CUDA core.
 
 Public API:
   arcface_partial, cosface_partial, margin_softmax_partial, PartialMarginHead, sample_classes
-  cosine_topk, FlatIndex, faiss_index
+  cosine_topk, FlatIndex, FaissIndex, faiss_index
   set_backend, get_backend, cuda_available
   distributed (load_resharded; PartialMarginHead(..., process_group=g) shards the centres)
 """
@@ -11,7 +11,7 @@ import torch  # noqa: F401  (loads torch's libgomp before the extension: one Ope
 
 from simcore import distributed  # noqa: F401  (class-sharded head: PartialMarginHead(..., process_group=))
 from simcore._dispatch import cuda_available, get_backend, set_backend
-from simcore.cosine_topk import FlatIndex, cosine_topk, faiss_index
+from simcore.cosine_topk import FaissIndex, FlatIndex, cosine_topk, faiss_index
 from simcore.margin_softmax import (PartialMarginHead, arcface_partial, cosface_partial,
                                     margin_softmax_partial, sample_classes)
 
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "cuda_available", "get_backend", "set_backend",
     "arcface_partial", "cosface_partial", "margin_softmax_partial", "PartialMarginHead", "sample_classes",
-    "cosine_topk", "FlatIndex", "faiss_index",
+    "cosine_topk", "FlatIndex", "FaissIndex", "faiss_index",
 ]
