@@ -1,18 +1,17 @@
 """A small copy-detection benchmark on real photographs, end to end, on the CPU.
 
-    python -m simcore.demo [--seed 0] [--out DIR] [--train-seconds S] [--quick]
+    python -m simcore.demo [--seed 0] [--steps N] [--out DIR] [--json] [--quick]
 
 1. Photographs that ship inside scikit-image and scikit-learn (no downloads)
    are cut into non-overlapping 96-px cells, resized to 64 px; near-constant
-   cells are dropped. The photographs are split in two groups: the
-   *reference* photographs give the references and the distractor sources,
-   the *training* photographs give the external training set (the CNN's
-   classes, and the set every normalisation and PCA is fitted on). No
-   statistic is computed on the references.
+   cells are dropped. The photographs are split in three disjoint groups:
+   *reference* photographs (the references), *distractor* photographs (the
+   sources of queries that match nothing) and *training* photographs (the
+   external training set: the CNN's classes, and the set every normalisation
+   and PCA is fitted on). No statistic is computed on the references.
 2. Queries: one augmented copy of every reference (``simcore.augment``, a
-   random composition of 1–3 transforms) and augmented copies of the
-   distractor cells, which match nothing. The ground truth pairs each copy
-   with its reference.
+   random composition of 1-3 transforms) and three augmented copies of every
+   distractor cell. The ground truth pairs each copy with its reference.
 3. A small CNN is trained from scratch with ``simcore.arcface_partial``
    (every training cell its own class, positives = augmented copies).
 4. The table: µAP and recall@P90 of raw pixels (16x16 thumbnails), of the
@@ -40,11 +39,13 @@ from simcore import descriptors as D
 from simcore.metrics import evaluate, write_predictions
 from simcore.training import SmallCNN, TrainStats, embed, train_arcface
 
-#: Photographs shipped inside the scikit-image wheel (no pooch download) and scikit-learn.
-REFERENCE_PHOTOS = ["astronaut", "coffee", "rocket", "motorcycle", "china", "camera", "coins", "clock",
-                    "grass", "immunohistochemistry", "page", "text", "colorwheel"]
-TRAINING_PHOTOS = ["hubble_deep_field", "retina", "chelsea", "flower", "moon", "brick", "gravel", "cell",
-                   "logo", "horse"]
+#: Photographs shipped inside the scikit-image wheel (no pooch download) and scikit-learn, in three
+#: disjoint groups: references, distractors (queries that match nothing) and the external training set.
+REFERENCE_PHOTOS = ["astronaut", "rocket", "motorcycle", "china", "camera", "coins", "clock",
+                    "immunohistochemistry", "colorwheel", "page"]
+DISTRACTOR_PHOTOS = ["coffee", "logo", "text"]
+TRAINING_PHOTOS = ["hubble_deep_field", "retina", "chelsea", "flower", "moon", "brick", "gravel", "grass", "cell",
+                   "horse"]
 
 
 def _load_photo(name):
@@ -98,24 +99,23 @@ class Benchmark:
     ground_truth: list            # (query_id, reference_id or "")
 
 
-def build_benchmark(seed=0, *, distractor_fraction=0.35, distractor_views=2, max_references=None,
-                    max_training=None, size=64):
+def build_benchmark(seed=0, *, distractor_views=3, max_references=None, max_training=None, size=64):
     g = torch.Generator().manual_seed(seed)
     ref_cells, _ = load_cells(REFERENCE_PHOTOS, size=size)
+    dis_cells, _ = load_cells(DISTRACTOR_PHOTOS, size=size)
     train_cells, _ = load_cells(TRAINING_PHOTOS, size=size)
-    perm = torch.randperm(ref_cells.shape[0], generator=g)
-    n_dis = int(round(distractor_fraction * ref_cells.shape[0]))
-    dis_idx, ref_idx = perm[:n_dis], perm[n_dis:]
+    ref_idx = torch.randperm(ref_cells.shape[0], generator=g)
+    dis_idx = torch.randperm(dis_cells.shape[0], generator=g)
     if max_references is not None:
         ref_idx = ref_idx[:max_references]
-        dis_idx = dis_idx[:max(1, int(round(max_references * distractor_fraction / (1 - distractor_fraction))))]
+        dis_idx = dis_idx[:max(1, max_references // 2)]
     references = ref_cells[ref_idx]
     training = train_cells[torch.randperm(train_cells.shape[0], generator=g)]
     if max_training is not None:
         training = training[:max_training]
     aug = A.RandomAugment(num_ops=(1, 3), intensity=(0.3, 1.0))
     copies = aug(references, generator=g)
-    distractors = aug(ref_cells[dis_idx].repeat(distractor_views, 1, 1, 1), generator=g)
+    distractors = aug(dis_cells[dis_idx].repeat(distractor_views, 1, 1, 1), generator=g)
     queries = torch.cat([copies, distractors])
     order = torch.randperm(queries.shape[0], generator=g)        # ids do not reveal copies
     queries = queries[order]
