@@ -12,6 +12,8 @@ from simcore._dispatch import cuda_available, get_backend, set_backend
 from simcore.cosine_topk import FlatIndex, cosine_topk, faiss_index
 from simcore.margin_softmax import (PartialMarginHead, arcface_partial, cosface_partial,
                                     margin_softmax_partial)
+# The copy-detection pipeline (docs/isc.md); kornia/Pillow/h5py/matplotlib load only when used.
+from simcore import augment, descriptors, metrics, training  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -144,9 +144,9 @@ def score(queries, references, bench, *, k=10, metric="ip", train=None, score_no
 TRAIN_OPS_WEIGHTS = {"overlay_text": 0.5, "screenshot": 0.5, "meme": 0.5}
 
 
-def run(seed=0, *, steps=600, train_seconds=None, batch_size=128, embedding_dim=128,
-        widths=(32, 64, 128, 256), depth=1, lr=3e-3, max_references=None, max_training=None,
-        out=None, progress=True, quiet=False):
+def run(seed=0, *, steps=800, train_seconds=None, batch_size=128, embedding_dim=128,
+        widths=(32, 64, 128, 256), depth=1, input_size=32, lr=3e-3, head_lr=3e-2, margin=0.2, scale=30.0,
+        max_references=None, max_training=None, out=None, progress=True, quiet=False):
     """Build the benchmark, train, evaluate; returns a dict with the table rows and training figures."""
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -158,7 +158,7 @@ def run(seed=0, *, steps=600, train_seconds=None, batch_size=128, embedding_dim=
         f"(built in {t_built - t_start:.1f} s)")
 
     g = torch.Generator().manual_seed(seed + 1)
-    model = SmallCNN(embedding_dim, widths=widths, depth=depth)
+    model = SmallCNN(embedding_dim, widths=widths, depth=depth, input_size=input_size)
     weight = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(bench.training.shape[0], embedding_dim,
                                                                           generator=g), dim=1))
     train_aug = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
@@ -167,14 +167,15 @@ def run(seed=0, *, steps=600, train_seconds=None, batch_size=128, embedding_dim=
         # A time budget: estimate the step count from a short timed run (not reproducible across machines).
         probe = 5
         train_arcface(model, bench.training, weight, steps=probe, batch_size=batch_size, augment=train_aug,
-                      lr=lr, generator=g, stats=stats, warmup=probe)
+                      lr=lr, head_lr=head_lr, margin=margin, scale=scale, generator=g, stats=stats, warmup=probe)
         per_step = (stats.seconds + stats.augment_seconds) / probe
         steps = int(max(1, (train_seconds - per_step * probe) / per_step))
     log(f"[demo] training {steps} steps of {batch_size} images")
     train_arcface(model, bench.training, weight, steps=steps, batch_size=batch_size, augment=train_aug,
-                  lr=lr, generator=g, stats=stats, progress=progress, warmup=min(50, steps // 10))
+                  lr=lr, head_lr=head_lr, margin=margin, scale=scale, generator=g, stats=stats, progress=progress,
+                  warmup=min(50, steps // 10))
 
-    q_emb, r_emb, t_emb = embed(model, bench.queries), embed(model, bench.references), embed(model, bench.training)
+    q_emb, r_emb, t_emb = (embed(model, x, flip=True) for x in (bench.queries, bench.references, bench.training))
     rows = []
 
     def add(name, metrics):
@@ -182,7 +183,7 @@ def run(seed=0, *, steps=600, train_seconds=None, batch_size=128, embedding_dim=
                      "recall_at_rank1": metrics.recall_at_rank1, "recall_at_rank10": metrics.recall_at_rank10})
 
     add("raw pixels (16x16)", score(raw_pixels(bench.queries), raw_pixels(bench.references), bench)[0])
-    add("trained CNN", score(q_emb, r_emb, bench)[0])
+    add("trained CNN (flip-symmetrised)", score(q_emb, r_emb, bench)[0])
     pca = D.PCAWhitening(min(embedding_dim, 64 if bench.training.shape[0] > 128 else bench.training.shape[0] // 2))
     pca.fit(t_emb)
     add(f"+ PCA whitening ({pca.components.shape[1]}d, fit on training)",
@@ -257,8 +258,8 @@ def format_table(result) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m simcore.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=600,
-                   help="training steps (default 600: about 2-3 minutes on 2 CPU cores); reproducible for a seed")
+    p.add_argument("--steps", type=int, default=800,
+                   help="training steps (default 800: about 2-3 minutes on 2 idle CPU cores); reproducible for a seed")
     p.add_argument("--train-seconds", type=float, default=None,
                    help="train for about this many seconds instead of --steps (the step count then depends on "
                         "the machine's speed, so the numbers are not reproducible across machines)")

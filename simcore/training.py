@@ -42,11 +42,16 @@ def _block(cin, cout, stride):
 
 
 class SmallCNN(nn.Module):
-    """A small CPU-friendly CNN: 4 stages of 3x3 convolutions (stride 2 each), GeM pooling, a linear
-    projection. ``forward`` returns unnormalised embeddings (the margin loss normalises them)."""
+    """A small CPU-friendly CNN: stages of 3x3 convolutions (the first of each with stride 2), GeM pooling,
+    a linear projection. ``input_size`` resizes the input first (area averaging); ``standardize``
+    removes each image's channel means and scales it to unit standard deviation (invariance to brightness
+    and contrast for free), else ImageNet statistics are used. ``forward`` returns unnormalised embeddings
+    (the margin loss normalises them)."""
 
-    def __init__(self, embedding_dim: int = 128, widths: Sequence[int] = (32, 64, 128, 256), depth: int = 2):
+    def __init__(self, embedding_dim: int = 128, widths: Sequence[int] = (32, 64, 128, 256), depth: int = 1,
+                 input_size: Optional[int] = None, standardize: bool = True):
         super().__init__()
+        self.input_size, self.standardize = input_size, standardize
         layers, cin = [], 3
         for w in widths:
             layers.append(_block(cin, w, 2))
@@ -59,19 +64,32 @@ class SmallCNN(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, x):
-        return self.fc(self.pool(self.features((x - self.mean) / self.std)))
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+        if self.standardize:      # per image: channel means removed, unit overall std (brightness/contrast-free)
+            x = x - x.mean((2, 3), keepdim=True)
+            x = x / (x.std((1, 2, 3), keepdim=True) + 1e-2)
+        else:
+            x = (x - self.mean) / self.std
+        return self.fc(self.pool(self.features(x)))
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised embeddings of a float (N, 3, H, W) batch in [0, 1] (uint8 accepted), in eval mode."""
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 256, *, flip: bool = False) -> torch.Tensor:
+    """L2-normalised embeddings of a float (N, 3, H, W) batch in [0, 1] (uint8 accepted), in eval mode.
+
+    ``flip=True``: normalise(f(x) + f(horizontally flipped x)), a descriptor that is exactly invariant to
+    horizontal flips, at twice the cost."""
     was = model.training
     model.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = images[i:i + batch_size]
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        out.append(F.normalize(model(x), dim=1))
+        e = model(x)
+        if flip:
+            e = F.normalize(e, dim=1) + F.normalize(model(x.flip(3)), dim=1)
+        out.append(F.normalize(e, dim=1))
     model.train(was)
     return torch.cat(out) if out else torch.empty(0)
 

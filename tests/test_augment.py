@@ -30,6 +30,7 @@ def test_the_issue_list_is_covered():
 def test_transform_contract(name):
     t = A.TRANSFORMS[name]
     x = photo_batch()
+    x0 = x.clone()
     # Deterministic for a seed (int or Generator), batched, shape and dtype kept.
     y1 = t(x, 1.0, generator=123)
     y2 = t(x, 1.0, generator=torch.Generator().manual_seed(123))
@@ -40,6 +41,7 @@ def test_transform_contract(name):
     changed = (y1 - x).abs().flatten(1).mean(1)
     assert (changed > 1e-3).all(), f"{name} at intensity 1 left some image nearly unchanged: {changed}"
     torch.testing.assert_close(t(x, 0.0, generator=1), x)
+    assert torch.equal(x, x0)
     # Per-image intensities: image 0 untouched, image 1 edited.
     y = t(x[:2], torch.tensor([0.0, 1.0]), generator=5)
     torch.testing.assert_close(y[0], x[0])
@@ -87,8 +89,10 @@ def test_overlays_use_given_images():
 
 def test_random_augment_is_seeded_and_batched():
     x = photo_batch(6)
+    x0 = x.clone()
     aug = A.RandomAugment(num_ops=(1, 3))
     a = aug(x, generator=7)
+    assert torch.equal(x, x0)                         # the caller's tensor is never edited
     b = aug(x, generator=torch.Generator().manual_seed(7))
     c = aug(x, generator=8)
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -59,3 +59,11 @@ def test_drip_training_grows_the_head_and_keeps_old_rows(generator, monkeypatch)
     assert seen[1][5:10].norm(dim=1).allclose(torch.ones(5))
     with pytest.raises(ValueError, match="stages"):
         drip_train(model, x, stages=(0.5, 0.4, 1.0), steps=(1, 1, 1))
+
+
+def test_flip_symmetrised_embeddings_are_flip_invariant(generator):
+    model = SmallCNN(8, widths=(8, 8), depth=1, input_size=12)
+    x = tiny_images(4, generator)
+    a, b = embed(model, x, flip=True), embed(model, x.flip(3), flip=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(embed(model, x), embed(model, x.flip(3)), atol=1e-4)
