@@ -259,7 +259,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m simcore.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=800,
-                   help="training steps (default 800: about 2-3 minutes on 2 idle CPU cores); reproducible for a seed")
+                   help="training steps (default 800; estimated 2-4 minutes on 2 idle CPU cores); reproducible for a seed")
     p.add_argument("--train-seconds", type=float, default=None,
                    help="train for about this many seconds instead of --steps (the step count then depends on "
                         "the machine's speed, so the numbers are not reproducible across machines)")
