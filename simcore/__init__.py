@@ -5,6 +5,7 @@ Public API:
   arcface_partial, cosface_partial, margin_softmax_partial, PartialMarginHead, sample_classes
   cosine_topk, FlatIndex, FaissIndex, faiss_index
   set_backend, get_backend, cuda_available
+  augment, descriptors, metrics, training: the ISC copy-detection pipeline (docs/isc.md)
   distributed (load_resharded; PartialMarginHead(..., process_group=g) shards the centres)
 """
 import torch  # noqa: F401  (loads torch's libgomp before the extension: one OpenMP runtime)
@@ -14,6 +15,8 @@ from simcore._dispatch import cuda_available, get_backend, set_backend
 from simcore.cosine_topk import FaissIndex, FlatIndex, cosine_topk, faiss_index
 from simcore.margin_softmax import (PartialMarginHead, arcface_partial, cosface_partial,
                                     margin_softmax_partial, sample_classes)
+# The copy-detection pipeline (docs/isc.md); kornia/Pillow/h5py/matplotlib load only when used.
+from simcore import augment, descriptors, metrics, training  # noqa: E402
 
 __version__ = "0.1.0"
 

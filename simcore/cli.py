@@ -1,0 +1,288 @@
+"""The ``simcore`` command line: copy-detection matching and ISC 2021 evaluation.
+
+    simcore match DESCRIPTORS.h5 [--train TRAIN] [--normalize ...] -o predictions.csv
+    simcore match --query Q.npy --reference R.npy [--train T.npy] -o predictions.csv
+    simcore eval predictions.csv ground_truth.csv [--json] [--plot pr.png]
+
+Descriptor files: the challenge's HDF5 layout (datasets ``query``,
+``reference``, ``query_ids``, ``reference_ids``; a training file holds ``train``
+and optionally ``train_ids``) or .npy arrays (N, D) whose ids are the row
+numbers (or given with ``--query-ids`` / ``--reference-ids``, one id a line).
+Errors are one line on stderr, naming the file and what is wrong, with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def _h5py(path):
+    try:
+        import h5py
+    except ImportError:
+        raise CLIError(f"{path}: reading HDF5 needs h5py (pip install 'simcore[isc]' or pip install h5py)") from None
+    return h5py
+
+
+def _decode_ids(values):
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _check_matrix(arr, path, what):
+    import numpy as np
+    if arr.ndim != 2:
+        raise CLIError(f"{path}: {what} must be a 2-D array (N, D), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise CLIError(f"{path}: {what} is empty (shape {arr.shape})")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise CLIError(f"{path}: {what} must hold floating-point descriptors, got dtype {arr.dtype}")
+    if not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr))[0][0])
+        raise CLIError(f"{path}: {what} contain NaN or infinite values (first in row {bad})")
+    return arr.astype(np.float32, copy=False)
+
+
+def _read_ids_file(path, n, what):
+    try:
+        with open(path) as f:
+            ids = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise CLIError(f"{path}: cannot read {what} ids: {e.strerror or e}") from None
+    if len(ids) != n:
+        raise CLIError(f"{path}: {len(ids)} {what} ids for {n} descriptor rows")
+    return ids
+
+
+def load_descriptors(path, role, ids_path=None, require_ids=False):
+    """(float32 array (N, D), list of str ids) of ``role`` ('query', 'reference' or 'train') from ``path``."""
+    import numpy as np
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable .npy is a user error
+            raise CLIError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+        arr = _check_matrix(np.array(arr), path, f"{role} descriptors")
+        ids = _read_ids_file(ids_path, arr.shape[0], role) if ids_path else [str(i) for i in range(arr.shape[0])]
+    elif ext in (".h5", ".hdf5", ".hdf"):
+        h5py = _h5py(path)
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise CLIError(f"{path}: not a readable HDF5 file ({e})") from None
+        with f:
+            if role not in f:
+                raise CLIError(f"{path}: no dataset '{role}' (found: {', '.join(sorted(f.keys())) or 'none'})")
+            arr = _check_matrix(np.asarray(f[role][()]), path, f"{role} descriptors (dataset '{role}')")
+            key = f"{role}_ids"
+            if ids_path:
+                ids = _read_ids_file(ids_path, arr.shape[0], role)
+            elif key in f:
+                ids = _decode_ids(np.asarray(f[key][()]).reshape(-1).tolist())
+                if len(ids) != arr.shape[0]:
+                    raise CLIError(f"{path}: dataset '{key}' has {len(ids)} ids for {arr.shape[0]} rows of '{role}'")
+            elif require_ids:
+                raise CLIError(f"{path}: no dataset '{key}' (the challenge layout needs the ids beside '{role}')")
+            else:
+                ids = [str(i) for i in range(arr.shape[0])]
+    else:
+        raise CLIError(f"{path}: unknown descriptor format '{ext or '(none)'}' (expected .h5/.hdf5 or .npy)")
+    if len(set(ids)) != len(ids):
+        seen, dup = set(), None
+        for i in ids:
+            if i in seen:
+                dup = i
+                break
+            seen.add(i)
+        raise CLIError(f"{ids_path or path}: duplicate {role} id {dup!r}")
+    if any("," in i or "\n" in i for i in ids):
+        raise CLIError(f"{ids_path or path}: {role} ids must not contain commas or newlines")
+    return arr, ids
+
+
+# ----------------------------------------------------------------------------------- commands
+
+def cmd_match(a):
+    import torch
+
+    from simcore import descriptors as D
+    from simcore.metrics import write_predictions
+
+    if a.descriptors is None and (a.query is None or a.reference is None):
+        raise CLIError("match: give a descriptors file (HDF5 with 'query' and 'reference') "
+                       "or both --query and --reference")
+    qpath = a.query or a.descriptors
+    rpath = a.reference or a.descriptors
+    q, qids = load_descriptors(qpath, "query", a.query_ids, require_ids=a.query is None)
+    r, rids = load_descriptors(rpath, "reference", a.reference_ids, require_ids=a.reference is None)
+    if q.shape[1] != r.shape[1]:
+        raise CLIError(f"{rpath}: reference descriptors have {r.shape[1]} dims, the queries ({qpath}) {q.shape[1]}")
+    t = None
+    needs_train = a.normalize != "none" or a.pca is not None
+    if a.train is not None:
+        t, _ = load_descriptors(a.train, "train")
+        if t.shape[1] != q.shape[1]:
+            raise CLIError(f"{a.train}: training descriptors have {t.shape[1]} dims, the queries {q.shape[1]}")
+    elif needs_train:
+        raise CLIError(f"match: --normalize {a.normalize}{' and --pca' if a.pca else ''} need --train "
+                       "(the external training descriptors)")
+    if a.k < 1:
+        raise CLIError(f"match: --k must be >= 1, got {a.k}")
+    if a.max_results is not None and a.max_results < 1:
+        raise CLIError(f"match: --max-results must be >= 1, got {a.max_results}")
+
+    qt, rt = D.l2_normalize(torch.from_numpy(q)), D.l2_normalize(torch.from_numpy(r))
+    tt = None if t is None else D.l2_normalize(torch.from_numpy(t))
+    if a.pca is not None:
+        if not 1 <= a.pca <= q.shape[1]:
+            raise CLIError(f"match: --pca must be in [1, {q.shape[1]}], got {a.pca}")
+        if tt.shape[0] < 2:
+            raise CLIError(f"{a.train}: PCA needs at least 2 training descriptors")
+        pca = D.PCAWhitening(a.pca).fit(tt)
+        qt, rt, tt = pca.transform(qt), pca.transform(rt), pca.transform(tt)
+    metric = a.metric
+    score_norm = None
+    if a.normalize != "none":
+        defaults = {"score": (2.0, 10), "negative": (0.35, 10), "shift": (1.8, 100)}[a.normalize]
+        beta = defaults[0] if a.beta is None else a.beta
+        nn_ = defaults[1] if a.neighbors is None else a.neighbors
+        if not 1 <= nn_ <= tt.shape[0]:
+            raise CLIError(f"{a.train}: --neighbors {nn_} needs at least that many training descriptors "
+                           f"(the file has {tt.shape[0]})")
+        if a.normalize == "score":
+            score_norm = {"beta": beta, "n": nn_}
+        elif a.normalize == "negative":
+            qt = D.negative_embedding_subtraction(qt, tt, beta=beta, k=nn_)
+            rt = D.negative_embedding_subtraction(rt, tt, beta=beta, k=nn_)
+        else:
+            qt = D.query_shift(qt, tt, k=nn_, alpha=beta, top=min(3, nn_))
+            if metric == "auto":
+                metric = "l2"
+    if metric == "auto":
+        metric = "ip"
+    progress = (not a.no_progress) and sys.stderr.isatty()
+    m = D.match(qt, rt, k=a.k, max_results=a.max_results, metric=metric, train=tt, score_norm=score_norm,
+                progress=progress)
+    try:
+        write_predictions(a.output, m.to_triples(qids, rids))
+    except OSError as e:
+        raise CLIError(f"{a.output}: cannot write predictions: {e.strerror or e}") from None
+    summary = {"output": a.output, "predictions": len(m), "queries": len(qids), "references": len(rids),
+               "k": a.k, "max_results": a.max_results, "metric": metric, "normalize": a.normalize,
+               "pca": a.pca}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {len(m)} predictions ({len(qids)} queries x {len(rids)} references, k={a.k}, "
+              f"metric={metric}, normalize={a.normalize}) to {a.output}")
+    return 0
+
+
+def cmd_eval(a):
+    from simcore.metrics import evaluate, read_ground_truth, read_predictions
+
+    for path in (a.predictions, a.ground_truth):
+        if not os.path.exists(path):
+            raise CLIError(f"{path}: no such file")
+    preds = read_predictions(a.predictions)
+    gt = read_ground_truth(a.ground_truth)
+    if not any(r for _, r in gt):
+        raise CLIError(f"{a.ground_truth}: no (query, reference) pairs: every reference_id is empty")
+    try:
+        m = evaluate(preds, gt)
+    except ValueError as e:
+        raise CLIError(f"{a.predictions}: {e}") from None
+    if a.plot:
+        try:
+            m.plot(a.plot, title=os.path.basename(a.predictions))
+        except ImportError as e:
+            raise CLIError(f"{a.plot}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise CLIError(f"{a.plot}: cannot save the plot: {e}") from None
+    d = m.as_dict()
+    if a.plot:
+        d["plot"] = a.plot
+    if a.json:
+        print(json.dumps(d))
+    else:
+        print(f"micro_ap: {m.micro_ap:.4f}")
+        print(f"recall_at_p90: {m.recall_at_p90:.4f}")
+        print(f"recall_at_rank1: {m.recall_at_rank1:.4f}")
+        print(f"recall_at_rank10: {m.recall_at_rank10:.4f}")
+        print(f"predictions: {m.num_predictions}")
+        print(f"ground_truth_pairs: {m.num_ground_truth}")
+        if a.plot:
+            print(f"plot: {a.plot}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="simcore", description="Copy detection: match descriptors, evaluate µAP.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("match", help="nearest-neighbour matching -> predictions CSV",
+                       description="Search each query's k nearest references (exact cosine top-k), pool the pairs "
+                                   "and keep the globally best --max-results, like the official matcher.")
+    m.add_argument("descriptors", nargs="?", help="HDF5 file with datasets query, reference, query_ids, reference_ids")
+    m.add_argument("--query", help="query descriptors (.npy or .h5 dataset 'query'); overrides DESCRIPTORS")
+    m.add_argument("--reference", help="reference descriptors (.npy or .h5 dataset 'reference')")
+    m.add_argument("--train", help="external training descriptors (.npy or .h5 dataset 'train') for --normalize/--pca")
+    m.add_argument("--query-ids", help="text file, one query id a line (default: HDF5 ids or row numbers)")
+    m.add_argument("--reference-ids", help="text file, one reference id a line")
+    m.add_argument("--normalize", choices=["none", "score", "negative", "shift"], default="none",
+                   help="external-set normalisation: score (baseline, beta=2, n=10), negative (1st place, "
+                        "beta=0.35, k=10), shift (2nd place query shift, alpha=1.8, K=100; L2 scores)")
+    m.add_argument("--beta", type=float, default=None, help="beta (score, negative) or alpha (shift)")
+    m.add_argument("--neighbors", type=int, default=None, help="n (score), k (negative) or K (shift)")
+    m.add_argument("--pca", type=int, default=None, metavar="DIM",
+                   help="PCA-whiten to DIM dims (fitted on --train) before matching")
+    m.add_argument("--k", type=int, default=10, help="neighbours kept per query (default 10)")
+    m.add_argument("--max-results", type=int, default=500_000,
+                   help="global cap on the number of pairs (default 500000 as the challenge)")
+    m.add_argument("--metric", choices=["auto", "ip", "l2"], default="auto",
+                   help="score = inner product (ip) or -squared L2 (l2, the official matcher's); auto: l2 after "
+                        "--normalize shift, else ip")
+    m.add_argument("-o", "--output", default="predictions.csv", help="predictions CSV (default predictions.csv)")
+    m.add_argument("--json", action="store_true", help="print a JSON summary")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_match)
+
+    e = sub.add_parser("eval", help="µAP and recall@P90 of a predictions CSV against the ground truth",
+                       description="ISC 2021 metrics: micro-average precision (ties negatives-first), recall at "
+                                   "precision 0.9, recall at rank 1 and 10.")
+    e.add_argument("predictions", help="CSV query_id,reference_id,score")
+    e.add_argument("ground_truth", help="CSV query_id,reference_id (empty reference_id: no match)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--plot", metavar="PNG", help="save the precision-recall curve (needs matplotlib)")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None):
+    from simcore.metrics import FileFormatError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, FileFormatError) as e:
+        print(f"simcore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        name = getattr(e, "filename", None)
+        print(f"simcore {args.command}: error: {name + ': ' if name else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The ``simcore`` command line, run as ``python -m simcore.cli`` in a subprocess on tiny files."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+h5py = pytest.importorskip("h5py")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd):
+    """The real command: ``python -m simcore.cli ARGS`` in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "simcore.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_inproc(capsys, monkeypatch):
+    """The same entry point, ``simcore.cli.main``, in-process (each subprocess pays torch's import time)."""
+    from simcore.cli import main
+
+    def go(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+    return go
+
+
+@pytest.fixture
+def files(tmp_path):
+    """References R0..R9, queries: Q0..Q5 noisy copies of R0..R5, Q6..Q9 unrelated; a training set."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((10, 16)).astype(np.float32)
+    q = np.concatenate([ref[:6] + 0.05 * rng.standard_normal((6, 16)), rng.standard_normal((4, 16))]).astype(np.float32)
+    train = rng.standard_normal((40, 16)).astype(np.float32)
+    qids, rids = [f"Q{i}" for i in range(10)], [f"R{i}" for i in range(10)]
+    with h5py.File(tmp_path / "desc.h5", "w") as f:
+        f["query"], f["reference"] = q, ref
+        f.create_dataset("query_ids", data=np.array(qids, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("reference_ids", data=np.array(rids, dtype=object), dtype=h5py.string_dtype())
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "r.npy", ref)
+    np.save(tmp_path / "train.npy", train)
+    with open(tmp_path / "gt.csv", "w") as f:
+        f.write("query_id,reference_id\n")
+        for i in range(10):
+            f.write(f"Q{i},{f'R{i}' if i < 6 else ''}\n")
+    return tmp_path
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def test_match_then_eval_hdf5(files):
+    r = run("match", "desc.h5", "-o", "pred.csv", "--k", "3", "--json", cwd=files)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["predictions"] == 30 and summary["metric"] == "ip"
+    rows = read_csv(files / "pred.csv")
+    assert rows[0] == ["query_id", "reference_id", "score"] and len(rows) == 31
+    scores = [float(s) for _, _, s in rows[1:]]
+    assert scores == sorted(scores, reverse=True)
+    # The copies are everyone's best matches, far above the rest: a perfect µAP.
+    assert {tuple(x[:2]) for x in rows[1:7]} == {(f"Q{i}", f"R{i}") for i in range(6)}
+    e = run("eval", "pred.csv", "gt.csv", cwd=files)
+    assert e.returncode == 0, e.stderr
+    assert "micro_ap: 1.0000" in e.stdout.splitlines()
+    assert "recall_at_p90: 1.0000" in e.stdout.splitlines()
+    j = run("eval", "pred.csv", "gt.csv", "--json", "--plot", "pr.png", cwd=files)
+    assert j.returncode == 0, j.stderr
+    d = json.loads(j.stdout)
+    assert d["micro_ap"] == pytest.approx(1.0) and d["num_ground_truth"] == 6 and d["num_predictions"] == 30
+    assert (files / "pr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_match_npy_with_cap_and_normalisations(files, run_inproc):
+    run = run_inproc
+    r = run("match", "--query", "q.npy", "--reference", "r.npy", "--max-results", "7", "-o", "p.csv", cwd=files)
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(files / "p.csv")[1:]
+    assert len(rows) == 7 and rows[0][0].isdigit()          # .npy ids are row numbers
+    for norm in ["score", "negative", "shift"]:
+        r = run("match", "desc.h5", "--train", "train.npy", "--normalize", norm, "--neighbors", "5",
+                "-o", f"{norm}.csv", "--json", cwd=files)
+        assert r.returncode == 0, (norm, r.stderr)
+        assert json.loads(r.stdout)["metric"] == ("l2" if norm == "shift" else "ip")
+        e = run("eval", f"{norm}.csv", "gt.csv", "--json", cwd=files)
+        assert e.returncode == 0 and json.loads(e.stdout)["recall_at_rank1"] == 1.0, (norm, e.stdout, e.stderr)
+    r = run("match", "desc.h5", "--train", "train.npy", "--pca", "8", "-o", "pca.csv", cwd=files)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    (None, ["match", "missing.h5"], "missing.h5: no such file"),
+    ("nodata", ["match", "bad.h5"], "bad.h5: no dataset 'query'"),
+    ("text", ["match", "--query", "q.txt", "--reference", "r.npy"], "q.txt: unknown descriptor format"),
+    ("nan", ["match", "--query", "nan.npy", "--reference", "r.npy"], "nan.npy: query descriptors contain NaN"),
+    ("1d", ["match", "--query", "v.npy", "--reference", "r.npy"], "v.npy: query descriptors must be a 2-D array"),
+    ("dims", ["match", "--query", "q.npy", "--reference", "r8.npy"], "r8.npy: reference descriptors have 8 dims"),
+    (None, ["match", "desc.h5", "--normalize", "score"], "need --train"),
+    (None, ["eval", "nope.csv", "gt.csv"], "nope.csv: no such file"),
+    ("badpred", ["eval", "badpred.csv", "gt.csv"], "badpred.csv: line 3: score 'x' is not a number"),
+    ("dup", ["eval", "dup.csv", "gt.csv"], "dup.csv: duplicate prediction for the pair (query 'Q1', reference 'R1')"),
+    ("badgt", ["eval", "dup.csv", "badgt.csv"], "badgt.csv: line 2: expected 2 columns"),
+])
+def test_errors_are_one_line_with_exit_code_2(files, setup, args, message, run_inproc):
+    if setup == "nodata":
+        with h5py.File(files / "bad.h5", "w") as f:
+            f["something"] = np.zeros((2, 2), np.float32)
+    elif setup == "text":
+        (files / "q.txt").write_text("1 2 3\n")
+    elif setup == "nan":
+        a = np.ones((3, 16), np.float32)
+        a[1, 2] = np.nan
+        np.save(files / "nan.npy", a)
+    elif setup == "1d":
+        np.save(files / "v.npy", np.ones(16, np.float32))
+    elif setup == "dims":
+        np.save(files / "r8.npy", np.ones((3, 8), np.float32))
+    elif setup == "badpred":
+        (files / "badpred.csv").write_text("query_id,reference_id,score\nQ1,R1,0.5\nQ2,R2,x\n")
+    elif setup in ("dup", "badgt"):
+        (files / "dup.csv").write_text("Q1,R1,0.5\nQ1,R1,0.4\n")
+        (files / "badgt.csv").write_text("query_id,reference_id\nQ1,R1,R2\n")
+    r = run_inproc(*args, cwd=files)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_errors_in_a_subprocess(files):
+    r = run("eval", "nope.csv", "gt.csv", cwd=files)
+    assert r.returncode == 2 and r.stderr.strip() == "simcore eval: error: nope.csv: no such file"
+    r = run("match", "--query", "q.npy", "--reference", "missing.npy", cwd=files)
+    assert r.returncode == 2 and r.stderr.strip() == "simcore match: error: missing.npy: no such file"

@@ -1,0 +1,63 @@
+"""The demo end to end in a tiny configuration (structure only: no timing or accuracy assertions)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("kornia")
+pytest.importorskip("skimage")
+pytest.importorskip("sklearn")
+pytest.importorskip("h5py")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_demo_runs_end_to_end_and_its_files_feed_the_cli(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "simcore.demo", "--quick", "--no-progress", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout
+    for row in ["raw pixels", "trained CNN", "PCA whitening", "score normalisation",
+                "negative-embedding subtraction", "query shift"]:
+        assert row in text, text
+    assert "images/s" in text and "µAP" in text and "recall@P90" in text
+
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["rows"]) == 6
+    for row in res["rows"]:
+        for key in ("micro_ap", "recall_at_p90", "recall_at_rank1", "recall_at_rank10"):
+            assert 0.0 <= row[key] <= 1.0 and math.isfinite(row[key])
+    assert res["train_steps"] > 0 and res["train_images_per_second"] > 0
+    assert res["copies"] == res["references"] and res["queries"] > res["copies"]
+
+    # The demo's own files through `simcore match` and `simcore eval`.
+    from simcore.cli import main
+    assert main(["match", str(out / "descriptors.h5"), "--train", str(out / "train.npy"), "--normalize", "negative",
+                 "-o", str(tmp_path / "pred.csv")]) == 0
+    assert main(["eval", str(tmp_path / "pred.csv"), str(out / "ground_truth.csv"), "--json"]) == 0
+    # Plain matching reproduces the demo's "trained CNN" row.
+    assert main(["match", str(out / "descriptors.h5"), "-o", str(tmp_path / "plain.csv")]) == 0
+    from simcore.metrics import evaluate, read_ground_truth, read_predictions
+    m = evaluate(read_predictions(tmp_path / "plain.csv"), read_ground_truth(out / "ground_truth.csv"))
+    trained = next(r for r in res["rows"] if r["descriptors"].startswith("trained CNN"))
+    assert m.micro_ap == pytest.approx(trained["micro_ap"], abs=1e-3)
+
+
+def test_benchmark_construction_is_seeded_and_disjoint():
+    from simcore.demo import build_benchmark
+    a = build_benchmark(3, max_references=12, max_training=20)
+    b = build_benchmark(3, max_references=12, max_training=20)
+    assert (a.queries == b.queries).all() and a.ground_truth == b.ground_truth
+    # Every reference has exactly one copy among the queries; the rest match nothing.
+    matched = [r for _, r in a.ground_truth if r]
+    assert sorted(matched) == sorted(a.reference_ids)
+    assert len(a.ground_truth) == a.queries.shape[0]
+    # The training photographs are not the reference photographs.
+    from simcore.demo import DISTRACTOR_PHOTOS, REFERENCE_PHOTOS, TRAINING_PHOTOS
+    groups = [set(REFERENCE_PHOTOS), set(DISTRACTOR_PHOTOS), set(TRAINING_PHOTOS)]
+    assert sum(map(len, groups)) == len(set.union(*groups))
