@@ -59,8 +59,19 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     the ids are then moved to ``labels.device``. Reference backend: rejection
     sampling in torch, O(k log k).
     """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 class ids, got {labels.dtype}")
+    for name, v in (("num_classes", num_classes), ("num_samples", num_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     positives = torch.unique(labels)  # sorted
     p = positives.numel()
+    if p and not torch.compiler.is_compiling():  # the C++ sampler checks again; the torch one would not
+        lo, hi = positives[0].item(), positives[-1].item()
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
     k = int(num_samples) - p
     if k <= 0:
         return positives
