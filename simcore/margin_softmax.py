@@ -459,10 +459,18 @@ class PartialMarginHead(nn.Module):
                  optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                  device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         _check_margins(m1, margin, m3, scale)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
@@ -580,6 +588,8 @@ class PartialMarginHead(nn.Module):
         image and its augmented copies: the centre rows for :meth:`grow`."""
         if groups.dtype != torch.int64 or groups.dim() != 1 or groups.shape[0] != embeddings.shape[0]:
             raise ValueError("groups must be int64 of shape (n,) matching embeddings")
+        if groups.numel() and groups.min().item() < 0:
+            raise ValueError(f"groups must be ids >= 0, got {groups.min().item()}")
         x = torch.nn.functional.normalize(embeddings.float(), dim=1)
         g = int(groups.max().item()) + 1 if groups.numel() else 0
         sums = torch.zeros(g, x.shape[1], device=x.device).index_add_(0, groups, x)
