@@ -266,9 +266,11 @@ SIMCORE_CLONES float normalize_row(const S* row, T* o, int64_t d, double eps) {
     acc += x * x;
   }
   const double norm = std::sqrt(acc);
-  const float inv = static_cast<float>(1.0 / std::max(norm, eps));
+  // scaled in double: for rows with norm > 1/FLT_MIN (~8.5e37, reachable with bfloat16/float32
+  // inputs) 1/norm is subnormal in float32 and loses up to all of its precision
+  const double inv = 1.0 / std::max(norm, eps);
 #pragma omp simd
-  for (int64_t k = 0; k < d; ++k) o[k] = from_float<T>(to_float(row[k]) * inv);
+  for (int64_t k = 0; k < d; ++k) o[k] = from_float<T>(static_cast<float>(to_float(row[k]) * inv));
   return static_cast<float>(norm);
 }
 
