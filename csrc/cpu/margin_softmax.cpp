@@ -437,7 +437,7 @@ void sample_classes(const TensorView& positives, const TensorView& randoms, int6
     SIMCORE_CHECK(j == 0 || pos[j] > pos[j - 1], "positives must be sorted and unique");
   }
   uint64_t* bits = reinterpret_cast<uint64_t*>(bitmap.ptr<int64_t>());
-  std::memset(bits, 0, static_cast<size_t>(words) * sizeof(uint64_t));
+  if (words) std::memset(bits, 0, static_cast<size_t>(words) * sizeof(uint64_t));  // an empty bitmap may be null
   const int64_t* rnd = randoms.ptr<int64_t>();
   // Floyd: for j = n−k .. n−1 pick t uniform in [0, j]; take t, or j if t is taken.
   for (int64_t j = n - k, i = 0; j < n; ++j, ++i) {
