@@ -571,8 +571,10 @@ def test_boundary_rejects_views_whose_extent_overflows():
             EXT.inspect_tensor(_pack(t, shape=shape, strides=strides))
 
 
+@pytest.mark.xfail(strict=True, reason="needs the csrc/bindings/tensor_arg.cpp overflow fix sent to the lead")
 def test_boundary_overflowing_view_cannot_reach_a_kernel():
-    # Run in a child: before the tensor_arg.cpp fix this read far outside `labels`.
+    # Run in a child: before the tensor_arg.cpp fix the kernel read far outside `labels`
+    # (a crash, or a ValueError about whatever garbage it found there).
     code = (
         "import torch, simcore\n"
         "from simcore import _dispatch\n"
@@ -590,7 +592,7 @@ def test_boundary_overflowing_view_cannot_reach_a_kernel():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(simcore.__file__)))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]  # no crash (a signal gives a negative code)
-    assert res.stdout.startswith("ValueError"), res.stdout
+    assert "past the end of its storage" in res.stdout, res.stdout  # stopped at the boundary, nothing read
 
 
 @pytest.mark.xfail(strict=True, reason="needs the csrc/bindings/tensor_arg.cpp cast fix sent to the lead: "
