@@ -569,6 +569,9 @@ def test_boundary_rejects_views_whose_extent_overflows():
                            ((2**31, 2**31, 2**31), (1, 1, 1))]:
         with pytest.raises(ValueError, match="past the end of its storage|too large"):
             EXT.inspect_tensor(_pack(t, shape=shape, strides=strides))
+    # data − storage + extent wrapped around 2^64 as well (a pointer near the top of the address space)
+    with pytest.raises(ValueError, match="outside its storage|past the end of its storage"):
+        EXT.inspect_tensor(_pack(t, ptr=2**64 - 8, storage=0, nbytes=100))
 
 
 @pytest.mark.xfail(strict=True, reason="needs the csrc/bindings/tensor_arg.cpp overflow fix sent to the lead")
