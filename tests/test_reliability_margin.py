@@ -743,7 +743,9 @@ _OUTPUTS = {"normalize_rows": {"out", "norms"}, "targets": {"out"},
 FUZZ_STATS = {}
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# derandomize: the same 600 calls every run, so test_fuzz_reached_the_kernels below is not flaky
+@settings(max_examples=600, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data(), kernel=st.sampled_from(sorted(_OUTPUTS)))
 def test_fuzz_raw_kernels_stay_in_bounds(data, kernel):
     """Valid raw calls with one argument broken half of the time (dtype, size, rank, strides,
@@ -774,7 +776,7 @@ def test_fuzz_reached_the_kernels():
         pytest.skip("run together with test_fuzz_raw_kernels_stay_in_bounds")
     for kernel in _OUTPUTS:
         ok, rejected = FUZZ_STATS.get(kernel, (0, 0))
-        assert ok >= 5 and rejected >= 5, (kernel, ok, rejected)
+        assert ok >= 5 and rejected >= 5, (kernel, ok, rejected, FUZZ_STATS)
 
 
 # =========================================================================== determinism
