@@ -59,8 +59,19 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     the ids are then moved to ``labels.device``. Reference backend: rejection
     sampling in torch, O(k log k).
     """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 class ids, got {labels.dtype}")
+    for name, v in (("num_classes", num_classes), ("num_samples", num_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     positives = torch.unique(labels)  # sorted
     p = positives.numel()
+    if p and not torch.compiler.is_compiling():  # the C++ sampler checks again; the torch one would not
+        lo, hi = positives[0].item(), positives[-1].item()
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
     k = int(num_samples) - p
     if k <= 0:
         return positives
@@ -493,10 +504,18 @@ class PartialMarginHead(nn.Module):
         if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
             raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
                              "or simcore.distributed.ShardedPartialMarginHead")
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         _check_margins(m1, margin, m3, scale)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
@@ -618,6 +637,8 @@ class PartialMarginHead(nn.Module):
         image and its augmented copies: the centre rows for :meth:`grow`."""
         if groups.dtype != torch.int64 or groups.dim() != 1 or groups.shape[0] != embeddings.shape[0]:
             raise ValueError("groups must be int64 of shape (n,) matching embeddings")
+        if groups.numel() and groups.min().item() < 0:
+            raise ValueError(f"groups must be ids >= 0, got {groups.min().item()}")
         x = torch.nn.functional.normalize(embeddings.float(), dim=1)
         g = int(groups.max().item()) + 1 if groups.numel() else 0
         sums = torch.zeros(g, x.shape[1], device=x.device).index_add_(0, groups, x)

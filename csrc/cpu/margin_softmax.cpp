@@ -266,9 +266,11 @@ SIMCORE_CLONES float normalize_row(const S* row, T* o, int64_t d, double eps) {
     acc += x * x;
   }
   const double norm = std::sqrt(acc);
-  const float inv = static_cast<float>(1.0 / std::max(norm, eps));
+  // scaled in double: for rows with norm > 1/FLT_MIN (~8.5e37, reachable with bfloat16/float32
+  // inputs) 1/norm is subnormal in float32 and loses up to all of its precision
+  const double inv = 1.0 / std::max(norm, eps);
 #pragma omp simd
-  for (int64_t k = 0; k < d; ++k) o[k] = from_float<T>(to_float(row[k]) * inv);
+  for (int64_t k = 0; k < d; ++k) o[k] = from_float<T>(static_cast<float>(to_float(row[k]) * inv));
   return static_cast<float>(norm);
 }
 
@@ -425,7 +427,8 @@ void sample_classes(const TensorView& positives, const TensorView& randoms, int6
   SIMCORE_CHECK(p <= num_classes, "more positives (", p, ") than classes (", num_classes, ")");
   const int64_t n = num_classes - p;  // negatives to draw from
   SIMCORE_CHECK(k <= n, "cannot draw ", k, " negatives from ", n, " classes");
-  SIMCORE_CHECK(bitmap.size(0) >= (n + 63) / 64, "bitmap must hold at least ", (n + 63) / 64, " words");
+  const int64_t words = n / 64 + (n % 64 != 0);  // ceil(n/64) without overflowing for n near INT64_MAX
+  SIMCORE_CHECK(bitmap.size(0) >= words, "bitmap must hold at least ", words, " words");
   out.expect_size(0, p + k);
   const int64_t* pos = positives.ptr<int64_t>();
   for (int64_t j = 0; j < p; ++j) {
@@ -434,8 +437,7 @@ void sample_classes(const TensorView& positives, const TensorView& randoms, int6
     SIMCORE_CHECK(j == 0 || pos[j] > pos[j - 1], "positives must be sorted and unique");
   }
   uint64_t* bits = reinterpret_cast<uint64_t*>(bitmap.ptr<int64_t>());
-  const int64_t words = (n + 63) / 64;
-  std::memset(bits, 0, static_cast<size_t>(words) * sizeof(uint64_t));
+  if (words) std::memset(bits, 0, static_cast<size_t>(words) * sizeof(uint64_t));  // an empty bitmap may be null
   const int64_t* rnd = randoms.ptr<int64_t>();
   // Floyd: for j = n−k .. n−1 pick t uniform in [0, j]; take t, or j if t is taken.
   for (int64_t j = n - k, i = 0; j < n; ++j, ++i) {
