@@ -208,8 +208,8 @@ def _search(queries, source, k, normalized, exclude, block_size, progress):
 
     qf = queries.detach().to(torch.float32)
     _check_finite_rows(qf, "queries")
-    if cosine:
-        qf = F.normalize(qf, dim=1)
+    if cosine:  # in double: a float32 norm overflows for |x| above ~1.8e19
+        qf = F.normalize(queries.detach().double(), dim=1).float()
     qf = qf.contiguous()
     qnorm = qf.norm(dim=1).contiguous()
 

@@ -561,8 +561,6 @@ def test_raw_target_columns_outside_the_block_are_ignored_not_read():
     assert rel_err(g[:5], soft[:5]) <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="needs the csrc/bindings/tensor_arg.cpp overflow fix sent to the lead: "
-                                       "(size-1)*stride overflows int64 and the storage bound wraps")
 def test_boundary_rejects_views_whose_extent_overflows():
     t = torch.zeros(4, dtype=torch.float64)
     for shape, strides in [((2**61 + 1,), (1,)), ((2**62, 4), (4, 1)), ((3, 2**62), (2**62, 1)),
@@ -574,7 +572,6 @@ def test_boundary_rejects_views_whose_extent_overflows():
         EXT.inspect_tensor(_pack(t, ptr=2**64 - 8, storage=0, nbytes=100))
 
 
-@pytest.mark.xfail(strict=True, reason="needs the csrc/bindings/tensor_arg.cpp overflow fix sent to the lead")
 def test_boundary_overflowing_view_cannot_reach_a_kernel():
     # Run in a child: before the tensor_arg.cpp fix the kernel read far outside `labels`
     # (a crash, or a ValueError about whatever garbage it found there).
@@ -598,8 +595,6 @@ def test_boundary_overflowing_view_cannot_reach_a_kernel():
     assert "past the end of its storage" in res.stdout, res.stdout  # stopped at the boundary, nothing read
 
 
-@pytest.mark.xfail(strict=True, reason="needs the csrc/bindings/tensor_arg.cpp cast fix sent to the lead: "
-                                       "malformed fields raise pybind11's RuntimeError, not TypeError")
 @pytest.mark.parametrize("field,value", [("ptr", -8), ("device_index", 2**40), ("shape", (2**70,)),
                                          ("shape", "ab"), ("dtype", None), ("strides", (1.5,))])
 def test_boundary_malformed_fields_are_type_errors(field, value):

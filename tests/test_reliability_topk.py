@@ -366,9 +366,6 @@ def test_raw_prepare_rejects_inconsistent_arguments(over, exc, message):
         _Raw().prepare(**over)
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: check_update_args computes q_begin + rows "
-                                       "in int64 (overflow: the range check passes and count[q] is written out of "
-                                       "bounds); fix in csrc/cpu/cosine_topk.cpp, then drop this marker")
 @pytest.mark.parametrize("over", [dict(q_begin=I64_MAX)], ids=["q_begin_int64_max"])
 def test_raw_update_huge_query_offset_cannot_reach_memory(over):
     """q_begin + rows overflowed int64 in the range check (then count[q] was read far out of bounds).
@@ -678,9 +675,6 @@ def test_bindings_release_the_gil(kernel):
 
 
 # =========================================================================== numerics
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead (topk/foundation): an empty (0, 2) exclude tensor "
-                                       "gives exclude_index = ex[:, 1].contiguous() with stride (2,), which "
-                                       "TensorView::is_contiguous rejects ('exclude_index must be contiguous')")
 def test_empty_exclude_tensor():
     q, db = _qdb()
     a = simcore.cosine_topk(q, db, 3, exclude=torch.empty(0, 2, dtype=torch.int64))
@@ -700,9 +694,6 @@ def test_float16_extremes():
     _check(s, i, q.double(), db.double(), 10, False, None, 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead (topk): queries are normalised with F.normalize "
-                                       "in float32, whose norm overflows for |x| > ~1.8e19: the query becomes 0 and "
-                                       "every score 0")
 def test_queries_with_a_float32_norm_overflow():
     q = torch.tensor([[1e20, 2e20, 0.0]])
     db = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]])

@@ -76,6 +76,7 @@ struct TensorView {
     return n;
   }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // as torch: an empty view is contiguous whatever its strides
     int64_t expected = 1;
     for (int d = ndim - 1; d >= 0; --d) {
       if (shape[d] != 1 && strides[d] != expected) return false;

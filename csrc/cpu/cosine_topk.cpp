@@ -54,12 +54,12 @@ void check_update_args(const TopkUpdateArgs& a) {
   expect_vector(a.threshold, Q, DType::Float32, dev, di);
   a.excl_offsets.expect_dtype(DType::Int64).expect_ndim(1).expect_size(0, Q + 1).expect_contiguous().expect_device(dev, di);
   a.excl_index.expect_dtype(DType::Int64).expect_ndim(1).expect_contiguous().expect_device(dev, di);
-  SIMCORE_CHECK(a.q_begin >= 0 && a.q_begin + qb <= Q, "query rows [", a.q_begin, ", ", a.q_begin + qb,
+  SIMCORE_CHECK(a.q_begin >= 0 && a.q_begin <= Q && qb <= Q - a.q_begin, "query rows [", a.q_begin, ", ", a.q_begin + qb,
                 ") are outside the ", Q, " reservoirs");
   SIMCORE_CHECK(a.db_base >= 0, "db_base must be >= 0, got ", a.db_base);
   SIMCORE_CHECK(a.k >= 1 && a.k < cap, "k must be in [1, cap), got k=", a.k, " with cap=", cap);
   if (a.n_total >= 0) {
-    SIMCORE_CHECK(a.db_base + nb <= a.n_total, "tile rows [", a.db_base, ", ", a.db_base + nb,
+    SIMCORE_CHECK(a.db_base <= a.n_total && nb <= a.n_total - a.db_base, "tile rows [", a.db_base, ", ", a.db_base + nb,
                   ") exceed the database size ", a.n_total);
   }
   // CUDA appends up to a thread block after a compaction; the CPU one entry.

@@ -38,8 +38,8 @@ __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfl
 
 // Reductions over the whole block; every thread gets the result. `identity` fills
 // the lanes beyond the number of warps (0 for sums, −inf for max).
-template <class Op>
-__device__ float block_reduce(float v, Op op, float* shared, float identity) {
+template <class V, class Op>
+__device__ V block_reduce(V v, Op op, V* shared, V identity) {
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // shared may still be read by a previous reduction
@@ -56,13 +56,14 @@ struct MaxOp {
   __device__ float operator()(float a, float b) const { return (a != a || a > b) ? a : b; }
 };
 struct SumOp {
-  __device__ float operator()(float a, float b) const { return a + b; }
+  template <class V>
+  __device__ V operator()(V a, V b) const { return a + b; }
 };
 
 template <class S, class T>
 __global__ void normalize_rows_kernel(const S* src, int64_t ls, int64_t src_rows, const int64_t* index, T* out,
                                       int64_t lo, float* norms, int64_t d, double eps) {
-  __shared__ float shared[32];
+  __shared__ double shared[32];
   const int64_t r = blockIdx.x;
   const int64_t row = index ? index[r] : r;
   T* o = out + r * lo;
@@ -72,15 +73,17 @@ __global__ void normalize_rows_kernel(const S* src, int64_t ls, int64_t src_rows
     return;
   }
   const S* x = src + row * ls;
-  float acc = 0.0f;
+  // In double, as on the CPU: squares of |x| > ~1.8e19 overflow float, and
+  // 1/norm is subnormal in float for norms above ~8.5e37.
+  double acc = 0.0;
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
-    const float v = ld(x + k);
+    const double v = ld(x + k);
     acc += v * v;
   }
-  const float norm = sqrtf(block_reduce(acc, SumOp{}, shared, 0.0f));
-  const float inv = static_cast<float>(1.0 / fmax(static_cast<double>(norm), eps));
-  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, ld(x + k) * inv);
-  if (threadIdx.x == 0) norms[r] = norm;
+  const double norm = sqrt(block_reduce(acc, SumOp{}, shared, 0.0));
+  const double inv = 1.0 / fmax(norm, eps);
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, static_cast<float>(ld(x + k) * inv));
+  if (threadIdx.x == 0) norms[r] = static_cast<float>(norm);
 }
 
 __global__ void targets_kernel(const int64_t* labels, int64_t b, const int64_t* sampled, int64_t s,
@@ -169,7 +172,7 @@ __global__ void grad_block_kernel(T* cos, int64_t lda, int64_t n, const int64_t*
 template <class V, class O>
 __global__ void project_rows_kernel(const float* u, int64_t lu, const V* v, int64_t lv, const float* norms, O* out,
                                     int64_t lo, int64_t out_rows, const int64_t* index, int64_t d, double eps) {
-  __shared__ float shared[32];
+  __shared__ double shared[32];
   const int64_t r = blockIdx.x;
   const int64_t row = index ? index[r] : r;
   if (row < 0 || row >= out_rows) return;  // never write out of bounds
@@ -178,9 +181,9 @@ __global__ void project_rows_kernel(const float* u, int64_t lu, const V* v, int6
   O* o = out + row * lo;
   const double norm = norms[r];
   if (norm > eps) {
-    float acc = 0.0f;
-    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += ur[k] * ld(vr + k);
-    const float dot = block_reduce(acc, SumOp{}, shared, 0.0f);
+    double acc = 0.0;
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += static_cast<double>(ur[k]) * ld(vr + k);
+    const float dot = static_cast<float>(block_reduce(acc, SumOp{}, shared, 0.0));
     const float inv = static_cast<float>(1.0 / norm);
     for (int64_t k = threadIdx.x; k < d; k += blockDim.x) st(o + k, (ur[k] - dot * ld(vr + k)) * inv);
   } else {
