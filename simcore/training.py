@@ -172,7 +172,7 @@ def train_arcface(model: nn.Module, images: torch.Tensor, weight: nn.Parameter, 
         stats.images += int(labels.numel())
         stats.losses.append(float(loss.detach()))
         if progress:
-            it.set_postfix(loss=f"{float(loss):.3f}")
+            it.set_postfix(loss=f"{stats.losses[-1]:.3f}")
         if stop_loss is not None and len(stats.losses) >= 20 and sum(stats.losses[-20:]) / 20 < stop_loss:
             break
     return stats
