@@ -286,7 +286,8 @@ def _search(queries, source, k, normalized, exclude, block_size, progress):
 
     bad = int(status[0])
     if bad != _INT64_MAX:
-        raise ValueError(f"database row {bad} contains NaN or Inf (cosine_topk rejects non-finite rows)")
+        raise ValueError(f"database row {bad} contains NaN or Inf, or has a norm above 1e38 that float32 "
+                         "arithmetic cannot score (cosine_topk rejects such rows)")
     if base == 0:
         raise ValueError("database is empty")
     if n_known is not None and base != n_known:

@@ -204,7 +204,7 @@ void prepare_rows(const TopkPrepareArgs& a, int num_threads, std::atomic<int64_t
           ss += v * v;
         }
       }
-      if (!std::isfinite(ss)) {  // NaN or Inf in the row (a double cannot overflow here)
+      if (!(ss <= kTopkMaxRowNorm * kTopkMaxRowNorm)) {  // NaN/Inf in the row, or beyond float32 arithmetic
         int64_t cur = bad.load();
         while (j < cur && !bad.compare_exchange_weak(cur, j)) {}
         scale[j] = 0.f;

@@ -41,6 +41,9 @@ static_assert(sizeof(TopkEntry) == 16, "TopkEntry must be 16 bytes");
 
 // Sentinel for "no non-finite row seen" in the status tensor.
 constexpr int64_t kTopkNoBadRow = INT64_MAX;
+// Rows with a larger norm are rejected like NaN/Inf rows: their float32 dot
+// products (GEMM and rescoring) can overflow before the 1/norm scale applies.
+constexpr double kTopkMaxRowNorm = 1e38;
 
 struct TopkPrepareArgs {
   TensorView block;   // (nb, D) float32 / float16 / bfloat16 database rows (row-major)

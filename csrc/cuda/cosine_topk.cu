@@ -53,7 +53,7 @@ __global__ void prepare_kernel(const T* __restrict__ block, int64_t nb, int64_t 
   }
   for (int o = 16; o > 0; o /= 2) ss += __shfl_down_sync(0xffffffffu, ss, o);
   if (lane != 0) return;
-  if (!isfinite(ss)) {
+  if (!(ss <= kTopkMaxRowNorm * kTopkMaxRowNorm)) {  // NaN/Inf, or beyond float32 arithmetic
     atomicMin(status, static_cast<long long>(row_base + j));
     scale[j] = 0.f;
     slack[j] = 0.f;
