@@ -111,6 +111,7 @@ class BuildExt(build_ext):
             if not shutil.which(tool):
                 _fail(f"no C++ compiler found ({var} is '{tool}'). Install one "
                       "(Debian/Ubuntu: apt-get install g++) or point CC and CXX at it.")
+        ext.include_dirs.insert(0, _pybind11_include())
         nvcc = _find_nvcc()
         if nvcc:
             ext.extra_objects += self._compile_cuda(nvcc, ext)
@@ -152,7 +153,7 @@ class BuildExt(build_ext):
 ext = Extension(
     "simcore._C",
     sources=sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
-    include_dirs=[_pybind11_include(), "csrc"],
+    include_dirs=["csrc"],  # + pybind11's, found at build time (after the compiler check)
     extra_compile_args=CXX_FLAGS,
     extra_link_args=LINK_FLAGS,
     language="c++",

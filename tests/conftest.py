@@ -39,4 +39,14 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def subprocess_env(**updates):
+    """Environment for a child Python that imports the same simcore as this process.
+    Run children with ``cwd=TESTS_DIR`` (or a tmp dir), never the repository root,
+    whose source folder holds no compiled extension."""
+    import simcore
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(simcore.__file__)), **updates)
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

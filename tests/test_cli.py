@@ -7,16 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 h5py = pytest.importorskip("h5py")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, cwd):
     """The real command: ``python -m simcore.cli ARGS`` in a subprocess."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "simcore.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "simcore.cli", *map(str, args)], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -6,20 +6,19 @@ import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env
 
 pytest.importorskip("kornia")
 pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
 pytest.importorskip("h5py")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quick_demo_runs_end_to_end_and_its_files_feed_the_cli(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "simcore.demo", "--quick", "--no-progress", "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout
     for row in ["raw pixels", "trained CNN", "PCA whitening", "score normalisation",

@@ -590,7 +590,8 @@ def test_boundary_overflowing_view_cannot_reach_a_kernel():
         "    print('ValueError', e)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(simcore.__file__)))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0, res.stderr[-2000:]  # no crash (a signal gives a negative code)
     assert "past the end of its storage" in res.stdout, res.stdout  # stopped at the boundary, nothing read
 

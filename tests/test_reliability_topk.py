@@ -382,7 +382,8 @@ def test_raw_update_huge_query_offset_cannot_reach_memory(over):
     import subprocess
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(simcore.__file__)))
     res = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0, f"crashed (code {res.returncode}): {res.stderr[-2000:]}"
     assert res.stdout.startswith("ValueError"), res.stdout
 
