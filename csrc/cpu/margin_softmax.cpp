@@ -72,15 +72,20 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
                 " class ids, got ", sampled.size(0));
 }
 
-void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& run_max,
-               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit) {
+// The (B × block) cosine block and its target columns, shared by lse_block and grad_block.
+static int64_t expect_cos_block(const TensorView& cos, const TensorView& target_col, int64_t col0) {
   expect_matrix(cos, cos);
   SIMCORE_CHECK_TYPE(is_gemm_dtype(cos.dtype), "cos must be float32, float16 or bfloat16, got ",
                      dtype_name(cos.dtype));
-  const int64_t b = cos.size(0);
   SIMCORE_CHECK(cos.size(1) >= 1, "cos must have at least one column");
   SIMCORE_CHECK(col0 >= 0, "col0 must be >= 0, got ", col0);
-  expect_vector(target_col, DType::Int64, b, cos);
+  expect_vector(target_col, DType::Int64, cos.size(0), cos);
+  return cos.size(0);
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& run_max,
+               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit) {
+  const int64_t b = expect_cos_block(cos, target_col, col0);
   expect_vector(run_max, DType::Float32, b, cos);
   expect_vector(run_sum, DType::Float32, b, cos);
   expect_vector(target_cos, DType::Float32, b, cos);
@@ -89,13 +94,7 @@ void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& lse,
                 const TensorView& row_weight, const TensorView& target_cos) {
-  expect_matrix(cos, cos);
-  SIMCORE_CHECK_TYPE(is_gemm_dtype(cos.dtype), "cos must be float32, float16 or bfloat16, got ",
-                     dtype_name(cos.dtype));
-  const int64_t b = cos.size(0);
-  SIMCORE_CHECK(cos.size(1) >= 1, "cos must have at least one column");
-  SIMCORE_CHECK(col0 >= 0, "col0 must be >= 0, got ", col0);
-  expect_vector(target_col, DType::Int64, b, cos);
+  const int64_t b = expect_cos_block(cos, target_col, col0);
   expect_vector(lse, DType::Float32, b, cos);
   expect_vector(row_weight, DType::Float32, b, cos);
   expect_vector(target_cos, DType::Float32, b, cos);
