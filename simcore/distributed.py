@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 
 from simcore import _dispatch
-from simcore.margin_softmax import PartialMarginHead, _fused, _scaled, check_sampled, sample_classes
+from simcore.margin_softmax import (PartialMarginHead, _centre_ids, _fused, _row_margins, _scaled, check_sampled,
+                                    margin_grad, sample_classes, target_cosines)
 
 __all__ = ["ShardedPartialMarginHead", "shard_bounds", "load_resharded"]
 
@@ -120,44 +121,55 @@ def _combine(run_max, run_sum, tlogit, tcol, group):
 
 class _ShardLoss(torch.autograd.Function):
     """Mean over the N gathered rows of the margin-softmax loss whose classes are
-    spread over the group; ``rows`` are this rank's sampled centre rows."""
+    spread over the group; ``rows`` are this rank's sampled centre rows, ``spec`` the
+    variant (MarginSpec), ``row_margins`` optional (N, 3) per-row margins (their
+    gradient comes from the rank owning each row's class, so the reduce-scatter of
+    the all-gather's backward sums it exactly once), ``target_cos`` every row's
+    target cosine when the variant needs it before pass 1 (CurricularFace)."""
 
     @staticmethod
-    def forward(ctx, xg, rows, tcol, params, group, need_gx, need_gw):
-        n, s = xg.shape[0], rows.shape[0]
+    def forward(ctx, xg, rows, tcol, spec, row_margins, target_cos, group, need_gx, need_gw, need_gm):
+        n, s = xg.shape[0], rows.shape[0] // spec.subcenters
         dev = xg.device
-        grads = need_gx or need_gw
+        grads = need_gx or need_gw or need_gm
         gx = gw = None
+        row_weight = torch.full((n,), 1.0 / n, dtype=torch.float32, device=dev)
         if s == 0:  # nothing sampled on this shard: still take part in the all-reduces
             f32 = torch.float32
             lse, tl = _combine(torch.full((n,), -math.inf, dtype=f32, device=dev), torch.zeros(n, dtype=f32, device=dev),
                                torch.zeros(n, dtype=f32, device=dev), tcol, group)
             loss_rows = lse - tl
+            tcos = torch.full((n,), math.nan, dtype=f32, device=dev)
             gx = torch.zeros_like(xg) if need_gx else None
             gw = rows.new_zeros(rows.shape) if need_gw else None
         else:
             gx = torch.empty_like(xg, memory_format=torch.contiguous_format) if need_gx else None
             gw = torch.empty_like(rows, memory_format=torch.contiguous_format) if need_gw else None
-            row_weight = torch.full((n,), 1.0 / n, dtype=torch.float32, device=dev) if grads else None
-            loss_rows = _fused(xg.contiguous(), None, rows, torch.arange(s, device=dev), *params,
-                               row_weight=row_weight, grad_x=gx, grad_w=gw, target_col=tcol,
-                               combine=lambda m, su, t: _combine(m, su, t, tcol, group))
-        ctx.save_for_backward(*(t for t in (gx, gw) if t is not None))
-        ctx.need_gx, ctx.need_gw, ctx.consumed = need_gx, need_gw, False
+            loss_rows, tcos = _fused(xg.contiguous(), None, rows, torch.arange(s, device=dev), spec,
+                                     row_margins=None if row_margins is None else row_margins.detach(),
+                                     target_cos=target_cos, row_weight=row_weight if grads else None,
+                                     grad_x=gx, grad_w=gw, target_col=tcol,
+                                     combine=lambda m, su, t: _combine(m, su, t, tcol, group))
+        gm = None
+        if need_gm:
+            gm = margin_grad(loss_rows, torch.where(tcol >= 0, tcos, torch.zeros_like(tcos)), row_margins.detach(),
+                             spec.scale, row_weight)
+            gm = torch.where((tcol >= 0)[:, None], gm, torch.zeros_like(gm))
+        ctx.save_for_backward(*(t for t in (gx, gw, gm) if t is not None))
+        ctx.needs, ctx.consumed = (need_gx, need_gw, need_gm), False
         ctx.set_materialize_grads(False)
         return loss_rows.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None:
-            return (None,) * 7
+            return (None,) * 10
         if ctx.consumed:
             raise RuntimeError("simcore sharded head: a second backward through the same graph is not supported")
         ctx.consumed = True
         saved = list(ctx.saved_tensors)
-        gx = _scaled(saved.pop(0), grad_loss) if ctx.need_gx else None
-        gw = _scaled(saved.pop(0), grad_loss) if ctx.need_gw else None
-        return gx, gw, None, None, None, None, None
+        gx, gw, gm = (_scaled(saved.pop(0), grad_loss) if need else None for need in ctx.needs)
+        return gx, gw, None, None, gm, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the head
@@ -203,7 +215,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
         self._global_classes = num_classes
         self.grad_reduction = grad_reduction
         cfg = (num_classes, embedding_dim, self.m1, self.margin, self.m3, self.scale, self.sample_rate,
-               self.optimizer, world)
+               self.optimizer, world, self.subcenters, self.filter_threshold, repr(self.loss))
         self._config_crc = zlib.crc32(repr(cfg).encode())
 
     @property
@@ -325,14 +337,37 @@ class ShardedPartialMarginHead(PartialMarginHead):
         if local.numel():
             tcol[own] = torch.searchsorted(local, local_labels)
         train = torch.is_grad_enabled() and self.training
-        rows = self.weight.index_select(0, local)
+        k = self.subcenters
+        centres = _centre_ids(local, k)
+        rows = self.weight.index_select(0, centres)
         if train:
             rows.requires_grad_(True)
-            rows.register_hook(lambda g: self._pending.append((local, g.detach())))
-        params = (float(self.m1), float(self.margin), float(self.m3), float(self.scale))
+            rows.register_hook(lambda g: self._pending.append((centres, g.detach())))
+        spec, margins, reg = self._spec(xg, lambda: self._global_target_cosines(xg, lab, own, start))
+        rm = None if margins is None else _row_margins(*margins, xg.shape[0], dev)
+        tcos = self._global_target_cosines(xg, lab, own, start) if spec.curricular_t is not None else None
         need_gx = torch.is_grad_enabled() and xg.requires_grad
-        loss = _ShardLoss.apply(xg, rows, tcol, params, group, need_gx, train)
+        need_gm = torch.is_grad_enabled() and rm is not None and rm.requires_grad
+        loss = _ShardLoss.apply(xg, rows, tcol, spec, rm, tcos, group, need_gx, train, need_gm)
+        if reg is not None:
+            loss = loss + self._global_mean_of_local(reg, sizes)
         return (loss, local + start) if return_sampled else loss
+
+    def _global_target_cosines(self, xg, lab, own, start):
+        """Every gathered row's target cosine: computed by the rank owning its class, then summed."""
+        tc = torch.zeros(xg.shape[0], dtype=torch.float32, device=xg.device)
+        if bool(own.any()):
+            tc[own] = target_cosines(xg.detach()[own], lab[own] - start, self.weight, self.subcenters)
+        dist.all_reduce(tc, op=dist.ReduceOp.SUM, group=self.process_group)
+        return tc
+
+    def _global_mean_of_local(self, reg, sizes):
+        """Mean over the global batch of a per-row term of the gathered rows (MagFace's regulariser):
+        the value is the global mean on every rank; the gradient flows from this rank's own slice
+        only, so the all-gather's backward delivers it to each row once (scaled as the embeddings)."""
+        r0 = sum(sizes[:self.rank])
+        local = reg[r0:r0 + sizes[self.rank]].sum()
+        return (local - local.detach() + reg.detach().sum()) / float(sum(sizes))
 
     def _gather_labels(self, labels, sizes):
         bmax = max(sizes)
@@ -350,7 +385,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
     def get_extra_state(self):
         return {"format": _FORMAT, "num_classes": self.num_classes, "embedding_dim": self.weight.shape[1],
                 "world_size": self.world_size, "rank": self.rank, "start": self.shard[0], "end": self.shard[1],
-                "optimizer": self.optimizer}
+                "optimizer": self.optimizer, "subcenters": self.subcenters}
 
     def set_extra_state(self, state):
         pass  # checked in _load_from_state_dict, before any tensor is copied
@@ -378,15 +413,16 @@ class ShardedPartialMarginHead(PartialMarginHead):
                 f"shard=[{self.shard[0]}, {self.shard[1]}), grad_reduction={self.grad_reduction!r}")
 
 
-def _shard_info(sd, prefix):
+def _shard_info(sd, prefix, subcenters):
     info = sd.get(prefix + "_extra_state")
     if isinstance(info, dict) and info.get("format") == _FORMAT:
-        return info
+        return {"subcenters": 1, **info}
     w = sd.get(prefix + "weight")
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"not a margin-head state dict: no 2-D {prefix + 'weight'!r}")
-    return {"num_classes": w.shape[0], "embedding_dim": w.shape[1], "world_size": 1, "rank": 0, "start": 0,
-            "end": w.shape[0], "optimizer": None}
+    c = w.shape[0] // subcenters  # a single-process head: its rows are classes x sub-centres
+    return {"num_classes": c, "embedding_dim": w.shape[1], "world_size": 1, "rank": 0, "start": 0,
+            "end": c, "optimizer": None, "subcenters": subcenters}
 
 
 @torch.no_grad()
@@ -404,7 +440,10 @@ def load_resharded(head: PartialMarginHead, shards: Sequence, *, prefix: str = "
               or hasattr(s, "__fspath__") else s for s in shards]
     if not loaded:
         raise ValueError("load_resharded needs at least one state dict")
-    infos = [_shard_info(sd, prefix) for sd in loaded]
+    k = head.subcenters
+    infos = [_shard_info(sd, prefix, k) for sd in loaded]
+    if any(i["subcenters"] != k for i in infos):
+        raise ValueError(f"the checkpoint has {infos[0]['subcenters']} sub-centres per class but the head has {k}")
     c, d = infos[0]["num_classes"], infos[0]["embedding_dim"]
     world = infos[0]["world_size"]
     if any(i["num_classes"] != c or i["embedding_dim"] != d or i["world_size"] != world for i in infos):
@@ -424,9 +463,15 @@ def load_resharded(head: PartialMarginHead, shards: Sequence, *, prefix: str = "
         raise ValueError(f"the checkpoint's optimizer is {opt.pop()!r} but the head's is {head.optimizer!r}")
     lo, hi = getattr(head, "shard", (0, head.num_classes))
     own = head.state_dict()
-    targets = {k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
+    targets = {key: v for key, v in own.items() if isinstance(v, torch.Tensor)}
     for key, dst in targets.items():
-        if dst.dim() == 0 or dst.shape[0] != hi - lo:
+        if key.startswith("loss."):  # the variant's statistics (EMAs, step): the same on every rank
+            src = loaded[0].get(prefix + key)
+            if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
+                raise ValueError(f"{prefix + key!r} is missing or has the wrong shape")
+            dst.copy_(src)
+            continue
+        if dst.dim() == 0 or dst.shape[0] != (hi - lo) * k:
             raise ValueError(f"cannot reshard {key!r} of shape {tuple(dst.shape)}")
         for sd, info in zip(loaded, infos):
             a, b = max(lo, info["start"]), min(hi, info["end"])
@@ -434,7 +479,7 @@ def load_resharded(head: PartialMarginHead, shards: Sequence, *, prefix: str = "
                 continue
             src = sd.get(prefix + key)
             if not isinstance(src, torch.Tensor) or src.shape[1:] != dst.shape[1:] \
-                    or src.shape[0] != info["end"] - info["start"]:
+                    or src.shape[0] != (info["end"] - info["start"]) * k:
                 raise ValueError(f"shard of rank {info['rank']}: {prefix + key!r} is missing or has the wrong shape")
-            dst[a - lo:b - lo].copy_(src[a - info["start"]:b - info["start"]])
+            dst[(a - lo) * k:(b - lo) * k].copy_(src[(a - info["start"]) * k:(b - info["start"]) * k])
     head._pending.clear()

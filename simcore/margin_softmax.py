@@ -26,14 +26,15 @@ O(B·block + block·D), never O(B·S).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
-from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss
+from simcore.reference.margin_softmax import SIN_EPS, margin_param_grads, margin_softmax_loss
 
 __all__ = ["margin_softmax_partial", "arcface_partial", "cosface_partial", "PartialMarginHead", "sample_classes"]
 
@@ -131,18 +132,21 @@ def check_sampled(sampled, labels, num_classes):
 
 
 def _check_margins(m1, m2, m3, scale):
+    """Scalar margins; a (B,) tensor m1/m2/m3 (per-row margins) is checked by _row_margins."""
     for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("scale", scale)):
+        if isinstance(v, torch.Tensor) and name != "scale":
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if m1 <= 0:
+    if not isinstance(m1, torch.Tensor) and m1 <= 0:
         raise ValueError(f"m1 must be positive, got {m1}")
-    if not 0 <= m2 < math.pi:
+    if not isinstance(m2, torch.Tensor) and not 0 <= m2 < math.pi:
         raise ValueError(f"m2 (the angular margin) must lie in [0, pi), got {m2}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
 
 
-def _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction):
+def _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=1):
     for name, t in (("embeddings", embeddings), ("labels", labels), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -181,48 +185,104 @@ def _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reductio
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
     elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    _check_family(subcenters, None, weight)
     if not torch.compiler.is_compiling():  # one host sync; the C++ kernel checks again either way
         lo, hi = torch.aminmax(labels)
-        if lo.item() < 0 or hi.item() >= weight.shape[0]:
-            raise ValueError(f"labels must lie in [0, {weight.shape[0]}), got values in [{lo.item()}, {hi.item()}]")
+        c = weight.shape[0] // subcenters
+        if lo.item() < 0 or hi.item() >= c:
+            raise ValueError(f"labels must lie in [0, {c}), got values in [{lo.item()}, {hi.item()}]")
 
 
 # --------------------------------------------------------------------------- the fused routine
+class MarginSpec(NamedTuple):
+    """What the fused kernel computes, besides per-row margins (docs/margin_softmax.md).
+
+    m1, m2, m3, scale: the combined margin (scalars; per-row margins are a separate
+    (B, 3) tensor). cam_power > 0: Cam-Softmax's ψ instead. filter_threshold:
+    non-target cosines above it count as 0 (inf: off). curricular_t: CurricularFace's
+    t (None: off). subcenters: K centres per class (weight rows c·K .. c·K + K − 1).
+    """
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    scale: float = 64.0
+    cam_power: float = 0.0
+    filter_threshold: float = math.inf
+    curricular_t: Optional[float] = None
+    subcenters: int = 1
+
+    def kernel_params(self):
+        """The 9-tuple the ms_lse_block / ms_grad_block bindings take."""
+        return (float(self.m1), float(self.m2), float(self.m3), float(self.scale), SIN_EPS, float(self.cam_power),
+                float(self.filter_threshold), 0.0 if self.curricular_t is None else 1.0,
+                0.0 if self.curricular_t is None else float(self.curricular_t))
+
+    def as_list(self):
+        """Floats for the custom ops' schema (subcenters travels separately)."""
+        return [float(self.m1), float(self.m2), float(self.m3), float(self.scale), float(self.cam_power),
+                float(self.filter_threshold), math.nan if self.curricular_t is None else float(self.curricular_t)]
+
+    @staticmethod
+    def from_list(v, subcenters):
+        return MarginSpec(*v[:6], None if math.isnan(v[6]) else v[6], int(subcenters))
+
+
 def _exec(device: torch.device) -> int:
     return _dispatch.num_threads() if device.type == "cpu" else _dispatch.cuda_stream(device)
 
 
-def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, grad_x=None, grad_w=None,
-           grad_w_compact=False, workspace_bytes=None, target_col=None, combine=None):
-    """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``.
+def _centre_ids(classes, k):
+    """Rows of ``weight`` holding the K sub-centres of each class, class-major."""
+    if k == 1:
+        return classes
+    return (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
 
-    With ``row_weight`` (B,) float32 the gradients of Σ_i row_weight_i·loss_i are
-    written into ``grad_x`` (B, D) and/or ``grad_w``: (C, D) rows ``sampled``
-    (the rest untouched) or, with ``grad_w_compact``, (S, D) in sampled order.
-    Any of the outputs may be None. Device-agnostic: CPU and CUDA differ only in
-    the kernels behind ``ext``.
+
+@torch.no_grad()
+def target_cosines(embeddings, labels, weight, subcenters=1):
+    """cos θ of each embedding with its class centre (the max over the class's K
+    sub-centres), float32 (B,), no gradient. CurricularFace's statistic and threshold."""
+    x = F.normalize(embeddings.float(), dim=1)
+    w = F.normalize(weight[_centre_ids(labels, subcenters)].float(), dim=1)
+    return torch.bmm(w.view(len(labels), subcenters, -1), x.unsqueeze(2)).squeeze(2).amax(1)
+
+
+def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=None, row_weight=None, grad_x=None,
+           grad_w=None, grad_w_compact=False, workspace_bytes=None, target_col=None, combine=None):
+    """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``,
+    and the target cosines (B,).
+
+    ``spec`` is a :class:`MarginSpec`; ``row_margins`` (B, 3) float32 per-row
+    (m1, m2, m3). With ``row_weight`` (B,) float32 the gradients of
+    Σ_i row_weight_i·loss_i are written into ``grad_x`` (B, D) and/or ``grad_w``:
+    (C·K, D) rows of the sampled classes' centres (the rest untouched) or, with
+    ``grad_w_compact``, (S·K, D) in sampled order. Any of the outputs may be None.
+    Device-agnostic: CPU and CUDA differ only in the kernels behind ``ext``.
 
     Class-sharded use (simcore.distributed): ``target_col`` (B,) int64 gives each
     row's column in ``sampled`` directly, −1 where the target class lives on
     another shard (``labels`` is then ignored); ``combine(run_max, run_sum,
     target_logit)`` turns this shard's pass-1 pieces into the global
-    ``(lse, target_logit)`` (all-reduces) before the losses and pass 2.
+    ``(lse, target_logit)`` (all-reduces) before the losses and pass 2;
+    ``target_cos`` gives every row's target cosine (CurricularFace needs it first).
     """
     ext = _dispatch.extension()
     dev = x.device
     ex = _exec(dev)
     b, d = x.shape
     s = sampled.numel()
+    k = spec.subcenters
     f32 = torch.float32
     budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    block = s if b * s * 4 <= budget else max(256, budget // (4 * b))
+    block = s if b * s * k * 4 <= budget else max(256, budget // (4 * b * k))
     block = min(block, s)
     nblocks = -(-s // block)
-    margins = (float(m1), float(m2), float(m3), float(scale), SIN_EPS)
+    params = spec.kernel_params()
+    rm = tensor_arg(row_margins) if row_margins is not None else None
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         if target_col is None:
             tcol = torch.empty(b, dtype=torch.int64, device=dev)
-            ext.ms_targets(tensor_arg(labels), tensor_arg(sampled), weight.shape[0], tensor_arg(tcol), ex)
+            ext.ms_targets(tensor_arg(labels), tensor_arg(sampled), weight.shape[0] // k, tensor_arg(tcol), ex)
         else:
             tcol = target_col
         xh = torch.empty(b, d, dtype=f32, device=dev)
@@ -230,24 +290,37 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
         ext.ms_normalize_rows(tensor_arg(x), None, tensor_arg(xh), tensor_arg(xn), NORM_EPS, ex)
         run_max = torch.full((b,), -math.inf, dtype=f32, device=dev)
         run_sum = torch.zeros(b, dtype=f32, device=dev)
-        tcos = torch.full((b,), math.nan, dtype=f32, device=dev)
+        if spec.curricular_t is not None:  # the kernels read every row's target cosine from the start
+            tcos = target_cos if target_cos is not None else target_cosines(x, labels, weight, k)
+            tcos = tcos.to(f32).contiguous()
+        else:
+            tcos = torch.full((b,), math.nan, dtype=f32, device=dev)
         tlogit = torch.full((b,), math.nan, dtype=f32, device=dev)  # stays NaN if a label is never found
-        wbuf = torch.empty(block * d, dtype=f32, device=dev)
-        wnorm = torch.empty(block, dtype=f32, device=dev)
+        wbuf = torch.empty(block * k * d, dtype=f32, device=dev)
+        wnorm = torch.empty(block * k, dtype=f32, device=dev)
         cbuf = torch.empty(b * block, dtype=f32, device=dev)
+        # sub-centres: the (B × n·K) centre cosines, reduced to (B × n) class cosines (no (B × S·K) matrix
+        # beyond one block); the same buffer carries the expanded gradient in pass 2
+        kbuf = torch.empty(b * block * k, dtype=f32, device=dev) if k > 1 else None
+        win = torch.empty(b * block, dtype=torch.uint8, device=dev) if k > 1 else None
 
         def load_block(c0):
             n = min(block, s - c0)
-            idx = sampled[c0:c0 + n]
-            wh, wn = wbuf[:n * d].view(n, d), wnorm[:n]
+            idx = _centre_ids(sampled[c0:c0 + n], k)
+            wh, wn = wbuf[:n * k * d].view(n * k, d), wnorm[:n * k]
             ext.ms_normalize_rows(tensor_arg(weight), tensor_arg(idx), tensor_arg(wh), tensor_arg(wn), NORM_EPS, ex)
             cos = cbuf[:b * n].view(b, n)
-            torch.mm(xh, wh.t(), out=cos)
+            if k == 1:
+                torch.mm(xh, wh.t(), out=cos)
+            else:
+                cos_k = kbuf[:b * n * k].view(b, n * k)
+                torch.mm(xh, wh.t(), out=cos_k)
+                ext.ms_subcenter_max(tensor_arg(cos_k), k, tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), ex)
             return idx, wh, wn, cos
 
         for c0 in range(0, s, block):  # pass 1: online log-sum-exp
             idx, wh, wn, cos = load_block(c0)
-            ext.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(run_max),
+            ext.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), c0, params, rm, tensor_arg(run_max),
                              tensor_arg(run_sum), tensor_arg(tcos), tensor_arg(tlogit), ex)
         if combine is None:
             lse = run_max + torch.log(run_sum)
@@ -255,38 +328,51 @@ def _fused(x, labels, weight, sampled, m1, m2, m3, scale, *, row_weight=None, gr
             lse, tlogit = combine(run_max, run_sum, tlogit)
         loss = lse - tlogit
         if row_weight is None or (grad_x is None and grad_w is None):
-            return loss
+            return loss, tcos
 
         gxh = torch.empty(b, d, dtype=f32, device=dev) if grad_x is not None else None
         # ∂L/∂ŵ goes straight into grad_w (then projected in place) when its rows are the
         # block's rows in order: compact output, or every class sampled (sampled == arange(C)).
         in_place = (grad_w is not None and grad_w.dtype == f32 and grad_w.is_contiguous()
-                    and (grad_w_compact or s == weight.shape[0]))
-        ubuf = torch.empty(block * d, dtype=f32, device=dev) if grad_w is not None and not in_place else None
+                    and (grad_w_compact or s * k == weight.shape[0]))
+        ubuf = torch.empty(block * k * d, dtype=f32, device=dev) if grad_w is not None and not in_place else None
         for c0 in range(0, s, block):  # pass 2: gradients (reuses pass 1's block when there is one)
             if nblocks > 1:
                 idx, wh, wn, cos = load_block(c0)
             n = cos.shape[1]
-            ext.ms_grad_block(tensor_arg(cos), tensor_arg(tcol), c0, *margins, tensor_arg(lse),
+            ext.ms_grad_block(tensor_arg(cos), tensor_arg(tcol), c0, params, rm, tensor_arg(lse),
                               tensor_arg(row_weight), tensor_arg(tcos), ex)
+            g = cos
+            if k > 1:  # each class's gradient goes to its winning centre
+                g = kbuf[:b * n * k].view(b, n * k)
+                ext.ms_subcenter_expand(tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), k, tensor_arg(g), ex)
             if gxh is not None:  # ∂L/∂x̂ += G·Ŵ
                 if c0 == 0:
-                    torch.mm(cos, wh, out=gxh)
+                    torch.mm(g, wh, out=gxh)
                 else:
-                    gxh.addmm_(cos, wh)
+                    gxh.addmm_(g, wh)
             if grad_w is not None:
-                u = grad_w[c0:c0 + n] if in_place else ubuf[:n * d].view(n, d)
-                torch.mm(cos.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
+                r0, nr = c0 * k, n * k
+                u = grad_w[r0:r0 + nr] if in_place else ubuf[:nr * d].view(nr, d)
+                torch.mm(g.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
                 if grad_w_compact or in_place:
                     ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn),
-                                        tensor_arg(grad_w[c0:c0 + n]), None, NORM_EPS, ex)
+                                        tensor_arg(grad_w[r0:r0 + nr]), None, NORM_EPS, ex)
                 else:
                     ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn), tensor_arg(grad_w),
                                         tensor_arg(idx), NORM_EPS, ex)
         if gxh is not None:
             ext.ms_project_rows(tensor_arg(gxh), tensor_arg(xh), tensor_arg(xn), tensor_arg(grad_x), None,
                                 NORM_EPS, ex)
-        return loss
+        return loss, tcos
+
+
+def margin_grad(loss_rows, target_cos, row_margins, scale, row_weight):
+    """∂(Σ_i row_weight_i·loss_i)/∂(m1, m2, m3) per row, (B, 3) float32: the margins
+    enter only the target logit s·ψ, whose softmax weight is exp(−loss_i)."""
+    coef = row_weight.double() * scale * (torch.exp(-loss_rows.double()) - 1.0)
+    m = row_margins.double()
+    return (coef[:, None] * margin_param_grads(target_cos, m[:, 0], m[:, 1], m[:, 2])).float()
 
 
 # --------------------------------------------------------------------------- custom ops (torch.compile, autograd)
@@ -294,9 +380,9 @@ def _row_weight(b, reduction, device):
     return torch.full((b,), 1.0 / b if reduction == 0 else 1.0, dtype=torch.float32, device=device)
 
 
-def _weight_grad_buffer(weight, sampled):
-    """Dense (C, D) gradient of ``weight``: the kernels write the sampled rows, the rest are zero."""
-    if sampled.numel() == weight.shape[0]:  # every row is written (sampled ids are unique)
+def _weight_grad_buffer(weight, rows):
+    """Dense (C, D) gradient of ``weight``: the kernels write ``rows`` rows, the rest are zero."""
+    if rows == weight.shape[0]:  # every row is written (sampled ids are unique)
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
     return torch.zeros_like(weight, memory_format=torch.contiguous_format)
 
@@ -318,107 +404,195 @@ def _reduce(loss_rows, reduction):
     return loss_rows
 
 
+def _empty_margin_grad(x, row_margins):
+    return x.new_empty(0, dtype=torch.float32) if row_margins is None else torch.empty_like(row_margins)
+
+
 @torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor, m1: float,
-            m2: float, m3: float, scale: float, reduction: int, need_gx: bool,
-            need_gw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and, for reduction mean/sum, both gradients in the same pass (scaled in backward)."""
-    grads = reduction != 2 and (need_gx or need_gw)
+def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
+            row_margins: Optional[torch.Tensor], spec: list[float], subcenters: int, reduction: int, need_gx: bool,
+            need_gw: bool, need_gm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward)."""
+    grads = reduction != 2 and (need_gx or need_gw or need_gm)
+    sp = MarginSpec.from_list(spec, subcenters)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if grads and need_gx else x.new_empty(0)
-    gw = _weight_grad_buffer(weight, sampled) if grads and need_gw else weight.new_empty(0)
-    loss_rows = _fused(x, labels, weight, sampled, m1, m2, m3, scale,
-                       row_weight=_row_weight(x.shape[0], reduction, x.device) if grads else None,
-                       grad_x=gx if grads and need_gx else None, grad_w=gw if grads and need_gw else None)
-    return _reduce(loss_rows, reduction), gx, gw
+    gw = _weight_grad_buffer(weight, sampled.numel() * subcenters) if grads and need_gw else weight.new_empty(0)
+    rw = _row_weight(x.shape[0], reduction, x.device) if grads else None
+    loss_rows, tcos = _fused(x, labels, weight, sampled, sp, row_margins=row_margins, row_weight=rw,
+                             grad_x=gx if grads and need_gx else None, grad_w=gw if grads and need_gw else None)
+    gm = margin_grad(loss_rows, tcos, row_margins, sp.scale, rw) if grads and need_gm else x.new_empty(0)
+    return _reduce(loss_rows, reduction), gx, gw, gm
 
 
 @_fwd_op.register_fake
-def _(x, labels, weight, sampled, m1, m2, m3, scale, reduction, need_gx, need_gw):
-    grads = reduction != 2 and (need_gx or need_gw)
+def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm):
+    grads = reduction != 2 and (need_gx or need_gw or need_gm)
     loss = x.new_empty((x.shape[0],) if reduction == 2 else (), dtype=torch.float32)
     gx = x.new_empty(x.shape) if grads and need_gx else x.new_empty(0)
     gw = weight.new_empty(weight.shape) if grads and need_gw else weight.new_empty(0)
-    return loss, gx, gw
+    gm = torch.empty_like(row_margins) if grads and need_gm else x.new_empty(0)
+    return loss, gx, gw, gm
 
 
 @torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
 def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
-            grad_rows: torch.Tensor, m1: float, m2: float, m3: float, scale: float, need_gx: bool,
-            need_gw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: list[float], subcenters: int,
+            need_gx: bool, need_gw: bool, need_gm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
+    sp = MarginSpec.from_list(spec, subcenters)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
-    gw = _weight_grad_buffer(weight, sampled) if need_gw else weight.new_empty(0)
-    _fused(x, labels, weight, sampled, m1, m2, m3, scale, row_weight=grad_rows.float().contiguous(),
-           grad_x=gx if need_gx else None, grad_w=gw if need_gw else None)
-    return gx, gw
+    gw = _weight_grad_buffer(weight, sampled.numel() * subcenters) if need_gw else weight.new_empty(0)
+    rw = grad_rows.float().contiguous()
+    loss_rows, tcos = _fused(x, labels, weight, sampled, sp, row_margins=row_margins, row_weight=rw,
+                             grad_x=gx if need_gx else None, grad_w=gw if need_gw else None)
+    gm = margin_grad(loss_rows, tcos, row_margins, sp.scale, rw) if need_gm else x.new_empty(0)
+    return gx, gw, gm
 
 
 @_bwd_op.register_fake
-def _(x, labels, weight, sampled, grad_rows, m1, m2, m3, scale, need_gx, need_gw):
+def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm):
     return (x.new_empty(x.shape) if need_gx else x.new_empty(0),
-            weight.new_empty(weight.shape) if need_gw else weight.new_empty(0))
+            weight.new_empty(weight.shape) if need_gw else weight.new_empty(0),
+            torch.empty_like(row_margins) if need_gm else x.new_empty(0))
+
+
+_NO_GRADS = (None,) * 11
 
 
 def _setup_context(ctx, inputs, output):
-    x, labels, weight, sampled, m1, m2, m3, scale, reduction, need_gx, need_gw = inputs
-    _, gx, gw = output
+    x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm = inputs
+    _, gx, gw, gm = output
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
     ctx.consumed = False
-    ctx.params = (m1, m2, m3, scale)
-    ctx.reduction, ctx.need_gx, ctx.need_gw = reduction, need_gx, need_gw
+    ctx.spec, ctx.subcenters = spec, subcenters
+    ctx.reduction, ctx.needs = reduction, (need_gx, need_gw, need_gm)
     if reduction == 2:
-        ctx.save_for_backward(x, labels, weight, sampled)
+        ctx.save_for_backward(x, labels, weight, sampled, row_margins)
     else:
-        ctx.save_for_backward(gx, gw)
+        ctx.save_for_backward(gx, gw, gm)
 
 
-def _backward(ctx, grad_loss, _gx, _gw):
+def _backward(ctx, grad_loss, _gx, _gw, _gm):
+    need_gx, need_gw, need_gm = ctx.needs
+    if grad_loss is None:
+        return _NO_GRADS
     if ctx.reduction == 2:
-        x, labels, weight, sampled = ctx.saved_tensors
-        gx, gw = _bwd_op(x, labels, weight, sampled, grad_loss, *ctx.params, ctx.need_gx, ctx.need_gw)
+        x, labels, weight, sampled, row_margins = ctx.saved_tensors
+        gx, gw, gm = _bwd_op(x, labels, weight, sampled, row_margins, grad_loss, ctx.spec, ctx.subcenters,
+                             need_gx, need_gw, need_gm)
     else:
-        if grad_loss is None:
-            return (None,) * 11
-        gx, gw = ctx.saved_tensors
+        gx, gw, gm = ctx.saved_tensors
         if ctx.consumed and not torch.compiler.is_compiling():
             # The first backward may hand out the saved gradients themselves (upstream grad 1),
             # and autograd may then accumulate into them: they are not reusable.
             raise RuntimeError("simcore.margin_softmax_partial: a second backward through the same graph is not "
                                "supported for reduction='mean'/'sum' (use reduction='none' and reduce yourself)")
         ctx.consumed = True
-        gx = _scaled(gx, grad_loss) if ctx.need_gx else None
-        gw = _scaled(gw, grad_loss) if ctx.need_gw else None
-    return (gx if ctx.need_gx else None, None, gw if ctx.need_gw else None, None,
-            None, None, None, None, None, None, None)
+        gx = _scaled(gx, grad_loss) if need_gx else None
+        gw = _scaled(gw, grad_loss) if need_gw else None
+        gm = _scaled(gm, grad_loss) if need_gm else None
+    return (gx if need_gx else None, None, gw if need_gw else None, None, gm if need_gm else None,
+            None, None, None, None, None, None)
 
 
 torch.library.register_autograd("simcore::margin_softmax_fwd", _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public API
-def _loss_on_sampled(embeddings, labels, weight, sampled, m1, m2, m3, scale, reduction):
-    """Dispatch: compiled kernels (float32/float16/bfloat16) or the reference (float64, or backend)."""
+def _row_margins(m1, m2, m3, batch, device, dtype=torch.float32):
+    """(B, 3) per-row margins when any of m1, m2, m3 is a tensor (differentiable), else None.
+    float32 for the kernels; float64 inputs keep float64 (the reference path)."""
+    if not any(isinstance(m, torch.Tensor) for m in (m1, m2, m3)):
+        return None
+    cols = []
+    for name, m in (("m1", m1), ("m2", m2), ("m3", m3)):
+        if isinstance(m, torch.Tensor):
+            if m.shape != (batch,) or not m.is_floating_point():
+                raise ValueError(f"{name} must be a float or a floating (B,) = ({batch},) tensor, got "
+                                 f"{m.dtype} of shape {tuple(m.shape)}")
+            if m.device != device:
+                raise ValueError(f"{name} is on {m.device} but embeddings on {device}")
+            cols.append(m.to(dtype))
+        else:
+            cols.append(torch.full((batch,), float(m), dtype=dtype, device=device))
+    rm = torch.stack(cols, dim=1)
+    if not torch.compiler.is_compiling():  # the CPU kernel checks again; the CUDA kernel cannot
+        d = rm.detach()
+        if not bool(torch.isfinite(d).all()) or bool((d[:, 0] <= 0).any()) or bool((d[:, 1].abs() >= math.pi).any()):
+            raise ValueError("per-row margins must be finite with m1 > 0 and |m2| < pi")
+    return rm
+
+
+def _margin_dtype(embeddings):
+    return torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+
+
+def _loss_on_sampled(embeddings, labels, weight, sampled, spec, reduction, row_margins=None):
+    """Dispatch: compiled kernels (float32/float16/bfloat16) or the reference (float64, or backend).
+    ``row_margins`` (B, 3) per-row (m1, m2, m3) overrides the spec's scalars."""
     if (embeddings.dtype == torch.float64 or weight.dtype == torch.float64
             or not _dispatch.use_compiled(embeddings.device)):
+        m = (spec.m1, spec.m2, spec.m3) if row_margins is None else row_margins.to(embeddings.dtype).unbind(1)
         with torch.autocast(embeddings.device.type, enabled=False):
-            return margin_softmax_loss(embeddings, labels, weight, sampled, m1=m1, m2=m2, m3=m3, scale=scale,
-                                       reduction=reduction)
+            return margin_softmax_loss(embeddings, labels, weight, sampled, m1=m[0], m2=m[1], m3=m[2],
+                                       scale=spec.scale, reduction=reduction, cam=spec.cam_power or None,
+                                       filter_threshold=spec.filter_threshold, curricular_t=spec.curricular_t,
+                                       subcenters=spec.subcenters)
     grad = torch.is_grad_enabled()
-    loss, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, float(m1), float(m2),
-                         float(m3), float(scale), _REDUCTIONS[reduction], grad and embeddings.requires_grad,
-                         grad and weight.requires_grad)
+    need_gm = grad and row_margins is not None and row_margins.requires_grad
+    if row_margins is not None:
+        row_margins = row_margins.float()
+    loss, _, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, row_margins,
+                            spec.as_list(), spec.subcenters, _REDUCTIONS[reduction],
+                            grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm)
     return loss
+
+
+def _check_family(subcenters, filter_threshold, weight=None):
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or not 1 <= subcenters <= 255:
+        raise ValueError(f"subcenters must be an int in [1, 255], got {subcenters!r}")
+    if weight is not None and weight.shape[0] % subcenters:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters={subcenters} "
+                         "(sub-centre weights are (C·K, D), class-major)")
+    if filter_threshold is not None and (isinstance(filter_threshold, bool)
+                                         or not isinstance(filter_threshold, (int, float))
+                                         or math.isnan(filter_threshold)):
+        raise ValueError(f"filter_threshold must be a number or None, got {filter_threshold!r}")
+
+
+def _partial(embeddings, labels, weight, spec, *, row_margins_of=None, sample_rate, num_samples, generator,
+             reduction, return_sampled):
+    """Shared body of the functional losses: checks, sampling, dispatch. ``row_margins_of(embeddings)``
+    gives per-row (B, 3) margins (AdaFace, MagFace, or user tensors)."""
+    _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=spec.subcenters)
+    num_classes = weight.shape[0] // spec.subcenters
+    if num_samples is None:
+        num_samples = math.ceil(sample_rate * num_classes)
+    if num_samples >= num_classes:
+        sampled = torch.arange(num_classes, device=labels.device)
+    else:
+        sampled = sample_classes(labels, num_classes, num_samples, generator)
+    rm = row_margins_of(embeddings) if row_margins_of is not None else None
+    loss = _loss_on_sampled(embeddings, labels, weight, sampled, spec, reduction, rm)
+    return (loss, sampled) if return_sampled else loss
 
 
 def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0, scale=64.0,
                            sample_rate=0.1, num_samples=None, generator=None, reduction="mean",
-                           return_sampled=False):
+                           return_sampled=False, subcenters=1, filter_threshold=None):
     """Combined-margin softmax cross-entropy over a sampled subset of classes (Partial FC).
 
     Logits are ``scale·cos θ_ij`` for the sampled classes j, and ``scale·ψ(θ)`` with
     ``ψ(θ) = cos(m1·θ + m2) − m3`` for the target (beyond θ* = (π − m2)/m1:
     ``cos θ − cos θ* − 1 − m3``). ``embeddings`` (B, D) and ``weight`` (C, D) are
     L2-normalised inside. ``labels`` (B,) int64 in [0, C).
+
+    ``m1``, ``m2``, ``m3`` may be (B,) tensors: per-row margins (AdaFace, MagFace);
+    gradients flow to them when they require grad. ``subcenters=K``: ``weight`` is
+    (C·K, D), K centres per class (class-major) and a class's cosine is the max
+    over its centres (sub-centre ArcFace). ``filter_threshold``: non-target
+    cosines above it count as 0 and get no gradient (Partial FC's inter-class
+    filtering, 0.4 in the paper).
 
     Sampling: every class in ``labels`` plus uniform negatives without replacement
     up to ``num_samples`` (default ``ceil(sample_rate·C)``); ``sample_rate=1.0`` is
@@ -430,35 +604,38 @@ def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0
     ``embeddings`` and ``weight`` (non-zero only on sampled rows). NaN or Inf in
     the inputs gives a NaN loss for the rows they reach (no error is raised).
     """
-    _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction)
     _check_margins(m1, m2, m3, scale)
-    num_classes = weight.shape[0]
-    if num_samples is None:
-        num_samples = math.ceil(sample_rate * num_classes)
-    if num_samples >= num_classes:
-        sampled = torch.arange(num_classes, device=labels.device)
-    else:
-        sampled = sample_classes(labels, num_classes, num_samples, generator)
-    loss = _loss_on_sampled(embeddings, labels, weight, sampled, m1, m2, m3, scale, reduction)
-    return (loss, sampled) if return_sampled else loss
+    _check_family(subcenters, filter_threshold)
+    # per-row tensors travel as row_margins; the scalars they replace are placeholders
+    spec = MarginSpec(*(p if isinstance(m, torch.Tensor) else float(m) for m, p in zip((m1, m2, m3), (1.0, 0.0, 0.0))),
+                      float(scale),
+                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold),
+                      subcenters=subcenters)
+    return _partial(embeddings, labels, weight, spec,
+                    row_margins_of=lambda x: _row_margins(m1, m2, m3, x.shape[0], x.device, _margin_dtype(x)),
+                    sample_rate=sample_rate, num_samples=num_samples, generator=generator, reduction=reduction,
+                    return_sampled=return_sampled)
 
 
 def arcface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, sample_rate=0.1, num_samples=None,
-                    generator=None, reduction="mean", return_sampled=False):
+                    generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
     """ArcFace (additive angular margin, Deng et al. 2019): target logit s·cos(θ + margin).
+    ``subcenters=K`` gives sub-centre ArcFace (Deng et al. 2020; weight (C·K, D)).
     See :func:`margin_softmax_partial`."""
     return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=margin, m3=0.0, scale=scale,
                                   sample_rate=sample_rate, num_samples=num_samples, generator=generator,
-                                  reduction=reduction, return_sampled=return_sampled)
+                                  reduction=reduction, return_sampled=return_sampled, subcenters=subcenters,
+                                  filter_threshold=filter_threshold)
 
 
 def cosface_partial(embeddings, labels, weight, *, margin=0.35, scale=64.0, sample_rate=0.1, num_samples=None,
-                    generator=None, reduction="mean", return_sampled=False):
+                    generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
     """CosFace / AM-Softmax (additive cosine margin, Wang et al. 2018): target logit s·(cos θ − margin).
     See :func:`margin_softmax_partial`."""
     return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=0.0, m3=margin, scale=scale,
                                   sample_rate=sample_rate, num_samples=num_samples, generator=generator,
-                                  reduction=reduction, return_sampled=return_sampled)
+                                  reduction=reduction, return_sampled=return_sampled, subcenters=subcenters,
+                                  filter_threshold=filter_threshold)
 
 
 # --------------------------------------------------------------------------- the head
@@ -499,7 +676,7 @@ class PartialMarginHead(nn.Module):
 
     def __init__(self, num_classes, embedding_dim, *, margin=0.5, scale=64.0, sample_rate=0.1, m1=1.0, m3=0.0,
                  optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                 device=None, dtype=None, process_group=None):
+                 device=None, dtype=None, process_group=None, loss=None, subcenters=1, filter_threshold=None):
         super().__init__()
         if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
             raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
@@ -521,18 +698,24 @@ class PartialMarginHead(nn.Module):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        _check_family(subcenters, filter_threshold)
+        if loss is not None and not (isinstance(loss, nn.Module) and hasattr(loss, "kernel_args")):
+            raise TypeError(f"loss must be one of simcore's margin-family modules (simcore.ArcFace, CamSoftmax, "
+                            f"AdaFace, MagFace, CurricularFace), got {type(loss).__name__}")
+        self.loss = loss  # a submodule: its statistics (EMAs) are saved with the head
+        self.subcenters, self.filter_threshold = subcenters, filter_threshold
         self.m1, self.margin, self.m3, self.scale, self.sample_rate = m1, margin, m3, scale, sample_rate
         self.optimizer, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
         self.betas, self.eps = betas, eps
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype),
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_dim, device=device, dtype=dtype),
                                    requires_grad=False)
         nn.init.normal_(self.weight, std=0.01)
-        self._init_state(num_classes)
-        self._pending = []  # (sampled ids, gradient rows) recorded by backward
+        self._init_state(num_classes * subcenters)
+        self._pending = []  # (centre row ids, gradient rows) recorded by backward
 
     @property
     def num_classes(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[0] // self.subcenters
 
     def _init_state(self, rows):
         like = dict(device=self.weight.device, dtype=torch.float32)
@@ -549,7 +732,7 @@ class PartialMarginHead(nn.Module):
         ``sampled``: use these sorted unique class ids (they must include every
         label) instead of drawing them."""
         w = self.weight
-        _check_inputs(embeddings, labels, w, self.sample_rate, None, "mean")
+        _check_inputs(embeddings, labels, w, self.sample_rate, None, "mean", subcenters=self.subcenters)
         num_samples = math.ceil(self.sample_rate * self.num_classes)
         if sampled is not None:
             check_sampled(sampled, labels, self.num_classes)
@@ -558,14 +741,31 @@ class PartialMarginHead(nn.Module):
         else:
             sampled = sample_classes(labels, self.num_classes, num_samples, generator)
         train = torch.is_grad_enabled() and self.training
-        rows = w.index_select(0, sampled)
+        centres = _centre_ids(sampled, self.subcenters)
+        rows = w.index_select(0, centres)
         if train:
             rows.requires_grad_(True)
-            rows.register_hook(lambda g: self._pending.append((sampled, g.detach())))
+            rows.register_hook(lambda g: self._pending.append((centres, g.detach())))
         target = torch.searchsorted(sampled, labels)
-        loss = _loss_on_sampled(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device),
-                                self.m1, self.margin, self.m3, self.scale, "mean")
+        loss = self._margin_loss(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device))
         return (loss, sampled) if return_sampled else loss
+
+    def _margin_loss(self, embeddings, target, rows, sampled):
+        """Mean loss of the head's variant on the gathered centre rows."""
+        spec, margins, reg = self._spec(embeddings, lambda: target_cosines(embeddings, target, rows, self.subcenters))
+        rm = None if margins is None else _row_margins(*margins, embeddings.shape[0], embeddings.device,
+                                                       _margin_dtype(embeddings))
+        loss = _loss_on_sampled(embeddings, target, rows, sampled, spec, "mean", rm)
+        return loss if reg is None else loss + reg.mean().to(loss.dtype)
+
+    def _spec(self, embeddings, target_cos):
+        """(MarginSpec, per-row margins or None, per-row regulariser or None) of this batch."""
+        family = dict(subcenters=self.subcenters,
+                      filter_threshold=math.inf if self.filter_threshold is None else float(self.filter_threshold))
+        if self.loss is None:
+            return MarginSpec(self.m1, self.margin, self.m3, self.scale, **family), None, None
+        fields, margins, reg = self.loss.kernel_args(embeddings, target_cos)
+        return MarginSpec(**fields, **family), margins, reg
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the recorded centre gradients (and any parameter gradients)."""
@@ -616,19 +816,20 @@ class PartialMarginHead(nn.Module):
         :meth:`centres_from_embeddings` of the model's own embeddings). Their optimizer
         state starts at zero. Returns the new class ids."""
         if not isinstance(new_centres, torch.Tensor) or new_centres.dim() != 2 \
-                or new_centres.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"new_centres must be a (n, {self.weight.shape[1]}) tensor")
+                or new_centres.shape[1] != self.weight.shape[1] or new_centres.shape[0] % self.subcenters:
+            raise ValueError(f"new_centres must be a (n·K, {self.weight.shape[1]}) tensor, K = subcenters = "
+                             f"{self.subcenters} rows per class, class-major")
         if not torch.isfinite(new_centres).all():
             raise ValueError("new_centres holds NaN or Inf")
         old = self.num_classes
-        n = new_centres.shape[0]
+        n = new_centres.shape[0]  # rows (n / K classes)
         self.weight = nn.Parameter(torch.cat([self.weight, new_centres.to(self.weight)]), requires_grad=False)
         for name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step"):
             buf = getattr(self, name, None)
             if buf is not None:
                 setattr(self, name, torch.cat([buf, buf.new_zeros((n,) + buf.shape[1:])]))
         self._pending.clear()
-        return torch.arange(old, old + n, device=self.weight.device)
+        return torch.arange(old, old + n // self.subcenters, device=self.weight.device)
 
     @staticmethod
     @torch.no_grad()
@@ -648,4 +849,5 @@ class PartialMarginHead(nn.Module):
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_dim={self.weight.shape[1]}, m1={self.m1}, "
                 f"margin={self.margin}, m3={self.m3}, scale={self.scale}, sample_rate={self.sample_rate}, "
-                f"optimizer={self.optimizer!r}, lr={self.lr}")
+                f"optimizer={self.optimizer!r}, lr={self.lr}, subcenters={self.subcenters}, "
+                f"filter_threshold={self.filter_threshold}")

@@ -9,6 +9,7 @@ reload. Hangs fail: a 60 s process-group timeout in the workers and a deadline o
 the spawn in the parent.
 """
 import datetime
+import math
 import os
 import random
 import time
@@ -47,7 +48,25 @@ def _head_kwargs(name):
             "A2": dict(m1=1.0, margin=0.3, m3=0.2, scale=32.0, sample_rate=1.0),
             "B": dict(margin=0.4, scale=40.0, sample_rate=0.5),
             "C": dict(margin=0.5, scale=30.0, sample_rate=0.25),
-            "D": dict(margin=0.4, scale=40.0, sample_rate=0.3, optimizer="adamw", lr=1e-2, weight_decay=0.1)}[name]
+            "D": dict(margin=0.4, scale=40.0, sample_rate=0.3, optimizer="adamw", lr=1e-2, weight_decay=0.1),
+            # the margin family (fresh module state on every head: one training-mode update each)
+            "V_cam": dict(sample_rate=0.5, loss=simcore.CamSoftmax(c=math.pi / 3, scale=20.0), filter_threshold=0.5),
+            "V_ada": dict(sample_rate=0.5, loss=simcore.AdaFace(scale=32.0)),
+            "V_mag": dict(sample_rate=0.5, loss=simcore.MagFace(scale=32.0)),
+            "V_curr": dict(sample_rate=0.5, loss=simcore.CurricularFace(scale=32.0)),
+            "V_sub": dict(margin=0.4, scale=32.0, sample_rate=0.5, subcenters=3, filter_threshold=0.3)}[name]
+
+
+VARIANTS = ["V_cam", "V_ada", "V_mag", "V_curr", "V_sub"]
+X_SCALE = 6.0  # variant runs: feature norms ~24, inside MagFace's [10, 110] so its margin has a gradient
+
+
+def _k(name):
+    return _head_kwargs(name).get("subcenters", 1)
+
+
+def _weight(inp, name):
+    return inp["W3"] if _k(name) == 3 else inp["W"]
 
 
 def _grab_error(fn):
@@ -71,15 +90,16 @@ def _worker(rank, ws, tmp):
         grp = dist.group.WORLD
         out = {}
 
-        def run(name, labels, sampled=None, grad_reduction="sum", generator=None):
+        def run(name, labels, sampled=None, grad_reduction="sum", generator=None, x_scale=1.0):
             head = simcore.PartialMarginHead(C, D, process_group=grp, grad_reduction=grad_reduction,
                                              **_head_kwargs(name))
             s, e = head.shard
-            head.weight.data.copy_(inp["W"][s:e])
-            x = inp["X"][sl].clone().requires_grad_(True)
+            k = _k(name)
+            head.weight.data.copy_(_weight(inp, name)[s * k:e * k])
+            x = (inp["X"][sl] * x_scale).requires_grad_(True)
             loss, local = head(x, labels[sl], sampled=sampled, generator=generator, return_sampled=True)
             loss.backward()
-            out[name] = dict(loss=loss.detach(), gx=x.grad.clone(), gw=_dense(head._pending, e - s),
+            out[name] = dict(loss=loss.detach(), gx=x.grad.clone(), gw=_dense(head._pending, (e - s) * k),
                              shard=(s, e), local=local)
             return head
 
@@ -87,6 +107,8 @@ def _worker(rank, ws, tmp):
         run("A2", inp["Y"], None, grad_reduction="mean")
         run("B", inp["YB"], inp["SB"])
         run("C", inp["Y"], None, generator=torch.Generator().manual_seed(100 + rank))
+        for name in VARIANTS:
+            run(name, inp["Y"], inp["SA"], x_scale=X_SCALE)
 
         # D: a DDP backbone + an AdamW head, two steps
         bb = torch.nn.parallel.DistributedDataParallel(_backbone())
@@ -167,13 +189,13 @@ def _with_positives(labels, extra, gen):
     return torch.unique(torch.cat([labels, extra_ids]))
 
 
-def _single(name, inp, labels, sampled):
+def _single(name, inp, labels, sampled, x_scale=1.0):
     head = simcore.PartialMarginHead(C, D, **_head_kwargs(name))
-    head.weight.data.copy_(inp["W"])
-    x = inp["X"].clone().requires_grad_(True)
+    head.weight.data.copy_(_weight(inp, name))
+    x = (inp["X"] * x_scale).requires_grad_(True)
     loss = head(x, labels, sampled=sampled)
     loss.backward()
-    return dict(loss=loss.detach(), gx=x.grad, gw=_dense(head._pending, C))
+    return dict(loss=loss.detach(), gx=x.grad, gw=_dense(head._pending, C * _k(name)))
 
 
 def _single_ddp_run(inp):
@@ -206,6 +228,7 @@ def world(tmp_path_factory):
     y = torch.randint(C, (N,), generator=gen)
     yb = torch.randint(C // 2, (N,), generator=gen)
     inp = {"X": torch.randn(N, D, generator=gen), "W": torch.randn(C, D, generator=gen), "Y": y, "YB": yb,
+           "W3": torch.randn(3 * C, D, generator=gen),
            "Z": torch.randn(N, DIN, generator=gen),
            "SA": _with_positives(y, 15, gen),
            "SB": torch.unique(torch.cat([yb, torch.randperm(C // 2, generator=gen)[:5]])),  # classes < C/2 only
@@ -213,7 +236,8 @@ def world(tmp_path_factory):
     assert not bool(torch.isin(inp["Y"], inp["SB"]).all())  # SB lacks labels of Y (for F_missing)
     torch.save(inp, tmp / "inputs.pt")
     expect = {"A": _single("A", inp, y, inp["SA"]), "A2": _single("A2", inp, y, None),
-              "B": _single("B", inp, yb, inp["SB"]), "D": _single_ddp_run(inp)}
+              "B": _single("B", inp, yb, inp["SB"]), "D": _single_ddp_run(inp),
+              **{name: _single(name, inp, y, inp["SA"], X_SCALE) for name in VARIANTS}}
     outs = {ws: _spawn(ws, tmp) for ws in (2, 4)}  # 4 after 2: it loads 2's checkpoint
     return inp, expect, outs, tmp
 
@@ -221,7 +245,7 @@ def world(tmp_path_factory):
 WS = pytest.mark.parametrize("ws", [2, 4])
 
 
-def _check_equivalent(res, exp, sizes, ws, gx_scale=1.0):
+def _check_equivalent(res, exp, sizes, ws, gx_scale=1.0, k=1):
     for rank, r in enumerate(res):
         assert rel_err(r["loss"], exp["loss"]) <= TOL  # the same global loss on every rank
         off = sum(sizes[:rank])
@@ -231,6 +255,7 @@ def _check_equivalent(res, exp, sizes, ws, gx_scale=1.0):
             assert r["gx"].shape == (0, D)
         s, e = r["shard"]
         assert (s, e) == shard_bounds(C, ws, rank)
+        s, e = s * k, e * k  # rows of the shard's sub-centres
         if exp["gw"][s:e].abs().sum() > 0:
             assert rel_err(r["gw"], exp["gw"][s:e]) <= TOL
         else:
@@ -242,6 +267,16 @@ def test_same_loss_and_gradients_as_single_process(world, ws):
     """Explicit sampled set; grad_reduction='sum': each rank gets exactly its rows of ∂L/∂X."""
     inp, expect, outs, _ = world
     _check_equivalent([o["A"] for o in outs[ws]], expect["A"], SIZES[ws], ws)
+
+
+@WS
+@pytest.mark.parametrize("name", VARIANTS)
+def test_margin_family_matches_single_process(world, ws, name):
+    """Cam-Softmax (+filtering), AdaFace and MagFace (per-row margins; MagFace's flow to the
+    norms, plus its regulariser), CurricularFace (global target cosines) and sub-centres
+    (+filtering) on the sharded head: the same loss and gradients as one process."""
+    inp, expect, outs, _ = world
+    _check_equivalent([o[name] for o in outs[ws]], expect[name], SIZES[ws], ws, k=_k(name))
 
 
 @WS

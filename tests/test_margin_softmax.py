@@ -10,7 +10,7 @@ import simcore.margin_softmax as ms
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
-from conftest import cuda, poisoned, rel_err
+from conftest import cuda, kernel_params, poisoned, rel_err
 
 MARGINS = {  # (m1, m2, m3, scale)
     "arcface": (1.0, 0.5, 0.0, 64.0),
@@ -20,15 +20,23 @@ MARGINS = {  # (m1, m2, m3, scale)
 }
 
 
-def _reference(x, y, w, sampled, margins, reduction, grad_out=None):
-    """Loss and gradients of the float64 reference on the same (possibly half) input values."""
+def _reference(x, y, w, sampled, margins, reduction, grad_out=None, dtype=torch.float64):
+    """Loss and gradients of the reference (float64 by default) on the same (possibly half) input values."""
     m1, m2, m3, s = margins
-    xd = x.detach().double().requires_grad_()
-    wd = w.detach().double().requires_grad_()
+    xd = x.detach().to(dtype).requires_grad_()
+    wd = w.detach().to(dtype).requires_grad_()
     loss = margin_softmax_loss(xd, y, wd, sampled, m1=m1, m2=m2, m3=m3, scale=s, reduction=reduction)
-    g = torch.ones_like(loss) if grad_out is None else grad_out.double()
+    g = torch.ones_like(loss) if grad_out is None else grad_out.to(dtype)
     gx, gw = torch.autograd.grad(loss, (xd, wd), g)
     return loss, gx, gw
+
+
+def assert_float32_close(got, ref64, ref32):
+    """Within 1e-5 relative of the float64 reference, or, where float32 itself cannot get
+    that close (scale 64 turns the GEMM's ~1e-7 cosine rounding into ~1e-5 in the softmax),
+    within 2x the plain float32 reference's own error."""
+    for out, r64, r32 in zip(got, ref64, ref32):
+        assert rel_err(out, r64) <= max(1e-5, 2 * rel_err(r32, r64)), (rel_err(out, r64), rel_err(r32, r64))
 
 
 def _kernel(x, y, w, margins, reduction, grad_out=None, **kw):
@@ -66,11 +74,10 @@ def test_float32_matches_reference(variant, reduction, blocked, generator, monke
         g = torch.rand(b, generator=generator) if reduction == "none" else None
         loss, sampled, gx, gw = _kernel(x, y, w, MARGINS[variant], reduction, g, sample_rate=rate,
                                         generator=torch.Generator().manual_seed(1))
-        rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS[variant], reduction, g)
+        ref64 = _reference(x, y, w, sampled, MARGINS[variant], reduction, g)
+        ref32 = _reference(x, y, w, sampled, MARGINS[variant], reduction, g, dtype=torch.float32)
         assert loss.dtype == torch.float32
-        assert rel_err(loss, rl) <= 1e-5
-        assert rel_err(gx, rgx) <= 1e-5
-        assert rel_err(gw, rgw) <= 1e-5
+        assert_float32_close((loss, gx, gw), ref64, ref32)
 
 
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
@@ -179,9 +186,9 @@ def test_outputs_fully_written_poisoned(generator):
         gw = poisoned((c, d))
         gwc = poisoned((len(sampled), d))
         rw = torch.full((b,), 1.0 / b)
-        loss = ms._fused(x, y, w, sampled, 1.0, 0.5, 0.0, 64.0, row_weight=rw, grad_x=gx, grad_w=gw,
-                         workspace_bytes=budget)
-        ms._fused(x, y, w, sampled, 1.0, 0.5, 0.0, 64.0, row_weight=rw, grad_w=gwc, grad_w_compact=True,
+        loss, _ = ms._fused(x, y, w, sampled, ms.MarginSpec(), row_weight=rw, grad_x=gx, grad_w=gw,
+                            workspace_bytes=budget)
+        ms._fused(x, y, w, sampled, ms.MarginSpec(), row_weight=rw, grad_w=gwc, grad_w_compact=True,
                   workspace_bytes=budget)
         mask = torch.zeros(c, dtype=torch.bool)
         mask[sampled] = True
@@ -344,10 +351,10 @@ def test_cpp_rechecks_arguments():
     cos = torch.zeros(3, 4)
     v, v2 = torch.zeros(3), torch.zeros(2)
     with pytest.raises(ValueError, match="size"):
-        ext.ms_lse_block(tensor_arg(cos), tensor_arg(out), 0, 1.0, 0.5, 0.0, 64.0, 1e-4, tensor_arg(v),
+        ext.ms_lse_block(tensor_arg(cos), tensor_arg(out), 0, kernel_params(), None, tensor_arg(v),
                          tensor_arg(v2), tensor_arg(v), tensor_arg(v), 1)
     with pytest.raises(ValueError, match="m2"):
-        ext.ms_grad_block(tensor_arg(cos), tensor_arg(out), 0, 1.0, 4.0, 0.0, 64.0, 1e-4, tensor_arg(v),
+        ext.ms_grad_block(tensor_arg(cos), tensor_arg(out), 0, kernel_params(m2=4.0), None, tensor_arg(v),
                           tensor_arg(v), tensor_arg(v), 1)
     src, idx, dst, norms = torch.zeros(5, 4), torch.tensor([0, 5]), torch.zeros(2, 4), torch.zeros(2)
     with pytest.raises(ValueError, match="index"):

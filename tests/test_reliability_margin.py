@@ -33,7 +33,7 @@ import simcore.margin_softmax as ms
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
 from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss
-from conftest import rel_err
+from conftest import kernel_params, rel_err
 
 EXT = _dispatch.extension()
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
@@ -298,13 +298,15 @@ class _Raw:
         EXT.ms_targets(_or(labels, tensor_arg(self.labels)), _or(sampled, tensor_arg(self.sampled)), num_classes,
                        _or(out, tensor_arg(self.tcol)), exec)
 
-    def lse_block(self, cos=None, tcol=None, col0=0, margins=(1.0, 0.5, 0.0, 64.0, SIN_EPS), vecs=None, exec=1):
+    def lse_block(self, cos=None, tcol=None, col0=0, margins=kernel_params(), row_margins=None, vecs=None, exec=1):
         vecs = _or(vecs, [tensor_arg(v) for v in self.v4])
-        EXT.ms_lse_block(_or(cos, tensor_arg(self.cos)), _or(tcol, tensor_arg(self.tcol)), col0, *margins, *vecs, exec)
+        EXT.ms_lse_block(_or(cos, tensor_arg(self.cos)), _or(tcol, tensor_arg(self.tcol)), col0, margins, row_margins,
+                         *vecs, exec)
 
-    def grad_block(self, cos=None, tcol=None, col0=0, margins=(1.0, 0.5, 0.0, 64.0, SIN_EPS), vecs=None, exec=1):
+    def grad_block(self, cos=None, tcol=None, col0=0, margins=kernel_params(), row_margins=None, vecs=None, exec=1):
         vecs = _or(vecs, [tensor_arg(v) for v in self.v4[:3]])
-        EXT.ms_grad_block(_or(cos, tensor_arg(self.cos)), _or(tcol, tensor_arg(self.tcol)), col0, *margins, *vecs, exec)
+        EXT.ms_grad_block(_or(cos, tensor_arg(self.cos)), _or(tcol, tensor_arg(self.tcol)), col0, margins,
+                          row_margins, *vecs, exec)
 
     def project_rows(self, u=None, v=None, norms=None, out=None, out_index="default", eps=1e-12, exec=1):
         out_index = tensor_arg(self.idx) if out_index == "default" else out_index
@@ -328,8 +330,7 @@ def _raw_cases():
         keep.append(t)
         return _pack(t, device="cuda", device_index=0)
 
-    mg = lambda **kw: tuple(kw.get(n, v) for n, v in  # noqa: E731
-                            zip(("m1", "m2", "m3", "s", "e"), (1.0, 0.5, 0.0, 64.0, SIN_EPS)))
+    mg = kernel_params
     cases = [
         # ---- ms_normalize_rows
         ("nr_src_1d", lambda r: r.normalize_rows(src=k(torch.randn(12))), ValueError, "src must have 2 dimension"),
@@ -417,7 +418,7 @@ def _raw_cases():
                                                              k(torch.zeros(5))]),
          ValueError, "target_logit must have size 4"),
         ("lse_m1_zero", lambda r: r.lse_block(margins=mg(m1=0.0)), ValueError, "m1 must be a positive finite"),
-        ("lse_m2_pi", lambda r: r.lse_block(margins=mg(m2=math.pi)), ValueError, r"m2 must lie in \[0, pi\)"),
+        ("lse_m2_pi", lambda r: r.lse_block(margins=mg(m2=math.pi)), ValueError, r"m2 must lie in \(-pi, pi\)"),
         ("lse_m3_nan", lambda r: r.lse_block(margins=mg(m3=float("nan"))), ValueError, "m3 must be finite"),
         ("lse_scale_inf", lambda r: r.lse_block(margins=mg(s=float("inf"))), ValueError,
          "scale must be a positive finite"),
@@ -435,7 +436,7 @@ def _raw_cases():
         ("gb_target_cos_strided", lambda r: r.grad_block(vecs=[k(torch.zeros(4)), k(torch.zeros(4)),
                                                                k(torch.zeros(8)[::2])]),
          ValueError, "target_cos must be contiguous"),
-        ("gb_m2_neg", lambda r: r.grad_block(margins=mg(m2=-0.5)), ValueError, "m2 must lie in"),
+        ("gb_m2_neg_pi", lambda r: r.grad_block(margins=mg(m2=-3.5)), ValueError, "m2 must lie in"),
         # ---- ms_project_rows
         ("pr_u_f16", lambda r: r.project_rows(u=k(torch.zeros(5, 8, dtype=torch.float16))), TypeError,
          "u must be float32"),
@@ -545,7 +546,7 @@ def test_raw_target_columns_outside_the_block_are_ignored_not_read():
     tcol = torch.tensor([I64_MIN, -1, 2, 2**62, I64_MAX, 7])  # block = sampled columns 3..7
     run_max, run_sum = torch.full((b,), -math.inf), torch.zeros(b)
     tcos, tlog = torch.full((b,), math.nan), torch.full((b,), math.nan)
-    EXT.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), 3, 1.0, 0.5, 0.0, 64.0, SIN_EPS, tensor_arg(run_max),
+    EXT.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), 3, kernel_params(), None, tensor_arg(run_max),
                      tensor_arg(run_sum), tensor_arg(tcos), tensor_arg(tlog), 1)
     lse = torch.logsumexp(64.0 * cos.double(), dim=1)
     # columns 3..7 of the sampled set: only tcol=7 (row 5) falls at block column 4
@@ -554,7 +555,7 @@ def test_raw_target_columns_outside_the_block_are_ignored_not_read():
     got = run_max.double() + torch.log(run_sum.double())
     assert rel_err(got[:5], expect[:5]) <= 1e-6
     g, lse32, ones = cos.clone(), got.float(), torch.ones(b)  # named: a packed tuple does not keep its tensor alive
-    EXT.ms_grad_block(tensor_arg(g), tensor_arg(tcol), 3, 1.0, 0.5, 0.0, 64.0, SIN_EPS,
+    EXT.ms_grad_block(tensor_arg(g), tensor_arg(tcol), 3, kernel_params(), None,
                       tensor_arg(lse32), tensor_arg(ones), tensor_arg(tcos), 1)
     assert torch.isfinite(g).all()
     soft = 64.0 * torch.softmax(64.0 * cos.double(), dim=1)
@@ -666,6 +667,9 @@ def _kernel_call(draw, kernel):
         spec["cos"] = [(b, n), draw(st.sampled_from(_GEMM)), torch.rand(b, n) * 2 - 1]
         spec["target_col"] = [(b,), torch.int64, ints(-2, n + 3, b)]
         spec["col0"] = ("int", draw(st.integers(0, 3)))
+        if draw(st.booleans()):  # per-row (m1, m2, m3), AdaFace-like: m2 may be negative
+            spec["row_margins"] = [(b, 3), torch.float32,
+                                   torch.stack([torch.rand(b) + 0.5, torch.rand(b) - 0.5, torch.rand(b) * 0.4], 1)]
         names = (["run_max", "run_sum", "target_cos", "target_logit"] if kernel == "lse_block"
                  else ["lse", "row_weight", "target_cos"])
         for name in names:
@@ -747,9 +751,12 @@ def test_fuzz_raw_kernels_stay_in_bounds(data, kernel):
     """Valid raw calls with one argument broken half of the time (dtype, size, rank, strides,
     values): each either works or raises ValueError/TypeError, and inputs are never written.
     Under .ci/sanitize every storage is exactly its view's bytes, so ASan sees any stray access."""
+    params = data.draw(st.sampled_from([kernel_params(), kernel_params(filter_threshold=0.4),
+                                        kernel_params(curricular=1, curricular_t=0.3),
+                                        kernel_params(cam_power=4.37, filter_threshold=0.2)]), label="params")
     spec, tensors, args = data.draw(_kernel_call(kernel))
-    if kernel in ("lse_block", "grad_block"):
-        args[3:3] = [1.0, 0.5, 0.0, 64.0, SIN_EPS]
+    if kernel in ("lse_block", "grad_block"):  # the margin family's transforms, each reached by the fuzz
+        args[3:3] = [params] if "row_margins" in spec else [params, None]
     if kernel in ("normalize_rows", "project_rows"):
         args.append(1e-12)
     if kernel != "sample_classes":
@@ -860,11 +867,11 @@ def test_kernels_bit_identical_across_thread_counts(seed):
     for ex in (1, 2, 3):
         rm, rs = torch.full((b,), -math.inf), torch.zeros(b)
         tc, tl = torch.full((b,), math.nan), torch.full((b,), math.nan)
-        EXT.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), 0, 1.0, 0.5, 0.0, 64.0, SIN_EPS, tensor_arg(rm),
+        EXT.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), 0, kernel_params(), None, tensor_arg(rm),
                          tensor_arg(rs), tensor_arg(tc), tensor_arg(tl), ex)
         lse = rm + torch.log(rs)
         gb, rw = cos.clone(), torch.full((b,), 1.0 / b)
-        EXT.ms_grad_block(tensor_arg(gb), tensor_arg(tcol), 0, 1.0, 0.5, 0.0, 64.0, SIN_EPS, tensor_arg(lse),
+        EXT.ms_grad_block(tensor_arg(gb), tensor_arg(tcol), 0, kernel_params(), None, tensor_arg(lse),
                           tensor_arg(rw), tensor_arg(tc), ex)
         src = cos.view(-1, 4096)  # 4096 rows x 4096: 128 MB read+written
         out, norms = torch.empty_like(src), torch.empty(src.shape[0])
@@ -997,8 +1004,8 @@ def _long_calls():
     calls = {
         "normalize_rows": (EXT.ms_normalize_rows, (T(src), None, T(out), T(norms), 1e-12, 1)),
         "project_rows": (EXT.ms_project_rows, (T(src), T(src), T(norms), T(out), None, 1e-12, 1)),
-        "lse_block": (EXT.ms_lse_block, (T(cos), T(tcol), 0, 1.0, 0.5, 0.0, 64.0, SIN_EPS, *map(T, v4), 1)),
-        "grad_block": (EXT.ms_grad_block, (T(cos), T(tcol), 0, 1.0, 0.5, 0.0, 64.0, SIN_EPS, *map(T, v4[:3]), 1)),
+        "lse_block": (EXT.ms_lse_block, (T(cos), T(tcol), 0, kernel_params(), None, *map(T, v4), 1)),
+        "grad_block": (EXT.ms_grad_block, (T(cos), T(tcol), 0, kernel_params(), None, *map(T, v4[:3]), 1)),
         "targets": (EXT.ms_targets, (T(labels), T(sampled), big, T(tout), 1)),
         "sample_classes": (EXT.ms_sample_classes, (T(pos), T(rnd), big + 3, T(bitmap), T(sout))),
     }
@@ -1101,12 +1108,12 @@ def test_raw_kernels_at_cos_exactly_plus_minus_one():
             cos = cos.to(dt)
             rm, rs = torch.full((b,), -math.inf), torch.zeros(b)
             tc, tl = torch.full((b,), math.nan), torch.full((b,), math.nan)
-            EXT.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), 0, m1, m2, m3, s, SIN_EPS, tensor_arg(rm),
+            EXT.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), 0, kernel_params(m1, m2, m3, s), None, tensor_arg(rm),
                              tensor_arg(rs), tensor_arg(tc), tensor_arg(tl), 1)
             lse = rm + torch.log(rs)
             assert torch.isfinite(lse).all() and torch.isfinite(tl).all()
             g, ones = cos.clone(), torch.ones(b)
-            EXT.ms_grad_block(tensor_arg(g), tensor_arg(tcol), 0, m1, m2, m3, s, SIN_EPS, tensor_arg(lse),
+            EXT.ms_grad_block(tensor_arg(g), tensor_arg(tcol), 0, kernel_params(m1, m2, m3, s), None, tensor_arg(lse),
                               tensor_arg(ones), tensor_arg(tc), 1)
             assert torch.isfinite(g.float()).all(), (m1, m2, m3, dt)
             # the slope is evaluated at θ clamped to [SIN_EPS, π − SIN_EPS]: bounded by m1 / sin(SIN_EPS)·s

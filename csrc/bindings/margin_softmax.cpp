@@ -26,13 +26,30 @@ std::optional<TensorView> optional_tensor(const py::handle& obj, const char* nam
 
 const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
 
-MarginParams params(double m1, double m2, double m3, double scale, double sin_eps) {
+// (m1, m2, m3, scale, sin_eps, cam_power, filter_threshold, curricular, curricular_t):
+// simcore/margin_softmax.py:_kernel_params builds it.
+MarginParams params(const py::handle& obj) {
+  if (!py::isinstance<py::tuple>(obj) || py::len(obj) != 9)
+    throw TypeError("params must be a tuple of 9 numbers (m1, m2, m3, scale, sin_eps, cam_power, "
+                    "filter_threshold, curricular, curricular_t)");
+  const py::tuple t = py::reinterpret_borrow<py::tuple>(obj);
+  double v[9];
+  for (int k = 0; k < 9; ++k) {
+    if (!py::isinstance<py::float_>(t[k]) && !py::isinstance<py::int_>(t[k]))
+      throw TypeError(detail::concat("params[", k, "] must be a number"));
+    v[k] = t[k].cast<double>();
+  }
   MarginParams p;
-  p.m1 = m1;
-  p.m2 = m2;
-  p.m3 = m3;
-  p.scale = scale;
-  p.sin_eps = sin_eps;
+  p.m1 = v[0];
+  p.m2 = v[1];
+  p.m3 = v[2];
+  p.scale = v[3];
+  p.sin_eps = v[4];
+  p.cam_power = v[5];
+  p.filter_threshold = v[6];
+  SIMCORE_CHECK(v[7] == 0.0 || v[7] == 1.0, "params[7] (curricular) must be 0 or 1, got ", v[7]);
+  p.curricular = v[7] == 1.0;
+  p.curricular_t = v[8];
   check_margin_params(p);
   return p;
 }
@@ -92,51 +109,92 @@ void bind_margin_softmax(py::module_& m) {
 
   m.def(
       "ms_lse_block",
-      [](py::handle cos_, py::handle target_col_, int64_t col0, double m1, double m2, double m3, double scale,
-         double sin_eps, py::handle run_max_, py::handle run_sum_, py::handle target_cos_, py::handle target_logit_,
-         int64_t exec) {
+      [](py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
+         py::handle run_max_, py::handle run_sum_, py::handle target_cos_, py::handle target_logit_, int64_t exec) {
         const TensorView cos = tensor_from_py(cos_, "cos");
         const TensorView target_col = tensor_from_py(target_col_, "target_col");
+        const auto row_margins = optional_tensor(row_margins_, "row_margins");
         const TensorView run_max = tensor_from_py(run_max_, "run_max");
         const TensorView run_sum = tensor_from_py(run_sum_, "run_sum");
         const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
         const TensorView target_logit = tensor_from_py(target_logit_, "target_logit");
-        const MarginParams p = params(m1, m2, m3, scale, sin_eps);
+        const MarginParams p = params(params_);
         py::gil_scoped_release release;
         if (cos.device == Device::CUDA) {
 #ifdef SIMCORE_WITH_CUDA
-          cuda::lse_block(cos, target_col, col0, p, run_max, run_sum, target_cos, target_logit, exec);
+          cuda::lse_block(cos, target_col, col0, p, ptr(row_margins), run_max, run_sum, target_cos, target_logit,
+                          exec);
 #else
           no_cuda();
 #endif
         } else {
-          cpu::lse_block(cos, target_col, col0, p, run_max, run_sum, target_cos, target_logit, threads(exec));
+          cpu::lse_block(cos, target_col, col0, p, ptr(row_margins), run_max, run_sum, target_cos, target_logit,
+                         threads(exec));
         }
       },
       "margin on the target column, then merge the block's log-sum-exp into (run_max, run_sum)");
 
   m.def(
       "ms_grad_block",
-      [](py::handle cos_, py::handle target_col_, int64_t col0, double m1, double m2, double m3, double scale,
-         double sin_eps, py::handle lse_, py::handle row_weight_, py::handle target_cos_, int64_t exec) {
+      [](py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
+         py::handle lse_, py::handle row_weight_, py::handle target_cos_, int64_t exec) {
         const TensorView cos = tensor_from_py(cos_, "cos");
         const TensorView target_col = tensor_from_py(target_col_, "target_col");
+        const auto row_margins = optional_tensor(row_margins_, "row_margins");
         const TensorView lse = tensor_from_py(lse_, "lse");
         const TensorView row_weight = tensor_from_py(row_weight_, "row_weight");
         const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
-        const MarginParams p = params(m1, m2, m3, scale, sin_eps);
+        const MarginParams p = params(params_);
         py::gil_scoped_release release;
         if (cos.device == Device::CUDA) {
 #ifdef SIMCORE_WITH_CUDA
-          cuda::grad_block(cos, target_col, col0, p, lse, row_weight, target_cos, exec);
+          cuda::grad_block(cos, target_col, col0, p, ptr(row_margins), lse, row_weight, target_cos, exec);
 #else
           no_cuda();
 #endif
         } else {
-          cpu::grad_block(cos, target_col, col0, p, lse, row_weight, target_cos, threads(exec));
+          cpu::grad_block(cos, target_col, col0, p, ptr(row_margins), lse, row_weight, target_cos, threads(exec));
         }
       },
-      "in place: cos -> row_weight·s·(softmax − one-hot)·(dψ/dcos on the target column)");
+      "in place: cos -> row_weight·(softmax − one-hot)·dlogit/dcos (dψ/dcos·s on the target column)");
+
+  m.def(
+      "ms_subcenter_max",
+      [](py::handle cos_k_, int64_t k, py::handle out_, py::handle argmax_, int64_t exec) {
+        const TensorView cos_k = tensor_from_py(cos_k_, "cos_k");
+        const TensorView out = tensor_from_py(out_, "out");
+        const TensorView argmax = tensor_from_py(argmax_, "argmax");
+        py::gil_scoped_release release;
+        if (cos_k.device == Device::CUDA) {
+#ifdef SIMCORE_WITH_CUDA
+          cuda::subcenter_max(cos_k, k, out, argmax, exec);
+#else
+          no_cuda();
+#endif
+        } else {
+          cpu::subcenter_max(cos_k, k, out, argmax, threads(exec));
+        }
+      },
+      "out[i, j] = max_k cos_k[i, j*K + k]; argmax[i, j] = the first k attaining it");
+
+  m.def(
+      "ms_subcenter_expand",
+      [](py::handle grad_, py::handle argmax_, int64_t k, py::handle out_, int64_t exec) {
+        const TensorView grad = tensor_from_py(grad_, "grad");
+        const TensorView argmax = tensor_from_py(argmax_, "argmax");
+        const TensorView out = tensor_from_py(out_, "out");
+        py::gil_scoped_release release;
+        if (grad.device == Device::CUDA) {
+#ifdef SIMCORE_WITH_CUDA
+          cuda::subcenter_expand(grad, argmax, k, out, exec);
+#else
+          no_cuda();
+#endif
+        } else {
+          cpu::subcenter_expand(grad, argmax, k, out, threads(exec));
+        }
+      },
+      "out[i, j*K + argmax[i, j]] = grad[i, j], 0 elsewhere");
 
   m.def(
       "ms_project_rows",

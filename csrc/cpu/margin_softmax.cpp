@@ -26,11 +26,15 @@ namespace simcore {
 
 void check_margin_params(const MarginParams& p) {
   SIMCORE_CHECK(std::isfinite(p.m1) && p.m1 > 0, "m1 must be a positive finite number, got ", p.m1);
-  SIMCORE_CHECK(std::isfinite(p.m2) && p.m2 >= 0 && p.m2 < 3.14159265358979323846, "m2 must lie in [0, pi), got ",
+  SIMCORE_CHECK(std::isfinite(p.m2) && std::fabs(p.m2) < 3.14159265358979323846, "m2 must lie in (-pi, pi), got ",
                 p.m2);
   SIMCORE_CHECK(std::isfinite(p.m3), "m3 must be finite, got ", p.m3);
   SIMCORE_CHECK(std::isfinite(p.scale) && p.scale > 0, "scale must be a positive finite number, got ", p.scale);
   SIMCORE_CHECK(p.sin_eps > 0 && p.sin_eps < 0.5, "sin_eps must lie in (0, 0.5), got ", p.sin_eps);
+  SIMCORE_CHECK(std::isfinite(p.cam_power) && p.cam_power >= 0, "cam_power must be a finite number >= 0, got ",
+                p.cam_power);
+  SIMCORE_CHECK(!std::isnan(p.filter_threshold), "filter_threshold must not be NaN");
+  SIMCORE_CHECK(std::isfinite(p.curricular_t), "curricular_t must be finite, got ", p.curricular_t);
 }
 
 namespace {
@@ -83,18 +87,27 @@ static int64_t expect_cos_block(const TensorView& cos, const TensorView& target_
   return cos.size(0);
 }
 
-void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& run_max,
-               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit) {
+static void expect_row_margins(const TensorView* row_margins, int64_t b, const TensorView& like) {
+  if (!row_margins) return;
+  row_margins->expect_dtype(DType::Float32).expect_ndim(2).expect_size(0, b).expect_size(1, 3).expect_contiguous()
+      .expect_device(like.device, like.device_index);
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* row_margins,
+               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
+               const TensorView& target_logit) {
   const int64_t b = expect_cos_block(cos, target_col, col0);
+  expect_row_margins(row_margins, b, cos);
   expect_vector(run_max, DType::Float32, b, cos);
   expect_vector(run_sum, DType::Float32, b, cos);
   expect_vector(target_cos, DType::Float32, b, cos);
   expect_vector(target_logit, DType::Float32, b, cos);
 }
 
-void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView& lse,
-                const TensorView& row_weight, const TensorView& target_cos) {
+void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* row_margins,
+                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos) {
   const int64_t b = expect_cos_block(cos, target_col, col0);
+  expect_row_margins(row_margins, b, cos);
   expect_vector(lse, DType::Float32, b, cos);
   expect_vector(row_weight, DType::Float32, b, cos);
   expect_vector(target_cos, DType::Float32, b, cos);
@@ -113,6 +126,22 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   out.expect_floating().expect_size(1, d);
   if (out_index) expect_vector(*out_index, DType::Int64, n, u);
   else SIMCORE_CHECK(out.size(0) == n, "out has ", out.size(0), " rows but u has ", n);
+}
+
+void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax) {
+  expect_matrix(cos_k, cos_k);
+  cos_k.expect_dtype(DType::Float32);
+  SIMCORE_CHECK(k >= 1 && k <= 255, "subcenters must lie in [1, 255], got ", k);
+  expect_matrix(out, cos_k);
+  out.expect_dtype(DType::Float32).expect_size(0, cos_k.size(0));
+  SIMCORE_CHECK(out.size(1) * k == cos_k.size(1), "cos_k has ", cos_k.size(1), " columns, expected ", out.size(1),
+                " classes x ", k, " sub-centres");
+  expect_matrix(argmax, cos_k);
+  argmax.expect_dtype(DType::UInt8).expect_size(0, out.size(0)).expect_size(1, out.size(1)).expect_contiguous();
+}
+
+void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out) {
+  subcenter_max(out, k, grad, argmax);  // the same three shapes, read the other way
 }
 
 }  // namespace ms_check
@@ -181,10 +210,56 @@ SIMCORE_CLONES void row_softmax(T* a, int64_t n, float s, float lse, float c) {
   for (int64_t j = 0; j < n; ++j) a[j] = from_float<T>(c * fast_exp(s * load(a, j) - lse));
 }
 
+// The same three loops for transformed non-targets (filtering, CurricularFace).
+template <class T>
+SIMCORE_CLONES float row_max(const T* a, int64_t n, NegativeLogit f) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, f(load(a, j)));
+  return m;
+}
+
+template <class T>
+SIMCORE_CLONES float row_exp_sum(const T* a, int64_t n, NegativeLogit f, float m) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += fast_exp(f(load(a, j)) - m);
+  return acc;
+}
+
+// a_j <- c · exp(f(a_j) − lse) · f'(a_j)
+template <class T>
+SIMCORE_CLONES void row_softmax(T* a, int64_t n, NegativeLogit f, float lse, float c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = load(a, j);
+    a[j] = from_float<T>(c * fast_exp(f(x) - lse) * f.slope(x));
+  }
+}
+
+// The row's margins (per-row tensor or the call's scalars) and its target ψ / slope at cosine c.
+struct RowTarget {
+  double psi, slope;
+};
+inline RowTarget row_target(double c, const MarginParams& p, const float* rm, int64_t i) {
+  RowTarget r;
+  if (rm) target_psi(c, p, rm[3 * i], rm[3 * i + 1], rm[3 * i + 2], &r.psi, &r.slope);
+  else target_psi(c, p, p.m1, p.m2, p.m3, &r.psi, &r.slope);
+  return r;
+}
+
+// The row's non-target transform; `hard` is its ψ under CurricularFace.
+inline NegativeLogit row_negatives(const MarginParams& p, const float* rm, const float* tcos, int64_t i) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float hard = p.curricular ? static_cast<float>(row_target(tcos[i], p, rm, i).psi) : inf;
+  return NegativeLogit{static_cast<float>(p.scale), static_cast<float>(p.filter_threshold), hard,
+                       static_cast<float>(p.curricular_t)};
+}
+
 template <class T>
 void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                    const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
-                    const TensorView& target_logit, int num_threads) {
+                    const float* rm, const TensorView& run_max, const TensorView& run_sum,
+                    const TensorView& target_cos, const TensorView& target_logit, int num_threads) {
   const int64_t b = cos.size(0), n = cos.size(1), lda = cos.stride(0);
   const T* base = cos.ptr<T>();
   const int64_t* tcol = target_col.ptr<int64_t>();
@@ -193,6 +268,7 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
   float* tcos = target_cos.ptr<float>();
   float* tlog = target_logit.ptr<float>();
   const float s = static_cast<float>(p.scale);
+  const bool plain = plain_negatives(p);
   parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* a = base + i * lda;
@@ -204,15 +280,21 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
       const int64_t n2 = has ? n - t - 1 : 0;
       float tz = -std::numeric_limits<float>::infinity();
       if (has) {
-        const double c = load(a, t);
-        double psi, slope;
-        margin_psi(c, p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
-        tz = static_cast<float>(p.scale * psi);
-        tcos[i] = static_cast<float>(c);
+        // CurricularFace reads the target cosine given before pass 1, so ψ is the same everywhere
+        const double c = p.curricular ? static_cast<double>(tcos[i]) : static_cast<double>(load(a, t));
+        tz = static_cast<float>(p.scale * row_target(c, p, rm, i).psi);
+        if (!p.curricular) tcos[i] = static_cast<float>(c);
         tlog[i] = tz;
       }
-      const float bm = std::max(std::max(n1 ? s * row_max(a, n1) : tz, n2 ? s * row_max(a2, n2) : tz), tz);
-      float bsum = row_exp_sum(a, n1, s, bm) + row_exp_sum(a2, n2, s, bm);
+      float bm, bsum;
+      if (plain) {
+        bm = std::max(std::max(n1 ? s * row_max(a, n1) : tz, n2 ? s * row_max(a2, n2) : tz), tz);
+        bsum = row_exp_sum(a, n1, s, bm) + row_exp_sum(a2, n2, s, bm);
+      } else {
+        const NegativeLogit f = row_negatives(p, rm, tcos, i);
+        bm = std::max(std::max(n1 ? row_max(a, n1, f) : tz, n2 ? row_max(a2, n2, f) : tz), tz);
+        bsum = row_exp_sum(a, n1, f, bm) + row_exp_sum(a2, n2, f, bm);
+      }
       if (has) bsum += std::exp(tz - bm);
       if (std::isnan(tz)) bsum = tz;
       // merge into the running (max, sum)
@@ -227,8 +309,8 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
 
 template <class T>
 void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                     const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos,
-                     int num_threads) {
+                     const float* rm, const TensorView& lse, const TensorView& row_weight,
+                     const TensorView& target_cos, int num_threads) {
   const int64_t b = cos.size(0), n = cos.size(1), lda = cos.stride(0);
   T* base = cos.ptr<T>();
   const int64_t* tcol = target_col.ptr<int64_t>();
@@ -236,24 +318,43 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
   const float* rw = row_weight.ptr<float>();
   const float* tcos = target_cos.ptr<float>();
   const float s = static_cast<float>(p.scale);
+  const bool plain = plain_negatives(p);
   parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* a = base + i * lda;
       const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
-      const int64_t t = has ? tcol[i] - col0 : -1;
-      const float c = rw[i] * s;  // d loss_i / d logit = rw·(softmax − one-hot); d logit / d cos = s
-      if (!has) {
-        row_softmax(a, n, s, l[i], c);
-        continue;
+      const int64_t t = has ? tcol[i] - col0 : n;
+      // d loss_i / d logit = rw·(softmax − one-hot); d logit / d cos = s for plain negatives
+      if (plain) {
+        row_softmax(a, t, s, l[i], rw[i] * s);
+        if (has) row_softmax(a + t + 1, n - t - 1, s, l[i], rw[i] * s);
+      } else {
+        const NegativeLogit f = row_negatives(p, rm, tcos, i);
+        row_softmax(a, t, f, l[i], rw[i]);
+        if (has) row_softmax(a + t + 1, n - t - 1, f, l[i], rw[i]);
       }
-      double psi, slope;
-      margin_psi(tcos[i], p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
-      row_softmax(a, t, s, l[i], c);
-      row_softmax(a + t + 1, n - t - 1, s, l[i], c);
-      const double prob = std::exp(p.scale * psi - static_cast<double>(l[i]));
-      a[t] = from_float<T>(static_cast<float>(static_cast<double>(c) * (prob - 1.0) * slope));
+      if (!has) continue;
+      const RowTarget r = row_target(tcos[i], p, rm, i);
+      const double prob = std::exp(p.scale * r.psi - static_cast<double>(l[i]));
+      a[t] = from_float<T>(static_cast<float>(static_cast<double>(rw[i]) * p.scale * (prob - 1.0) * r.slope));
     }
   });
+}
+
+SIMCORE_CLONES void subcenter_max_row(const float* a, int64_t n, int64_t k, float* o, uint8_t* arg) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* c = a + j * k;
+    float best = c[0];
+    uint8_t at = 0;
+    for (int64_t q = 1; q < k; ++q) {
+      if (c[q] > best || (c[q] != c[q] && best == best)) {  // NaN wins, as in the other reductions
+        best = c[q];
+        at = static_cast<uint8_t>(q);
+      }
+    }
+    o[j] = best;
+    arg[j] = at;
+  }
 }
 
 template <class S, class T>
@@ -380,25 +481,78 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
   }
 }
 
+// Per-row margins obey the scalar rules (m1 > 0, |m2| < π, m3 finite); checked on the host.
+static const float* checked_row_margins(const TensorView* row_margins) {
+  if (!row_margins) return nullptr;
+  const float* rm = row_margins->ptr<float>();
+  for (int64_t i = 0; i < row_margins->size(0); ++i) {
+    const float m1 = rm[3 * i], m2 = rm[3 * i + 1], m3 = rm[3 * i + 2];
+    SIMCORE_CHECK(std::isfinite(m1) && m1 > 0 && std::isfinite(m2) && std::fabs(m2) < 3.14159265f &&
+                      std::isfinite(m3),
+                  "row_margins[", i, "] = (", m1, ", ", m2, ", ", m3,
+                  ") must have m1 > 0, |m2| < pi and finite values");
+  }
+  return rm;
+}
+
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
-               const TensorView& target_logit, int num_threads) {
-  ms_check::lse_block(cos, target_col, col0, run_max, run_sum, target_cos, target_logit);
+               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
+               const TensorView& target_cos, const TensorView& target_logit, int num_threads) {
+  ms_check::lse_block(cos, target_col, col0, row_margins, run_max, run_sum, target_cos, target_logit);
   cos.expect_device(Device::CPU, 0);
   check_margin_params(p);
+  const float* rm = checked_row_margins(row_margins);
   dispatch_gemm_dtype(cos.dtype, [&](auto t) {
-    lse_block_impl<decltype(t)>(cos, target_col, col0, p, run_max, run_sum, target_cos, target_logit, num_threads);
+    lse_block_impl<decltype(t)>(cos, target_col, col0, p, rm, run_max, run_sum, target_cos, target_logit,
+                                num_threads);
   });
 }
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos,
-                int num_threads) {
-  ms_check::grad_block(cos, target_col, col0, lse, row_weight, target_cos);
+                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
+                const TensorView& target_cos, int num_threads) {
+  ms_check::grad_block(cos, target_col, col0, row_margins, lse, row_weight, target_cos);
   cos.expect_device(Device::CPU, 0);
   check_margin_params(p);
+  const float* rm = checked_row_margins(row_margins);
   dispatch_gemm_dtype(cos.dtype, [&](auto t) {
-    grad_block_impl<decltype(t)>(cos, target_col, col0, p, lse, row_weight, target_cos, num_threads);
+    grad_block_impl<decltype(t)>(cos, target_col, col0, p, rm, lse, row_weight, target_cos, num_threads);
+  });
+}
+
+void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,
+                   int num_threads) {
+  ms_check::subcenter_max(cos_k, k, out, argmax);
+  cos_k.expect_device(Device::CPU, 0);
+  const int64_t b = out.size(0), n = out.size(1);
+  const float* cp = cos_k.ptr<float>();
+  float* op = out.ptr<float>();
+  uint8_t* ap = argmax.ptr<uint8_t>();
+  const int64_t lc = cos_k.stride(0), lo = out.stride(0);
+  parallel_for(b, num_threads, min_rows(n * k * 4), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) subcenter_max_row(cp + i * lc, n, k, op + i * lo, ap + i * n);
+  });
+}
+
+void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out,
+                      int num_threads) {
+  ms_check::subcenter_expand(grad, argmax, k, out);
+  grad.expect_device(Device::CPU, 0);
+  const int64_t b = grad.size(0), n = grad.size(1);
+  const float* gp = grad.ptr<float>();
+  const uint8_t* ap = argmax.ptr<uint8_t>();
+  float* op = out.ptr<float>();
+  const int64_t lg = grad.stride(0), lo = out.stride(0);
+  if (b * n) {  // never write outside a row
+    const uint8_t worst = *std::max_element(ap, ap + b * n);
+    SIMCORE_CHECK(worst < k, "argmax holds ", int{worst}, ", outside [0, ", k, ")");
+  }
+  parallel_for(b, num_threads, min_rows(n * k * 4), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* o = op + i * lo;
+      std::fill(o, o + n * k, 0.0f);
+      for (int64_t j = 0; j < n; ++j) o[j * k + ap[i * n + j]] = gp[i * lg + j];
+    }
   });
 }
 

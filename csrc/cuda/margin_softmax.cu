@@ -101,9 +101,28 @@ __global__ void targets_kernel(const int64_t* labels, int64_t b, const int64_t* 
   out[i] = (y >= 0 && y < num_classes && lo < s && sampled[lo] == y) ? lo : -1;
 }
 
+// The row's target ψ / slope at cosine c (per-row margins when rm is given).
+__device__ inline void row_target(double c, const MarginParams& p, const float* rm, int64_t i, double* psi,
+                                  double* slope) {
+  if (rm) target_psi(c, p, rm[3 * i], rm[3 * i + 1], rm[3 * i + 2], psi, slope);
+  else target_psi(c, p, p.m1, p.m2, p.m3, psi, slope);
+}
+
+// The row's non-target transform; with CurricularFace its threshold is the row's ψ.
+__device__ inline NegativeLogit row_negatives(const MarginParams& p, const float* rm, const float* tcos, int64_t i) {
+  float hard = INFINITY;
+  if (p.curricular) {
+    double psi, slope;
+    row_target(tcos[i], p, rm, i, &psi, &slope);
+    hard = static_cast<float>(psi);
+  }
+  return NegativeLogit{static_cast<float>(p.scale), static_cast<float>(p.filter_threshold), hard,
+                       static_cast<float>(p.curricular_t)};
+}
+
 template <class T>
 __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
-                                 MarginParams p, float* run_max, float* run_sum, float* target_cos,
+                                 MarginParams p, const float* rm, float* run_max, float* run_sum, float* target_cos,
                                  float* target_logit) {
   __shared__ float shared[32];
   __shared__ float tz_shared;
@@ -111,30 +130,31 @@ __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int
   const T* a = cos + i * lda;
   const bool has = target_col[i] >= col0 && target_col[i] - col0 < n;  // no overflow for any value
   const int64_t t = has ? target_col[i] - col0 : -1;
-  const float s = static_cast<float>(p.scale);
   if (threadIdx.x == 0) {
     float tz = -INFINITY;
     if (has) {
-      const double c = ld(a + t);
+      // CurricularFace reads the target cosine given before pass 1, so ψ is the same everywhere
+      const double c = p.curricular ? static_cast<double>(target_cos[i]) : static_cast<double>(ld(a + t));
       double psi, slope;
-      margin_psi(c, p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
+      row_target(c, p, rm, i, &psi, &slope);
       tz = static_cast<float>(p.scale * psi);
-      target_cos[i] = static_cast<float>(c);
+      if (!p.curricular) target_cos[i] = static_cast<float>(c);
       target_logit[i] = tz;
     }
     tz_shared = tz;
   }
   __syncthreads();
   const float tz = tz_shared;
+  const NegativeLogit f = row_negatives(p, rm, target_cos, i);
   float m = has ? tz : -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float z = j == t ? tz : s * ld(a + j);
+    const float z = j == t ? tz : f(ld(a + j));
     m = MaxOp{}(m, z);
   }
   const float bm = block_reduce(m, MaxOp{}, shared, -INFINITY);
   float acc = 0.0f;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float z = j == t ? tz : s * ld(a + j);
+    const float z = j == t ? tz : f(ld(a + j));
     acc += expf(z - bm);
   }
   const float bsum = block_reduce(acc, SumOp{}, shared, 0.0f);
@@ -149,24 +169,54 @@ __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int
 
 template <class T>
 __global__ void grad_block_kernel(T* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
-                                  MarginParams p, const float* lse, const float* row_weight,
+                                  MarginParams p, const float* rm, const float* lse, const float* row_weight,
                                   const float* target_cos) {
   const int64_t i = blockIdx.x;
   T* a = cos + i * lda;
   const int64_t t = (target_col[i] >= col0 && target_col[i] - col0 < n) ? target_col[i] - col0 : -1;
-  const float s = static_cast<float>(p.scale);
   const float l = lse[i];
-  const float c = row_weight[i] * s;
+  const float rw = row_weight[i];
+  const NegativeLogit f = row_negatives(p, rm, target_cos, i);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     if (j == t) {
       double psi, slope;
-      margin_psi(target_cos[i], p.m1, p.m2, p.m3, p.sin_eps, &psi, &slope);
+      row_target(target_cos[i], p, rm, i, &psi, &slope);
       const double prob = exp(p.scale * psi - static_cast<double>(l));
-      st(a + j, static_cast<float>(static_cast<double>(c) * (prob - 1.0) * slope));
+      st(a + j, static_cast<float>(static_cast<double>(rw) * p.scale * (prob - 1.0) * slope));
     } else {
-      st(a + j, c * expf(s * ld(a + j) - l));
+      const float x = ld(a + j);
+      st(a + j, rw * expf(f(x) - l) * f.slope(x));
     }
   }
+}
+
+// One thread per (row, class): max over its K centre cosines (NaN wins, first maximum kept).
+__global__ void subcenter_max_kernel(const float* cos_k, int64_t lc, int64_t b, int64_t n, int64_t k, float* out,
+                                     int64_t lo, uint8_t* argmax) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= b * n) return;
+  const int64_t i = e / n, j = e % n;
+  const float* c = cos_k + i * lc + j * k;
+  float best = c[0];
+  uint8_t at = 0;
+  for (int64_t q = 1; q < k; ++q) {
+    if (c[q] > best || (c[q] != c[q] && best == best)) {
+      best = c[q];
+      at = static_cast<uint8_t>(q);
+    }
+  }
+  out[i * lo + j] = best;
+  argmax[e] = at;
+}
+
+// One thread per output element of (B × n·K); an argmax >= K writes NaN, never out of the row.
+__global__ void subcenter_expand_kernel(const float* grad, int64_t lg, const uint8_t* argmax, int64_t b, int64_t n,
+                                        int64_t k, float* out, int64_t lo) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= b * n * k) return;
+  const int64_t i = e / (n * k), col = e % (n * k), j = col / k, q = col % k;
+  const int64_t win = argmax[i * n + j];
+  out[i * lo + col] = win >= k ? NAN : (q == win ? grad[i * lg + j] : 0.0f);
 }
 
 template <class V, class O>
@@ -254,34 +304,61 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
 }
 
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
-               const TensorView& target_logit, int64_t stream) {
-  ms_check::lse_block(cos, target_col, col0, run_max, run_sum, target_cos, target_logit);
+               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
+               const TensorView& target_cos, const TensorView& target_logit, int64_t stream) {
+  ms_check::lse_block(cos, target_col, col0, row_margins, run_max, run_sum, target_cos, target_logit);
   expect_cuda(cos);
   check_margin_params(p);
   if (cos.size(0) == 0) return;
   dispatch_gemm_dtype(cos.dtype, [&](auto tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     lse_block_kernel<T><<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
-        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p, run_max.ptr<float>(),
+        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
+        row_margins ? row_margins->ptr<float>() : nullptr, run_max.ptr<float>(),
         run_sum.ptr<float>(), target_cos.ptr<float>(), target_logit.ptr<float>());
   });
   check(cudaGetLastError(), "simcore margin_softmax lse_block launch");
 }
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos, int64_t stream) {
-  ms_check::grad_block(cos, target_col, col0, lse, row_weight, target_cos);
+                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
+                const TensorView& target_cos, int64_t stream) {
+  ms_check::grad_block(cos, target_col, col0, row_margins, lse, row_weight, target_cos);
   expect_cuda(cos);
   check_margin_params(p);
   if (cos.size(0) == 0) return;
   dispatch_gemm_dtype(cos.dtype, [&](auto tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     grad_block_kernel<T><<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
-        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p, lse.ptr<float>(),
+        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
+        row_margins ? row_margins->ptr<float>() : nullptr, lse.ptr<float>(),
         row_weight.ptr<float>(), target_cos.ptr<float>());
   });
   check(cudaGetLastError(), "simcore margin_softmax grad_block launch");
+}
+
+void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,
+                   int64_t stream) {
+  ms_check::subcenter_max(cos_k, k, out, argmax);
+  expect_cuda(cos_k);
+  const int64_t total = out.size(0) * out.size(1);
+  if (total == 0) return;
+  subcenter_max_kernel<<<grid((total + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+      cos_k.ptr<float>(), cos_k.stride(0), out.size(0), out.size(1), k, out.ptr<float>(), out.stride(0),
+      argmax.ptr<uint8_t>());
+  check(cudaGetLastError(), "simcore margin_softmax subcenter_max launch");
+}
+
+void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out,
+                      int64_t stream) {
+  ms_check::subcenter_expand(grad, argmax, k, out);
+  expect_cuda(grad);
+  const int64_t total = out.size(0) * out.size(1);
+  if (total == 0) return;
+  subcenter_expand_kernel<<<grid((total + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+      grad.ptr<float>(), grad.stride(0), argmax.ptr<uint8_t>(), grad.size(0), grad.size(1), k, out.ptr<float>(),
+      out.stride(0));
+  check(cudaGetLastError(), "simcore margin_softmax subcenter_expand launch");
 }
 
 void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,

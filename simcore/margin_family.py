@@ -1,0 +1,349 @@
+"""The margin family on the one fused kernel of :mod:`simcore.margin_softmax`.
+
+Each variant is a target transform, a per-row margin or a transform of the
+non-target cosines inside the same blocks (docs/margin_softmax.md, "The margin
+family"):
+
+* :func:`cam_softmax_partial` — Cam-Softmax (Suveges & McKenna, ICPR 2020), with
+  :class:`CamSchedule` to anneal c;
+* :func:`adaface_partial` — AdaFace (Kim et al., CVPR 2022): margins from the
+  feature norm against EMA batch statistics;
+* :func:`magface_partial` — MagFace (Meng et al., CVPR 2021): margin growing with
+  the feature norm, plus its norm regulariser;
+* :func:`curricularface_partial` — CurricularFace (Huang et al., CVPR 2020);
+* sub-centre ArcFace (Deng et al., ECCV 2020): ``subcenters=K`` on every loss,
+  and :func:`subcenter_dominant` for the dominant-centre / outlier step;
+* inter-class filtering (Partial FC, CVPR 2022): ``filter_threshold`` on every loss.
+
+The modules (:class:`ArcFace`, :class:`CamSoftmax`, :class:`AdaFace`,
+:class:`MagFace`, :class:`CurricularFace`) keep the state the papers keep (EMA
+statistics, schedules) and plug into :class:`simcore.PartialMarginHead`
+(``loss=...``); called directly they take ``(embeddings, labels, weight)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simcore.margin_softmax import (MarginSpec, _centre_ids, _check_family, _check_inputs, _check_margins, _partial,
+                                    margin_softmax_partial, target_cosines)
+from simcore.reference.margin_softmax import cam_power
+
+__all__ = ["cam_softmax_partial", "adaface_partial", "magface_partial", "curricularface_partial", "adaface_margins",
+           "magface_margin", "target_cosines", "subcenter_dominant", "CamSchedule", "ArcFace", "CamSoftmax",
+           "AdaFace", "MagFace", "CurricularFace"]
+
+
+def _number(name, v, lo=-math.inf, hi=math.inf, lo_open=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+
+def _sampling(sample_rate, num_samples, generator, reduction, return_sampled):
+    return dict(sample_rate=sample_rate, num_samples=num_samples, generator=generator, reduction=reduction,
+                return_sampled=return_sampled)
+
+
+def _with_regularizer(out, reg, reduction):
+    """Add a per-row regulariser (B,) to a loss reduced by ``reduction`` (and keep ``sampled``)."""
+    loss, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+    r = reg.mean() if reduction == "mean" else reg.sum() if reduction == "sum" else reg
+    loss = loss + r.to(loss.dtype)
+    return (loss, *rest) if rest else loss
+
+
+# --------------------------------------------------------------------------- Cam-Softmax
+def cam_softmax_partial(embeddings, labels, weight, *, c=math.pi / 2, scale=20.0, sample_rate=0.1, num_samples=None,
+                        generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
+    """Cam-Softmax: the target logit is s·ψ_c(cos θ), ψ_c(x) = (1 + x)^c′ / 2^(c′−1) − 1
+    with c′ = 1 / (1 − log2(1 + cos c)); ψ_c(±1) = ±1 and ψ_c(cos c) = 0, so c is the
+    angle where the target's logit crosses zero. ``c = π/2`` is the plain normalised
+    softmax; smaller c is a harder target. Anneal it with :class:`CamSchedule`.
+    Sampling, ``subcenters`` and ``filter_threshold`` as :func:`simcore.margin_softmax_partial`."""
+    _number("c", c, 0.0, math.pi, lo_open=True)
+    if c >= math.pi:
+        raise ValueError(f"c must lie in (0, pi), got {c}")
+    _check_margins(1.0, 0.0, 0.0, scale)
+    _check_family(subcenters, filter_threshold)
+    spec = MarginSpec(scale=float(scale), cam_power=cam_power(c), subcenters=subcenters,
+                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
+    return _partial(embeddings, labels, weight, spec,
+                    **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+
+
+class CamSchedule:
+    """Cam-Softmax's c annealed linearly per step: c_k = max(end, start − rate·k).
+
+    The defaults are the public implementation's: from π/2 (plain softmax) to π/4,
+    1e-4 per step (7,854 steps). The paper's automatic rule is not implemented."""
+
+    def __init__(self, start=math.pi / 2, end=math.pi / 4, rate=1e-4):
+        _number("start", start, 0.0, math.pi, lo_open=True)
+        _number("end", end, 0.0, math.pi, lo_open=True)
+        _number("rate", rate, 0.0)
+        if end > start:
+            raise ValueError(f"end ({end}) must not exceed start ({start}): c anneals downwards")
+        self.start, self.end, self.rate = float(start), float(end), float(rate)
+
+    def __call__(self, step: int) -> float:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        return max(self.end, self.start - self.rate * step)
+
+    def __repr__(self):
+        return f"CamSchedule(start={self.start}, end={self.end}, rate={self.rate})"
+
+
+# --------------------------------------------------------------------------- AdaFace
+def adaface_margins(norms, *, margin=0.4, h=0.333, norm_mean=20.0, norm_std=100.0, eps=1e-3):
+    """AdaFace's per-row (m1, m2, m3) = (1, −m·ẑ, m + m·ẑ), ẑ = clip(h·(‖x‖ − µ)/(σ + eps), −1, 1):
+    high-norm (good quality) rows get an angular margin, low-norm rows an additive one."""
+    z = ((norms.detach() - norm_mean) / (norm_std + eps) * h).clamp(-1.0, 1.0)
+    return torch.ones_like(z), -margin * z, margin * z + margin
+
+
+def _feature_norms(embeddings, lo=1e-3, hi=100.0):
+    x = embeddings.detach()
+    return x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=1).clamp(lo, hi)  # AdaFace's safe norms
+
+
+def adaface_partial(embeddings, labels, weight, *, margin=0.4, h=0.333, scale=64.0, norm_mean=20.0, norm_std=100.0,
+                    sample_rate=0.1, num_samples=None, generator=None, reduction="mean", return_sampled=False,
+                    subcenters=1, filter_threshold=None):
+    """AdaFace with the given feature-norm statistics (µ, σ); :class:`AdaFace` keeps
+    them as an EMA of batch statistics. The norms are taken without gradient, as the
+    paper. Target logit s·(cos(θ − m·ẑ) − m − m·ẑ); where θ − m·ẑ < 0 the cosine is 1
+    (AdaFace clips at eps), beyond π simcore's continuous fallback applies."""
+    _number("margin", margin, 0.0, math.pi / 2)
+    _number("h", h, 0.0)
+    _number("norm_mean", norm_mean)
+    _number("norm_std", norm_std, 0.0)
+    m1, m2, m3 = adaface_margins(_feature_norms(embeddings), margin=margin, h=h, norm_mean=norm_mean,
+                                 norm_std=norm_std)
+    return margin_softmax_partial(embeddings, labels, weight, m1=m1, m2=m2, m3=m3, scale=scale,
+                                  subcenters=subcenters, filter_threshold=filter_threshold,
+                                  **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+
+
+# --------------------------------------------------------------------------- MagFace
+def magface_margin(embeddings, *, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110.0):
+    """MagFace's angular margin m(a), linear from l_margin at a = l_a to u_margin at u_a,
+    a = ‖x‖ clamped to [l_a, u_a]; differentiable in the embeddings (as the paper)."""
+    a = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)).norm(dim=1).clamp(l_a, u_a)
+    return (u_margin - l_margin) / (u_a - l_a) * (a - l_a) + l_margin, a
+
+
+def magface_partial(embeddings, labels, weight, *, scale=64.0, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110.0,
+                    lambda_g=35.0, sample_rate=0.1, num_samples=None, generator=None, reduction="mean",
+                    return_sampled=False, subcenters=1, filter_threshold=None):
+    """MagFace: ArcFace with the per-row margin m(‖x‖) (:func:`magface_margin`), plus
+    λ_g·g(a), g(a) = a/u_a² + 1/a, which pulls norms up. Gradients flow through the
+    margin to the embeddings' norms."""
+    for name, v in (("l_margin", l_margin), ("u_margin", u_margin)):
+        _number(name, v, 0.0, math.pi / 2)
+    _number("l_a", l_a, 0.0, lo_open=True)
+    _number("u_a", u_a, 0.0, lo_open=True)
+    _number("lambda_g", lambda_g, 0.0)
+    if u_a <= l_a:
+        raise ValueError(f"u_a ({u_a}) must exceed l_a ({l_a})")
+    m, a = magface_margin(embeddings, l_margin=l_margin, u_margin=u_margin, l_a=l_a, u_a=u_a) \
+        if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 else (0.5, None)
+    out = margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=m, m3=0.0, scale=scale,
+                                 subcenters=subcenters, filter_threshold=filter_threshold,
+                                 **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+    return _with_regularizer(out, lambda_g * (a / u_a ** 2 + 1.0 / a), reduction)
+
+
+# --------------------------------------------------------------------------- CurricularFace
+def curricularface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, t=0.0, sample_rate=0.1,
+                           num_samples=None, generator=None, reduction="mean", return_sampled=False, subcenters=1,
+                           filter_threshold=None):
+    """CurricularFace: ArcFace's target, and every non-target cosine a above the row's
+    margined target value ψ becomes a·(t + a), so hard negatives weigh more as t (an
+    EMA of the mean target cosine, kept by :class:`CurricularFace`) grows."""
+    _number("t", t)
+    _check_margins(1.0, margin, 0.0, scale)
+    _check_family(subcenters, filter_threshold)
+    spec = MarginSpec(1.0, float(margin), 0.0, float(scale), curricular_t=float(t), subcenters=subcenters,
+                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
+    return _partial(embeddings, labels, weight, spec,
+                    **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+
+
+# --------------------------------------------------------------------------- sub-centres
+@torch.no_grad()
+def subcenter_dominant(weight, subcenters, embeddings, labels, *, max_angle=75.0):
+    """Sub-centre ArcFace's clean-up after training with K sub-centres per class.
+
+    Each sample is assigned to the nearest of its class's K centres; a class's
+    dominant centre is the one most of its samples chose (centre 0 for a class
+    without samples). Samples farther than ``max_angle`` degrees from their class's
+    dominant centre are outliers (likely label noise).
+
+    Returns ``(centres, keep)``: the (C, D) dominant centres (one per class, the
+    weight for a plain head) and the (N,) bool mask of samples to keep.
+    """
+    _check_family(subcenters, None, weight)
+    _number("max_angle", max_angle, 0.0, 180.0)
+    k = subcenters
+    c = weight.shape[0] // k
+    if labels.dtype != torch.int64 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError("labels must be int64 of shape (N,) matching embeddings")
+    if labels.numel() and (labels.min().item() < 0 or labels.max().item() >= c):
+        raise ValueError(f"labels must lie in [0, {c})")
+    w = F.normalize(weight.float(), dim=1).view(c, k, -1)
+    x = F.normalize(embeddings.float(), dim=1)
+    nearest = torch.bmm(w[labels], x.unsqueeze(2)).squeeze(2).argmax(1)
+    votes = torch.bincount(labels * k + nearest, minlength=c * k).view(c, k)
+    dominant = votes.argmax(1)
+    centres = weight.view(c, k, -1)[torch.arange(c, device=weight.device), dominant]
+    cos = (x * w[labels, dominant[labels]]).sum(1)
+    keep = cos >= math.cos(math.radians(max_angle))
+    return centres, keep
+
+
+# --------------------------------------------------------------------------- modules
+class _MarginLoss(nn.Module):
+    """A family member as a module: ``kernel_args`` turns a batch into the kernel's
+    MarginSpec fields and per-row margins (updating the module's statistics in
+    training mode); ``forward(embeddings, labels, weight)`` is the functional loss."""
+
+    def kernel_args(self, embeddings, target_cos):
+        """(MarginSpec fields, (m1, m2, m3) per-row tensors or None, per-row regulariser or None).
+        ``target_cos()`` returns the rows' target cosines when a statistic needs them."""
+        raise NotImplementedError
+
+    def forward(self, embeddings, labels, weight, *, sample_rate=0.1, num_samples=None, generator=None,
+                reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
+        _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=subcenters)
+        _check_family(subcenters, filter_threshold)
+        fields, margins, reg = self.kernel_args(embeddings,
+                                                lambda: target_cosines(embeddings, labels, weight, subcenters))
+        if margins is not None:
+            out = margin_softmax_partial(embeddings, labels, weight, m1=margins[0], m2=margins[1], m3=margins[2],
+                                         scale=fields["scale"], subcenters=subcenters,
+                                         filter_threshold=filter_threshold,
+                                         **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+        else:
+            spec = MarginSpec(**fields, subcenters=subcenters,
+                              filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
+            out = _partial(embeddings, labels, weight, spec,
+                           **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+        return out if reg is None else _with_regularizer(out, reg, reduction)
+
+
+class ArcFace(_MarginLoss):
+    """The combined margin cos(m1·θ + m2) − m3 (ArcFace: m2 = margin; CosFace: m1=1, m2=0, m3=margin)."""
+
+    def __init__(self, margin=0.5, scale=64.0, *, m1=1.0, m3=0.0):
+        super().__init__()
+        _check_margins(m1, margin, m3, scale)
+        self.m1, self.margin, self.m3, self.scale = float(m1), float(margin), float(m3), float(scale)
+
+    def kernel_args(self, embeddings, target_cos):
+        return dict(m1=self.m1, m2=self.margin, m3=self.m3, scale=self.scale), None, None
+
+    def extra_repr(self):
+        return f"m1={self.m1}, margin={self.margin}, m3={self.m3}, scale={self.scale}"
+
+
+class CamSoftmax(_MarginLoss):
+    """Cam-Softmax (:func:`cam_softmax_partial`). With ``schedule`` (a :class:`CamSchedule`)
+    c follows it, one step per training-mode forward (``self.step`` counts them)."""
+
+    def __init__(self, c=math.pi / 2, scale=20.0, *, schedule: Optional[CamSchedule] = None):
+        super().__init__()
+        _number("c", c, 0.0, math.pi, lo_open=True)
+        _check_margins(1.0, 0.0, 0.0, scale)
+        self.c, self.scale, self.schedule = float(c), float(scale), schedule
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def kernel_args(self, embeddings, target_cos):
+        if self.schedule is not None:
+            self.c = self.schedule(int(self.step))
+            if self.training:
+                self.step += 1
+        return dict(scale=self.scale, cam_power=cam_power(self.c)), None, None
+
+    def extra_repr(self):
+        return f"c={self.c:.4f}, scale={self.scale}, schedule={self.schedule}"
+
+
+class AdaFace(_MarginLoss):
+    """AdaFace (:func:`adaface_partial`) with the batch mean and std of the feature norms
+    kept as an EMA (``momentum`` 0.01; starting at µ = 20, σ = 100 as the paper's code),
+    updated before use in each training-mode forward."""
+
+    def __init__(self, margin=0.4, h=0.333, scale=64.0, *, momentum=0.01):
+        super().__init__()
+        _number("margin", margin, 0.0, math.pi / 2)
+        _number("h", h, 0.0)
+        _number("momentum", momentum, 0.0, 1.0)
+        _check_margins(1.0, 0.0, 0.0, scale)
+        self.margin, self.h, self.scale, self.momentum = float(margin), float(h), float(scale), float(momentum)
+        self.register_buffer("norm_mean", torch.tensor(20.0))
+        self.register_buffer("norm_std", torch.tensor(100.0))
+
+    def kernel_args(self, embeddings, target_cos):
+        norms = _feature_norms(embeddings)
+        if self.training:
+            with torch.no_grad():
+                std = norms.std() if norms.numel() > 1 else torch.zeros((), device=norms.device)
+                self.norm_mean.lerp_(norms.mean().to(self.norm_mean), self.momentum)
+                self.norm_std.lerp_(std.to(self.norm_std), self.momentum)
+        margins = adaface_margins(norms, margin=self.margin, h=self.h, norm_mean=self.norm_mean.to(norms.device),
+                                  norm_std=self.norm_std.to(norms.device))
+        return dict(scale=self.scale), margins, None
+
+    def extra_repr(self):
+        return f"margin={self.margin}, h={self.h}, scale={self.scale}, momentum={self.momentum}"
+
+
+class MagFace(_MarginLoss):
+    """MagFace (:func:`magface_partial`): stateless; the regulariser is part of the loss."""
+
+    def __init__(self, scale=64.0, *, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110.0, lambda_g=35.0):
+        super().__init__()
+        _check_margins(1.0, 0.0, 0.0, scale)
+        for name, v in (("l_margin", l_margin), ("u_margin", u_margin)):
+            _number(name, v, 0.0, math.pi / 2)
+        _number("lambda_g", lambda_g, 0.0)
+        if not 0 < l_a < u_a:
+            raise ValueError(f"need 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
+        self.scale, self.l_margin, self.u_margin = float(scale), float(l_margin), float(u_margin)
+        self.l_a, self.u_a, self.lambda_g = float(l_a), float(u_a), float(lambda_g)
+
+    def kernel_args(self, embeddings, target_cos):
+        m, a = magface_margin(embeddings, l_margin=self.l_margin, u_margin=self.u_margin, l_a=self.l_a, u_a=self.u_a)
+        reg = self.lambda_g * (a / self.u_a ** 2 + 1.0 / a)
+        return dict(scale=self.scale), (1.0, m, 0.0), reg
+
+    def extra_repr(self):
+        return (f"scale={self.scale}, margin=[{self.l_margin}, {self.u_margin}] over norms [{self.l_a}, {self.u_a}], "
+                f"lambda_g={self.lambda_g}")
+
+
+class CurricularFace(_MarginLoss):
+    """CurricularFace (:func:`curricularface_partial`) with t = EMA of the batch's mean
+    target cosine (``momentum`` 0.01, t starts at 0), updated before use in each
+    training-mode forward, as the paper's code."""
+
+    def __init__(self, margin=0.5, scale=64.0, *, momentum=0.01):
+        super().__init__()
+        _check_margins(1.0, margin, 0.0, scale)
+        _number("momentum", momentum, 0.0, 1.0)
+        self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    def kernel_args(self, embeddings, target_cos):
+        if self.training:
+            self.t.lerp_(target_cos().mean().to(self.t), self.momentum)
+        return dict(m1=1.0, m2=self.margin, m3=0.0, scale=self.scale, curricular_t=float(self.t)), None, None
+
+    def extra_repr(self):
+        return f"margin={self.margin}, scale={self.scale}, momentum={self.momentum}"

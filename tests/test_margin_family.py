@@ -1,0 +1,309 @@
+"""The margin family (simcore.margin_family) on the fused kernel against the float64 reference."""
+import math
+
+import pytest
+import torch
+
+import simcore
+import simcore.margin_softmax as ms
+from simcore.reference.margin_softmax import (cam_power, cam_target, margin_softmax_loss, margin_target,
+                                              negative_logits)
+from conftest import poisoned, rel_err
+
+F32_TOL = 1e-5
+
+
+def _variants():
+    """name -> (functional, kwargs); every one also runs with sub-centres and filtering below."""
+    return {
+        "cam": (simcore.cam_softmax_partial, dict(c=math.pi / 3, scale=20.0)),
+        "cam_wide": (simcore.cam_softmax_partial, dict(c=2.0, scale=20.0)),  # c > π/2: exponent < 1
+        "adaface": (simcore.adaface_partial, dict(norm_mean=15.0, norm_std=6.0, scale=32.0)),
+        "magface": (simcore.magface_partial, dict(scale=32.0)),
+        "curricular": (simcore.curricularface_partial, dict(t=0.4, scale=32.0)),
+        "arcface": (simcore.arcface_partial, dict(margin=0.5, scale=32.0)),
+    }
+
+
+def _run(fn, x, y, w, dtype, reduction="mean", **kw):
+    xx = x.detach().to(dtype).requires_grad_()
+    ww = w.detach().to(dtype).requires_grad_()
+    loss = fn(xx, y, ww, reduction=reduction, generator=torch.Generator().manual_seed(3), **kw)
+    g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)) if reduction == "none" else None
+    gx, gw = torch.autograd.grad(loss, (xx, ww), g)
+    return loss, gx, gw
+
+
+def _inputs(generator, b, d, c, k, norm_scale=20.0):
+    x = torch.nn.functional.normalize(torch.randn(b, d, generator=generator), dim=1)
+    x = x * (torch.rand(b, 1, generator=generator) * norm_scale + 5.0)  # norms 5..25: AdaFace/MagFace ranges
+    w = torch.randn(c * k, d, generator=generator)
+    pool = torch.randperm(c, generator=generator)[:max(1, b // 3)]  # duplicate labels
+    y = pool[torch.randint(len(pool), (b,), generator=generator)]
+    return x, y, w
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+@pytest.mark.parametrize("subcenters", [1, 3])
+@pytest.mark.parametrize("filter_threshold", [None, 0.3])
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_float32_kernel_matches_float64_reference(name, subcenters, filter_threshold, blocked, generator,
+                                                  monkeypatch):
+    """Loss and both gradients (MagFace's through the margin to the norms too) to 1e-5."""
+    if blocked:  # the two-pass class-blocked path
+        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+    fn, kw = _variants()[name]
+    for reduction in ("mean", "none"):
+        b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 24, 700
+        x, y, w = _inputs(generator, b, d, c, subcenters)
+        kw2 = dict(kw, subcenters=subcenters, filter_threshold=filter_threshold, sample_rate=0.6)
+        got = _run(fn, x, y, w, torch.float32, reduction, **kw2)
+        ref = _run(fn, x, y, w, torch.float64, reduction, **kw2)  # float64 dispatches to the reference
+        ref32 = _ref32(fn, x, y, w, reduction, kw2)
+        for out, r64, r32 in zip(got, ref, ref32):
+            assert out.dtype == torch.float32
+            assert rel_err(out, r64) <= max(F32_TOL, 2 * rel_err(r32, r64)), (name, rel_err(out, r64))
+
+
+def _ref32(fn, x, y, w, reduction, kw):
+    """The plain reference in float32: how close float32 itself can get (scale amplifies rounding)."""
+    old = simcore.get_backend()
+    simcore.set_backend("reference")
+    try:
+        return _run(fn, x, y, w, torch.float32, reduction, **kw)
+    finally:
+        simcore.set_backend(old)
+
+
+@pytest.mark.parametrize("name", ["cam", "adaface", "magface", "curricular", "arcface"])
+def test_gradcheck_reference_float64(name, generator):
+    fn, kw = _variants()[name]
+    x, y, w = _inputs(generator, 6, 5, 9, 2)
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    kw = dict(kw, subcenters=2, filter_threshold=0.6, sample_rate=1.0)
+    if name == "adaface":  # AdaFace detaches its norms by design: check its margins as fixed per-row tensors
+        m1, m2, m3 = simcore.margin_family.adaface_margins(x.norm(dim=1), norm_mean=15.0, norm_std=6.0)
+        fn, kw = simcore.margin_softmax_partial, dict(m1=m1.double(), m2=m2.double(), m3=m3.double(), scale=32.0,
+                                                      subcenters=2, filter_threshold=0.6, sample_rate=1.0)
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, y, b, **kw), (x, w), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_reference_margins_float64(generator):
+    """Per-row margins are differentiable in the reference (away from the piecewise joints)."""
+    c = torch.rand(7, generator=generator, dtype=torch.float64) * 1.6 - 0.8
+    m = [torch.rand(7, generator=generator, dtype=torch.float64) * 0.3 + 0.9,
+         torch.rand(7, generator=generator, dtype=torch.float64) * 0.5,
+         torch.rand(7, generator=generator, dtype=torch.float64) * 0.3]
+    m = [v.requires_grad_() for v in m]
+    assert torch.autograd.gradcheck(lambda a, b, e: margin_target(c, a, b, e), tuple(m))
+
+
+def test_cam_softmax_target_properties():
+    for c in (math.pi / 4, math.pi / 3, math.pi / 2, 2.0):
+        p = cam_power(c)
+        x = torch.tensor([-1.0, math.cos(c), 1.0], dtype=torch.float64)
+        torch.testing.assert_close(cam_target(x, p), torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))
+        # the paper's form (1 + x)^c′ / 2^(c′−1) − 1
+        grid = torch.linspace(-0.99, 0.99, 50, dtype=torch.float64)
+        torch.testing.assert_close(cam_target(grid, p), (1 + grid) ** p / 2 ** (p - 1) - 1)
+    assert cam_power(math.pi / 2) == pytest.approx(1.0)
+
+
+def test_cam_pi_over_2_is_the_plain_normalised_softmax(generator):
+    x, y, w = _inputs(generator, 16, 12, 50, 1)
+    cam = simcore.cam_softmax_partial(x, y, w, c=math.pi / 2, scale=20.0, sample_rate=1.0)
+    plain = simcore.cosface_partial(x, y, w, margin=0.0, scale=20.0, sample_rate=1.0)
+    assert rel_err(cam, plain) <= 1e-6
+
+
+def test_cam_schedule_is_linear_then_flat():
+    sched = simcore.CamSchedule()
+    assert sched(0) == pytest.approx(math.pi / 2)
+    assert sched(1000) == pytest.approx(math.pi / 2 - 0.1)
+    assert sched(10**6) == pytest.approx(math.pi / 4)
+    mod = simcore.CamSoftmax(scale=20.0, schedule=sched)
+    x, y, w = torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), torch.randn(10, 8)
+    for _ in range(3):
+        mod(x, y, w, sample_rate=1.0)
+    assert int(mod.step) == 3 and mod.c == pytest.approx(math.pi / 2 - 2e-4)
+    mod.eval()
+    mod(x, y, w, sample_rate=1.0)
+    assert int(mod.step) == 3
+    with pytest.raises(ValueError, match="end"):
+        simcore.CamSchedule(start=1.0, end=1.2)
+
+
+def test_adaface_margins_and_ema(generator):
+    x = torch.randn(10, 6, generator=generator) * torch.linspace(1, 8, 10)[:, None]
+    norms = x.norm(dim=1)
+    m1, m2, m3 = simcore.margin_family.adaface_margins(norms, margin=0.4, h=0.333, norm_mean=10.0, norm_std=5.0)
+    z = ((norms - 10.0) / (5.0 + 1e-3) * 0.333).clamp(-1, 1)
+    torch.testing.assert_close(m2, -0.4 * z)
+    torch.testing.assert_close(m3, 0.4 * z + 0.4)
+    assert (m1 == 1).all()
+    mod = simcore.AdaFace()
+    y, w = torch.randint(20, (10,), generator=generator), torch.randn(20, 6, generator=generator)
+    mod(x, y, w, sample_rate=1.0)
+    torch.testing.assert_close(mod.norm_mean, 0.99 * 20.0 + 0.01 * norms.mean())
+    torch.testing.assert_close(mod.norm_std, 0.99 * 100.0 + 0.01 * norms.std())
+
+
+def test_magface_margin_and_regulariser(generator):
+    x = torch.nn.functional.normalize(torch.randn(4, 5, generator=generator), dim=1)
+    x = x * torch.tensor([5.0, 10.0, 60.0, 200.0])[:, None]
+    m, a = simcore.margin_family.magface_margin(x)
+    torch.testing.assert_close(m, torch.tensor([0.45, 0.45, 0.625, 0.8]))
+    torch.testing.assert_close(a, torch.tensor([10.0, 10.0, 60.0, 110.0]))
+    y, w = torch.tensor([0, 1, 2, 3]), torch.randn(6, 5, generator=generator)
+    total = simcore.magface_partial(x, y, w, sample_rate=1.0, reduction="none")
+    ce = simcore.margin_softmax_partial(x, y, w, m2=m, scale=64.0, sample_rate=1.0, reduction="none")
+    torch.testing.assert_close(total, ce + 35.0 * (a / 110.0 ** 2 + 1 / a))
+
+
+def test_curricular_hard_negatives_by_hand():
+    """One row, three classes: the negative above ψ(target) becomes a·(t + a), the other stays."""
+    t, s, m = 0.3, 10.0, 0.5
+    cos_t, hard, easy = 0.8, 0.7, 0.1            # ψ = cos(acos 0.8 + 0.5) ≈ 0.3776: 0.7 is hard
+    x = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([[cos_t, math.sqrt(1 - cos_t ** 2), 0.0], [hard, 0.0, math.sqrt(1 - hard ** 2)],
+                      [easy, -math.sqrt(1 - easy ** 2), 0.0]], dtype=torch.float64)
+    psi = math.cos(math.acos(cos_t) + m)
+    logits = torch.tensor([[s * psi, s * hard * (t + hard), s * easy]], dtype=torch.float64)
+    expect = torch.nn.functional.cross_entropy(logits, torch.tensor([0]))
+    for dt in (torch.float64, torch.float32):
+        got = simcore.curricularface_partial(x.to(dt), torch.tensor([0]), w.to(dt), margin=m, scale=s, t=t,
+                                             sample_rate=1.0)
+        assert abs(float(got) - float(expect)) <= 1e-6
+
+
+def test_curricular_module_updates_t_from_target_cosines(generator):
+    x, y, w = _inputs(generator, 12, 8, 30, 1)
+    mod = simcore.CurricularFace()
+    mod(x, y, w, sample_rate=1.0)
+    tc = torch.nn.functional.cosine_similarity(x, w[y], dim=1)
+    torch.testing.assert_close(mod.t, 0.01 * tc.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_filtered_negatives_get_no_gradient(generator):
+    x = torch.randn(5, 8, generator=generator)
+    w = torch.randn(12, 8, generator=generator)
+    w[11] = x[0] * 3  # class 11: cosine 1 with row 0, filtered at 0.4
+    y = torch.tensor([0, 1, 2, 3, 4])
+    ww = w.clone().requires_grad_()
+    simcore.arcface_partial(x[:1], y[:1], ww, sample_rate=1.0, filter_threshold=0.4).backward()
+    assert ww.grad[11].abs().max() == 0
+    assert ww.grad[:11].abs().sum() > 0
+    # and the filtered logit is 0, i.e. the same as a class whose centre is orthogonal
+    with torch.no_grad():
+        ref = margin_softmax_loss(x[:1].double(), y[:1], w.double(), torch.arange(12), m2=0.5, filter_threshold=0.4)
+        logits = negative_logits(torch.tensor([0.9, 0.1]), 2.0, filter_threshold=0.4)
+    torch.testing.assert_close(logits, torch.tensor([0.0, 0.2]))
+    assert torch.isfinite(ref)
+
+
+def test_subcenter_class_cosine_is_the_max_and_gradient_goes_to_the_winner(generator):
+    d, k = 6, 3
+    x = torch.randn(1, d, generator=generator)
+    w = torch.randn(4 * k, d, generator=generator)
+    w[1 * k + 2] = x[0] * 2 + 0.3 * torch.randn(d, generator=generator)  # class 1's third centre wins
+    ww = w.clone().requires_grad_()
+    loss = simcore.arcface_partial(x, torch.tensor([1]), ww, sample_rate=1.0, subcenters=k)
+    loss.backward()
+    assert ww.grad[1 * k + 2].abs().sum() > 0
+    assert ww.grad[[1 * k, 1 * k + 1]].abs().max() == 0  # the losing centres get nothing
+    ref = margin_softmax_loss(x.double(), torch.tensor([1]), w.double(), torch.arange(4), subcenters=k)
+    assert abs(float(loss) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
+
+
+def test_subcenter_dominant_drops_outliers(generator):
+    d, k, c = 8, 3, 2
+    w = torch.nn.functional.normalize(torch.randn(c * k, d, generator=generator), dim=1)
+    # class 0: five samples near centre 1, one near centre 0 (minority), one opposite (outlier)
+    near = lambda v: v + 0.05 * torch.randn(d, generator=generator)  # noqa: E731
+    emb = torch.stack([near(w[1]) for _ in range(5)] + [near(w[0]), -w[1], near(w[4]), near(w[4])])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1])
+    centres, keep = simcore.subcenter_dominant(w, k, emb, labels)
+    torch.testing.assert_close(centres, torch.stack([w[1], w[4]]))
+    assert keep.tolist() == [True] * 5 + [bool(torch.dot(torch.nn.functional.normalize(emb[5], dim=0), w[1])
+                                               >= math.cos(math.radians(75)))] + [False, True, True]
+
+
+def test_head_with_each_variant_trains_and_keeps_state(generator):
+    for loss in (simcore.CamSoftmax(c=1.2), simcore.AdaFace(), simcore.MagFace(), simcore.CurricularFace(),
+                 simcore.ArcFace(0.4, 40.0)):
+        head = simcore.PartialMarginHead(50, 8, sample_rate=0.5, loss=loss, subcenters=2, filter_threshold=0.6,
+                                         lr=0.5)
+        before = head.weight.detach().clone()
+        x = (torch.randn(6, 8, generator=generator) * 20).requires_grad_()
+        y = torch.randint(50, (6,), generator=generator)
+        out, sampled = head(x, y, return_sampled=True, generator=torch.Generator().manual_seed(0))
+        out.backward()
+        rows = head.step()
+        assert torch.equal(rows, ms._centre_ids(sampled, 2))
+        moved = (head.weight != before).any(1)
+        assert moved.any() and not moved[~torch.isin(torch.arange(100), rows)].any()
+        assert set(head.state_dict()) >= {"weight"} | {f"loss.{n}" for n, _ in loss.named_buffers()}
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_poisoned_gradients_fully_written_with_subcenters(generator):
+    b, d, c, k = 9, 12, 40, 3
+    x, y, w = _inputs(generator, b, d, c, k)
+    sampled = ms.sample_classes(y, c, 20, generator)
+    spec = ms.MarginSpec(subcenters=k, filter_threshold=0.5, curricular_t=0.2)
+    for budget in (None, 1):
+        gx, gw = poisoned((b, d)), poisoned((c * k, d))
+        loss, _ = ms._fused(x, y, w, sampled, spec, row_weight=torch.full((b,), 1.0 / b), grad_x=gx, grad_w=gw,
+                            workspace_bytes=budget)
+        rows = torch.zeros(c * k, dtype=torch.bool)
+        rows[ms._centre_ids(sampled, k)] = True
+        assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
+        assert torch.isfinite(gw[rows]).all() and torch.isnan(gw[~rows]).all()
+
+
+def test_bad_family_arguments():
+    x, y, w = torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="multiple of subcenters"):
+        simcore.arcface_partial(x, y, w, subcenters=3)
+    with pytest.raises(ValueError, match="subcenters"):
+        simcore.arcface_partial(x, y, w, subcenters=0)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        simcore.arcface_partial(x, torch.tensor([0, 1, 2, 5]), w, subcenters=2)
+    with pytest.raises(ValueError, match="c must"):
+        simcore.cam_softmax_partial(x, y, w, c=0.0)
+    with pytest.raises(ValueError, match="filter_threshold"):
+        simcore.arcface_partial(x, y, w, filter_threshold=float("nan"))
+    with pytest.raises(ValueError, match="m2 must be"):
+        simcore.margin_softmax_partial(x, y, w, m2=torch.zeros(3))
+    with pytest.raises(ValueError, match="per-row margins"):
+        simcore.margin_softmax_partial(x, y, w, m2=torch.full((4,), 4.0))
+    with pytest.raises(ValueError, match="per-row margins"):
+        simcore.margin_softmax_partial(x, y, w, m1=torch.zeros(4))
+    with pytest.raises(TypeError, match="loss must be"):
+        simcore.PartialMarginHead(10, 8, loss=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="u_a"):
+        simcore.magface_partial(x, y, w, l_a=10.0, u_a=5.0)
+    with pytest.raises(ValueError, match="argmax holds"):
+        ext = ms._dispatch.extension()
+        t = ms.tensor_arg
+        g, arg, out = torch.zeros(2, 3), torch.full((2, 3), 7, dtype=torch.uint8), torch.zeros(2, 9)
+        ext.ms_subcenter_expand(t(g), t(arg), 3, t(out), 1)
+    with pytest.raises(ValueError, match="sub-centres"):
+        ext.ms_subcenter_max(t(torch.zeros(2, 8)), 3, t(torch.zeros(2, 3)), t(torch.zeros(2, 3, dtype=torch.uint8)),
+                             1)
+    with pytest.raises(ValueError, match="row_margins"):
+        ext.ms_lse_block(t(torch.zeros(2, 3)), t(torch.zeros(2, dtype=torch.int64)), 0,
+                         ms.MarginSpec().kernel_params(), t(torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.5, 0.0]])),
+                         *(t(torch.zeros(2)) for _ in range(4)), 1)
+
+
+def test_compile_with_per_row_margins(generator):
+    x, y, w = _inputs(generator, 8, 16, 40, 1)
+    x.requires_grad_()
+    fn = torch.compile(lambda a: simcore.adaface_partial(a, y, w, sample_rate=1.0), backend="eager")
+    eager = simcore.adaface_partial(x, y, w, sample_rate=1.0)
+    got = fn(x)
+    torch.testing.assert_close(got, eager)
+    (gx,) = torch.autograd.grad(got, x)
+    (ex,) = torch.autograd.grad(eager, x)
+    torch.testing.assert_close(gx, ex)
