@@ -817,8 +817,8 @@ class PartialMarginHead(nn.Module):
         state starts at zero. Returns the new class ids."""
         if not isinstance(new_centres, torch.Tensor) or new_centres.dim() != 2 \
                 or new_centres.shape[1] != self.weight.shape[1] or new_centres.shape[0] % self.subcenters:
-            raise ValueError(f"new_centres must be a (n·K, {self.weight.shape[1]}) tensor, K = subcenters = "
-                             f"{self.subcenters} rows per class, class-major")
+            rows = "n" if self.subcenters == 1 else f"n·{self.subcenters}"  # K sub-centres per class, class-major
+            raise ValueError(f"new_centres must be a ({rows}, {self.weight.shape[1]}) tensor")
         if not torch.isfinite(new_centres).all():
             raise ValueError("new_centres holds NaN or Inf")
         old = self.num_classes

@@ -283,18 +283,19 @@ def test_bad_family_arguments():
         simcore.PartialMarginHead(10, 8, loss=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="u_a"):
         simcore.magface_partial(x, y, w, l_a=10.0, u_a=5.0)
+    ext, t = ms._dispatch.extension(), ms.tensor_arg
+    # named tensors: a packed tuple does not keep its tensor alive
+    g, arg, out = torch.zeros(2, 3), torch.full((2, 3), 7, dtype=torch.uint8), torch.zeros(2, 9)
     with pytest.raises(ValueError, match="argmax holds"):
-        ext = ms._dispatch.extension()
-        t = ms.tensor_arg
-        g, arg, out = torch.zeros(2, 3), torch.full((2, 3), 7, dtype=torch.uint8), torch.zeros(2, 9)
         ext.ms_subcenter_expand(t(g), t(arg), 3, t(out), 1)
+    ck, cls, win = torch.zeros(2, 8), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="sub-centres"):
-        ext.ms_subcenter_max(t(torch.zeros(2, 8)), 3, t(torch.zeros(2, 3)), t(torch.zeros(2, 3, dtype=torch.uint8)),
-                             1)
+        ext.ms_subcenter_max(t(ck), 3, t(cls), t(win), 1)
+    cos, tcol, rm = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), torch.tensor([[0.0, 0.5, 0.0],
+                                                                                      [1.0, 0.5, 0.0]])
+    vecs = [torch.zeros(2) for _ in range(4)]
     with pytest.raises(ValueError, match="row_margins"):
-        ext.ms_lse_block(t(torch.zeros(2, 3)), t(torch.zeros(2, dtype=torch.int64)), 0,
-                         ms.MarginSpec().kernel_params(), t(torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.5, 0.0]])),
-                         *(t(torch.zeros(2)) for _ in range(4)), 1)
+        ext.ms_lse_block(t(cos), t(tcol), 0, ms.MarginSpec().kernel_params(), t(rm), *map(t, vecs), 1)
 
 
 def test_compile_with_per_row_margins(generator):
