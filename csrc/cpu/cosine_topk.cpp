@@ -264,7 +264,7 @@ void prepare_rows(const TopkPrepareArgs& a, int num_threads, std::atomic<int64_t
   float* scale = a.scale.ptr<float>();
   float* slack = a.slack.ptr<float>();
   BFloat16* conv = a.convert ? a.converted.ptr<BFloat16>() : nullptr;
-  const double floor = a.slack_factor > 0 ? topk_slack_floor(D) : 0.0;
+  const double slack_floor = a.slack_factor > 0 ? topk_slack_floor(D) : 0.0;
   const int64_t min_rows = std::max<int64_t>(64, (int64_t{1} << 21) / std::max<int64_t>(1, D));
   parallel_for(nb, num_threads, min_rows, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
@@ -290,7 +290,7 @@ void prepare_rows(const TopkPrepareArgs& a, int num_threads, std::atomic<int64_t
       const double norm = std::sqrt(ss);
       const double s = a.cosine ? 1.0 / std::max(norm, 1e-12) : 1.0;
       scale[j] = static_cast<float>(s);
-      slack[j] = a.slack_factor > 0 ? static_cast<float>((a.slack_factor * norm + ferr + floor) * s) : 0.f;
+      slack[j] = a.slack_factor > 0 ? static_cast<float>((a.slack_factor * norm + ferr + slack_floor) * s) : 0.f;
     }
   });
 }

@@ -297,23 +297,23 @@ void cosine_topk_prepare_block(const TopkPrepareArgs& a, uint64_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
   const unsigned grid = static_cast<unsigned>((nb + kWarps - 1) / kWarps);
   auto* status = a.status.ptr<long long>();
-  const double floor = a.slack_factor > 0 ? topk_slack_floor(a.block.size(1)) : 0.0;
+  const double slack_floor = a.slack_factor > 0 ? topk_slack_floor(a.block.size(1)) : 0.0;
   __nv_bfloat16* conv = a.convert ? a.converted.ptr<__nv_bfloat16>() : nullptr;
   switch (a.block.dtype) {
     case DType::Float32:
       prepare_kernel<float><<<grid, kThreads, 0, s>>>(a.block.ptr<float>(), nb, a.block.size(1), a.block.stride(0),
                                                       a.scale.ptr<float>(), a.slack.ptr<float>(), status, a.row_base,
-                                                      a.cosine, a.slack_factor, floor, conv);
+                                                      a.cosine, a.slack_factor, slack_floor, conv);
       break;
     case DType::BFloat16:
       prepare_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
           a.block.ptr<__nv_bfloat16>(), nb, a.block.size(1), a.block.stride(0), a.scale.ptr<float>(),
-          a.slack.ptr<float>(), status, a.row_base, a.cosine, a.slack_factor, floor, conv);
+          a.slack.ptr<float>(), status, a.row_base, a.cosine, a.slack_factor, slack_floor, conv);
       break;
     case DType::Float16:
       prepare_kernel<__half><<<grid, kThreads, 0, s>>>(a.block.ptr<__half>(), nb, a.block.size(1), a.block.stride(0),
                                                        a.scale.ptr<float>(), a.slack.ptr<float>(), status,
-                                                       a.row_base, a.cosine, a.slack_factor, floor, conv);
+                                                       a.row_base, a.cosine, a.slack_factor, slack_floor, conv);
       break;
     default: throw TypeError("unsupported database dtype");
   }
