@@ -175,9 +175,28 @@ def _exclusion(exclude, Q, n, device):
 
 
 # ----------------------------------------------------------------------------- the search
-def _gemm_dtype(db_dtype, device, cosine):
+# float32 databases on CPUs with AVX-512 BF16: a bfloat16 GEMM (about 2x the
+# float32 rate, measured in docs/cosine_topk.md) nominates candidates and float32
+# rescoring decides, so the result stays the exact float32 top-k. None = when the
+# CPU has AVX-512 BF16 (cosine only: unit queries keep the bfloat16 GEMM from
+# overflowing and its underflow inside topk_slack_floor); True/False force it
+# (tests, benchmarks). Measured (N=200,000, D=256, k=10, busy 2-core machine):
+# Q=1 ran 5x slower through oneDNN's bfloat16 GEMV, Q=4..256 1.2-2.2x faster.
+FP32_VIA_BF16 = None
+FP32_VIA_BF16_MIN_QUERIES = 8
+
+
+def _fp32_via_bf16(device, cosine, n_queries):
+    if device.type != "cpu" or not cosine:
+        return False
+    if FP32_VIA_BF16 is not None:
+        return bool(FP32_VIA_BF16)
+    return n_queries >= FP32_VIA_BF16_MIN_QUERIES and _dispatch.extension().cpu_has_fast_bf16()
+
+
+def _gemm_dtype(db_dtype, device, cosine, n_queries=0):
     if db_dtype == torch.float32:
-        return torch.float32
+        return torch.bfloat16 if _fp32_via_bf16(device, cosine, n_queries) else torch.float32
     # CPU: no fast float16 GEMM, bfloat16 runs on AVX-512 BF16 via oneDNN.
     # CUDA: read float16 as such for cosine (unit-norm queries cannot overflow it).
     if device.type == "cuda" and db_dtype == torch.float16 and cosine:
@@ -185,15 +204,56 @@ def _gemm_dtype(db_dtype, device, cosine):
     return torch.bfloat16
 
 
+def _gamma(dim):
+    """gamma_D = D u / (1 - D u), u = 2^-24: float32 dot products of D terms in any order."""
+    return dim * 2.0 ** -24 / max(1.0 - dim * 2.0 ** -24, 2.0 ** -24)
+
+
+def _rescore_bounds(qf, qg, gemm_dtype, db_dtype, dim, device):
+    """(slack_factor, query_slack, slack_rel) for a half tile GEMM: row j is rescored
+    unless v + m_q * slack_j + rel * |v| <= threshold, with v the GEMM score times
+    scale_j and slack_j = (slack_factor ||d_j|| + ||bf16(d_j) - d_j|| + floor) scale_j
+    (prepare kernel). See docs/cosine_topk.md for the proof.
+
+    CPU bfloat16 GEMMs (oneDNN: float32 accumulation, one nearest-even rounding of the
+    output) use the per-query bound below. With q' = bf16(q), e = q' - q, d' = bf16(d),
+    f = d' - d, A the GEMM's float32 sum, v its bfloat16 output and R the float32
+    rescoring dot, g = gamma_D:
+      |S' - S| = |sum q'_i f_i + e_i d_i| <= ||q'|| ||f|| + ||e|| ||d||   (S = q.d, S' = q'.d')
+      |A - S'| <= g ||q'|| ||d'||,  |S - R| <= g ||q|| ||d||,  |v - A| <= u |v|  (u = 2^-8).
+    With M = max(||q||, ||q'||) and eps = max over queries of ||e|| / M, the sum is
+    <= M ((eps + 2g) ||d|| + (1 + g) ||f||) + u |v|; the factor 1.25 on m_q and rel
+    covers (1 + g) and the float32 roundings of the scan itself.
+    Elsewhere (CUDA, where torch may reduce bfloat16/float16 GEMMs in reduced precision),
+    the worst-case relative bound of ``_slack_factor`` with m_q = ||q|| and rel = 0."""
+    qn = qf.norm(dim=1)
+    if device.type != "cpu" or gemm_dtype != torch.bfloat16:
+        return _slack_factor(gemm_dtype, db_dtype, dim), qn.contiguous(), 0.0
+    q64, g64 = qf.double(), qg.double()
+    m = torch.maximum(q64.norm(dim=1), g64.norm(dim=1))
+    err = (g64 - q64).norm(dim=1)
+    eps = float((err / m.clamp_min(1e-300)).max())
+    g = _gamma(dim)
+    return eps + 2 * g, (1.25 * m).float().contiguous(), 1.25 * 2.0 ** -8
+
+
 def _slack_factor(gemm_dtype, db_dtype, dim):
-    """Bound on |approx - exact| / (||q|| ||d||) for a half tile GEMM (docs/cosine_topk.md):
-    rounding the query to the GEMM dtype (u), rounding the row when its dtype differs
-    (float16 -> bfloat16: u), the float32 accumulation of exact half products
-    (D * 2^-24) and rounding the output (u); times 1.25 for margin, plus the float16
-    subnormal floor of a unit query (sqrt(D) * 2^-25)."""
+    """Worst-case bound on |approx - rescored| / (||q|| ||d||) for a half tile GEMM:
+
+    With P = sum |q_i d_i| <= ||q|| ||d|| (Cauchy-Schwarz), u the GEMM dtype's unit
+    roundoff and g = gamma_D = D 2^-24 / (1 - D 2^-24) (float32 summation of D terms,
+    any order): rounding the query and, when the database dtype differs (float32 or
+    float16 -> bfloat16), the row moves each product by a factor within (1 +- u)^a,
+    a = 1 or 2; half products are exact in float32, their sum is within g (1+u)^a P;
+    rounding the output adds u (1+u)^a (1+g) P; the float32 rescoring dot is within
+    g P of the exact sum. Total: ((1+u)^a (1+g)(1+u) - 1 + g) P, times 1.25 for the
+    float32 roundings of the scan (scale, slack, sum), plus the float16 subnormal
+    floor of a unit query (sqrt(D) 2^-25). Near-underflow errors are covered by the
+    absolute floor the prepare kernel adds (topk_slack_floor in cosine_topk.h)."""
     u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[gemm_dtype]
-    roundings = 2 if db_dtype == gemm_dtype else 3
-    bound = roundings * u + roundings * u * u + dim * 2.0 ** -24
+    rounded_inputs = 1 if db_dtype == gemm_dtype else 2
+    g = _gamma(dim)
+    bound = (1 + u) ** rounded_inputs * (1 + g) * (1 + u) - 1 + g
     subnormal = math.sqrt(dim) * 2.0 ** -25 if gemm_dtype == torch.float16 else 0.0
     return 1.25 * bound + subnormal
 
@@ -231,7 +291,7 @@ def _search(queries, source, k, normalized, exclude, block_size, progress):
     if nb_max < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     qb_max = max(1, min(Q, DEFAULT_TILE_ELEMENTS[kind] // nb_max))
-    tiles, q_gemm = {}, {}
+    tiles, q_gemm, converted, bounds = {}, {}, {}, {}
 
     bar = None
     if progress or (progress is None and source.stream):
@@ -251,30 +311,39 @@ def _search(queries, source, k, normalized, exclude, block_size, progress):
             for s in range(0, n_i, nb_max):
                 blk = chunk[s:s + nb_max]
                 nb = blk.shape[0]
-                gdt = _gemm_dtype(blk.dtype, device, cosine)
+                gdt = _gemm_dtype(blk.dtype, device, cosine, Q)
                 rescore = gdt != torch.float32
                 scale = torch.empty(nb, dtype=torch.float32, device=device)
                 slack = torch.empty(nb, dtype=torch.float32, device=device)
-                ext.cosine_topk_prepare_block(_dispatch.tensor_arg(blk), _dispatch.tensor_arg(scale),
-                                              _dispatch.tensor_arg(slack), _dispatch.tensor_arg(status),
-                                              base + s, cosine, _slack_factor(gdt, blk.dtype, D) if rescore else 0.0,
-                                              nthreads, stream)
-                gblk = blk if blk.dtype == gdt else blk.to(gdt)
+                gblk = blk
+                if blk.dtype != gdt:  # prepare writes the bfloat16 copy into one reused buffer
+                    if gdt not in converted:
+                        converted[gdt] = torch.empty((nb_max, D), dtype=gdt, device=device)
+                    gblk = converted[gdt][:nb]
                 if gdt not in q_gemm:
                     q_gemm[gdt] = qf if gdt == torch.float32 else qf.to(gdt)
                     tiles[gdt] = torch.empty(qb_max * nb_max, dtype=gdt, device=device)
                 qg, tile = q_gemm[gdt], tiles[gdt]
+                slack_factor, qslack, slack_rel = 0.0, qnorm, 0.0
+                if rescore:
+                    if (gdt, blk.dtype) not in bounds:
+                        bounds[gdt, blk.dtype] = _rescore_bounds(qf, qg, gdt, blk.dtype, D, device)
+                    slack_factor, qslack, slack_rel = bounds[gdt, blk.dtype]
+                ext.cosine_topk_prepare_block(_dispatch.tensor_arg(blk), _dispatch.tensor_arg(scale),
+                                              _dispatch.tensor_arg(slack), _dispatch.tensor_arg(status),
+                                              base + s, cosine, slack_factor, nthreads, stream,
+                                              None if gblk is blk else _dispatch.tensor_arg(gblk))
                 for q0 in range(0, Q, qb_max):
                     q1 = min(Q, q0 + qb_max)
                     out = tile[: (q1 - q0) * nb].view(q1 - q0, nb)
                     torch.mm(qg[q0:q1], gblk.T, out=out)
                     ext.cosine_topk_update(
                         _dispatch.tensor_arg(out), _dispatch.tensor_arg(scale), _dispatch.tensor_arg(slack),
-                        _dispatch.tensor_arg(qf[q0:q1]), _dispatch.tensor_arg(qnorm[q0:q1]),
+                        _dispatch.tensor_arg(qf[q0:q1]), _dispatch.tensor_arg(qslack[q0:q1]),
                         _dispatch.tensor_arg(blk), _dispatch.tensor_arg(ex_off), _dispatch.tensor_arg(ex_idx),
                         _dispatch.tensor_arg(reservoir), _dispatch.tensor_arg(count),
                         _dispatch.tensor_arg(threshold), q0, base + s, k,
-                        -1 if n_known is None else n_known, rescore, nthreads, stream)
+                        -1 if n_known is None else n_known, rescore, nthreads, stream, slack_rel)
             base += n_i
             if bar is not None:
                 bar.update(n_i)

@@ -170,6 +170,147 @@ def test_half_database(dtype, data, generator):
     assert recall >= 0.99, recall
 
 
+# ---- float32 databases searched through a bfloat16 candidate GEMM (CPU, cosine).
+@pytest.fixture
+def fp32_via_bf16(monkeypatch):
+    """Forces the bf16-nomination path for float32 databases (whatever the CPU and Q)."""
+    monkeypatch.setattr(sys.modules["simcore.cosine_topk"], "FP32_VIA_BF16", True)
+
+
+@pytest.mark.parametrize("Q,N,D,k,block", [
+    (1, 1, 8, 1, None),
+    (7, 1000, 32, 5, 128),
+    (33, 3001, 48, 100, 512),
+    (5, 777, 16, 777, 100),      # k = N
+    (70, 5000, 64, 1, None),
+    (9, 4000, 24, 600, 333),     # several reservoir compactions
+    (3, 300, 37, 10, 64),        # D not a multiple of 16: scalar tails of the conversion
+])
+def test_fp32_via_bf16_matches_reference(fp32_via_bf16, Q, N, D, k, block, generator):
+    q = torch.randn(Q, D, generator=generator)
+    db = torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3
+    s, i = simcore.cosine_topk(q, db, k, block_size=block)
+    ref_s, ref_i = check_topk(s, i, q, db, k, tol=1e-6)
+    assert (i == ref_i).float().mean() >= 0.98  # differences only at float32 near-ties
+
+
+def _biased_against(rows, q):
+    """Rows moved (by under a quarter of a bfloat16 ulp per entry, so each still rounds to
+    the same bfloat16 value) in the direction of sign(q): their true score exceeds the
+    bf16 GEMM's by up to ~u * sum |q_i d_i|, the worst case the rescoring bound must cover."""
+    b = rows.bfloat16().float()
+    ulp = torch.where(b == 0, torch.zeros_like(b), 2.0 ** (torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 7))
+    out = b + torch.sign(q) * 0.24 * ulp
+    assert torch.equal(out.bfloat16().view(torch.int16), rows.bfloat16().view(torch.int16))
+    return out
+
+
+def test_fp32_via_bf16_adversarial_near_ties(fp32_via_bf16, generator):
+    # 600 rows whose cosines to query 0 lie in a 1.2e-3 band, 2e-6 apart: far below
+    # bfloat16's resolution (~4e-3), far above float32 rounding, and each biased so
+    # that the bf16 GEMM underrates it; before them, bf16-exact competitors just
+    # below the band set the threshold. The rescoring must still order them exactly.
+    D, k = 64, 50
+    q = F.normalize(torch.randn(4, D, generator=generator), dim=1)
+    q0 = q[0].double()
+
+    def at_cosine(cos, n):
+        perp = torch.randn(n, D, generator=generator).double()
+        perp = F.normalize(perp - (perp @ q0)[:, None] * q0, dim=1)
+        return (cos[:, None] * q0 + (1 - cos[:, None] ** 2).sqrt() * perp).float()
+    band = _biased_against(at_cosine(0.3 + 2e-6 * torch.randperm(600, generator=generator).double(), 600), q[0])
+    rivals = at_cosine(0.2985 + 1e-5 * torch.arange(300).double(), 300).bfloat16().float()
+    noise = torch.randn(20_000, D, generator=generator) * 0.1
+    db = torch.cat([noise[:7000], rivals, noise[7000:], band, band[:100]])  # exact duplicates at the end
+    for kk in (k, 300, 700):
+        s, i = simcore.cosine_topk(q, db, kk, block_size=4096)
+        ref_s, ref_i = check_topk(s, i, q, db, kk, tol=1e-6)
+        # Every row clearly inside the top-k (beyond float32 near-ties of the k-th) is returned,
+        # and duplicates keep the lower index first.
+        for row in range(q.shape[0]):
+            clear = ref_i[row][ref_s[row] > ref_s[row, -1] + 1e-6]
+            assert torch.isin(clear, i[row]).all(), (kk, row)
+        dup = i[0][i[0] >= db.shape[0] - 100]  # row n - 100 + j duplicates row n - 700 + j
+        assert torch.isin(dup - 600, i[0]).all()
+    # k = N with duplicates: everything, ties by the lower index.
+    small = torch.cat([band[:40], band[:40], noise[:20]])
+    s, i = simcore.cosine_topk(q, small, small.shape[0])
+    ref_s, ref_i = check_topk(s, i, q, small, small.shape[0], tol=1e-6)
+    pos = torch.empty_like(i[0])
+    pos[i[0]] = torch.arange(small.shape[0])
+    assert (pos[:40] < pos[40:80]).all()  # each duplicate after its original
+
+
+def test_fp32_via_bf16_ties_and_small_rows(fp32_via_bf16, generator):
+    # Exact ties (duplicated rows, power-of-two multiples) go to the lower index.
+    db = torch.randn(50, 32, generator=generator).sign().repeat(3, 1)
+    s, i = simcore.cosine_topk(db[:5], db, 3, block_size=64)
+    assert torch.equal(i, torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
+    assert (s[:, 0] == s[:, 1]).all() and (s[:, 1] == s[:, 2]).all()
+    scaled = torch.cat([db[:50] * 2.0 ** e for e in (-20, 0, 30)])
+    s, i = simcore.cosine_topk(db[:5], scaled, 3, block_size=64)
+    assert torch.equal(i, torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
+    # Rows of tiny and huge norm, zero rows, subnormal entries: scored like the rest.
+    q = torch.randn(6, 40, generator=generator)
+    db = torch.randn(400, 40, generator=generator)
+    db[10] = F.normalize(q[0], dim=0) * 1e-10     # cosine 1 with query 0
+    db[11] = F.normalize(q[1], dim=0) * 1e30      # cosine 1 with query 1
+    db[12] = 0
+    db[13, :20] = 1e-40                           # float32 subnormals
+    s, i = simcore.cosine_topk(q, db, 5)
+    check_topk(s, i, q, db, 5, tol=1e-6)
+    assert i[0, 0] == 10 and i[1, 0] == 11
+
+
+def test_fp32_via_bf16_exclude_stream_and_threads(fp32_via_bf16, generator):
+    x = torch.randn(300, 24, generator=generator)
+    s, i = simcore.cosine_topk(x, x, 5, exclude="self", block_size=64)
+    check_topk(s, i, x, x, 5, exclude=torch.stack([torch.arange(300)] * 2, 1), tol=1e-6)
+    a = simcore.cosine_topk(x, x, 7)
+    b = simcore.cosine_topk(x, (x[s0:s0 + 71] for s0 in range(0, 300, 71)), 7, progress=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # rescored scores: tiling-independent
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = simcore.cosine_topk(x, x, 7)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a[1], c[1]) and torch.equal(a[0], c[0])
+
+
+def test_fp32_via_bf16_default_choice(generator):
+    mod = sys.modules["simcore.cosine_topk"]
+    cpu = torch.device("cpu")
+    many = mod.FP32_VIA_BF16_MIN_QUERIES
+    assert mod._gemm_dtype(torch.float32, cpu, False, many) == torch.float32   # inner products: never
+    assert mod._gemm_dtype(torch.float32, cpu, True, many - 1) == torch.float32
+    fast = _dispatch.extension().cpu_has_fast_bf16()
+    assert mod._gemm_dtype(torch.float32, cpu, True, many) == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_rescore_bound_covers_the_bf16_gemm(generator):
+    # The bound of docs/cosine_topk.md against the actual GEMM: |v - R| <= m_q slack_j + rel |v|
+    # for every pair, with the float32 rescoring R computed in float64 here (a tighter
+    # reference than R itself; the bound's g terms cover both).
+    mod = sys.modules["simcore.cosine_topk"]
+    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    for D in (16, 256, 1000):
+        q = F.normalize(torch.randn(64, D, generator=generator).double(), dim=1).float()
+        db = torch.randn(2000, D, generator=generator) * torch.rand(2000, 1, generator=generator)
+        qg = q.bfloat16()
+        factor, m, rel = mod._rescore_bounds(q, qg, torch.bfloat16, torch.float32, D, torch.device("cpu"))
+        scale, slack, status = poisoned((2000,)), poisoned((2000,)), torch.full((1,), 2**63 - 1)
+        conv = poisoned((2000, D), torch.bfloat16)
+        ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, True, factor, 1, 0, A(conv))
+        assert torch.equal(conv.view(torch.int16), db.bfloat16().view(torch.int16))
+        v = (qg @ conv.T).float() * scale
+        exact = (q.double() @ db.double().T) * scale.double()
+        bound = m.double()[:, None] * slack.double() + rel * v.double().abs()
+        assert ((v.double() - exact).abs() <= bound / 1.25).all()
+        worst = mod._slack_factor(torch.bfloat16, torch.float32, D)
+        assert (bound <= 1.25 * worst + 1e-6).all()  # never looser than the worst-case bound
+
+
 def test_matches_faiss_flat_ip(generator):
     faiss = pytest.importorskip("faiss")
     q, db = torch.randn(50, 64, generator=generator), torch.randn(5000, 64, generator=generator)
@@ -259,7 +400,7 @@ def test_kernel_rechecks_its_arguments():
     Q, nb, D, k = 4, 16, 8, 2
     cap = k + ext.COSINE_TOPK_MIN_SLACK
     args = dict(scores=torch.zeros(Q, nb), scale=torch.ones(nb), slack=torch.zeros(nb), queries=torch.zeros(Q, D),
-                query_norms=torch.ones(Q), block=torch.zeros(nb, D), exclude_offsets=torch.zeros(Q + 1, dtype=torch.int64),
+                query_slack=torch.ones(Q), block=torch.zeros(nb, D), exclude_offsets=torch.zeros(Q + 1, dtype=torch.int64),
                 exclude_index=torch.zeros(0, dtype=torch.int64), reservoir=torch.zeros(Q, cap, 2, dtype=torch.int64),
                 count=torch.zeros(Q, dtype=torch.int64), threshold=torch.full((Q,), float("-inf")))
     ints = dict(q_begin=0, db_base=0, k=k, n_total=-1, rescore=False, num_threads=1)

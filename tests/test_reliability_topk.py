@@ -273,7 +273,7 @@ class _Raw:
         self.Q, self.nb, self.D, self.k = Q, nb, D, k
         cap = k + EXT.COSINE_TOPK_MIN_SLACK
         self.t = dict(scores=torch.rand(Q, nb), scale=torch.ones(nb), slack=torch.zeros(nb),
-                      queries=F.normalize(torch.randn(Q, D), dim=1), query_norms=torch.ones(Q),
+                      queries=F.normalize(torch.randn(Q, D), dim=1), query_slack=torch.ones(Q),
                       block=torch.randn(nb, D), exclude_offsets=torch.zeros(Q + 1, dtype=torch.int64),
                       exclude_index=torch.zeros(0, dtype=torch.int64),
                       reservoir=torch.zeros(Q, cap, 2, dtype=torch.int64), count=torch.zeros(Q, dtype=torch.int64),
@@ -330,7 +330,7 @@ _RAW = [
     ("u_rescore_block_rows", dict(rescore=True, block=torch.zeros(15, 8)), ValueError, "block must have size 16"),
     ("u_rescore_queries_f16", dict(rescore=True, queries=torch.zeros(4, 8, dtype=torch.float16)), TypeError,
      "queries must be float32"),
-    ("u_rescore_norms_len", dict(rescore=True, query_norms=torch.ones(3)), ValueError, "query_norms must have size 4"),
+    ("u_rescore_norms_len", dict(rescore=True, query_slack=torch.ones(3)), ValueError, "query_slack must have size 4"),
     ("u_rescore_block_int", dict(rescore=True, block=torch.zeros(16, 8, dtype=torch.int64)), TypeError,
      "database block must be float32"),
 ]
@@ -364,6 +364,42 @@ def test_raw_update_accepts_the_valid_arguments():
 def test_raw_prepare_rejects_inconsistent_arguments(over, exc, message):
     with pytest.raises(exc, match=message):
         _Raw().prepare(**over)
+
+
+def test_raw_prepare_rejects_bad_conversion_buffers():
+    nb, D = 16, 8
+    block = torch.randn(nb, D)
+    outs = dict(scale=torch.empty(nb), slack=torch.empty(nb), status=torch.full((1,), I64_MAX, dtype=torch.int64))
+
+    def call(converted, blk=block):
+        EXT.cosine_topk_prepare_block(tensor_arg(blk), *[tensor_arg(t) for t in outs.values()], 0, True, 0.01, 1, 0,
+                                      tensor_arg(converted))
+    with pytest.raises(TypeError, match="converted must be bfloat16"):
+        call(torch.empty(nb, D, dtype=torch.float16))
+    with pytest.raises(ValueError, match="converted must have size 16"):
+        call(torch.empty(nb - 1, D, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="converted must have size 8"):
+        call(torch.empty(nb, D + 1, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="converted must be contiguous"):
+        call(torch.empty(D, nb, dtype=torch.bfloat16).t())
+    with pytest.raises(TypeError, match="needs no conversion"):
+        call(torch.empty(nb, D, dtype=torch.bfloat16), blk=block.bfloat16())
+    shared = torch.randn(2 * nb, D).view(-1).view(torch.bfloat16)  # block = its first nb float32 rows
+    for start in (0, nb * D * 2 - 8):  # the same bytes; the last 16 bytes of the block
+        with pytest.raises(ValueError, match="must not overlap"):
+            call(shared[start:start + nb * D].view(nb, D), blk=shared.view(torch.float32).view(2 * nb, D)[:nb])
+    call(shared[nb * D * 2:nb * D * 3].view(nb, D), blk=shared.view(torch.float32).view(2 * nb, D)[:nb])  # adjacent
+    good = torch.empty(nb, D, dtype=torch.bfloat16)
+    call(good)
+    assert torch.equal(good.view(torch.int16), block.bfloat16().view(torch.int16))
+
+
+@pytest.mark.parametrize("rel", [-0.1, 1.0, float("nan"), float("inf")])
+def test_raw_update_rejects_bad_slack_rel(rel):
+    r = _Raw()
+    t = r.t
+    with pytest.raises(ValueError, match="slack_rel must be in"):
+        EXT.cosine_topk_update(*[tensor_arg(t[n]) for n in t], 0, 0, r.k, -1, True, 1, 0, rel)
 
 
 @pytest.mark.parametrize("over", [dict(q_begin=I64_MAX)], ids=["q_begin_int64_max"])
@@ -473,8 +509,14 @@ def test_cosine_topk_matches_reference(data):
         pairs = torch.stack([torch.randint(Q, (E,), generator=g), torch.randint(N, (E,), generator=g)], 1)
         exclude = pairs
     block = draw(st.sampled_from([None, 1, 7, 64]), label="block_size")
-    s, i = simcore.cosine_topk(q, database, k, normalized=normalized, exclude=exclude, block_size=block,
-                               progress=False)
+    mod = sys.modules["simcore.cosine_topk"]
+    saved = mod.FP32_VIA_BF16
+    mod.FP32_VIA_BF16 = draw(st.sampled_from([None, True]), label="fp32 via bf16 (cosine)")
+    try:
+        s, i = simcore.cosine_topk(q, database, k, normalized=normalized, exclude=exclude, block_size=block,
+                                   progress=False)
+    finally:
+        mod.FP32_VIA_BF16 = saved
     qf = q.float()
     dbf = db.float()
     scale = 1.0 if not normalized else float(qf.norm(dim=1).max() * dbf.norm(dim=1).max())

@@ -4,8 +4,9 @@
 //
 //   cosine_topk_prepare_block  per database block: row norms -> the score scale
 //                              (1/||d_j|| for cosine, 1 for inner product), the
-//                              candidate slack for approximate (half) GEMMs, and
-//                              the first non-finite row (reported, not thrown).
+//                              candidate slack for approximate (half) GEMMs, the
+//                              first non-finite row (reported, not thrown) and,
+//                              optionally, the block rounded to bfloat16.
 //   cosine_topk_update         per tile: threshold scan of the tile's scores,
 //                              optional exact float32 rescoring of candidates
 //                              (half databases), exclusion, and the merge into
@@ -48,10 +49,16 @@ constexpr double kTopkMaxRowNorm = 1e38;
 struct TopkPrepareArgs {
   TensorView block;   // (nb, D) float32 / float16 / bfloat16 database rows (row-major)
   TensorView scale;   // (nb) float32 out: 1/max(||d_j||, 1e-12) (cosine) or 1
-  TensorView slack;   // (nb) float32 out: slack_factor * ||d_j|| * scale_j
+  // (nb) float32 out: (slack_factor * ||d_j|| + ||bf16(d_j) - d_j|| (when convert)
+  // + topk_slack_floor(D)) * scale_j when slack_factor > 0, else 0.
+  TensorView slack;
   TensorView status;  // (1) int64 in/out: min(status, row_base + first non-finite row)
+  // (nb, D) bfloat16 out when convert: the block rounded to nearest even, written
+  // in the same pass as the norms (the operand of a bfloat16 candidate GEMM).
+  TensorView converted;
   int64_t row_base = 0;
   bool cosine = true;
+  bool convert = false;
   double slack_factor = 0.0;
 };
 
@@ -60,7 +67,7 @@ struct TopkUpdateArgs {
   TensorView scale;        // (nb) float32 from prepare
   TensorView slack;        // (nb) float32 from prepare (used when rescore)
   TensorView queries;      // (qb, D) float32 (normalised) queries of the tile (used when rescore)
-  TensorView query_norms;  // (qb) float32 ||q|| (used when rescore)
+  TensorView query_slack;  // (qb) float32 per-query multiplier m_q of slack_j (used when rescore)
   TensorView block;        // (nb, D) database rows in their own dtype (used when rescore)
   TensorView excl_offsets; // (Q + 1) int64 CSR offsets of the excluded indices per query
   TensorView excl_index;   // (E) int64, sorted ascending within each query
@@ -72,7 +79,19 @@ struct TopkUpdateArgs {
   int64_t k = 1;
   int64_t n_total = -1;    // database rows in all, -1 when unknown (streams)
   bool rescore = false;
+  // Rescoring nominates row j when !(v + m_q * slack_j + slack_rel * |v| <= thr),
+  // v = scores * scale_j: slack_rel bounds the rounding of the GEMM's output.
+  double slack_rel = 0.0;
 };
+
+// Absolute part of the candidate slack of an approximate (half) GEMM, added
+// to slack_factor * ||d_j|| before scaling. The relative bound fails near
+// float32's underflow: AVX-512 BF16 GEMMs treat subnormal inputs as zero and
+// flush subnormal sums, each costing up to 2^-126 (at most 2D + 1 such
+// errors, plus 2^-126 * sqrt(D) * ||q|| from subnormal row entries). With
+// ||q|| <= 1 (cosine) this is <= (D + 1) * 2^-124; 2^-120 leaves margin, and
+// makes tiny-norm rows (scale ~ 1/||d_j||) always rescored instead of missed.
+inline double topk_slack_floor(int64_t D) { return static_cast<double>(D + 1) * 0x1p-120; }
 
 // Reservoir capacity rule: cap > n_total (a known database size: the reservoir
 // never fills), or cap >= k + kTopkMinSlack on CUDA (the kernel appends up to
@@ -86,6 +105,9 @@ void check_prepare_args(const TopkPrepareArgs& a);
 void check_update_args(const TopkUpdateArgs& a);
 
 namespace cpu {
+// True when the CPU has AVX-512 BF16 (bfloat16 GEMMs run at about twice the
+// float32 rate): cosine_topk then nominates float32 candidates with them.
+bool has_fast_bf16();
 void cosine_topk_prepare_block(const TopkPrepareArgs& a, int num_threads);
 void cosine_topk_update(const TopkUpdateArgs& a, int num_threads);
 }  // namespace cpu

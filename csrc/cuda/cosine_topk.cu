@@ -41,17 +41,28 @@ __device__ __forceinline__ float load_f(const __half* p, int64_t i) { return __h
 template <class T>
 __global__ void prepare_kernel(const T* __restrict__ block, int64_t nb, int64_t D, int64_t rs,
                                float* __restrict__ scale, float* __restrict__ slack,
-                               long long* __restrict__ status, int64_t row_base, bool cosine, double slack_factor) {
+                               long long* __restrict__ status, int64_t row_base, bool cosine, double slack_factor,
+                               double slack_floor, __nv_bfloat16* __restrict__ converted) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (j >= nb) return;
   const T* row = block + j * rs;
-  double ss = 0;
+  double ss = 0, ff = 0;  // ||d_j||^2 and ||bf16(d_j) - d_j||^2
   for (int64_t i = lane; i < D; i += 32) {
-    const double v = load_f(row, i);
+    const float f = load_f(row, i);
+    if (converted) {
+      const __nv_bfloat16 b = __float2bfloat16_rn(f);  // nearest even
+      converted[j * D + i] = b;
+      const double err = static_cast<double>(__bfloat162float(b)) - f;
+      ff += err * err;
+    }
+    const double v = f;
     ss += v * v;
   }
-  for (int o = 16; o > 0; o /= 2) ss += __shfl_down_sync(0xffffffffu, ss, o);
+  for (int o = 16; o > 0; o /= 2) {
+    ss += __shfl_down_sync(0xffffffffu, ss, o);
+    ff += __shfl_down_sync(0xffffffffu, ff, o);
+  }
   if (lane != 0) return;
   if (!(ss <= kTopkMaxRowNorm * kTopkMaxRowNorm)) {  // NaN/Inf, or beyond float32 arithmetic
     atomicMin(status, static_cast<long long>(row_base + j));
@@ -62,7 +73,7 @@ __global__ void prepare_kernel(const T* __restrict__ block, int64_t nb, int64_t 
   const double norm = sqrt(ss);
   const double s = cosine ? 1.0 / fmax(norm, 1e-12) : 1.0;
   scale[j] = static_cast<float>(s);
-  slack[j] = static_cast<float>(slack_factor * norm * s);
+  slack[j] = slack_factor > 0 ? static_cast<float>((slack_factor * norm + sqrt(ff) + slack_floor) * s) : 0.f;
 }
 
 // ---------------------------------------------------------------- update
@@ -173,11 +184,12 @@ __device__ float compact(TopkEntry* e, long long n, long long k, Shared& sh) {
 template <class S, class B, bool Rescore>
 __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t nb,
                               const float* __restrict__ scale, const float* __restrict__ slack,
-                              const float* __restrict__ queries, int64_t qs, const float* __restrict__ qnorms,
+                              const float* __restrict__ queries, int64_t qs, const float* __restrict__ qslack,
                               const B* __restrict__ block, int64_t bs, int64_t D,
                               const int64_t* __restrict__ eoff, const int64_t* __restrict__ eidx, int64_t E,
                               TopkEntry* __restrict__ reservoir, int64_t cap, long long* __restrict__ count,
-                              float* __restrict__ threshold, int64_t q_begin, int64_t db_base, int64_t k) {
+                              float* __restrict__ threshold, int64_t q_begin, int64_t db_base, int64_t k,
+                              float slack_rel) {
   __shared__ Shared sh;
   const int64_t r = blockIdx.x;
   const int64_t q = q_begin + r;
@@ -192,7 +204,7 @@ __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t 
   e0 = e0 < 0 ? 0 : (e0 > E ? E : e0);
   e1 = e1 < e0 ? e0 : (e1 > E ? E : e1);
   const S* srow = scores + r * ss;
-  const float qn = Rescore ? qnorms[r] : 0.f;
+  const float qn = Rescore ? qslack[r] : 0.f;
   const float* qrow = Rescore ? queries + r * qs : nullptr;
   __syncthreads();
   for (int64_t c0 = 0; c0 < nb; c0 += blockDim.x) {
@@ -202,7 +214,7 @@ __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t 
     int pass = 0;
     if (j < nb) {
       const float approx = load_f(srow, j) * scale[j];
-      const bool cand = Rescore ? !(approx + qn * slack[j] <= thr) : approx > thr;
+      const bool cand = Rescore ? !(approx + qn * slack[j] + slack_rel * fabsf(approx) <= thr) : approx > thr;
       if (cand) {
         exact = approx;
         if (Rescore) {
@@ -258,11 +270,11 @@ void launch_update(const TopkUpdateArgs& a, cudaStream_t stream) {
   update_kernel<S, B, Rescore><<<static_cast<unsigned>(qb), kThreads, 0, stream>>>(
       a.scores.ptr<S>(), a.scores.stride(0), nb, a.scale.ptr<float>(),
       Rescore ? a.slack.ptr<float>() : nullptr, Rescore ? a.queries.ptr<float>() : nullptr,
-      Rescore ? a.queries.stride(0) : 0, Rescore ? a.query_norms.ptr<float>() : nullptr,
+      Rescore ? a.queries.stride(0) : 0, Rescore ? a.query_slack.ptr<float>() : nullptr,
       Rescore ? a.block.ptr<B>() : nullptr, Rescore ? a.block.stride(0) : 0, Rescore ? a.block.size(1) : 0,
       a.excl_offsets.ptr<int64_t>(), a.excl_index.ptr<int64_t>(), a.excl_index.size(0),
       a.reservoir.ptr<TopkEntry>(), a.reservoir.size(1), a.count.ptr<long long>(), a.threshold.ptr<float>(),
-      a.q_begin, a.db_base, a.k);
+      a.q_begin, a.db_base, a.k, static_cast<float>(a.slack_rel));
   check(cudaGetLastError(), "cosine_topk_update kernel launch");
 }
 
@@ -285,21 +297,23 @@ void cosine_topk_prepare_block(const TopkPrepareArgs& a, uint64_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
   const unsigned grid = static_cast<unsigned>((nb + kWarps - 1) / kWarps);
   auto* status = a.status.ptr<long long>();
+  const double slack_floor = a.slack_factor > 0 ? topk_slack_floor(a.block.size(1)) : 0.0;
+  __nv_bfloat16* conv = a.convert ? a.converted.ptr<__nv_bfloat16>() : nullptr;
   switch (a.block.dtype) {
     case DType::Float32:
       prepare_kernel<float><<<grid, kThreads, 0, s>>>(a.block.ptr<float>(), nb, a.block.size(1), a.block.stride(0),
                                                       a.scale.ptr<float>(), a.slack.ptr<float>(), status, a.row_base,
-                                                      a.cosine, a.slack_factor);
+                                                      a.cosine, a.slack_factor, slack_floor, conv);
       break;
     case DType::BFloat16:
       prepare_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
           a.block.ptr<__nv_bfloat16>(), nb, a.block.size(1), a.block.stride(0), a.scale.ptr<float>(),
-          a.slack.ptr<float>(), status, a.row_base, a.cosine, a.slack_factor);
+          a.slack.ptr<float>(), status, a.row_base, a.cosine, a.slack_factor, slack_floor, conv);
       break;
     case DType::Float16:
       prepare_kernel<__half><<<grid, kThreads, 0, s>>>(a.block.ptr<__half>(), nb, a.block.size(1), a.block.stride(0),
                                                        a.scale.ptr<float>(), a.slack.ptr<float>(), status,
-                                                       a.row_base, a.cosine, a.slack_factor);
+                                                       a.row_base, a.cosine, a.slack_factor, slack_floor, conv);
       break;
     default: throw TypeError("unsupported database dtype");
   }
