@@ -8,7 +8,7 @@ import simcore
 import simcore.margin_softmax as ms
 from simcore.reference.margin_softmax import (cam_power, cam_target, margin_softmax_loss, margin_target,
                                               negative_logits)
-from conftest import poisoned, rel_err
+from conftest import cuda, poisoned, rel_err
 
 F32_TOL = 1e-5
 
@@ -308,3 +308,22 @@ def test_compile_with_per_row_margins(generator):
     (gx,) = torch.autograd.grad(got, x)
     (ex,) = torch.autograd.grad(eager, x)
     torch.testing.assert_close(gx, ex)
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+@cuda
+@pytest.mark.parametrize("name", list(_variants()))
+@pytest.mark.parametrize("budget", [None, 1])
+def test_cuda_matches_float64_reference(name, budget, generator, monkeypatch):
+    """Every classes sampled (sample_rate=1), so the CPU float64 reference sees the same problem."""
+    if budget:  # the class-blocked two-pass path
+        monkeypatch.setattr(ms, "WORKSPACE_BYTES", budget)
+    fn, kw = _variants()[name]
+    x, y, w = _inputs(generator, 33, 48, 500, 3)
+    kw = dict(kw, subcenters=3, filter_threshold=0.3, sample_rate=1.0)
+    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    loss = fn(xc, y.cuda(), wc, **kw)
+    loss.backward()
+    rl, rgx, rgw = _run(fn, x, y, w, torch.float64, **kw)
+    assert rel_err(loss.cpu(), rl) <= F32_TOL
+    assert rel_err(xc.grad.cpu(), rgx) <= 1e-4 and rel_err(wc.grad.cpu(), rgw) <= 1e-4

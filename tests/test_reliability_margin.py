@@ -674,6 +674,18 @@ def _kernel_call(draw, kernel):
                  else ["lse", "row_weight", "target_cos"])
         for name in names:
             spec[name] = [(b,), torch.float32, torch.rand(b) * 60]
+    elif kernel in ("subcenter_max", "subcenter_expand"):
+        k = draw(st.integers(1, 4), label="k")
+        if kernel == "subcenter_max":
+            spec["cos_k"] = [(b, n * k), torch.float32, torch.rand(b, n * k) * 2 - 1]
+            spec["k"] = ("int", k)
+            spec["out"] = [(b, n), torch.float32, torch.zeros(b, n)]
+            spec["argmax"] = [(b, n), torch.uint8, torch.zeros(b, n)]
+        else:
+            spec["grad"] = [(b, n), torch.float32, torch.randn(b, n)]
+            spec["argmax"] = [(b, n), torch.uint8, torch.randint(k, (b, n))]
+            spec["k"] = ("int", k)
+            spec["out"] = [(b, n * k), torch.float32, torch.zeros(b, n * k)]
     elif kernel == "project_rows":
         spec["u"] = [(n, d), torch.float32, torch.randn(n, d)]
         spec["v"] = [(n, d), draw(st.sampled_from(_GEMM)), torch.randn(n, d)]
@@ -739,7 +751,8 @@ def _kernel_call(draw, kernel):
 
 _OUTPUTS = {"normalize_rows": {"out", "norms"}, "targets": {"out"},
             "lse_block": {"run_max", "run_sum", "target_cos", "target_logit"}, "grad_block": {"cos"},
-            "project_rows": {"out"}, "sample_classes": {"bitmap", "out"}}
+            "project_rows": {"out"}, "sample_classes": {"bitmap", "out"},
+            "subcenter_max": {"out", "argmax"}, "subcenter_expand": {"out"}}
 FUZZ_STATS = {}
 
 
