@@ -200,7 +200,7 @@ def _exec(device: torch.device) -> int:
 # CPU GEMM engine for the cosines X̂·Ŵᵀ and for ∂L/∂x̂ = G·Ŵ: "auto" runs them through
 # torch's oneDNN matmul (mkldnn._linear_pointwise) on x86-64 when it is there and passes
 # a probe, "torch" always uses torch.mm (MKL). On the CI machine's AMD EPYC, MKL_VERBOSE
-# reports no AVX-512 path and oneDNN ran these GEMMs ~1.3x faster (docs/margin_softmax.md).
+# reports no AVX-512 path and oneDNN ran these GEMMs ~1.4x faster (docs/margin_softmax.md).
 # ∂L/∂ŵ = Gᵀ·X̂ stays torch.mm: oneDNN would first copy Gᵀ to contiguous memory, while
 # torch.mm writes straight into the weight gradient.
 CPU_GEMM = "auto"
