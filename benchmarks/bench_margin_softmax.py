@@ -8,8 +8,16 @@ each (logits X̂Ŵᵀ, ∂L/∂X̂ = GŴ, ∂L/∂Ŵ = GᵀX̂). At B=256, D=512
 (shared/REFERENCE.md §5). The "floor" row times exactly those three torch.mm
 calls at the same sizes in the same run, so every ratio is taken side by side.
 
+F.linear_cross_entropy without ``options`` is torch's unchunked linear + cross_entropy
+(the same three torch.mm GEMMs). simcore's CPU path runs two of its GEMMs through
+oneDNN (simcore.margin_softmax.CPU_GEMM), so the interleaved run below also times
+those engines' floor and simcore with CPU_GEMM = "torch".
+
+Interleaved (steadier on a shared machine; medians of per-round ratios):
+  PYTHONPATH=. python benchmarks/bench_margin_softmax.py
+
 Groups:
-  loss-10k-vs-lce    peer: torch's fused F.linear_cross_entropy (plain CE, no margin)
+  loss-10k-vs-lce    peer: torch's F.linear_cross_entropy (plain CE, no margin)
   loss-10k-vs-ref    peer: the plain-PyTorch ArcFace reference; also pytorch-metric-learning
   memory-100k        B=512, D=256, 100,000 sampled classes; peer: the reference. Peak
                      memory is reported ABOVE the gradients (x.grad, weight.grad),
@@ -50,6 +58,24 @@ def _floor(b, d, c):
     def run():
         torch.mm(x, w.t())
         torch.mm(gl, w)
+        torch.mm(gl.t(), x)
+    return run
+
+
+def _floor_engines(b, d, c):
+    """The same three GEMMs through the engines simcore's CPU path picks: oneDNN for the
+    cosines and G·Ŵ where available (simcore.margin_softmax.CPU_GEMM), torch.mm for Gᵀ·X̂."""
+    import simcore.margin_softmax as ms
+
+    lin = ms._onednn_linear(torch.device("cpu"))
+    if lin is None:
+        return _floor(b, d, c)
+    g = torch.Generator().manual_seed(1)
+    x, w, gl = torch.randn(b, d, generator=g), torch.randn(c, d, generator=g), torch.randn(b, c, generator=g)
+
+    def run():
+        lin(x, w, None, "none", [], "")
+        lin(gl, w.t(), None, "none", [], "")
         torch.mm(gl.t(), x)
     return run
 
@@ -106,3 +132,59 @@ def test_memory_100k(measure, benchmark, impl):
     measure(fn, impl=f"{name} (peak above grads)", role="peer" if impl == "reference" else "simcore",
             items=BM, rounds=2)
     benchmark.extra_info["peak_bytes"] -= grad_bytes
+
+
+def _interleaved(rounds=15):
+    """simcore, F.linear_cross_entropy, the reference and the floor round-robin (the
+    order rotates each round); medians of the times and of the per-round ratios,
+    which are steadier than separate pytest rows when the machine is shared."""
+    import os
+    import statistics
+    import time
+
+    import simcore.margin_softmax as ms
+
+    x, y, w = _inputs(B, D, C)
+    sc = _simcore(x, y, w)
+
+    def sc_torch_mm():  # the same routine with every GEMM through torch.mm (ms.CPU_GEMM = "torch")
+        old, ms.CPU_GEMM = ms.CPU_GEMM, "torch"
+        try:
+            sc()
+        finally:
+            ms.CPU_GEMM = old
+
+    impls = {"floor": _floor(B, D, C), "floor_engines": _floor_engines(B, D, C),
+             "lce": _step(lambda: F.linear_cross_entropy(x, w, y), x, w),
+             "simcore": sc, "simcore_torch_mm": sc_torch_mm, "reference": _reference(x, y, w)}
+    names = list(impls)
+    for fn in impls.values():  # warm-up
+        fn()
+    times = {n: [] for n in names}
+    load0 = os.getloadavg()
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            impls[n]()
+            times[n].append(time.perf_counter() - t)
+    load1 = os.getloadavg()
+    med = {n: statistics.median(v) for n, v in times.items()}
+
+    def ratio(a, b):
+        return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
+
+    gflop = 3 * 2 * B * C * D / 1e9
+    print(f"B={B} D={D} S={C}, {rounds} rounds, load average {load0[0]:.2f} -> {load1[0]:.2f}")
+    print("  median ms: " + ", ".join(f"{n} {med[n] * 1e3:.1f}" for n in names))
+    print(f"  floor GEMM rate {gflop / med['floor']:.0f} GFLOP/s (torch.mm), "
+          f"{gflop / med['floor_engines']:.0f} GFLOP/s (simcore's engines); {gflop:.2f} GFLOP")
+    print(f"  simcore / lce {ratio('simcore', 'lce'):.3f}  simcore / floor {ratio('simcore', 'floor'):.3f}  "
+          f"lce / floor {ratio('lce', 'floor'):.3f}  simcore / reference {ratio('simcore', 'reference'):.3f}")
+    print(f"  simcore / floor_engines {ratio('simcore', 'floor_engines'):.3f}  "
+          f"floor_engines / floor {ratio('floor_engines', 'floor'):.3f}")
+    print(f"  simcore_torch_mm / lce {ratio('simcore_torch_mm', 'lce'):.3f}  "
+          f"simcore / simcore_torch_mm {ratio('simcore', 'simcore_torch_mm'):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    _interleaved()

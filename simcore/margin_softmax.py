@@ -26,6 +26,7 @@ O(B·block + block·D), never O(B·S).
 from __future__ import annotations
 
 import math
+import platform
 from typing import NamedTuple, Optional
 
 import torch
@@ -41,6 +42,10 @@ __all__ = ["margin_softmax_partial", "arcface_partial", "cosface_partial", "Part
 # Bytes of the (B × block) cosine workspace. When B·S·4 fits, one block holds
 # every sampled class and pass 1's cosines are reused (3 GEMMs instead of 4).
 WORKSPACE_BYTES = 32 << 20
+# Cap on one streamed block (B·S·4 over the workspace). Below glibc's largest mmap
+# threshold (32 MiB): a block allocated anew per class block (oneDNN has no out=) is then
+# reused from the heap instead of page-faulted in every time (3x the faults measured).
+STREAM_BLOCK_BYTES = 24 << 20
 NORM_EPS = 1e-12  # as F.normalize: rows are divided by max(‖row‖, NORM_EPS)
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 _HALF = (torch.float16, torch.bfloat16)
@@ -231,6 +236,42 @@ def _exec(device: torch.device) -> int:
     return _dispatch.num_threads() if device.type == "cpu" else _dispatch.cuda_stream(device)
 
 
+# CPU GEMM engine for the cosines X̂·Ŵᵀ and for ∂L/∂x̂ = G·Ŵ: "auto" runs them through
+# torch's oneDNN matmul (mkldnn._linear_pointwise) on x86-64 when it is there and passes
+# a probe, "torch" always uses torch.mm (MKL). On the CI machine's AMD EPYC, MKL_VERBOSE
+# reports no AVX-512 path and oneDNN ran these GEMMs ~1.4x faster (docs/margin_softmax.md).
+# ∂L/∂ŵ = Gᵀ·X̂ stays torch.mm: oneDNN would first copy Gᵀ to contiguous memory, while
+# torch.mm writes straight into the weight gradient.
+CPU_GEMM = "auto"
+_ONEDNN_OP = []  # [op or None], probed on first use
+
+
+def _probe_onednn():
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise.default
+        a = torch.arange(6.0).view(2, 3)
+        w = torch.arange(12.0).view(4, 3)
+        g = torch.arange(8.0).view(2, 4)
+        # both forms used: a·wᵀ, and g·w through the transposed view wᵀ (small integers: exact)
+        if torch.equal(op(a, w, None, "none", [], ""), a @ w.t()) and \
+                torch.equal(op(g, w.t(), None, "none", [], ""), g @ w):
+            return op
+    except Exception:  # private op: absent, renamed or with another signature in this torch
+        pass
+    return None
+
+
+def _onednn_linear(device):
+    """oneDNN's a·bᵀ for dense float32 CPU tensors (returns a new tensor), or None for torch.mm."""
+    if device.type != "cpu" or CPU_GEMM != "auto" or not torch.backends.mkldnn.enabled:
+        return None
+    if not _ONEDNN_OP:
+        _ONEDNN_OP.append(_probe_onednn())
+    return _ONEDNN_OP[0]
+
+
 def _centre_ids(classes, k):
     """Rows of ``weight`` holding the K sub-centres of each class, class-major."""
     if k == 1:
@@ -274,10 +315,11 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
     k = spec.subcenters
     f32 = torch.float32
     budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    block = s if b * s * k * 4 <= budget else max(256, budget // (4 * b * k))
+    block = s if b * s * k * 4 <= budget else max(256, min(budget, STREAM_BLOCK_BYTES) // (4 * b * k))
     block = min(block, s)
     nblocks = -(-s // block)
     params = spec.kernel_params()
+    linear = _onednn_linear(dev)
     rm = tensor_arg(row_margins) if row_margins is not None else None
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         if target_col is None:
@@ -298,23 +340,29 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
         tlogit = torch.full((b,), math.nan, dtype=f32, device=dev)  # stays NaN if a label is never found
         wbuf = torch.empty(block * k * d, dtype=f32, device=dev)
         wnorm = torch.empty(block * k, dtype=f32, device=dev)
-        cbuf = torch.empty(b * block, dtype=f32, device=dev)
+        cbuf = torch.empty(b * block, dtype=f32, device=dev) if linear is None or k > 1 else None
         # sub-centres: the (B × n·K) centre cosines, reduced to (B × n) class cosines (no (B × S·K) matrix
         # beyond one block); the same buffer carries the expanded gradient in pass 2
         kbuf = torch.empty(b * block * k, dtype=f32, device=dev) if k > 1 else None
         win = torch.empty(b * block, dtype=torch.uint8, device=dev) if k > 1 else None
+
+        def gemm_into(a, bt, buf):
+            """a·btᵀ: a new oneDNN tensor, or torch.mm into ``buf``."""
+            if linear is not None:
+                return linear(a, bt, None, "none", [], "")
+            torch.mm(a, bt.t(), out=buf)
+            return buf
 
         def load_block(c0):
             n = min(block, s - c0)
             idx = _centre_ids(sampled[c0:c0 + n], k)
             wh, wn = wbuf[:n * k * d].view(n * k, d), wnorm[:n * k]
             ext.ms_normalize_rows(tensor_arg(weight), tensor_arg(idx), tensor_arg(wh), tensor_arg(wn), NORM_EPS, ex)
-            cos = cbuf[:b * n].view(b, n)
-            if k == 1:
-                torch.mm(xh, wh.t(), out=cos)
+            if k == 1:  # oneDNN allocates the block (no out=); one block is alive at a time
+                cos = gemm_into(xh, wh, None if cbuf is None else cbuf[:b * n].view(b, n))
             else:
-                cos_k = kbuf[:b * n * k].view(b, n * k)
-                torch.mm(xh, wh.t(), out=cos_k)
+                cos_k = gemm_into(xh, wh, kbuf[:b * n * k].view(b, n * k))
+                cos = cbuf[:b * n].view(b, n)
                 ext.ms_subcenter_max(tensor_arg(cos_k), k, tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), ex)
             return idx, wh, wn, cos
 
@@ -322,6 +370,8 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
             idx, wh, wn, cos = load_block(c0)
             ext.ms_lse_block(tensor_arg(cos), tensor_arg(tcol), c0, params, rm, tensor_arg(run_max),
                              tensor_arg(run_sum), tensor_arg(tcos), tensor_arg(tlogit), ex)
+            if nblocks > 1:
+                del idx, wh, wn, cos
         if combine is None:
             lse = run_max + torch.log(run_sum)
         else:
@@ -330,7 +380,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
         if row_weight is None or (grad_x is None and grad_w is None):
             return loss, tcos
 
-        gxh = torch.empty(b, d, dtype=f32, device=dev) if grad_x is not None else None
+        gxh = torch.empty(b, d, dtype=f32, device=dev) if grad_x is not None and linear is None else None
         # ∂L/∂ŵ goes straight into grad_w (then projected in place) when its rows are the
         # block's rows in order: compact output, or every class sampled (sampled == arange(C)).
         in_place = (grad_w is not None and grad_w.dtype == f32 and grad_w.is_contiguous()
@@ -346,8 +396,11 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
             if k > 1:  # each class's gradient goes to its winning centre
                 g = kbuf[:b * n * k].view(b, n * k)
                 ext.ms_subcenter_expand(tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), k, tensor_arg(g), ex)
-            if gxh is not None:  # ∂L/∂x̂ += G·Ŵ
-                if c0 == 0:
+            if grad_x is not None:  # ∂L/∂x̂ += G·Ŵ
+                if linear is not None:
+                    part = linear(g, wh.t(), None, "none", [], "")
+                    gxh = part if c0 == 0 else gxh.add_(part)
+                elif c0 == 0:
                     torch.mm(g, wh, out=gxh)
                 else:
                     gxh.addmm_(g, wh)
@@ -361,7 +414,9 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
                 else:
                     ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn), tensor_arg(grad_w),
                                         tensor_arg(idx), NORM_EPS, ex)
-        if gxh is not None:
+            if nblocks > 1:
+                del idx, wh, wn, cos
+        if grad_x is not None:
             ext.ms_project_rows(tensor_arg(gxh), tensor_arg(xh), tensor_arg(xn), tensor_arg(grad_x), None,
                                 NORM_EPS, ex)
         return loss, tcos

@@ -534,3 +534,26 @@ def test_no_grad_and_frozen_weight(generator):
     l1 = simcore.arcface_partial(x, y, w, sample_rate=1.0)  # weight frozen: only x gets a gradient
     l1.backward()
     assert rel_err(l0, l1.detach()) <= 1e-7 and x.grad is not None and w.grad is None
+
+
+# --------------------------------------------------------------------------- CPU GEMM engine
+@pytest.mark.parametrize("engine", ["auto", "torch"])
+@pytest.mark.parametrize("budget", [None, 1], ids=["one-block", "class-blocked"])
+def test_cpu_gemm_engines_match_reference(engine, budget, generator, monkeypatch):
+    """oneDNN ("auto" where the probe passes) and the torch.mm fallback give the same losses and
+    gradients within float32 tolerance, for the resident and the class-blocked schedule."""
+    monkeypatch.setattr(ms, "CPU_GEMM", engine)
+    if budget:
+        monkeypatch.setattr(ms, "WORKSPACE_BYTES", budget)
+    if engine == "torch":
+        assert ms._onednn_linear(torch.device("cpu")) is None
+    b, d, c = 29, 67, 1100
+    x = torch.randn(b, d, generator=generator) * 2
+    w = torch.randn(c, d, generator=generator) * 0.1
+    y = _labels(b, c, generator, duplicates=True)
+    for rate in (1.0, 0.45):
+        for reduction, g in (("mean", None), ("none", torch.rand(b, generator=generator))):
+            loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], reduction, g, sample_rate=rate,
+                                            generator=torch.Generator().manual_seed(2))
+            rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], reduction, g)
+            assert rel_err(loss, rl) <= 1e-5 and rel_err(gx, rgx) <= 1e-5 and rel_err(gw, rgw) <= 1e-5
