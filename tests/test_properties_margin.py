@@ -119,6 +119,13 @@ def test_compiled_matches_reference(data):
     # to s, exp with relative error 2e-7), times s and 1/‖row‖ in the gradient
     floor_x = 4e-6 * s / max(x.double().norm(dim=1).min().item(), 1e-3)
     floor_w = 4e-6 * s / max(w.double().norm(dim=1).min().item(), 1e-3)
+    if not half:  # float32 itself may not get closer (scale s amplifies the GEMM's cosine rounding):
+        # allow 2x the plain float32 reference's own error on the same inputs
+        x32, w32 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        r32 = margin_softmax_loss(x32, y, w32, sampled, m1=m1, m2=m2, m3=m3, scale=s, reduction=reduction)
+        r32x, r32w = torch.autograd.grad(r32, (x32, w32), g)
+        floor_x += 2 * (r32x.double() - rgx).norm().item() / math.sqrt(max(rgx.numel(), 1))
+        floor_w += 2 * (r32w.double() - rgw).norm().item() / math.sqrt(max(rgw.numel(), 1))
     assert _close(gx, rgx, tol, floor_x), ("x grad", (gx.double() - rgx).norm(), rgx.norm())
     assert _close(gw, rgw, tol, floor_w), ("w grad", (gw.double() - rgw).norm(), rgw.norm())
     mask = torch.ones(c, dtype=torch.bool)
