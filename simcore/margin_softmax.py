@@ -333,8 +333,14 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
         run_max = torch.full((b,), -math.inf, dtype=f32, device=dev)
         run_sum = torch.zeros(b, dtype=f32, device=dev)
         if spec.curricular_t is not None:  # the kernels read every row's target cosine from the start
-            tcos = target_cos if target_cos is not None else target_cosines(x, labels, weight, k)
-            tcos = tcos.to(f32).contiguous()
+            if target_cos is None:  # from the normalised rows already here: one gather kernel, one product
+                rows = _centre_ids(labels, k)  # named: a packed tensor_arg does not keep its tensor alive
+                tw = torch.empty(b * k, d, dtype=f32, device=dev)
+                tn = torch.empty(b * k, dtype=f32, device=dev)
+                ext.ms_normalize_rows(tensor_arg(weight), tensor_arg(rows), tensor_arg(tw), tensor_arg(tn), NORM_EPS,
+                                      ex)
+                target_cos = torch.bmm(tw.view(b, k, d), xh.unsqueeze(2)).view(b, k).amax(1)
+            tcos = target_cos.to(f32).contiguous()
         else:
             tcos = torch.full((b,), math.nan, dtype=f32, device=dev)
         tlogit = torch.full((b,), math.nan, dtype=f32, device=dev)  # stays NaN if a label is never found
