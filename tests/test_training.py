@@ -67,3 +67,20 @@ def test_flip_symmetrised_embeddings_are_flip_invariant(generator):
     a, b = embed(model, x, flip=True), embed(model, x.flip(3), flip=True)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(embed(model, x), embed(model, x.flip(3)), atol=1e-4)
+
+
+def test_training_is_reproducible_for_a_seed():
+    """Same seeds (model init, data, the loop's generator): bit-identical weights and losses."""
+    def once():
+        torch.manual_seed(0)
+        model = SmallCNN(16, widths=(8, 16), depth=1)
+        w = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(12, 16), dim=1))
+        x = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        noisy = lambda t, generator=None: t + 0.1 * torch.randn(t.shape, generator=generator)   # noqa: E731
+        stats = train_arcface(model, x, w, steps=6, batch_size=8, augment=noisy, margin=0.2, scale=16.0,
+                              generator=torch.Generator().manual_seed(2))
+        return [p.detach().clone() for p in model.parameters()] + [w.detach().clone()], stats.losses
+
+    (a, la), (b, lb) = once(), once()
+    assert la == lb
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
