@@ -349,8 +349,10 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
         cbuf = torch.empty(b * block, dtype=f32, device=dev) if linear is None or k > 1 else None
         # sub-centres: the (B × n·K) centre cosines, reduced to (B × n) class cosines (no (B × S·K) matrix
         # beyond one block); the same buffer carries the expanded gradient in pass 2
-        kbuf = torch.empty(b * block * k, dtype=f32, device=dev) if k > 1 else None
+        kbuf = torch.empty(b * block * k, dtype=f32, device=dev) if k > 1 and linear is None else None
         win = torch.empty(b * block, dtype=torch.uint8, device=dev) if k > 1 else None
+
+        block_k = [None]  # the current block's (B × n·K) centre cosines (sub-centres)
 
         def gemm_into(a, bt, buf):
             """a·btᵀ: a new oneDNN tensor, or torch.mm into ``buf``."""
@@ -366,10 +368,11 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
             ext.ms_normalize_rows(tensor_arg(weight), tensor_arg(idx), tensor_arg(wh), tensor_arg(wn), NORM_EPS, ex)
             if k == 1:  # oneDNN allocates the block (no out=); one block is alive at a time
                 cos = gemm_into(xh, wh, None if cbuf is None else cbuf[:b * n].view(b, n))
-            else:
-                cos_k = gemm_into(xh, wh, kbuf[:b * n * k].view(b, n * k))
+            else:  # cos_k's memory carries the expanded gradient in pass 2
+                cos_k = gemm_into(xh, wh, None if kbuf is None else kbuf[:b * n * k].view(b, n * k))
                 cos = cbuf[:b * n].view(b, n)
                 ext.ms_subcenter_max(tensor_arg(cos_k), k, tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), ex)
+                block_k[0] = cos_k
             return idx, wh, wn, cos
 
         for c0 in range(0, s, block):  # pass 1: online log-sum-exp
@@ -378,6 +381,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
                              tensor_arg(run_sum), tensor_arg(tcos), tensor_arg(tlogit), ex)
             if nblocks > 1:
                 del idx, wh, wn, cos
+                block_k[0] = None
         if combine is None:
             lse = run_max + torch.log(run_sum)
         else:
@@ -400,7 +404,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
                               tensor_arg(row_weight), tensor_arg(tcos), ex)
             g = cos
             if k > 1:  # each class's gradient goes to its winning centre
-                g = kbuf[:b * n * k].view(b, n * k)
+                g = block_k[0]
                 ext.ms_subcenter_expand(tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), k, tensor_arg(g), ex)
             if grad_x is not None:  # ∂L/∂x̂ += G·Ŵ
                 if linear is not None:
@@ -422,6 +426,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
                                         tensor_arg(idx), NORM_EPS, ex)
             if nblocks > 1:
                 del idx, wh, wn, cos
+                block_k[0] = None
         if grad_x is not None:
             ext.ms_project_rows(tensor_arg(gxh), tensor_arg(xh), tensor_arg(xn), tensor_arg(grad_x), None,
                                 NORM_EPS, ex)

@@ -357,19 +357,23 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
   });
 }
 
+// One pass per centre q over all classes j (strided loads, branch-free, vectorised), the
+// running best kept in o / arg: the first maximum wins and NaN wins over numbers.
 SIMCORE_CLONES void subcenter_max_row(const float* a, int64_t n, int64_t k, float* o, uint8_t* arg) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float* c = a + j * k;
-    float best = c[0];
-    uint8_t at = 0;
-    for (int64_t q = 1; q < k; ++q) {
-      if (c[q] > best || (c[q] != c[q] && best == best)) {  // NaN wins, as in the other reductions
-        best = c[q];
-        at = static_cast<uint8_t>(q);
-      }
+    o[j] = a[j * k];
+    arg[j] = 0;
+  }
+  for (int64_t q = 1; q < k; ++q) {
+    const uint8_t qq = static_cast<uint8_t>(q);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = a[j * k + q], best = o[j];
+      const bool take = v > best || (v != v && best == best);
+      o[j] = take ? v : best;
+      arg[j] = take ? qq : arg[j];
     }
-    o[j] = best;
-    arg[j] = at;
   }
 }
 
