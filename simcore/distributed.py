@@ -343,9 +343,16 @@ class ShardedPartialMarginHead(PartialMarginHead):
         if train:
             rows.requires_grad_(True)
             rows.register_hook(lambda g: self._pending.append((centres, g.detach())))
-        spec, margins, reg = self._spec(xg, lambda: self._global_target_cosines(xg, lab, own, start))
+        found = []  # one all-reduce, shared by the variant's statistic and the kernels
+
+        def target_cos():
+            if not found:
+                found.append(self._global_target_cosines(xg, lab, own, start))
+            return found[0]
+
+        spec, margins, reg = self._spec(xg, target_cos)
         rm = None if margins is None else _row_margins(*margins, xg.shape[0], dev)
-        tcos = self._global_target_cosines(xg, lab, own, start) if spec.curricular_t is not None else None
+        tcos = target_cos() if spec.curricular_t is not None else None
         need_gx = torch.is_grad_enabled() and xg.requires_grad
         need_gm = torch.is_grad_enabled() and rm is not None and rm.requires_grad
         loss = _ShardLoss.apply(xg, rows, tcol, spec, rm, tcos, group, need_gx, train, need_gm)

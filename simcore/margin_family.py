@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simcore.margin_softmax import (MarginSpec, _centre_ids, _check_family, _check_inputs, _check_margins, _partial,
-                                    margin_softmax_partial, target_cosines)
+from simcore.margin_softmax import _check_family, _check_margins, _partial, target_cosines
 from simcore.reference.margin_softmax import cam_power
 
 __all__ = ["cam_softmax_partial", "adaface_partial", "magface_partial", "curricularface_partial", "adaface_margins",
@@ -44,17 +43,11 @@ def _number(name, v, lo=-math.inf, hi=math.inf, lo_open=False):
         raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
 
 
-def _sampling(sample_rate, num_samples, generator, reduction, return_sampled):
-    return dict(sample_rate=sample_rate, num_samples=num_samples, generator=generator, reduction=reduction,
-                return_sampled=return_sampled)
-
-
-def _with_regularizer(out, reg, reduction):
-    """Add a per-row regulariser (B,) to a loss reduced by ``reduction`` (and keep ``sampled``)."""
-    loss, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-    r = reg.mean() if reduction == "mean" else reg.sum() if reduction == "sum" else reg
-    loss = loss + r.to(loss.dtype)
-    return (loss, *rest) if rest else loss
+def _options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction, return_sampled):
+    """The keyword arguments every family loss passes on to margin_softmax._partial."""
+    _check_family(subcenters, filter_threshold)
+    return dict(subcenters=subcenters, filter_threshold=filter_threshold, sample_rate=sample_rate,
+                num_samples=num_samples, generator=generator, reduction=reduction, return_sampled=return_sampled)
 
 
 # --------------------------------------------------------------------------- Cam-Softmax
@@ -69,11 +62,10 @@ def cam_softmax_partial(embeddings, labels, weight, *, c=math.pi / 2, scale=20.0
     if c >= math.pi:
         raise ValueError(f"c must lie in (0, pi), got {c}")
     _check_margins(1.0, 0.0, 0.0, scale)
-    _check_family(subcenters, filter_threshold)
-    spec = MarginSpec(scale=float(scale), cam_power=cam_power(c), subcenters=subcenters,
-                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
-    return _partial(embeddings, labels, weight, spec,
-                    **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+    fields = dict(scale=float(scale), cam_power=cam_power(c))
+    return _partial(embeddings, labels, weight, lambda x: (fields, None, None),
+                    **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
+                               return_sampled))
 
 
 class CamSchedule:
@@ -123,11 +115,12 @@ def adaface_partial(embeddings, labels, weight, *, margin=0.4, h=0.333, scale=64
     _number("h", h, 0.0)
     _number("norm_mean", norm_mean)
     _number("norm_std", norm_std, 0.0)
-    m1, m2, m3 = adaface_margins(_feature_norms(embeddings), margin=margin, h=h, norm_mean=norm_mean,
-                                 norm_std=norm_std)
-    return margin_softmax_partial(embeddings, labels, weight, m1=m1, m2=m2, m3=m3, scale=scale,
-                                  subcenters=subcenters, filter_threshold=filter_threshold,
-                                  **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+    _check_margins(1.0, 0.0, 0.0, scale)
+    margins = lambda x: adaface_margins(_feature_norms(x), margin=margin, h=h, norm_mean=norm_mean,  # noqa: E731
+                                        norm_std=norm_std)
+    return _partial(embeddings, labels, weight, lambda x: (dict(scale=float(scale)), margins(x), None),
+                    **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
+                               return_sampled))
 
 
 # --------------------------------------------------------------------------- MagFace
@@ -151,12 +144,15 @@ def magface_partial(embeddings, labels, weight, *, scale=64.0, l_margin=0.45, u_
     _number("lambda_g", lambda_g, 0.0)
     if u_a <= l_a:
         raise ValueError(f"u_a ({u_a}) must exceed l_a ({l_a})")
-    m, a = magface_margin(embeddings, l_margin=l_margin, u_margin=u_margin, l_a=l_a, u_a=u_a) \
-        if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 else (0.5, None)
-    out = margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=m, m3=0.0, scale=scale,
-                                 subcenters=subcenters, filter_threshold=filter_threshold,
-                                 **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
-    return _with_regularizer(out, lambda_g * (a / u_a ** 2 + 1.0 / a), reduction)
+    _check_margins(1.0, 0.0, 0.0, scale)
+
+    def prepare(x):
+        m, a = magface_margin(x, l_margin=l_margin, u_margin=u_margin, l_a=l_a, u_a=u_a)
+        return dict(scale=float(scale)), (1.0, m, 0.0), lambda_g * (a / u_a ** 2 + 1.0 / a)
+
+    return _partial(embeddings, labels, weight, prepare,
+                    **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
+                               return_sampled))
 
 
 # --------------------------------------------------------------------------- CurricularFace
@@ -168,11 +164,10 @@ def curricularface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0
     EMA of the mean target cosine, kept by :class:`CurricularFace`) grows."""
     _number("t", t)
     _check_margins(1.0, margin, 0.0, scale)
-    _check_family(subcenters, filter_threshold)
-    spec = MarginSpec(1.0, float(margin), 0.0, float(scale), curricular_t=float(t), subcenters=subcenters,
-                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
-    return _partial(embeddings, labels, weight, spec,
-                    **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
+    fields = dict(m1=1.0, m2=float(margin), m3=0.0, scale=float(scale), curricular_t=float(t))
+    return _partial(embeddings, labels, weight, lambda x: (fields, None, None),
+                    **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
+                               return_sampled))
 
 
 # --------------------------------------------------------------------------- sub-centres
@@ -220,21 +215,10 @@ class _MarginLoss(nn.Module):
 
     def forward(self, embeddings, labels, weight, *, sample_rate=0.1, num_samples=None, generator=None,
                 reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
-        _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=subcenters)
-        _check_family(subcenters, filter_threshold)
-        fields, margins, reg = self.kernel_args(embeddings,
-                                                lambda: target_cosines(embeddings, labels, weight, subcenters))
-        if margins is not None:
-            out = margin_softmax_partial(embeddings, labels, weight, m1=margins[0], m2=margins[1], m3=margins[2],
-                                         scale=fields["scale"], subcenters=subcenters,
-                                         filter_threshold=filter_threshold,
-                                         **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
-        else:
-            spec = MarginSpec(**fields, subcenters=subcenters,
-                              filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
-            out = _partial(embeddings, labels, weight, spec,
-                           **_sampling(sample_rate, num_samples, generator, reduction, return_sampled))
-        return out if reg is None else _with_regularizer(out, reg, reduction)
+        return _partial(embeddings, labels, weight,
+                        lambda x: self.kernel_args(x, lambda: target_cosines(x, labels, weight, subcenters)),
+                        **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
+                                   return_sampled))
 
 
 class ArcFace(_MarginLoss):

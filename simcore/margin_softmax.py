@@ -626,20 +626,30 @@ def _check_family(subcenters, filter_threshold, weight=None):
         raise ValueError(f"filter_threshold must be a number or None, got {filter_threshold!r}")
 
 
-def _partial(embeddings, labels, weight, spec, *, row_margins_of=None, sample_rate, num_samples, generator,
-             reduction, return_sampled):
-    """Shared body of the functional losses: checks, sampling, dispatch. ``row_margins_of(embeddings)``
-    gives per-row (B, 3) margins (AdaFace, MagFace, or user tensors)."""
-    _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=spec.subcenters)
-    num_classes = weight.shape[0] // spec.subcenters
+def _partial(embeddings, labels, weight, prepare, *, subcenters=1, filter_threshold=None, sample_rate, num_samples,
+             generator, reduction, return_sampled):
+    """Shared body of the functional losses: checks, sampling, dispatch.
+
+    ``prepare(embeddings)``, called once the inputs are checked, returns the variant's
+    MarginSpec fields, its per-row (m1, m2, m3) (floats or (B,) tensors; None: the
+    fields' scalars) and a per-row regulariser added to the loss (None: none).
+    """
+    _check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=subcenters)
+    fields, margins, reg = prepare(embeddings)
+    spec = MarginSpec(**fields, subcenters=subcenters,
+                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
+    num_classes = weight.shape[0] // subcenters
     if num_samples is None:
         num_samples = math.ceil(sample_rate * num_classes)
     if num_samples >= num_classes:
         sampled = torch.arange(num_classes, device=labels.device)
     else:
         sampled = sample_classes(labels, num_classes, num_samples, generator)
-    rm = row_margins_of(embeddings) if row_margins_of is not None else None
+    rm = None if margins is None else _row_margins(*margins, embeddings.shape[0], embeddings.device,
+                                                   _margin_dtype(embeddings))
     loss = _loss_on_sampled(embeddings, labels, weight, sampled, spec, reduction, rm)
+    if reg is not None:
+        loss = loss + _reduce(reg, _REDUCTIONS[reduction]).to(loss.dtype)
     return (loss, sampled) if return_sampled else loss
 
 
@@ -672,15 +682,13 @@ def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0
     """
     _check_margins(m1, m2, m3, scale)
     _check_family(subcenters, filter_threshold)
-    # per-row tensors travel as row_margins; the scalars they replace are placeholders
-    spec = MarginSpec(*(p if isinstance(m, torch.Tensor) else float(m) for m, p in zip((m1, m2, m3), (1.0, 0.0, 0.0))),
-                      float(scale),
-                      filter_threshold=math.inf if filter_threshold is None else float(filter_threshold),
-                      subcenters=subcenters)
-    return _partial(embeddings, labels, weight, spec,
-                    row_margins_of=lambda x: _row_margins(m1, m2, m3, x.shape[0], x.device, _margin_dtype(x)),
-                    sample_rate=sample_rate, num_samples=num_samples, generator=generator, reduction=reduction,
-                    return_sampled=return_sampled)
+    per_row = any(isinstance(m, torch.Tensor) for m in (m1, m2, m3))
+    # per-row tensors travel as row margins; the scalars they replace are placeholders
+    fields = dict(m1=1.0, m2=0.0, m3=0.0, scale=float(scale)) if per_row else \
+        dict(m1=float(m1), m2=float(m2), m3=float(m3), scale=float(scale))
+    return _partial(embeddings, labels, weight, lambda x: (fields, (m1, m2, m3) if per_row else None, None),
+                    subcenters=subcenters, filter_threshold=filter_threshold, sample_rate=sample_rate,
+                    num_samples=num_samples, generator=generator, reduction=reduction, return_sampled=return_sampled)
 
 
 def arcface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, sample_rate=0.1, num_samples=None,

@@ -1,4 +1,5 @@
 """Shared test fixtures: logged seeds, poisoned outputs, tolerances."""
+import contextlib
 import math
 import os
 import random
@@ -57,3 +58,15 @@ def kernel_params(m1=1.0, m2=0.5, m3=0.0, s=64.0, e=1e-4, cam_power=0.0, filter_
                   curricular_t=0.0):
     """The 9-tuple ms_lse_block / ms_grad_block take (simcore.margin_softmax.MarginSpec.kernel_params)."""
     return (m1, m2, m3, s, e, cam_power, filter_threshold, curricular, curricular_t)
+
+
+@contextlib.contextmanager
+def backend(name):
+    """Run the block with simcore.set_backend(name), then restore the previous backend."""
+    import simcore
+    previous = simcore.get_backend()
+    simcore.set_backend(name)
+    try:
+        yield
+    finally:
+        simcore.set_backend(previous)

@@ -10,7 +10,7 @@ import simcore
 from simcore import _dispatch
 from simcore.reference.cosine_topk import cosine_topk as reference
 
-from conftest import cuda, poisoned
+from conftest import backend, cuda, poisoned
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 
@@ -326,12 +326,8 @@ def test_matches_faiss_flat_ip(generator):
 def test_reference_backend_agrees(generator):
     q, db = torch.randn(8, 16, generator=generator), torch.randn(300, 16, generator=generator)
     a = simcore.cosine_topk(q, db, 10, exclude="self")
-    previous = simcore.get_backend()
-    try:
-        simcore.set_backend("reference")
+    with backend("reference"):
         b = simcore.cosine_topk(q, db, 10, exclude="self")
-    finally:
-        simcore.set_backend(previous)
     assert (a[0] - b[0]).abs().max() <= 1e-6 and (a[1] == b[1]).float().mean() >= 0.95
 
 

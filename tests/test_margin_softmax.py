@@ -10,7 +10,7 @@ import simcore.margin_softmax as ms
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
-from conftest import cuda, kernel_params, poisoned, rel_err
+from conftest import backend, cuda, kernel_params, poisoned, rel_err
 
 MARGINS = {  # (m1, m2, m3, scale)
     "arcface": (1.0, 0.5, 0.0, 64.0),
@@ -201,10 +201,8 @@ def test_outputs_fully_written_poisoned(generator):
 @pytest.fixture(params=["compiled", "reference"])
 def sampler_backend(request):
     """Both samplers: Floyd's algorithm in C++ and the torch rejection sampler."""
-    previous = simcore.get_backend()
-    simcore.set_backend(request.param)
-    yield request.param
-    simcore.set_backend(previous)
+    with backend(request.param):
+        yield request.param
 
 
 def test_sampling_semantics_and_determinism(seed, sampler_backend):

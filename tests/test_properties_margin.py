@@ -23,6 +23,7 @@ import simcore.margin_softmax as ms
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
 from simcore.reference.margin_softmax import margin_softmax_loss
+from conftest import backend
 
 EXT = _dispatch.extension()
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -158,8 +159,8 @@ def test_invalid_labels_or_rates_raise_the_documented_error(data):
 
 
 @settings(max_examples=80, **SETTINGS)
-@given(data=st.data(), backend=st.sampled_from(["compiled", "reference"]))
-def test_sampler_properties(data, backend):
+@given(data=st.data(), backend_name=st.sampled_from(["compiled", "reference"]))
+def test_sampler_properties(data, backend_name):
     draw = data.draw
     c = draw(st.integers(1, 3000), label="C")
     b = draw(st.integers(1, 64), label="B")
@@ -167,13 +168,9 @@ def test_sampler_properties(data, backend):
     gen = torch.Generator().manual_seed(seed)
     y = _labels(draw, b, c, gen)
     num = draw(st.integers(1, c + 10), label="num_samples")
-    previous = simcore.get_backend()
-    simcore.set_backend(backend)
-    try:
+    with backend(backend_name):
         a = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
         again = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
-    finally:
-        simcore.set_backend(previous)
     assert torch.equal(a, again)
     assert a.dtype == torch.int64 and (a[1:] > a[:-1]).all() and a.min() >= 0 and a.max() < c
     assert torch.isin(y, a).all()

@@ -33,7 +33,7 @@ import simcore.margin_softmax as ms
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
 from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss
-from conftest import kernel_params, rel_err
+from conftest import backend, kernel_params, rel_err
 
 EXT = _dispatch.extension()
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
@@ -131,14 +131,10 @@ def test_public_functions_reject_bad_input(case):
 
 def test_bad_input_also_rejected_by_the_reference_backend():
     # The checks sit before dispatch: SIMCORE_BACKEND=reference raises the same errors.
-    previous = simcore.get_backend()
-    simcore.set_backend("reference")
-    try:
+    with backend("reference"):
         for name, call, exc, message in _PUBLIC:
             with pytest.raises(exc, match=message):
                 call()
-    finally:
-        simcore.set_backend(previous)
 
 
 def test_non_finite_inputs_are_documented_to_propagate_not_raise():
@@ -153,7 +149,7 @@ def test_non_finite_inputs_are_documented_to_propagate_not_raise():
     assert torch.isfinite(x.grad[torch.arange(6) != 3]).all()
 
 
-@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("backend_name", ["compiled", "reference"])
 @pytest.mark.parametrize("case,exc,message", [
     ("label_too_big", ValueError, r"labels must lie in \[0, 10\), got values in \[1, 10\]"),
     ("label_negative", ValueError, r"labels must lie in \[0, 10\), got values in \[-3, 1\]"),
@@ -164,7 +160,7 @@ def test_non_finite_inputs_are_documented_to_propagate_not_raise():
     ("num_samples_zero", ValueError, "num_samples must be a positive int"),
     ("num_samples_bool", ValueError, "num_samples must be a positive int"),
 ])
-def test_sample_classes_rejects_bad_input(backend, case, exc, message):
+def test_sample_classes_rejects_bad_input(backend_name, case, exc, message):
     y, c, k = torch.tensor([1, 4]), 10, 5
     if case == "label_too_big":
         y = torch.tensor([1, 10])
@@ -182,13 +178,8 @@ def test_sample_classes_rejects_bad_input(backend, case, exc, message):
         k = 0
     elif case == "num_samples_bool":
         k = True
-    previous = simcore.get_backend()
-    simcore.set_backend(backend)
-    try:
-        with pytest.raises(exc, match=message):
-            ms.sample_classes(y, c, k, torch.Generator().manual_seed(0))
-    finally:
-        simcore.set_backend(previous)
+    with backend(backend_name), pytest.raises(exc, match=message):
+        ms.sample_classes(y, c, k, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("kwargs,exc,message", [
@@ -829,18 +820,14 @@ def test_same_seed_gives_bit_identical_results(seed, budget, dtype):
     assert not torch.equal(a[1], other[1])  # a different seed does change the sample
 
 
-@pytest.mark.parametrize("backend", ["compiled", "reference"])
-def test_generator_state_fixes_the_sampled_classes(seed, backend):
-    previous = simcore.get_backend()
-    simcore.set_backend(backend)
-    try:
+@pytest.mark.parametrize("backend_name", ["compiled", "reference"])
+def test_generator_state_fixes_the_sampled_classes(seed, backend_name):
+    with backend(backend_name):
         y = torch.randint(10_000, (64,), generator=torch.Generator().manual_seed(seed))
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         for num in (64, 500, 5000, 9999):
             assert torch.equal(ms.sample_classes(y, 10_000, num, g1), ms.sample_classes(y, 10_000, num, g2))
         assert torch.equal(g1.get_state(), g2.get_state())  # same number of draws consumed
-    finally:
-        simcore.set_backend(previous)
 
 
 def test_bit_identical_across_processes(seed, tmp_path):

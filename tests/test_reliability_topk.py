@@ -29,11 +29,9 @@ import simcore
 from simcore import _dispatch
 from simcore._dispatch import tensor_arg
 from simcore.reference.cosine_topk import cosine_topk as reference
+from conftest import backend
 
 EXT = _dispatch.extension()
-if not hasattr(EXT, "cosine_topk_update"):  # this file lands before the cosine_topk kernels are merged
-    pytest.skip("the cosine_topk kernels are not in this build (branch 'topk' not merged yet)",
-                allow_module_level=True)
 I64_MAX = 2**63 - 1
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -112,14 +110,10 @@ def test_cosine_topk_rejects_bad_input(case):
 
 
 def test_reference_backend_rejects_the_same_input():
-    previous = simcore.get_backend()
-    simcore.set_backend("reference")
-    try:
+    with backend("reference"):
         for name, call, exc, message in _BAD:
             with pytest.raises(exc, match=message):
                 call()
-    finally:
-        simcore.set_backend(previous)
 
 
 def test_memmap_with_wrong_shape(tmp_path):

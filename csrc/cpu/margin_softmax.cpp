@@ -210,46 +210,30 @@ SIMCORE_CLONES void row_softmax(T* a, int64_t n, float s, float lse, float c) {
   for (int64_t j = 0; j < n; ++j) a[j] = from_float<T>(c * fast_exp(s * load(a, j) - lse));
 }
 
-// The same three loops for transformed non-targets (filtering, CurricularFace), written
-// out on local scalars (NegativeLogit's rules) so GCC vectorises them like the plain ones.
+// The same three loops for transformed non-targets (filtering, CurricularFace).
 template <class T>
-SIMCORE_CLONES float row_max(const T* a, int64_t n, NegativeLogit f) {
-  const float s = f.scale, filt = f.filter, hard = f.hard, t = f.t;
+SIMCORE_CLONES float row_max(const T* a, int64_t n, const NegativeLogit f) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = load(a, j);
-    const float v = x > filt ? 0.0f : x;
-    m = std::max(m, v > hard ? s * v * (t + v) : s * v);
-  }
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, f(load(a, j)));
   return m;
 }
 
 template <class T>
-SIMCORE_CLONES float row_exp_sum(const T* a, int64_t n, NegativeLogit f, float m) {
-  const float s = f.scale, filt = f.filter, hard = f.hard, t = f.t;
+SIMCORE_CLONES float row_exp_sum(const T* a, int64_t n, const NegativeLogit f, float m) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = load(a, j);
-    const float v = x > filt ? 0.0f : x;
-    acc += fast_exp((v > hard ? s * v * (t + v) : s * v) - m);
-  }
+  for (int64_t j = 0; j < n; ++j) acc += fast_exp(f(load(a, j)) - m);
   return acc;
 }
 
 // a_j <- c · exp(f(a_j) − lse) · f'(a_j)
 template <class T>
-SIMCORE_CLONES void row_softmax(T* a, int64_t n, NegativeLogit f, float lse, float c) {
-  const float s = f.scale, filt = f.filter, hard = f.hard, t = f.t;
+SIMCORE_CLONES void row_softmax(T* a, int64_t n, const NegativeLogit f, float lse, float c) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float x = load(a, j);
-    const float v = x > filt ? 0.0f : x;
-    const bool h = v > hard;
-    const float z = h ? s * v * (t + v) : s * v;
-    const float dz = x > filt ? 0.0f : (h ? s * (t + 2.0f * v) : s);
-    a[j] = from_float<T>(c * fast_exp(z - lse) * dz);
+    a[j] = from_float<T>(c * fast_exp(f(x) - lse) * f.slope(x));
   }
 }
 
