@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 
 from simcore import _dispatch
-from simcore.margin_softmax import (PartialMarginHead, _centre_ids, _fused, _row_margins, _scaled, check_sampled,
-                                    margin_grad, sample_classes, target_cosines)
+from simcore.margin_softmax import (PartialMarginHead, _bf16_gemms, _centre_ids, _fused, _row_margins, _scaled,
+                                    check_sampled, margin_grad, sample_classes, target_cosines)
 
 __all__ = ["ShardedPartialMarginHead", "shard_bounds", "load_resharded"]
 
@@ -149,7 +149,8 @@ class _ShardLoss(torch.autograd.Function):
                                      row_margins=None if row_margins is None else row_margins.detach(),
                                      target_cos=target_cos, row_weight=row_weight if grads else None,
                                      grad_x=gx, grad_w=gw, target_col=tcol,
-                                     combine=lambda m, su, t: _combine(m, su, t, tcol, group))
+                                     combine=lambda m, su, t: _combine(m, su, t, tcol, group),
+                                     bf16=_bf16_gemms(xg, rows))
         gm = None
         if need_gm:
             gm = margin_grad(loss_rows, torch.where(tcol >= 0, tcos, torch.zeros_like(tcos)), row_margins.detach(),

@@ -46,7 +46,20 @@ WORKSPACE_BYTES = 32 << 20
 # threshold (32 MiB): a block allocated anew per class block (oneDNN has no out=) is then
 # reused from the heap instead of page-faulted in every time (3x the faults measured).
 STREAM_BLOCK_BYTES = 24 << 20
+# CUDA's cap on one streamed block: larger than the CPU's (fewer launches and Python
+# round trips per step), small beside the reference's (B × S) logits.
+CUDA_STREAM_BLOCK_BYTES = 64 << 20
 NORM_EPS = 1e-12  # as F.normalize: rows are divided by max(‖row‖, NORM_EPS)
+# bfloat16 operands for the three GEMMs (float32 accumulation and output):
+#   "cuda"   (default) on CUDA devices, when the embeddings or the weight are bfloat16
+#            or autocast to bfloat16 is on;
+#   "always" the same rule on every device; on CPU the products are formed in float32,
+#            exact for bfloat16 values, so the CPU reproduces the CUDA numerics (tests);
+#   "never"  float32 operands everywhere.
+# float16 inputs keep float32 operands: s·(softmax − one-hot) blocks underflow and
+# overflow float16's range without loss scaling.
+BF16_GEMMS = "cuda"
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (recent torch)
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -272,6 +285,28 @@ def _onednn_linear(device):
     return _ONEDNN_OP[0]
 
 
+def _bf16_gemms(embeddings, weight):
+    """Whether the fused routine runs its GEMMs on bfloat16 operands (see BF16_GEMMS)."""
+    dev = embeddings.device
+    if BF16_GEMMS == "never" or (BF16_GEMMS == "cuda" and dev.type != "cuda") or not _MM_OUT_DTYPE:
+        return False
+    if torch.bfloat16 in (embeddings.dtype, weight.dtype):
+        return True
+    return torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) == torch.bfloat16
+
+
+def _mm_f32(a, b, out=None):
+    """a·b with float32 accumulation and output. bfloat16 operands go to cuBLAS as such;
+    on CPU their products are formed in float32 (exact for bfloat16 values)."""
+    if a.dtype == torch.bfloat16:
+        if a.is_cuda:
+            if out is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        a, b = a.float(), b.float()
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
 def _centre_ids(classes, k):
     """Rows of ``weight`` holding the K sub-centres of each class, class-major."""
     if k == 1:
@@ -289,7 +324,7 @@ def target_cosines(embeddings, labels, weight, subcenters=1):
 
 
 def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=None, row_weight=None, grad_x=None,
-           grad_w=None, grad_w_compact=False, workspace_bytes=None, target_col=None, combine=None):
+           grad_w=None, grad_w_compact=False, workspace_bytes=None, target_col=None, combine=None, bf16=False):
     """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``,
     and the target cosines (B,).
 
@@ -306,6 +341,9 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
     target_logit)`` turns this shard's pass-1 pieces into the global
     ``(lse, target_logit)`` (all-reduces) before the losses and pass 2;
     ``target_cos`` gives every row's target cosine (CurricularFace needs it first).
+
+    ``bf16``: the normalised rows and the gradient blocks are rounded to bfloat16 for
+    the GEMMs (float32 accumulation; the epilogues stay float32). See BF16_GEMMS.
     """
     ext = _dispatch.extension()
     dev = x.device
@@ -315,11 +353,13 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
     k = spec.subcenters
     f32 = torch.float32
     budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    block = s if b * s * k * 4 <= budget else max(256, min(budget, STREAM_BLOCK_BYTES) // (4 * b * k))
+    stream_cap = CUDA_STREAM_BLOCK_BYTES if dev.type == "cuda" else STREAM_BLOCK_BYTES
+    block = s if b * s * k * 4 <= budget else max(256, min(budget, stream_cap) // (4 * b * k))
     block = min(block, s)
     nblocks = -(-s // block)
     params = spec.kernel_params()
-    linear = _onednn_linear(dev)
+    gd = torch.bfloat16 if bf16 else f32  # GEMM operand dtype
+    linear = None if bf16 else _onednn_linear(dev)
     rm = tensor_arg(row_margins) if row_margins is not None else None
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         if target_col is None:
@@ -327,7 +367,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
             ext.ms_targets(tensor_arg(labels), tensor_arg(sampled), weight.shape[0] // k, tensor_arg(tcol), ex)
         else:
             tcol = target_col
-        xh = torch.empty(b, d, dtype=f32, device=dev)
+        xh = torch.empty(b, d, dtype=gd, device=dev)
         xn = torch.empty(b, dtype=f32, device=dev)
         ext.ms_normalize_rows(tensor_arg(x), None, tensor_arg(xh), tensor_arg(xn), NORM_EPS, ex)
         run_max = torch.full((b,), -math.inf, dtype=f32, device=dev)
@@ -335,16 +375,16 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
         if spec.curricular_t is not None:  # the kernels read every row's target cosine from the start
             if target_cos is None:  # from the normalised rows already here: one gather kernel, one product
                 rows = _centre_ids(labels, k)  # named: a packed tensor_arg does not keep its tensor alive
-                tw = torch.empty(b * k, d, dtype=f32, device=dev)
+                tw = torch.empty(b * k, d, dtype=gd, device=dev)  # rounded as the GEMMs' operands
                 tn = torch.empty(b * k, dtype=f32, device=dev)
                 ext.ms_normalize_rows(tensor_arg(weight), tensor_arg(rows), tensor_arg(tw), tensor_arg(tn), NORM_EPS,
                                       ex)
-                target_cos = torch.bmm(tw.view(b, k, d), xh.unsqueeze(2)).view(b, k).amax(1)
+                target_cos = torch.bmm(tw.view(b, k, d).float(), xh.float().unsqueeze(2)).view(b, k).amax(1)
             tcos = target_cos.to(f32).contiguous()
         else:
             tcos = torch.full((b,), math.nan, dtype=f32, device=dev)
         tlogit = torch.full((b,), math.nan, dtype=f32, device=dev)  # stays NaN if a label is never found
-        wbuf = torch.empty(block * k * d, dtype=f32, device=dev)
+        wbuf = torch.empty(block * k * d, dtype=gd, device=dev)
         wnorm = torch.empty(block * k, dtype=f32, device=dev)
         cbuf = torch.empty(b * block, dtype=f32, device=dev) if linear is None or k > 1 else None
         # sub-centres: the (B × n·K) centre cosines, reduced to (B × n) class cosines (no (B × S·K) matrix
@@ -358,8 +398,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
             """a·btᵀ: a new oneDNN tensor, or torch.mm into ``buf``."""
             if linear is not None:
                 return linear(a, bt, None, "none", [], "")
-            torch.mm(a, bt.t(), out=buf)
-            return buf
+            return _mm_f32(a, bt.t(), out=buf)
 
         def load_block(c0):
             n = min(block, s - c0)
@@ -396,6 +435,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
         in_place = (grad_w is not None and grad_w.dtype == f32 and grad_w.is_contiguous()
                     and (grad_w_compact or s * k == weight.shape[0]))
         ubuf = torch.empty(block * k * d, dtype=f32, device=dev) if grad_w is not None and not in_place else None
+        gbuf = torch.empty(b * block * k, dtype=gd, device=dev) if bf16 else None  # the block's G as an operand
         for c0 in range(0, s, block):  # pass 2: gradients (reuses pass 1's block when there is one)
             if nblocks > 1:
                 idx, wh, wn, cos = load_block(c0)
@@ -406,18 +446,22 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
             if k > 1:  # each class's gradient goes to its winning centre
                 g = block_k[0]
                 ext.ms_subcenter_expand(tensor_arg(cos), tensor_arg(win[:b * n].view(b, n)), k, tensor_arg(g), ex)
+            if bf16:
+                g = gbuf[:g.numel()].view(g.shape).copy_(g)
             if grad_x is not None:  # ∂L/∂x̂ += G·Ŵ
                 if linear is not None:
                     part = linear(g, wh.t(), None, "none", [], "")
                     gxh = part if c0 == 0 else gxh.add_(part)
                 elif c0 == 0:
-                    torch.mm(g, wh, out=gxh)
+                    _mm_f32(g, wh, out=gxh)
+                elif bf16:
+                    gxh.add_(_mm_f32(g, wh))
                 else:
                     gxh.addmm_(g, wh)
             if grad_w is not None:
                 r0, nr = c0 * k, n * k
                 u = grad_w[r0:r0 + nr] if in_place else ubuf[:nr * d].view(nr, d)
-                torch.mm(g.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
+                _mm_f32(g.t(), xh, out=u)  # ∂L/∂ŵ = Gᵀ·X̂
                 if grad_w_compact or in_place:
                     ext.ms_project_rows(tensor_arg(u), tensor_arg(wh), tensor_arg(wn),
                                         tensor_arg(grad_w[r0:r0 + nr]), None, NORM_EPS, ex)
@@ -477,7 +521,7 @@ def _empty_margin_grad(x, row_margins):
 @torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], spec: list[float], subcenters: int, reduction: int, need_gx: bool,
-            need_gw: bool, need_gm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_gw: bool, need_gm: bool, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward)."""
     grads = reduction != 2 and (need_gx or need_gw or need_gm)
     sp = MarginSpec.from_list(spec, subcenters)
@@ -485,13 +529,14 @@ def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled
     gw = _weight_grad_buffer(weight, sampled.numel() * subcenters) if grads and need_gw else weight.new_empty(0)
     rw = _row_weight(x.shape[0], reduction, x.device) if grads else None
     loss_rows, tcos = _fused(x, labels, weight, sampled, sp, row_margins=row_margins, row_weight=rw,
-                             grad_x=gx if grads and need_gx else None, grad_w=gw if grads and need_gw else None)
+                             grad_x=gx if grads and need_gx else None, grad_w=gw if grads and need_gw else None,
+                             bf16=bf16)
     gm = margin_grad(loss_rows, tcos, row_margins, sp.scale, rw) if grads and need_gm else x.new_empty(0)
     return _reduce(loss_rows, reduction), gx, gw, gm
 
 
 @_fwd_op.register_fake
-def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm):
+def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16):
     grads = reduction != 2 and (need_gx or need_gw or need_gm)
     loss = x.new_empty((x.shape[0],) if reduction == 2 else (), dtype=torch.float32)
     gx = x.new_empty(x.shape) if grads and need_gx else x.new_empty(0)
@@ -503,35 +548,35 @@ def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need
 @torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
 def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: list[float], subcenters: int,
-            need_gx: bool, need_gw: bool, need_gm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_gx: bool, need_gw: bool, need_gm: bool, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
     sp = MarginSpec.from_list(spec, subcenters)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
     gw = _weight_grad_buffer(weight, sampled.numel() * subcenters) if need_gw else weight.new_empty(0)
     rw = grad_rows.float().contiguous()
     loss_rows, tcos = _fused(x, labels, weight, sampled, sp, row_margins=row_margins, row_weight=rw,
-                             grad_x=gx if need_gx else None, grad_w=gw if need_gw else None)
+                             grad_x=gx if need_gx else None, grad_w=gw if need_gw else None, bf16=bf16)
     gm = margin_grad(loss_rows, tcos, row_margins, sp.scale, rw) if need_gm else x.new_empty(0)
     return gx, gw, gm
 
 
 @_bwd_op.register_fake
-def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm):
+def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm, bf16):
     return (x.new_empty(x.shape) if need_gx else x.new_empty(0),
             weight.new_empty(weight.shape) if need_gw else weight.new_empty(0),
             torch.empty_like(row_margins) if need_gm else x.new_empty(0))
 
 
-_NO_GRADS = (None,) * 11
+_NO_GRADS = (None,) * 12
 
 
 def _setup_context(ctx, inputs, output):
-    x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm = inputs
+    x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16 = inputs
     _, gx, gw, gm = output
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
     ctx.consumed = False
     ctx.spec, ctx.subcenters = spec, subcenters
-    ctx.reduction, ctx.needs = reduction, (need_gx, need_gw, need_gm)
+    ctx.reduction, ctx.needs, ctx.bf16 = reduction, (need_gx, need_gw, need_gm), bf16
     if reduction == 2:
         ctx.save_for_backward(x, labels, weight, sampled, row_margins)
     else:
@@ -545,7 +590,7 @@ def _backward(ctx, grad_loss, _gx, _gw, _gm):
     if ctx.reduction == 2:
         x, labels, weight, sampled, row_margins = ctx.saved_tensors
         gx, gw, gm = _bwd_op(x, labels, weight, sampled, row_margins, grad_loss, ctx.spec, ctx.subcenters,
-                             need_gx, need_gw, need_gm)
+                             need_gx, need_gw, need_gm, ctx.bf16)
     else:
         gx, gw, gm = ctx.saved_tensors
         if ctx.consumed and not torch.compiler.is_compiling():
@@ -558,7 +603,7 @@ def _backward(ctx, grad_loss, _gx, _gw, _gm):
         gw = _scaled(gw, grad_loss) if need_gw else None
         gm = _scaled(gm, grad_loss) if need_gm else None
     return (gx if need_gx else None, None, gw if need_gw else None, None, gm if need_gm else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("simcore::margin_softmax_fwd", _backward, setup_context=_setup_context)
@@ -610,7 +655,8 @@ def _loss_on_sampled(embeddings, labels, weight, sampled, spec, reduction, row_m
         row_margins = row_margins.float()
     loss, _, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, row_margins,
                             spec.as_list(), spec.subcenters, _REDUCTIONS[reduction],
-                            grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm)
+                            grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm,
+                            _bf16_gemms(embeddings, weight))
     return loss
 
 

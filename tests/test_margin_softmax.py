@@ -96,6 +96,100 @@ def test_half_inputs_against_float64(xdtype, wdtype, generator):
     assert rel_err(gw, rgw) <= tol
 
 
+# --------------------------------------------------------------------------- bfloat16 GEMM operands
+@pytest.fixture
+def bf16_gemms(monkeypatch):
+    """The CUDA path for bfloat16 inputs, on CPU: operands rounded to bfloat16, products
+    formed in float32 (exact for bfloat16 values), so only the summation order differs."""
+    monkeypatch.setattr(ms, "BF16_GEMMS", "always")
+
+
+@pytest.mark.parametrize("variant", list(MARGINS))
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.bfloat16)])
+def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, generator, monkeypatch):
+    if blocked:
+        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+    for reduction in ("mean", "none"):
+        b = int(torch.randint(8, 60, (1,), generator=generator))
+        # d >= 64: bfloat16 operands move cos θ by ~2^-9/√d, and the scale (64) amplifies that
+        d = int(torch.randint(64, 200, (1,), generator=generator))
+        c = int(torch.randint(300, 2000, (1,), generator=generator))
+        x = (torch.randn(b, d, generator=generator) * 2).to(xdtype)
+        w = torch.randn(c, d, generator=generator).to(wdtype)
+        y = _labels(b, c, generator, duplicates=True)
+        g = torch.rand(b, generator=generator) if reduction == "none" else None
+        run = lambda: _kernel(x, y, w, MARGINS[variant], reduction, g, sample_rate=0.5,  # noqa: E731
+                              generator=torch.Generator().manual_seed(5))
+        loss, sampled, gx, gw = run()
+        assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
+        for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
+            assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2, rel_err(out, ref)
+        monkeypatch.setattr(ms, "BF16_GEMMS", "never")  # float32 operands: the same sample, other rounding
+        loss32 = run()[0]
+        monkeypatch.setattr(ms, "BF16_GEMMS", "always")
+        assert not torch.equal(loss, loss32)
+
+
+def test_bf16_gemms_extreme_angles(bf16_gemms, generator):
+    m1, m2, m3, s = MARGINS["arcface"]
+    ts = theta_star(m1, m2)
+    # bfloat16 operands move cos θ by ~2^-9/√d, so θ is resolved only away from 0 and π, and
+    # a row's gradient (dominated by its target) is within 1e-2 from d ≈ 256 on at scale 64
+    well = [0.3, 1.0, ts - 0.1, ts + 0.1, math.pi - 0.3]
+    edge = [0.0, 1e-6, 1e-2, math.pi - 1e-3, math.pi]
+    x, y, w = _at_angles(well + edge, 256, 50, generator)
+    x, w = x.bfloat16(), w.bfloat16()
+    g = torch.ones(len(y))
+    loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], "none", g, sample_rate=1.0)
+    rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], "none", g)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert rel_err(loss, rl) <= 1e-2
+    n = len(well)
+    assert rel_err(gx[:n], rgx[:n]) <= 1e-2
+    bound = s * m1 * 1.01 / x.float().norm(dim=1, keepdim=True)
+    assert (gx[n:].float().norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
+
+
+def test_bf16_gemm_policy(monkeypatch):
+    x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
+    xb, wb, xh = x32.bfloat16(), w32.bfloat16(), x32.half()
+    assert not ms._bf16_gemms(xb, wb)  # default "cuda": CPU tensors keep float32 operands
+    monkeypatch.setattr(ms, "BF16_GEMMS", "always")
+    assert ms._bf16_gemms(xb, wb) and ms._bf16_gemms(xb, w32) and ms._bf16_gemms(x32, wb)
+    assert not ms._bf16_gemms(x32, w32) and not ms._bf16_gemms(xh, w32.half())  # float16: float32 operands
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ms._bf16_gemms(x32, w32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not ms._bf16_gemms(x32, w32)
+    monkeypatch.setattr(ms, "BF16_GEMMS", "never")
+    assert not ms._bf16_gemms(xb, wb)
+
+
+def test_bf16_gemms_under_compile_and_autocast(bf16_gemms, generator):
+    lin = torch.nn.Linear(16, 32)
+    w = torch.randn(300, 32, generator=generator, requires_grad=True)
+    inp = torch.randn(12, 16, generator=generator)
+    y = torch.randint(300, (12,), generator=generator)
+
+    def f(inp, y, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return simcore.arcface_partial(lin(inp), y, w, sample_rate=1.0)
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(inp, y, w)
+    loss.backward()
+    gw = w.grad.clone()
+    w.grad = None
+    eager = f(inp, y, w)
+    eager.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(gw, w.grad)
+    emb = lin(inp).bfloat16().detach()  # what autocast fed the loss
+    assert rel_err(eager, margin_softmax_loss(emb.double(), y, w.detach().double(), torch.arange(300))) <= 1e-2
+
+
 def _at_angles(thetas, d, c, gen):
     """Embeddings at exactly the given angles to their (random) class centre."""
     w = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
@@ -181,15 +275,15 @@ def test_outputs_fully_written_poisoned(generator):
     w = torch.randn(c, d, generator=generator)
     y = _labels(b, c, generator)
     sampled = ms.sample_classes(y, c, 120, generator)
-    for budget in (None, 1):
+    for budget, bf16 in ((None, False), (1, False), (None, True), (1, True)):
         gx = poisoned((b, d))
         gw = poisoned((c, d))
         gwc = poisoned((len(sampled), d))
         rw = torch.full((b,), 1.0 / b)
         loss, _ = ms._fused(x, y, w, sampled, ms.MarginSpec(), row_weight=rw, grad_x=gx, grad_w=gw,
-                            workspace_bytes=budget)
+                            workspace_bytes=budget, bf16=bf16)
         ms._fused(x, y, w, sampled, ms.MarginSpec(), row_weight=rw, grad_w=gwc, grad_w_compact=True,
-                  workspace_bytes=budget)
+                  workspace_bytes=budget, bf16=bf16)
         mask = torch.zeros(c, dtype=torch.bool)
         mask[sampled] = True
         assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
@@ -500,8 +594,9 @@ def test_cuda_matches_reference(dtype, budget, generator, monkeypatch):
     loss, s = simcore.arcface_partial(xc, y.cuda(), wc, sample_rate=0.5, return_sampled=True)
     loss.backward()
     rl, rgx, rgw = _reference(x, y, w, s.cpu(), MARGINS["arcface"], "mean")
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel_err(loss.cpu(), rl) <= 1e-5
+    # bfloat16 runs its GEMMs on bfloat16 operands; float16 on float32 ones (BF16_GEMMS)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3 if dtype == torch.float16 else 1e-5
+    assert rel_err(loss.cpu(), rl) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
     assert rel_err(xc.grad.cpu(), rgx) <= tol and rel_err(wc.grad.cpu(), rgw) <= tol
 
 
