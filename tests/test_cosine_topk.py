@@ -631,6 +631,40 @@ def test_cuda_exclude(dtype, generator):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", HALF)
+def test_cuda_half_near_ties(dtype, generator):
+    # As test_fp32_via_bf16_adversarial_near_ties, for half databases on CUDA (float16: a float16
+    # tile GEMM, bfloat16: a bfloat16 one; cuBLAS, with whatever reduction torch allows): 600 rows
+    # whose cosines to query 0 lie in a 1.2e-3 band, about 2e-6 apart after rounding to the half
+    # dtype (far below the half GEMM's output resolution), rivals just below the band, and exact
+    # duplicates at the end. Only the rescoring can order them; the slack must let every one through.
+    D = 64
+    q = F.normalize(torch.randn(4, D, generator=generator), dim=1)
+    q0 = q[0].double()
+
+    def at_cosine(cos):
+        perp = torch.randn(len(cos), D, generator=generator).double()
+        perp = F.normalize(perp - (perp @ q0)[:, None] * q0, dim=1)
+        return (cos[:, None] * q0 + (1 - cos[:, None] ** 2).sqrt() * perp).float()
+    band = at_cosine(0.3 + 2e-6 * torch.randperm(600, generator=generator).double())
+    rivals = at_cosine(0.2985 + 1e-5 * torch.arange(300).double())
+    noise = torch.randn(20_000, D, generator=generator) * 0.1
+    db = torch.cat([noise[:7000], rivals, noise[7000:], band, band[:100]]).to(dtype)
+    n = db.shape[0]
+    for kk in (50, 300, 700):
+        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), kk, block_size=4096)
+        s, i = s.cpu(), i.cpu()
+        ref_s, ref_i = check_topk(s, i, q, db.float(), kk, tol=1e-6)
+        for row in range(q.shape[0]):  # every row clearly inside the top-k is returned
+            clear = ref_i[row][ref_s[row] > ref_s[row, -1] + 1e-6]
+            assert torch.isin(clear, i[row]).all(), (kk, row)
+        dup = i[0][i[0] >= n - 100]  # row n - 100 + j duplicates row n - 700 + j: both in, original first
+        assert torch.isin(dup - 600, i[0]).all()
+        pos = {int(v): p for p, v in enumerate(i[0])}
+        assert all(pos[int(d) - 600] < pos[int(d)] for d in dup)
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 @pytest.mark.parametrize("N,k,block", [
     (777, 777, None),         # k = N (cap = N + 1: no compaction ever)
