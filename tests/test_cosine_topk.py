@@ -544,3 +544,332 @@ def test_torch_compile_smoke(generator):
     s, i = compiled(q, db)
     s0, i0 = simcore.cosine_topk(q, db, 4)
     assert torch.equal(i, i0) and torch.equal(s, s0 * 2)
+
+
+# ---- CUDA (skipped without a GPU): the CPU comparisons above, on CUDA tensors, with the
+# CUDA-only paths: float16 tile GEMMs (cosine on a float16 database), the converted
+# bfloat16 block (inner products on a float16 database), the block-wide compaction
+# (cap = k + COSINE_TOPK_MIN_SLACK), and large k.
+HALF = [torch.float16, torch.bfloat16]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("data", ["random", "clustered"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_cuda_half_database(dtype, data, normalized, generator):
+    N, D, k = 20_000, 64, 20
+    if data == "random":
+        db32, q = torch.randn(N, D, generator=generator), torch.randn(100, D, generator=generator)
+    else:
+        db32 = _clustered(N, D, generator)
+        q = db32[torch.randint(0, N, (100,), generator=generator)] + 0.02 * torch.randn(100, D, generator=generator)
+    db = db32.to(dtype)
+    s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k, normalized=normalized, block_size=3000)
+    tol = 2e-6 if not normalized else 1e-6 * float(q.norm(dim=1).max() * db.float().norm(dim=1).max())
+    ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, normalized=normalized, tol=tol)
+    assert (i.cpu() == ref_i).float().mean() >= 0.99
+    if not normalized:  # recall against the float32 database's exact result, as on the CPU
+        _, i32 = simcore.cosine_topk(q.cuda(), db32.cuda(), k)
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(i.cpu(), i32.cpu())])
+        assert recall >= 0.99, recall
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+def test_cuda_ties_go_to_the_lower_index(dtype, generator):
+    # As test_ties_go_to_the_lower_index: rows 2^m * (+-e_r) and +-1 rows are exact in every
+    # dtype and every score is exact in float32, so the result must equal the reference bit for bit.
+    D, N = 8, 300
+    axis = torch.randint(0, D, (N,), generator=generator)
+    sign = torch.randint(0, 2, (N,), generator=generator) * 2 - 1
+    power = 2.0 ** torch.randint(-3, 4, (N,), generator=generator)
+    db = torch.zeros(N, D)
+    db[torch.arange(N), axis] = sign * power
+    q = torch.randn(20, D, generator=generator)
+    for normalized in (False, True):
+        for k in (1, 10, 150, N):
+            s, i = simcore.cosine_topk(q.cuda(), db.to(dtype).cuda(), k, normalized=normalized, block_size=64)
+            ref_s, ref_i = reference(q, db, k, normalized=normalized)
+            assert torch.equal(i.cpu(), ref_i), (normalized, k)
+            assert torch.equal(s.cpu(), ref_s), (normalized, k)
+    # Duplicated +-1 rows: the lower index first. Cosine scores of identical rows are equal only when
+    # computed alike: rescored (half) rows are; float32 GEMM tiles of other widths need not be.
+    db2 = torch.randn(50, 32, generator=generator).sign().repeat(3, 1)
+    for normalized in (True,) if dtype == torch.float32 else (True, False):
+        s, i = simcore.cosine_topk(db2[:5].cuda(), db2.to(dtype).cuda(), 3, normalized=normalized, block_size=64)
+        assert torch.equal(i.cpu(), torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
+        assert (s[:, 0] == s[:, 1]).all() and (s[:, 1] == s[:, 2]).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_exclude(dtype, generator):
+    x = torch.randn(200, 24, generator=generator).to(dtype).float()  # values exact in dtype
+    xc = x.to(dtype).cuda()
+    s, i = simcore.cosine_topk(x.cuda(), xc, 5, exclude="self", block_size=64)
+    self_pairs = torch.stack([torch.arange(200), torch.arange(200)], 1)
+    check_topk(s.cpu(), i.cpu(), x, x, 5, exclude=self_pairs)
+    assert not (i.cpu() == torch.arange(200)[:, None]).any()
+    # Explicit pairs, unsorted and repeated, given as a CUDA tensor; in-memory and streamed agree.
+    pairs = torch.stack([torch.randint(0, 30, (300,), generator=generator),
+                         torch.randint(0, 200, (300,), generator=generator)], 1)
+    q = x[:30] + 0.1 * torch.randn(30, 24, generator=generator)
+    s, i = simcore.cosine_topk(q.cuda(), xc, 8, exclude=pairs.cuda(), block_size=50)
+    check_topk(s.cpu(), i.cpu(), q, x, 8, exclude=pairs)
+    s2, i2 = simcore.cosine_topk(q.cuda(), iter([xc[:70], xc[70:]]), 8, exclude=pairs, progress=False)
+    assert torch.equal(i, i2)
+    # Fewer than k candidates left: missing slots are (-inf, -1).
+    db = torch.randn(4, 24, generator=generator).to(dtype)
+    ex = torch.tensor([[0, 0], [0, 3], [1, 2]])
+    s, i = simcore.cosine_topk(db[:2].float().cuda(), db.cuda(), 4, exclude=ex)
+    s, i = s.cpu(), i.cpu()
+    assert (i[0, 2:] == -1).all() and (s[0, 2:] == float("-inf")).all() and (i[0, :2] >= 0).all()
+    assert (i[1, 3] == -1) and (i[1, :3] >= 0).all()
+    ref_s, ref_i = reference(db[:2].float(), db.float(), 4, exclude=ex)
+    assert torch.equal(i, ref_i)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", HALF)
+def test_cuda_half_near_ties(dtype, generator):
+    # As test_fp32_via_bf16_adversarial_near_ties, for half databases on CUDA (float16: a float16
+    # tile GEMM, bfloat16: a bfloat16 one; cuBLAS, with whatever reduction torch allows): 600 rows
+    # whose cosines to query 0 lie in a 1.2e-3 band, about 2e-6 apart after rounding to the half
+    # dtype (far below the half GEMM's output resolution), rivals just below the band, and exact
+    # duplicates at the end. Only the rescoring can order them; the slack must let every one through.
+    D = 64
+    q = F.normalize(torch.randn(4, D, generator=generator), dim=1)
+    q0 = q[0].double()
+
+    def at_cosine(cos):
+        perp = torch.randn(len(cos), D, generator=generator).double()
+        perp = F.normalize(perp - (perp @ q0)[:, None] * q0, dim=1)
+        return (cos[:, None] * q0 + (1 - cos[:, None] ** 2).sqrt() * perp).float()
+    band = at_cosine(0.3 + 2e-6 * torch.randperm(600, generator=generator).double())
+    rivals = at_cosine(0.2985 + 1e-5 * torch.arange(300).double())
+    noise = torch.randn(20_000, D, generator=generator) * 0.1
+    db = torch.cat([noise[:7000], rivals, noise[7000:], band, band[:100]]).to(dtype)
+    n = db.shape[0]
+    for kk in (50, 300, 700):
+        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), kk, block_size=4096)
+        s, i = s.cpu(), i.cpu()
+        ref_s, ref_i = check_topk(s, i, q, db.float(), kk, tol=1e-6)
+        for row in range(q.shape[0]):  # every row clearly inside the top-k is returned
+            clear = ref_i[row][ref_s[row] > ref_s[row, -1] + 1e-6]
+            assert torch.isin(clear, i[row]).all(), (kk, row)
+        dup = i[0][i[0] >= n - 100]  # row n - 100 + j duplicates row n - 700 + j: both in, original first
+        assert torch.isin(dup - 600, i[0]).all()
+        pos = {int(v): p for p, v in enumerate(i[0])}
+        assert all(pos[int(d) - 600] < pos[int(d)] for d in dup)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+@pytest.mark.parametrize("N,k,block", [
+    (777, 777, None),         # k = N (cap = N + 1: no compaction ever)
+    (777, 777, 100),
+    (20_000, 4096, 3000),     # large k, several compactions per query
+    (40_000, 16_384, None),   # beyond FAISS GPU's k <= 2048
+])
+def test_cuda_large_k(dtype, N, k, block, generator):
+    Q, D = 6, 32
+    q = torch.randn(Q, D, generator=generator)
+    db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(dtype)
+    s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k, block_size=block)
+    ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, tol=1e-5 if dtype == torch.float32 else 2e-6)
+    assert (i.cpu() == ref_i).float().mean() >= 0.99  # differences only at float32 near-ties
+
+
+@cuda
+def test_cuda_streaming_equals_in_memory(tmp_path, generator):
+    # Integer data and inner products are exact in any tiling and on either device.
+    N, D = 10_000, 16
+    db = torch.randint(-4, 5, (N, D), generator=generator).float()
+    q = torch.randint(-4, 5, (13, D), generator=generator).float()
+    expect = simcore.cosine_topk(q, db, 20, normalized=True)  # CPU
+    got = simcore.cosine_topk(q.cuda(), db.cuda(), 20, normalized=True)
+    assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
+    np.save(tmp_path / "db.npy", db.numpy())
+    mm = np.load(tmp_path / "db.npy", mmap_mode="r")  # numpy chunks are moved to the queries' device
+    got = simcore.cosine_topk(q.cuda(), mm, 20, normalized=True, progress=False)
+    assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
+    cuts = [0, 1, 1, 2500, 2501, 7777, N]
+    chunks = [db[a:b].cuda() if j % 2 else db[a:b].numpy() for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    got = simcore.cosine_topk(q.cuda(), iter(chunks), 20, normalized=True, progress=False)
+    assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
+    for dtype in HALF:  # small integers are exact in both half dtypes too
+        got = simcore.cosine_topk(q.cuda(), db.to(dtype).cuda(), 20, normalized=True, block_size=999)
+        assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
+
+
+@cuda
+def test_cuda_float16_rows_beyond_the_float16_gemm_range(generator):
+    # A float16 database is searched (cosine) with a float16 tile GEMM on CUDA: for rows of norm
+    # above 65504 its output overflows to +-inf. Those rows must still be nominated and rescored,
+    # -inf ones included (they belong in a top-k that reaches them, e.g. k = N).
+    D = 16
+    q = torch.randn(4, D, generator=generator)
+    flips = (torch.rand(100, D, generator=generator) < 0.15).float() * -2 + 1
+    signs = torch.sign(q[0]).repeat(100, 1) * flips
+    big = torch.cat([signs[:50], -signs[50:]]) * 30_000.0   # |entries| 30000 < 65504, norm 120000
+    db = torch.cat([torch.randn(200, D, generator=generator), big]).half()
+    N = db.shape[0]
+    for k in (10, 120, N):
+        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k)
+        ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, tol=2e-6)
+        assert (i.cpu() == ref_i).float().mean() >= 0.99
+        assert (i >= 0).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+def test_cuda_kernel_with_poisoned_state(dtype, generator):
+    # As test_kernel_with_poisoned_state, on CUDA: garbage reservoir, poisoned scale, slack and
+    # tiles; cap = k + COSINE_TOPK_MIN_SLACK < N, so the block-wide compaction runs; exclusions.
+    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    mod = sys.modules["simcore.cosine_topk"]
+    dev = torch.device("cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    Q, N, D, k = 6, 700, 16, 9
+    q = F.normalize(torch.randn(Q, D, generator=generator), dim=1).to(dev)
+    db = torch.randn(N, D, generator=generator).to(dtype).to(dev)
+    cap = k + ext.COSINE_TOPK_MIN_SLACK
+    assert cap < N
+    rescore = dtype != torch.float32
+    factor = mod._slack_factor(dtype, dtype, D) if rescore else 0.0
+    reservoir = poisoned((Q, cap * 4), torch.float32, dev).view(torch.int64).view(Q, cap, 2)
+    count = torch.zeros(Q, dtype=torch.int64, device=dev)
+    thr = torch.full((Q,), float("-inf"), device=dev)
+    scale, slack = poisoned((N,), device=dev), poisoned((N,), device=dev)
+    status = torch.full((1,), 2**63 - 1, device=dev)
+    ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, True, factor, 1, stream)
+    torch.cuda.synchronize()
+    assert torch.isfinite(scale).all() and torch.isfinite(slack).all() and int(status) == 2**63 - 1
+    pairs = torch.stack([torch.arange(Q), torch.arange(Q) * 97], 1)  # query r excludes row 97 r
+    eo, ei = mod._exclusion(pairs, Q, N, dev)
+    qg, qn = q.to(dtype), q.norm(dim=1)  # named: a packed tensor_arg does not keep its tensor alive
+    for s0 in range(0, N, 100):
+        tile = poisoned((Q, 100), dtype, dev)
+        torch.mm(qg, db[s0:s0 + 100].T, out=tile)
+        ext.cosine_topk_update(A(tile), A(scale[s0:s0 + 100]), A(slack[s0:s0 + 100]), A(q), A(qn),
+                               A(db[s0:s0 + 100]), A(eo), A(ei), A(reservoir), A(count), A(thr), 0, s0, k, -1,
+                               rescore, 1, stream)
+    s, i = mod._finalize(reservoir, count, k)
+    check_topk(s.cpu(), i.cpu(), q.cpu(), db.float().cpu(), k, tol=1e-5 if dtype == torch.float32 else 2e-6,
+               exclude=pairs)
+    if dtype != torch.bfloat16:  # the bfloat16 copy written in the norm pass (inner products on half rows)
+        conv = poisoned((N, D), torch.bfloat16, dev)
+        ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, False,
+                                      mod._slack_factor(torch.bfloat16, dtype, D), 1, stream, A(conv))
+        torch.cuda.synchronize()
+        assert torch.equal(conv.view(torch.int16), db.bfloat16().view(torch.int16))
+        assert (scale == 1).all() and torch.isfinite(slack).all()
+
+
+@cuda
+def test_cuda_kernel_rechecks_its_arguments():
+    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    dev = torch.device("cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    Q, nb, D, k = 4, 16, 8, 2
+    cap = k + ext.COSINE_TOPK_MIN_SLACK
+    z = dict(device=dev)
+    args = dict(scores=torch.zeros(Q, nb, **z), scale=torch.ones(nb, **z), slack=torch.zeros(nb, **z),
+                queries=torch.zeros(Q, D, **z), query_slack=torch.ones(Q, **z), block=torch.zeros(nb, D, **z),
+                exclude_offsets=torch.zeros(Q + 1, dtype=torch.int64, **z),
+                exclude_index=torch.zeros(0, dtype=torch.int64, **z),
+                reservoir=torch.zeros(Q, cap, 2, dtype=torch.int64, **z), count=torch.zeros(Q, dtype=torch.int64, **z),
+                threshold=torch.full((Q,), float("-inf"), **z))
+    ints = dict(q_begin=0, db_base=0, k=k, n_total=-1, rescore=False, num_threads=1, stream=stream)
+
+    def call(**over):
+        a = {**args, **{n: v for n, v in over.items() if n in args}}
+        i = {**ints, **{n: v for n, v in over.items() if n in ints}}
+        ext.cosine_topk_update(*[A(a[n]) for n in args], *i.values())
+        torch.cuda.synchronize()
+
+    call()
+    with pytest.raises(ValueError, match="k must be"):
+        call(k=cap)
+    with pytest.raises(ValueError, match="k must be"):
+        call(k=0)
+    with pytest.raises(ValueError, match="outside"):
+        call(q_begin=1)
+    with pytest.raises(ValueError, match="exceed the database size"):
+        call(n_total=10)
+    with pytest.raises(TypeError, match="float32"):
+        call(scores=torch.zeros(Q, nb, dtype=torch.float64, **z))
+    with pytest.raises(ValueError):
+        call(rescore=True, block=torch.zeros(nb, D + 1, **z))
+    # Values inside device tensors are not read on the host (the CPU entry point checks them
+    # there): the kernel clamps the exclusion offsets into [0, E] and the count into [0, cap], so
+    # a corrupt CSR or count stays inside its buffers (compute-sanitizer checks this test) and
+    # the count stays in range.
+    for bad in (dict(exclude_offsets=torch.tensor([0, 2, 2, 2, 2], **z), exclude_index=torch.tensor([5, 3], **z)),
+                dict(exclude_offsets=torch.tensor([0, 3, 2, 2, 2], **z), exclude_index=torch.tensor([5, 3], **z)),
+                dict(exclude_offsets=torch.tensor([0, 0, 0, 0, 9], **z), exclude_index=torch.tensor([5, 3], **z)),
+                dict(exclude_offsets=torch.tensor([0, -7, 1, 1, 2], **z), exclude_index=torch.tensor([5, 3], **z)),
+                dict(count=torch.full((Q,), cap + 1, dtype=torch.int64, **z)),
+                dict(count=torch.full((Q,), -5, dtype=torch.int64, **z))):
+        count = bad.get("count", torch.zeros(Q, dtype=torch.int64, **z))
+        call(**{**bad, "count": count, "threshold": torch.full((Q,), float("-inf"), **z)})
+        assert ((count >= 0) & (count <= cap)).all()
+    # CUDA appends a whole thread block after a compaction: a reservoir of k + 1, enough on the
+    # CPU, is refused unless it holds the whole database (cap > n_total).
+    small = dict(count=torch.zeros(Q, dtype=torch.int64, **z), threshold=torch.full((Q,), float("-inf"), **z))
+    with pytest.raises(ValueError, match="too small"):
+        call(reservoir=torch.zeros(Q, k + 1, 2, dtype=torch.int64, **z), **small)
+    call(reservoir=torch.zeros(Q, nb + 1, 2, dtype=torch.int64, **z), n_total=nb, **small)
+    assert (small["count"] == nb).all()
+    # Every tensor on the scores' device.
+    with pytest.raises(ValueError, match="device"):
+        call(scale=torch.ones(nb))
+    with pytest.raises(ValueError, match="device"):
+        call(reservoir=torch.zeros(Q, cap, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="device"):
+        call(rescore=True, queries=torch.zeros(Q, D))
+
+
+@cuda
+def test_cuda_bad_input():
+    dev = torch.device("cuda")
+    q, db = torch.randn(4, 8, device=dev), torch.randn(20, 8, device=dev)
+    with pytest.raises(ValueError, match="D=8.*D=9"):
+        simcore.cosine_topk(q, torch.randn(20, 9, device=dev), 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        simcore.cosine_topk(torch.randn(0, 8, device=dev), db, 3)
+    with pytest.raises(ValueError, match="empty"):
+        simcore.cosine_topk(q, torch.randn(0, 8, device=dev), 1)
+    for k in (0, -1, 21):
+        with pytest.raises(ValueError, match="k"):
+            simcore.cosine_topk(q, db, k)
+    with pytest.raises(ValueError, match="exceeds"):
+        simcore.cosine_topk(q, iter([db[:5], db[5:]]), 21)
+    with pytest.raises(TypeError, match="float"):
+        simcore.cosine_topk(q, db.int(), 3)
+    with pytest.raises(ValueError, match="on cpu but queries are on cuda"):
+        simcore.cosine_topk(q, db.cpu(), 3)
+    with pytest.raises(ValueError, match="on cpu but queries are on cuda"):
+        simcore.cosine_topk(q, iter([db[:5], db[5:].cpu()]), 3, progress=False)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # found by the CUDA norm pass
+        for value in (float("nan"), float("inf")):
+            bad = db.clone()
+            bad[13, 2] = value
+            with pytest.raises(ValueError, match="database row 13"):
+                simcore.cosine_topk(q, bad.to(dtype), 3)
+    with pytest.raises(ValueError, match="database row 17"):
+        simcore.cosine_topk(q, iter([db[:17], torch.full((1, 8), float("nan"), device=dev)]), 3, progress=False)
+    badq = q.clone()
+    badq[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="queries row 2"):
+        simcore.cosine_topk(badq, db, 3)
+    for ex, err in [(torch.tensor([[0, 20]]), ValueError), (torch.tensor([[4, 0]]), ValueError),
+                    (torch.tensor([[0, 20]], device=dev), ValueError), (torch.tensor([[0.0, 1.0]]), TypeError)]:
+        with pytest.raises(err):
+            simcore.cosine_topk(q, db, 3, exclude=ex)
+    with pytest.raises(ValueError, match="block_size"):
+        simcore.cosine_topk(q, db, 3, block_size=0)
+    # The search still works after every refusal above (no sticky CUDA error).
+    s, i = simcore.cosine_topk(q, db, 3)
+    check_topk(s.cpu(), i.cpu(), q.cpu(), db.cpu(), 3)
