@@ -263,10 +263,17 @@ def check_arcface(res, device, gen, sz, dtype):
     return errs, tol
 
 
-def _measure_arcface(timer, device, gen, sz, dtype, B, D, S):
+# CUDA class-block caps swept besides the default (simcore.margin_softmax.CUDA_STREAM_BLOCK_BYTES):
+# smaller blocks mean more launches and Python round trips per step, larger ones more memory.
+BLOCK_SWEEP_MB = (32, 128)
+
+
+def _measure_arcface(timer, device, gen, sz, dtype, B, D, S, sweep=()):
     """Median times of the floor, simcore and the reference at one size, and the peak extra
-    memory of the last two (locals die with the frame, also when the reference runs out of memory)."""
+    memory of the last two (locals die with the frame, also when the reference runs out of memory).
+    ``sweep``: extra simcore runs with the CUDA class-block cap at these MB ("simcore@<MB>")."""
     import simcore
+    import simcore.margin_softmax as ms
     from simcore.reference.margin_softmax import margin_softmax_loss
 
     x, y, w = _arc_inputs(B, D, S, dtype, device, gen)
@@ -288,10 +295,21 @@ def _measure_arcface(timer, device, gen, sz, dtype, B, D, S):
         x.grad = w.grad = None
         margin_softmax_loss(x, y, w, sampled, m1=1.0, m2=0.5, m3=0.0, scale=64.0).backward()
 
+    def capped(mb):
+        def step():
+            old = ms.CUDA_STREAM_BLOCK_BYTES
+            ms.CUDA_STREAM_BLOCK_BYTES = mb << 20
+            try:
+                step_simcore()
+            finally:
+                ms.CUDA_STREAM_BLOCK_BYTES = old
+        return step
+
     fns = {"floor": floor, "simcore": step_simcore, "reference": step_reference}
+    fns.update({f"simcore@{mb}": capped(mb) for mb in sweep})
     grads = (x.numel() + w.numel()) * x.element_size()
     mem = {}
-    for n in ("simcore", "reference"):
+    for n in [n for n in fns if n != "floor"]:
         x.grad = w.grad = None
         mem[n] = peak_extra_bytes(fns[n], device, subtract=grads)
     x.grad = w.grad = None
@@ -305,7 +323,8 @@ def time_arcface(res, timer, device, gen, sz, dtype, errs, tol):
     rate = res.ceilings.get(f"gemm_{name}_flops")
     for S in (S0, S0 // 2, S0 // 4):  # the reference may not fit at full size: measure where it does
         try:
-            med, mem = _measure_arcface(timer, device, gen, sz, dtype, B, D, S)
+            sweep = BLOCK_SWEEP_MB if dtype == torch.bfloat16 else ()
+            med, mem = _measure_arcface(timer, device, gen, sz, dtype, B, D, S, sweep)
         except Exception as exc:  # noqa: BLE001
             if not is_oom(exc):
                 raise
@@ -329,6 +348,11 @@ def time_arcface(res, timer, device, gen, sz, dtype, errs, tol):
                 vs_peer=med["simcore"] / med["reference"], vs_floor=med["simcore"] / med["floor"],
                 extra_mb=mem["simcore"] / MB, mem_vs_peer=mem["simcore"] / mem["reference"] if mem["reference"] > 0 else None,
                 check=f"{'ok' if ok else 'FAIL'} {max(errs):.1e}")
+        for mb in sweep:
+            key = f"simcore@{mb}"
+            res.row(section="arcface", impl=f"simcore, class blocks <= {mb} MB", dtype=name, size=size, ms=med[key],
+                    vs_peer=med[key] / med["reference"], vs_floor=med[key] / med["floor"], extra_mb=mem[key] / MB,
+                    mem_vs_peer=mem[key] / mem["reference"] if mem["reference"] > 0 else None)
         if dtype == torch.bfloat16:
             res.targets.append((f"arcface bf16 {size}: time <= 1.25x the 3 GEMMs", med["simcore"] / med["floor"], 1.25, "le"))
             res.targets.append((f"arcface bf16 {size}: >= 2x faster than the reference (time ratio <= 0.5)",

@@ -20,6 +20,7 @@ The database may be a tensor, a numpy array or memmap, or any iterable of
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -258,7 +259,28 @@ def _slack_factor(gemm_dtype, db_dtype, dim):
     return 1.25 * bound + subnormal
 
 
+@contextlib.contextmanager
+def _exact_cuda_gemms(device):
+    """float32 tile GEMMs without TF32, and half tiles summed in float32, whatever the caller
+    set in torch.backends.cuda.matmul: exactness and the rescoring bound rely on both."""
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    m.allow_tf32 = m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+
+
 def _search(queries, source, k, normalized, exclude, block_size, progress):
+    with _exact_cuda_gemms(queries.device):
+        return _search_blocks(queries, source, k, normalized, exclude, block_size, progress)
+
+
+def _search_blocks(queries, source, k, normalized, exclude, block_size, progress):
     ext = _dispatch.extension()
     device = queries.device
     Q, D = queries.shape

@@ -681,6 +681,43 @@ def test_cuda_large_k(dtype, N, k, block, generator):
     assert (i.cpu() == ref_i).float().mean() >= 0.99  # differences only at float32 near-ties
 
 
+def test_exact_gemm_settings_are_forced_and_restored():
+    """The search turns TF32 and reduced-precision half reductions off for its tile GEMMs
+    and gives the caller's settings back, also after an error (only flags: runs without a GPU)."""
+    from simcore.cosine_topk import _exact_cuda_gemms
+    m = torch.backends.cuda.matmul
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = tuple(getattr(m, n) for n in names)
+    try:
+        for n in names:
+            setattr(m, n, True)
+        with pytest.raises(RuntimeError, match="inside"):
+            with _exact_cuda_gemms(torch.device("cuda")):
+                assert not any(getattr(m, n) for n in names)
+                raise RuntimeError("inside")
+        assert all(getattr(m, n) for n in names)
+        with _exact_cuda_gemms(torch.device("cpu")):  # CPU searches leave them alone
+            assert all(getattr(m, n) for n in names)
+    finally:
+        for n, v in zip(names, saved):
+            setattr(m, n, v)
+
+
+@cuda
+def test_cuda_float32_exact_with_tf32_enabled(generator):
+    q = torch.randn(40, 64, generator=generator)
+    db = torch.randn(5000, 64, generator=generator)
+    m = torch.backends.cuda.matmul
+    saved = m.allow_tf32
+    m.allow_tf32 = True
+    try:
+        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), 50)
+        assert m.allow_tf32
+    finally:
+        m.allow_tf32 = saved
+    check_topk(s.cpu(), i.cpu(), q, db, 50)
+
+
 @cuda
 def test_cuda_streaming_equals_in_memory(tmp_path, generator):
     # Integer data and inner products are exact in any tiling and on either device.
