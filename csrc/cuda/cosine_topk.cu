@@ -234,6 +234,8 @@ __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t 
         }
       }
     }
+    // Once the threshold has warmed up most chunks have no survivor: one barrier, then the next chunk.
+    if (!__syncthreads_or(pass)) continue;
     int total;
     int pos = block_scan(pass, sh, &total);
     if (sh.cnt + total > cap && sh.cnt > k) {  // uniform: shared values
