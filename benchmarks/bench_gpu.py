@@ -54,6 +54,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from conftest import peak_memory_bytes  # benchmarks/conftest.py: the CPU peak the pytest benchmarks use
+
 FULL = dict(gemm_n=8192, copy_bytes=1 << 30,
             arc_B=1024, arc_D=512, arc_S=200_000, arc_check=(256, 512, 20_000), arc_dtypes=("bfloat16", "float16", "float32"),
             cos_Q=10_000, cos_N=1_000_000, cos_D=256, cos_k=100, cos_k_large=4096, cos_sample=64, cos_sample_large=16,
@@ -114,20 +116,6 @@ class Timer:
         return {n: statistics.median(v) for n, v in times.items()}, times
 
 
-def _cpu_peak_bytes(fn):
-    """Peak bytes held by torch's CPU allocator while fn runs, above what was held before."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 def peak_extra_bytes(fn, device, subtract=0):
     """Peak bytes allocated while fn runs above what was allocated before it, minus ``subtract``."""
     if device.type == "cuda":
@@ -138,7 +126,7 @@ def peak_extra_bytes(fn, device, subtract=0):
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base - subtract
-    return _cpu_peak_bytes(fn) - subtract
+    return peak_memory_bytes(fn) - subtract
 
 
 def is_oom(exc):
