@@ -73,16 +73,20 @@ def test_query_dtypes(qdtype, generator):
     check_topk(s, i, q.float(), db, 7)
 
 
-def test_ties_go_to_the_lower_index(generator):
-    # Rows 2^m * (+-e_r): every score is exactly a query component, with many
-    # duplicates; exact in any summation order, so ties are real ties.
-    D, N = 8, 300
+def _axis_ties(generator, D=8, N=300):
+    """Queries and rows 2^m * (+-e_r): every score is exactly a query component, with many
+    duplicates; exact in any dtype and summation order, so ties are real ties."""
     axis = torch.randint(0, D, (N,), generator=generator)
     sign = torch.randint(0, 2, (N,), generator=generator) * 2 - 1
     power = 2.0 ** torch.randint(-3, 4, (N,), generator=generator)
     db = torch.zeros(N, D)
     db[torch.arange(N), axis] = sign * power
-    q = torch.randn(20, D, generator=generator)
+    return torch.randn(20, D, generator=generator), db
+
+
+def test_ties_go_to_the_lower_index(generator):
+    q, db = _axis_ties(generator)
+    N = db.shape[0]
     for normalized in (False, True):
         for k in (1, 10, 150, N):
             s, i = simcore.cosine_topk(q, db, k, normalized=normalized, block_size=64)
@@ -578,15 +582,10 @@ def test_cuda_half_database(dtype, data, normalized, generator):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 def test_cuda_ties_go_to_the_lower_index(dtype, generator):
-    # As test_ties_go_to_the_lower_index: rows 2^m * (+-e_r) and +-1 rows are exact in every
+    # As test_ties_go_to_the_lower_index: the rows and the +-1 rows below are exact in every
     # dtype and every score is exact in float32, so the result must equal the reference bit for bit.
-    D, N = 8, 300
-    axis = torch.randint(0, D, (N,), generator=generator)
-    sign = torch.randint(0, 2, (N,), generator=generator) * 2 - 1
-    power = 2.0 ** torch.randint(-3, 4, (N,), generator=generator)
-    db = torch.zeros(N, D)
-    db[torch.arange(N), axis] = sign * power
-    q = torch.randn(20, D, generator=generator)
+    q, db = _axis_ties(generator)
+    N = db.shape[0]
     for normalized in (False, True):
         for k in (1, 10, 150, N):
             s, i = simcore.cosine_topk(q.cuda(), db.to(dtype).cuda(), k, normalized=normalized, block_size=64)
