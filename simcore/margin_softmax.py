@@ -9,7 +9,8 @@ How the compiled path works (CPU and CUDA run this same Python code; only the
 epilogue kernels in ``simcore._C`` differ by device):
 
 * ``ms_normalize_rows`` gathers the sampled centres of one class block (by index),
-  converts them to float32 and L2-normalises them; the embeddings likewise, once.
+  L2-normalises them and writes them as the GEMM operand dtype (float32, or
+  bfloat16 under ``BF16_GEMMS``); the embeddings likewise, once.
 * torch's GEMM (oneDNN/MKL on CPU, cuBLAS on CUDA) forms the block of cosines.
 * ``ms_lse_block`` puts the margin on the target column and merges the block into
   an online log-sum-exp; ``ms_grad_block`` turns the block, in place, into
