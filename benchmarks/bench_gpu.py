@@ -251,7 +251,7 @@ def check_arcface(res, device, gen, sz, dtype):
     return errs, tol
 
 
-# CUDA class-block caps swept besides the default (simcore.margin_softmax.CUDA_STREAM_BLOCK_BYTES):
+# CUDA class-block caps swept besides the default (simcore.margin.functional.CUDA_STREAM_BLOCK_BYTES):
 # smaller blocks mean more launches and Python round trips per step, larger ones more memory.
 BLOCK_SWEEP_MB = (32, 128)
 
@@ -261,7 +261,7 @@ def _measure_arcface(timer, device, gen, sz, dtype, B, D, S, sweep=()):
     memory of the last two (locals die with the frame, also when the reference runs out of memory).
     ``sweep``: extra simcore runs with the CUDA class-block cap at these MB ("simcore@<MB>")."""
     import simcore
-    import simcore.margin_softmax as ms
+    import simcore.margin.functional as ms
     from simcore.reference.margin_softmax import margin_softmax_loss
 
     x, y, w = _arc_inputs(B, D, S, dtype, device, gen)
@@ -556,9 +556,9 @@ def time_cosine(res, timer, device, gen, sz, dtype, faiss_mod, large=True):
 # ----------------------------------------------------------------------------- report
 def device_info(device):
     import simcore
-    from simcore import _dispatch
+    from simcore import dispatch
     info = dict(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
-                simcore=simcore.__version__, build_info=dict(_dispatch.extension().build_info),
+                simcore=simcore.__version__, build_info=dict(dispatch.extension().build_info),
                 simcore_cuda_available=simcore.cuda_available(), device=str(device))
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

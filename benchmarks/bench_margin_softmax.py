@@ -10,7 +10,7 @@ calls at the same sizes in the same run, so every ratio is taken side by side.
 
 F.linear_cross_entropy without ``options`` is torch's unchunked linear + cross_entropy
 (the same three torch.mm GEMMs). simcore's CPU path runs two of its GEMMs through
-oneDNN (simcore.margin_softmax.CPU_GEMM), so the interleaved run below also times
+oneDNN (simcore.margin.functional.CPU_GEMM), so the interleaved run below also times
 those engines' floor and simcore with CPU_GEMM = "torch".
 
 Interleaved (steadier on a shared machine; medians of per-round ratios):
@@ -64,8 +64,8 @@ def _floor(b, d, c):
 
 def _floor_engines(b, d, c):
     """The same three GEMMs through the engines simcore's CPU path picks: oneDNN for the
-    cosines and G·Ŵ where available (simcore.margin_softmax.CPU_GEMM), torch.mm for Gᵀ·X̂."""
-    import simcore.margin_softmax as ms
+    cosines and G·Ŵ where available (simcore.margin.functional.CPU_GEMM), torch.mm for Gᵀ·X̂."""
+    import simcore.margin.functional as ms
 
     lin = ms._onednn_linear(torch.device("cpu"))
     if lin is None:
@@ -142,7 +142,7 @@ def _interleaved(rounds=15):
     import statistics
     import time
 
-    import simcore.margin_softmax as ms
+    import simcore.margin.functional as ms
 
     x, y, w = _inputs(B, D, C)
     sc = _simcore(x, y, w)

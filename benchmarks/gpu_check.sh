@@ -111,8 +111,8 @@ else
 fi
 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/info.log"
 import json, torch, simcore
-from simcore import _dispatch
-ext = _dispatch.extension()
+from simcore import dispatch
+ext = dispatch.extension()
 print("simcore", simcore.__version__, "from", simcore.__file__)
 print("build_info", json.dumps(dict(ext.build_info)), "| cuda_available", simcore.cuda_available(),
       "| cuda_device_count (extension)", ext.cuda_device_count())

@@ -1,8 +1,8 @@
-"""simcore.augment: determinism, shapes and dtypes, intensity 0 = identity, intensity 1 changes the image."""
+"""simcore.isc.augment: determinism, shapes and dtypes, intensity 0 = identity, intensity 1 changes the image."""
 import pytest
 import torch
 
-A = pytest.importorskip("simcore.augment")
+A = pytest.importorskip("simcore.isc.augment")
 pytest.importorskip("kornia")
 PIL = pytest.importorskip("PIL.Image")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import simcore
-from simcore import _dispatch
+from simcore import dispatch
 
 
 def test_compiled_extension_loads():
     # No silent fallback: the suite fails when the extension did not build.
-    ext = _dispatch.extension()
+    ext = dispatch.extension()
     assert set(ext.build_info) >= {"cuda", "compiler"}
 
 
@@ -24,12 +24,12 @@ def _nvcc_present():
 @pytest.mark.skipif(not _nvcc_present(), reason="no nvcc here (or SIMCORE_CUDA=0), so no CUDA build is expected")
 def test_cuda_sources_were_compiled():
     # Where nvcc exists (CI), `pip install .` must have compiled csrc/cuda.
-    assert _dispatch.extension().build_info["cuda"]
+    assert dispatch.extension().build_info["cuda"]
 
 
 def test_version_and_cuda_query():
     assert simcore.__version__ == "0.1.0"
-    assert simcore.cuda_available() == (torch.cuda.is_available() and _dispatch.extension().build_info["cuda"])
+    assert simcore.cuda_available() == (torch.cuda.is_available() and dispatch.extension().build_info["cuda"])
 
 
 def _env(**updates):
@@ -51,9 +51,9 @@ def test_backend_switch(monkeypatch):
     previous = simcore.get_backend()
     try:
         simcore.set_backend("reference")
-        assert not _dispatch.use_compiled(torch.device("cpu"))
+        assert not dispatch.use_compiled(torch.device("cpu"))
         simcore.set_backend("auto")
-        assert _dispatch.use_compiled(torch.device("cpu"))
+        assert dispatch.use_compiled(torch.device("cpu"))
     finally:
         simcore.set_backend(previous)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -69,9 +69,9 @@ def test_backend_env_var(tmp_path):
 
 
 def test_boundary_reads_views():
-    ext = _dispatch.extension()
+    ext = dispatch.extension()
     t = torch.arange(12, dtype=torch.float32).reshape(3, 4)[:, 1:3]
-    info = ext.inspect_tensor(_dispatch.tensor_arg(t))
+    info = ext.inspect_tensor(dispatch.tensor_arg(t))
     assert info == {"dtype": "float32", "shape": (3, 2), "strides": (4, 1), "contiguous": False}
 
 
@@ -82,16 +82,16 @@ def test_boundary_reads_views():
     (4, "mps", "unsupported device"),
 ])
 def test_boundary_rejects_bad_views(field, value, message):
-    ext = _dispatch.extension()
-    packed = list(_dispatch.tensor_arg(torch.zeros(4, 4)))
+    ext = dispatch.extension()
+    packed = list(dispatch.tensor_arg(torch.zeros(4, 4)))
     packed[field] = value
     with pytest.raises((ValueError, TypeError), match=message):
         ext.inspect_tensor(tuple(packed))
 
 
 def test_boundary_rejects_misaligned_and_outside_pointers():
-    ext = _dispatch.extension()
-    packed = list(_dispatch.tensor_arg(torch.zeros(4, 4)))
+    ext = dispatch.extension()
+    packed = list(dispatch.tensor_arg(torch.zeros(4, 4)))
     misaligned = list(packed)
     misaligned[0] += 2
     with pytest.raises(ValueError, match="aligned"):

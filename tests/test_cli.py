@@ -1,4 +1,4 @@
-"""The ``simcore`` command line, run as ``python -m simcore.cli`` in a subprocess on tiny files."""
+"""The ``simcore`` command line, run as ``python -m simcore.isc.cli`` in a subprocess on tiny files."""
 import csv
 import json
 import os
@@ -14,8 +14,8 @@ h5py = pytest.importorskip("h5py")
 
 
 def run(*args, cwd):
-    """The real command: ``python -m simcore.cli ARGS`` in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "simcore.cli", *map(str, args)], cwd=cwd, env=subprocess_env(),
+    """The real command: ``python -m simcore.isc.cli ARGS`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "simcore.isc.cli", *map(str, args)], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -26,8 +26,8 @@ class Result:
 
 @pytest.fixture
 def run_inproc(capsys, monkeypatch):
-    """The same entry point, ``simcore.cli.main``, in-process (each subprocess pays torch's import time)."""
-    from simcore.cli import main
+    """The same entry point, ``simcore.isc.cli.main``, in-process (each subprocess pays torch's import time)."""
+    from simcore.isc.cli import main
 
     def go(*args, cwd):
         monkeypatch.chdir(cwd)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import simcore
-from simcore import _dispatch
+from simcore import dispatch
 from simcore.reference.cosine_topk import cosine_topk as reference
 
 from conftest import backend, cuda, poisoned
@@ -288,7 +288,7 @@ def test_fp32_via_bf16_default_choice(generator):
     many = mod.FP32_VIA_BF16_MIN_QUERIES
     assert mod._gemm_dtype(torch.float32, cpu, False, many) == torch.float32   # inner products: never
     assert mod._gemm_dtype(torch.float32, cpu, True, many - 1) == torch.float32
-    fast = _dispatch.extension().cpu_has_fast_bf16()
+    fast = dispatch.extension().cpu_has_fast_bf16()
     assert mod._gemm_dtype(torch.float32, cpu, True, many) == (torch.bfloat16 if fast else torch.float32)
 
 
@@ -297,7 +297,7 @@ def test_rescore_bound_covers_the_bf16_gemm(generator):
     # for every pair, with the float32 rescoring R computed in float64 here (a tighter
     # reference than R itself; the bound's g terms cover both).
     mod = sys.modules["simcore.cosine_topk"]
-    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    ext, A = dispatch.extension(), dispatch.tensor_arg
     for D in (16, 256, 1000):
         q = F.normalize(torch.randn(64, D, generator=generator).double(), dim=1).float()
         db = torch.randn(2000, D, generator=generator) * torch.rand(2000, 1, generator=generator)
@@ -396,7 +396,7 @@ def test_bad_memmap(tmp_path):
 
 
 def test_kernel_rechecks_its_arguments():
-    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    ext, A = dispatch.extension(), dispatch.tensor_arg
     Q, nb, D, k = 4, 16, 8, 2
     cap = k + ext.COSINE_TOPK_MIN_SLACK
     args = dict(scores=torch.zeros(Q, nb), scale=torch.ones(nb), slack=torch.zeros(nb), queries=torch.zeros(Q, D),
@@ -438,7 +438,7 @@ def test_kernel_rechecks_its_arguments():
 def test_kernel_with_poisoned_state(generator):
     # The reservoir starts as garbage (NaN scores / max indices): only the first
     # `count` slots may be read, and every slot the result uses must be written.
-    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    ext, A = dispatch.extension(), dispatch.tensor_arg
     mod = sys.modules["simcore.cosine_topk"]
     Q, N, D, k = 6, 700, 16, 9
     q = F.normalize(torch.randn(Q, D, generator=generator), dim=1)
@@ -683,7 +683,7 @@ def test_cuda_large_k(dtype, N, k, block, generator):
 def test_exact_gemm_settings_are_forced_and_restored():
     """The search turns TF32 and reduced-precision half reductions off for its tile GEMMs
     and gives the caller's settings back, also after an error (only flags: runs without a GPU)."""
-    from simcore.cosine_topk import _exact_cuda_gemms
+    from simcore.search.cosine_topk import _exact_cuda_gemms
     m = torch.backends.cuda.matmul
     names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
     saved = tuple(getattr(m, n) for n in names)
@@ -763,7 +763,7 @@ def test_cuda_float16_rows_beyond_the_float16_gemm_range(generator):
 def test_cuda_kernel_with_poisoned_state(dtype, generator):
     # As test_kernel_with_poisoned_state, on CUDA: garbage reservoir, poisoned scale, slack and
     # tiles; cap = k + COSINE_TOPK_MIN_SLACK < N, so the block-wide compaction runs; exclusions.
-    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    ext, A = dispatch.extension(), dispatch.tensor_arg
     mod = sys.modules["simcore.cosine_topk"]
     dev = torch.device("cuda")
     stream = torch.cuda.current_stream().cuda_stream
@@ -805,7 +805,7 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
 
 @cuda
 def test_cuda_kernel_rechecks_its_arguments():
-    ext, A = _dispatch.extension(), _dispatch.tensor_arg
+    ext, A = dispatch.extension(), dispatch.tensor_arg
     dev = torch.device("cuda")
     stream = torch.cuda.current_stream().cuda_stream
     Q, nb, D, k = 4, 16, 8, 2

@@ -18,7 +18,7 @@ pytest.importorskip("h5py")
 
 def test_quick_demo_runs_end_to_end_and_its_files_feed_the_cli(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "simcore.demo", "--quick", "--no-progress", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "simcore.isc.demo", "--quick", "--no-progress", "--out", str(out)],
                        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout
@@ -36,20 +36,20 @@ def test_quick_demo_runs_end_to_end_and_its_files_feed_the_cli(tmp_path):
     assert res["copies"] == res["references"] and res["queries"] > res["copies"]
 
     # The demo's own files through `simcore match` and `simcore eval`.
-    from simcore.cli import main
+    from simcore.isc.cli import main
     assert main(["match", str(out / "descriptors.h5"), "--train", str(out / "train.npy"), "--normalize", "negative",
                  "-o", str(tmp_path / "pred.csv")]) == 0
     assert main(["eval", str(tmp_path / "pred.csv"), str(out / "ground_truth.csv"), "--json"]) == 0
     # Plain matching reproduces the demo's "trained CNN" row.
     assert main(["match", str(out / "descriptors.h5"), "-o", str(tmp_path / "plain.csv")]) == 0
-    from simcore.metrics import evaluate, read_ground_truth, read_predictions
+    from simcore.isc.metrics import evaluate, read_ground_truth, read_predictions
     m = evaluate(read_predictions(tmp_path / "plain.csv"), read_ground_truth(out / "ground_truth.csv"))
     trained = next(r for r in res["rows"] if r["descriptors"].startswith("trained CNN"))
     assert m.micro_ap == pytest.approx(trained["micro_ap"], abs=1e-3)
 
 
 def test_benchmark_construction_is_seeded_and_disjoint():
-    from simcore.demo import build_benchmark
+    from simcore.isc.demo import build_benchmark
     a = build_benchmark(3, max_references=12, max_training=20)
     b = build_benchmark(3, max_references=12, max_training=20)
     assert (a.queries == b.queries).all() and a.ground_truth == b.ground_truth
@@ -58,13 +58,13 @@ def test_benchmark_construction_is_seeded_and_disjoint():
     assert sorted(matched) == sorted(a.reference_ids)
     assert len(a.ground_truth) == a.queries.shape[0]
     # The training photographs are not the reference photographs.
-    from simcore.demo import DISTRACTOR_PHOTOS, REFERENCE_PHOTOS, TRAINING_PHOTOS
+    from simcore.isc.demo import DISTRACTOR_PHOTOS, REFERENCE_PHOTOS, TRAINING_PHOTOS
     groups = [set(REFERENCE_PHOTOS), set(DISTRACTOR_PHOTOS), set(TRAINING_PHOTOS)]
     assert sum(map(len, groups)) == len(set.union(*groups))
 
 
 def test_queries_do_not_depend_on_the_training_set():
-    from simcore.demo import build_benchmark
+    from simcore.isc.demo import build_benchmark
     a = build_benchmark(3, max_references=12, per_photo=5)
     b = build_benchmark(3, max_references=12, per_photo=8)
     assert a.training.shape[0] < b.training.shape[0]
@@ -73,7 +73,7 @@ def test_queries_do_not_depend_on_the_training_set():
 
 
 def test_training_cells_are_capped_per_photograph_and_seeded():
-    from simcore.demo import TRAIN_SCALES, load_cells, load_training_cells
+    from simcore.isc.demo import TRAIN_SCALES, load_cells, load_training_cells
     all_brick = load_training_cells(["brick"], TRAIN_SCALES)
     assert all_brick.shape[0] > load_cells(["brick"])[0].shape[0] > 7     # overlapping, multi-scale
     x = load_training_cells(["brick", "moon"], TRAIN_SCALES, per_photo=7, seed=1)
@@ -84,7 +84,7 @@ def test_training_cells_are_capped_per_photograph_and_seeded():
 
 def test_a_seed_reproduces_the_table():
     """Same seed, same thread count: the same numbers to the last bit (training included); another seed differs."""
-    from simcore.demo import QUICK, run
+    from simcore.isc.demo import QUICK, run
     a, b = (run(seed=4, **QUICK, progress=False, quiet=True) for _ in range(2))
     assert a["rows"] == b["rows"] and a["final_loss"] == b["final_loss"]
     c = run(seed=5, **QUICK, progress=False, quiet=True)

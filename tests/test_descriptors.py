@@ -1,9 +1,9 @@
-"""simcore.descriptors against direct brute-force formulas on small random data."""
+"""simcore.isc.descriptors against direct brute-force formulas on small random data."""
 import numpy as np
 import pytest
 import torch
 
-from simcore import descriptors as D
+from simcore.isc import descriptors as D
 
 
 # cosine_topk searches float64 in float32, so similarities that come out of a search

@@ -1,4 +1,4 @@
-"""The class-sharded head (simcore.distributed) against the single-process head.
+"""The class-sharded head (simcore.margin.sharded) against the single-process head.
 
 Two spawned worlds (gloo, CPU): world size 2 (local batches 7 + 5) and world size
 4 (4 + 0 + 3 + 5: unequal, one rank empty). Each rank runs every scenario and saves
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import simcore
-from simcore.distributed import load_resharded, shard_bounds
+from simcore.margin.sharded import load_resharded, shard_bounds
 from conftest import rel_err
 
 C, D, DIN = 60, 16, 6

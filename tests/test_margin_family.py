@@ -1,11 +1,11 @@
-"""The margin family (simcore.margin_family) on the fused kernel against the float64 reference."""
+"""The margin family (simcore.margin.family) on the fused kernel against the float64 reference."""
 import math
 
 import pytest
 import torch
 
 import simcore
-import simcore.margin_softmax as ms
+import simcore.margin.functional as ms
 from simcore.reference.margin_softmax import (cam_power, cam_target, margin_softmax_loss, margin_target,
                                               negative_logits)
 from conftest import backend, cuda, poisoned, rel_err
@@ -118,7 +118,7 @@ def test_gradcheck_reference_float64(name, generator):
     x, w = x.double().requires_grad_(), w.double().requires_grad_()
     kw = dict(kw, subcenters=2, filter_threshold=0.6, sample_rate=1.0)
     if name == "adaface":  # AdaFace detaches its norms by design: check its margins as fixed per-row tensors
-        m1, m2, m3 = simcore.margin_family.adaface_margins(x.norm(dim=1), norm_mean=15.0, norm_std=6.0)
+        m1, m2, m3 = simcore.margin.family.adaface_margins(x.norm(dim=1), norm_mean=15.0, norm_std=6.0)
         fn, kw = simcore.margin_softmax_partial, dict(m1=m1.double(), m2=m2.double(), m3=m3.double(), scale=32.0,
                                                       subcenters=2, filter_threshold=0.6, sample_rate=1.0)
     assert torch.autograd.gradcheck(lambda a, b: fn(a, y, b, **kw), (x, w), eps=1e-6, atol=1e-5)
@@ -172,7 +172,7 @@ def test_cam_schedule_is_linear_then_flat():
 def test_adaface_margins_and_ema(generator):
     x = torch.randn(10, 6, generator=generator) * torch.linspace(1, 8, 10)[:, None]
     norms = x.norm(dim=1)
-    m1, m2, m3 = simcore.margin_family.adaface_margins(norms, margin=0.4, h=0.333, norm_mean=10.0, norm_std=5.0)
+    m1, m2, m3 = simcore.margin.family.adaface_margins(norms, margin=0.4, h=0.333, norm_mean=10.0, norm_std=5.0)
     z = ((norms - 10.0) / (5.0 + 1e-3) * 0.333).clamp(-1, 1)
     torch.testing.assert_close(m2, -0.4 * z)
     torch.testing.assert_close(m3, 0.4 * z + 0.4)
@@ -187,7 +187,7 @@ def test_adaface_margins_and_ema(generator):
 def test_magface_margin_and_regulariser(generator):
     x = torch.nn.functional.normalize(torch.randn(4, 5, generator=generator), dim=1)
     x = x * torch.tensor([5.0, 10.0, 60.0, 200.0])[:, None]
-    m, a = simcore.margin_family.magface_margin(x)
+    m, a = simcore.margin.family.magface_margin(x)
     torch.testing.assert_close(m, torch.tensor([0.45, 0.45, 0.625, 0.8]))
     torch.testing.assert_close(a, torch.tensor([10.0, 10.0, 60.0, 110.0]))
     y, w = torch.tensor([0, 1, 2, 3]), torch.randn(6, 5, generator=generator)
@@ -321,7 +321,7 @@ def test_bad_family_arguments():
         simcore.PartialMarginHead(10, 8, loss=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="u_a"):
         simcore.magface_partial(x, y, w, l_a=10.0, u_a=5.0)
-    ext, t = ms._dispatch.extension(), ms.tensor_arg
+    ext, t = ms.dispatch.extension(), ms.tensor_arg
     # named tensors: a packed tuple does not keep its tensor alive
     g, arg, out = torch.zeros(2, 3), torch.full((2, 3), 7, dtype=torch.uint8), torch.zeros(2, 9)
     with pytest.raises(ValueError, match="argmax holds"):

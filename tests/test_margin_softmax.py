@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import simcore
-import simcore.margin_softmax as ms
-from simcore import _dispatch
-from simcore._dispatch import tensor_arg
+import simcore.margin.functional as ms
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
 from conftest import backend, cuda, kernel_params, poisoned, rel_err
 
@@ -343,7 +343,7 @@ def test_sampling_pairs_are_uniform(seed):
 
 
 def test_cpp_sampler_rejects_bad_arguments():
-    ext = _dispatch.extension()
+    ext = dispatch.extension()
     pos, rnd, bm, out = torch.tensor([3, 1]), torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
         torch.empty(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="sorted"):
@@ -429,7 +429,7 @@ def test_non_contiguous_embeddings_and_labels_are_accepted(generator):
 
 
 def test_cpp_rechecks_arguments():
-    ext = _dispatch.extension()
+    ext = dispatch.extension()
     y = torch.tensor([0, 5, 21])
     s = torch.arange(20)
     out = torch.empty(3, dtype=torch.int64)

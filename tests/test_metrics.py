@@ -1,11 +1,11 @@
-"""simcore.metrics.evaluate: hand-computed cases and a brute-force cross-check."""
+"""simcore.isc.metrics.evaluate: hand-computed cases and a brute-force cross-check."""
 import math
 import random
 
 import numpy as np
 import pytest
 
-from simcore.metrics import evaluate, read_ground_truth, read_predictions, write_predictions, FileFormatError
+from simcore.isc.metrics import evaluate, read_ground_truth, read_predictions, write_predictions, FileFormatError
 
 
 def test_hand_computed_micro_ap_and_ranks():

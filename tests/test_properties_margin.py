@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import simcore
-import simcore.margin_softmax as ms
-from simcore import _dispatch
-from simcore._dispatch import tensor_arg
+import simcore.margin.functional as ms
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
 from simcore.reference.margin_softmax import margin_softmax_loss
 from conftest import backend
 
-EXT = _dispatch.extension()
+EXT = dispatch.extension()
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 MARGINS = [(1.0, 0.5, 0.0, 64.0), (1.0, 0.0, 0.35, 64.0), (1.0, 0.3, 0.2, 40.0), (1.35, 0.0, 0.0, 30.0),
            (1.0, 0.0, 0.0, 1.0)]

@@ -29,13 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import simcore
-import simcore.margin_softmax as ms
-from simcore import _dispatch
-from simcore._dispatch import tensor_arg
+import simcore.margin.functional as ms
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
 from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss
 from conftest import backend, kernel_params, rel_err
 
-EXT = _dispatch.extension()
+EXT = dispatch.extension()
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
 MARGINS = {"arcface": (1.0, 0.5, 0.0, 64.0), "cosface": (1.0, 0.0, 0.35, 64.0),
            "combined": (1.0, 0.3, 0.2, 64.0), "sphere": (1.35, 0.0, 0.0, 64.0)}
@@ -359,7 +359,7 @@ def _raw_cases():
         ("nr_exec_zero", lambda r: r.normalize_rows(exec=0), ValueError, "exec must be a thread count"),
         ("nr_exec_huge", lambda r: r.normalize_rows(exec=2**40), ValueError, "exec must be a thread count"),
         ("nr_not_packed", lambda r: r.normalize_rows(src=torch.randn(12, 8)), TypeError,
-         r"src: expected a packed tensor \(simcore._dispatch.tensor_arg\)"),
+         r"src: expected a packed tensor \(simcore.dispatch.tensor_arg\)"),
         ("nr_missing_args", lambda r: EXT.ms_normalize_rows(None, None), TypeError, "incompatible function arguments"),
         # ---- ms_targets
         ("tg_labels_2d", lambda r: r.targets(labels=k(torch.zeros(2, 2, dtype=torch.int64))), ValueError,
@@ -569,9 +569,9 @@ def test_boundary_overflowing_view_cannot_reach_a_kernel():
     # (a crash, or a ValueError about whatever garbage it found there).
     code = (
         "import torch, simcore\n"
-        "from simcore import _dispatch\n"
-        "from simcore._dispatch import tensor_arg\n"
-        "ext = _dispatch.extension()\n"
+        "from simcore import dispatch\n"
+        "from simcore.dispatch import tensor_arg\n"
+        "ext = dispatch.extension()\n"
         "labels = torch.zeros(4, dtype=torch.int64); out = torch.empty(4, dtype=torch.int64)\n"
         "def big(t):\n"
         "    p = list(tensor_arg(t)); p[6] = (2**61 + 1,); return tuple(p)\n"

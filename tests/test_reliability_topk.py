@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import simcore
-from simcore import _dispatch
-from simcore._dispatch import tensor_arg
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
 from simcore.reference.cosine_topk import cosine_topk as reference
 from conftest import backend
 
-EXT = _dispatch.extension()
+EXT = dispatch.extension()
 I64_MAX = 2**63 - 1
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

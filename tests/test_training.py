@@ -1,8 +1,8 @@
-"""simcore.training: the ArcFace loop and drip training on tiny data."""
+"""simcore.isc.training: the ArcFace loop and drip training on tiny data."""
 import pytest
 import torch
 
-from simcore.training import SmallCNN, centres_from_embeddings, drip_train, embed, train_arcface
+from simcore.isc.training import SmallCNN, centres_from_embeddings, drip_train, embed, train_arcface
 
 
 def tiny_images(n, g):
@@ -33,7 +33,7 @@ def test_centres_are_mean_embeddings_of_clean_and_augmented_copies(generator):
 
 
 def test_drip_training_grows_the_head_and_keeps_old_rows(generator, monkeypatch):
-    import simcore.training as T
+    import simcore.isc.training as T
     model = SmallCNN(8, widths=(8, 8), depth=1)
     x = tiny_images(20, generator)
     seen = []

@@ -27,7 +27,7 @@ DType parse_dtype(const std::string& s, const char* name) {
 
 TensorView tensor_from_py(const py::handle& obj, const char* name) {
   SIMCORE_CHECK_TYPE(py::isinstance<py::tuple>(obj) && py::len(obj) == 8, name,
-                     ": expected a packed tensor (simcore._dispatch.tensor_arg)");
+                     ": expected a packed tensor (simcore.dispatch.tensor_arg)");
   auto t = py::reinterpret_borrow<py::tuple>(obj);
   TensorView v;
   v.name = name;
@@ -46,7 +46,7 @@ TensorView tensor_from_py(const py::handle& obj, const char* name) {
     strides = t[7].cast<std::vector<int64_t>>();
   } catch (const py::cast_error&) {
     throw TypeError(detail::concat(name, ": malformed packed tensor (expected (int, int, int, str, str, int, "
-                                         "tuple of ints, tuple of ints) from simcore._dispatch.tensor_arg)"));
+                                         "tuple of ints, tuple of ints) from simcore.dispatch.tensor_arg)"));
   }
   v.dtype = parse_dtype(dtype, name);
   SIMCORE_CHECK(device == "cpu" || device == "cuda", name, ": unsupported device ", device);

@@ -1,4 +1,4 @@
-// Python -> TensorView at the boundary. simcore/_dispatch.py:tensor_arg()
+// Python -> TensorView at the boundary. simcore/dispatch.py:tensor_arg()
 // packs a torch tensor as a tuple; this re-checks every field, because the
 // core never trusts Python.
 #pragma once

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import simcore
-from simcore.distributed import load_resharded
+from simcore import load_resharded
 
 NUM_CLASSES, DIM_IN, DIM, BATCH, STEPS = 500, 32, 64, 64, 80
 

@@ -45,7 +45,7 @@ def _kornia():
     try:
         import kornia
     except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("simcore.augment needs kornia: pip install 'simcore[isc]' (or pip install kornia)") from e
+        raise ImportError("simcore.isc.augment needs kornia: pip install 'simcore[isc]' (or pip install kornia)") from e
     return kornia
 
 
@@ -53,7 +53,7 @@ def _pil():
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError as e:  # pragma: no cover
-        raise ImportError("simcore.augment needs Pillow: pip install 'simcore[isc]' (or pip install pillow)") from e
+        raise ImportError("simcore.isc.augment needs Pillow: pip install 'simcore[isc]' (or pip install pillow)") from e
     return Image, ImageDraw, ImageFont
 
 

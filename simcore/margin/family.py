@@ -1,4 +1,4 @@
-"""The margin family on the one fused kernel of :mod:`simcore.margin_softmax`.
+"""The margin family on the one fused kernel of :mod:`simcore.margin.functional`.
 
 Each variant is a target transform, a per-row margin or a transform of the
 non-target cosines inside the same blocks (docs/margin_softmax.md, "The margin
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simcore.margin_softmax import _check_family, _check_margins, _partial, target_cosines
+from simcore.margin.functional import _check_family, _check_margins, _partial, target_cosines
 from simcore.reference.margin_softmax import cam_power
 
 __all__ = ["cam_softmax_partial", "adaface_partial", "magface_partial", "curricularface_partial", "adaface_margins",

@@ -1,6 +1,6 @@
 """A small copy-detection benchmark on real photographs, end to end, on the CPU.
 
-    python -m simcore.demo [--seed 0] [--steps N] [--threads T] [--out DIR] [--json] [--quick]
+    python -m simcore.isc.demo [--seed 0] [--steps N] [--threads T] [--out DIR] [--json] [--quick]
 
 1. Photographs that ship inside scikit-image and scikit-learn (no downloads)
    are cut into 96-px cells (non-overlapping; the training photographs: 64, 96
@@ -10,7 +10,7 @@
    sources of queries that match nothing) and *training* photographs (the
    external training set: the CNN's classes, and the set every normalisation
    and PCA is fitted on). No statistic is computed on the references.
-2. Queries: one augmented copy of every reference (``simcore.augment``, a
+2. Queries: one augmented copy of every reference (``simcore.isc.augment``, a
    random composition of 1-3 transforms) and three augmented copies of every
    distractor cell. The ground truth pairs each copy with its reference.
 3. A small CNN is trained from scratch with ``simcore.arcface_partial``
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from simcore import augment as A
-from simcore import descriptors as D
-from simcore.metrics import evaluate, write_predictions
-from simcore.training import SmallCNN, TrainStats, embed, train_arcface
+from simcore.isc import augment as A
+from simcore.isc import descriptors as D
+from simcore.isc.metrics import evaluate, write_predictions
+from simcore.isc.training import SmallCNN, TrainStats, embed, train_arcface
 
 #: Photographs shipped inside the scikit-image wheel (no pooch download) and scikit-learn, in three
 #: disjoint groups: references, distractors (queries that match nothing) and the external training set.
@@ -285,7 +285,7 @@ QUICK = dict(max_references=40, max_training=120, widths=(16, 32, 64, 64), embed
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m simcore.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m simcore.isc.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1600,
                    help="training steps (default 1600; about 3-4 minutes on 2 idle CPU cores); reproducible for a seed")

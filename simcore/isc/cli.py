@@ -117,8 +117,8 @@ def load_descriptors(path, role, ids_path=None, require_ids=False):
 def cmd_match(a):
     import torch
 
-    from simcore import descriptors as D
-    from simcore.metrics import write_predictions
+    from simcore.isc import descriptors as D
+    from simcore.isc.metrics import write_predictions
 
     if a.descriptors is None and (a.query is None or a.reference is None):
         raise CLIError("match: give a descriptors file (HDF5 with 'query' and 'reference') "
@@ -191,7 +191,7 @@ def cmd_match(a):
 
 
 def cmd_eval(a):
-    from simcore.metrics import evaluate, read_ground_truth, read_predictions
+    from simcore.isc.metrics import evaluate, read_ground_truth, read_predictions
 
     for path in (a.predictions, a.ground_truth):
         if not os.path.exists(path):
@@ -271,7 +271,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from simcore.metrics import FileFormatError
+    from simcore.isc.metrics import FileFormatError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

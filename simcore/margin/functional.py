@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simcore import _dispatch
-from simcore._dispatch import tensor_arg
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
 from simcore.reference.margin_softmax import SIN_EPS, margin_param_grads, margin_softmax_loss
 
 __all__ = ["margin_softmax_partial", "arcface_partial", "cosface_partial", "PartialMarginHead", "sample_classes"]
@@ -99,12 +99,12 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     if k >= n:
         return torch.arange(num_classes, device=labels.device)
     gdev = generator.device if generator is not None else torch.device("cpu")
-    if _dispatch.use_compiled(torch.device("cpu")):
+    if dispatch.use_compiled(torch.device("cpu")):
         randoms = torch.empty(k, dtype=torch.int64, device=gdev).random_(generator=generator).cpu()
         pos = positives.cpu()
         bitmap = torch.empty((n + 63) // 64, dtype=torch.int64)
         out = torch.empty(p + k, dtype=torch.int64)
-        _dispatch.extension().ms_sample_classes(tensor_arg(pos), tensor_arg(randoms), num_classes,
+        dispatch.extension().ms_sample_classes(tensor_arg(pos), tensor_arg(randoms), num_classes,
                                                 tensor_arg(bitmap), tensor_arg(out))
         return out.to(labels.device)
     ranks = _distinct_uniform(k, n, generator, gdev).to(labels.device)
@@ -247,7 +247,7 @@ class MarginSpec(NamedTuple):
 
 
 def _exec(device: torch.device) -> int:
-    return _dispatch.num_threads() if device.type == "cpu" else _dispatch.cuda_stream(device)
+    return dispatch.num_threads() if device.type == "cpu" else dispatch.cuda_stream(device)
 
 
 # CPU GEMM engine for the cosines X̂·Ŵᵀ and for ∂L/∂x̂ = G·Ŵ: "auto" runs them through
@@ -336,7 +336,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
     ``grad_w_compact``, (S·K, D) in sampled order. Any of the outputs may be None.
     Device-agnostic: CPU and CUDA differ only in the kernels behind ``ext``.
 
-    Class-sharded use (simcore.distributed): ``target_col`` (B,) int64 gives each
+    Class-sharded use (simcore.margin.sharded): ``target_col`` (B,) int64 gives each
     row's column in ``sampled`` directly, −1 where the target class lives on
     another shard (``labels`` is then ignored); ``combine(run_max, run_sum,
     target_logit)`` turns this shard's pass-1 pieces into the global
@@ -346,7 +346,7 @@ def _fused(x, labels, weight, sampled, spec, *, row_margins=None, target_cos=Non
     ``bf16``: the normalised rows and the gradient blocks are rounded to bfloat16 for
     the GEMMs (float32 accumulation; the epilogues stay float32). See BF16_GEMMS.
     """
-    ext = _dispatch.extension()
+    ext = dispatch.extension()
     dev = x.device
     ex = _exec(dev)
     b, d = x.shape
@@ -643,7 +643,7 @@ def _loss_on_sampled(embeddings, labels, weight, sampled, spec, reduction, row_m
     """Dispatch: compiled kernels (float32/float16/bfloat16) or the reference (float64, or backend).
     ``row_margins`` (B, 3) per-row (m1, m2, m3) overrides the spec's scalars."""
     if (embeddings.dtype == torch.float64 or weight.dtype == torch.float64
-            or not _dispatch.use_compiled(embeddings.device)):
+            or not dispatch.use_compiled(embeddings.device)):
         m = (spec.m1, spec.m2, spec.m3) if row_margins is None else row_margins.to(embeddings.dtype).unbind(1)
         with torch.autocast(embeddings.device.type, enabled=False):
             return margin_softmax_loss(embeddings, labels, weight, sampled, m1=m[0], m2=m[1], m3=m[2],
@@ -786,12 +786,12 @@ class PartialMarginHead(nn.Module):
 
     ``process_group`` (a ``torch.distributed`` group): the centres are sharded
     across its ranks and the constructor returns a
-    :class:`simcore.distributed.ShardedPartialMarginHead` (docs/distributed.md).
+    :class:`simcore.ShardedPartialMarginHead` (docs/distributed.md).
     """
 
     def __new__(cls, *args, process_group=None, **kwargs):
         if process_group is not None and cls is PartialMarginHead:
-            from simcore.distributed import ShardedPartialMarginHead
+            from simcore.margin.sharded import ShardedPartialMarginHead
             cls = ShardedPartialMarginHead
         return super().__new__(cls)
 
@@ -801,7 +801,7 @@ class PartialMarginHead(nn.Module):
         super().__init__()
         if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
             raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
-                             "or simcore.distributed.ShardedPartialMarginHead")
+                             "or simcore.ShardedPartialMarginHead")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:

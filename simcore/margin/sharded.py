@@ -10,7 +10,7 @@ Each step:
    raises the same error on every rank instead of hanging a collective;
 2. all-gather of the embeddings and labels, padded to the largest local batch
    (unequal batch sizes per rank are supported);
-3. on each rank, the fused pass 1 of :mod:`simcore.margin_softmax` over the
+3. on each rank, the fused pass 1 of :mod:`simcore.margin.functional` over the
    centres it owns that are sampled (positives of the *global* batch on this
    shard + uniform negatives from this shard), with target column −1 for rows
    whose class lives elsewhere;
@@ -42,8 +42,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from simcore import _dispatch
-from simcore.margin_softmax import (PartialMarginHead, _bf16_gemms, _centre_ids, _fused, _row_margins, _scaled,
+from simcore import dispatch
+from simcore.margin.functional import (PartialMarginHead, _bf16_gemms, _centre_ids, _fused, _row_margins, _scaled,
                                     check_sampled, margin_grad, sample_classes, target_cosines)
 
 __all__ = ["ShardedPartialMarginHead", "shard_bounds", "load_resharded"]
@@ -243,7 +243,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
         if sampled is not None and (not isinstance(sampled, torch.Tensor) or sampled.dtype != torch.int64
                                     or sampled.dim() != 1):
             return TypeError, "sampled must be a 1-D int64 tensor of global class ids"
-        if not _dispatch.use_compiled(w.device):
+        if not dispatch.use_compiled(w.device):
             return RuntimeError, "the sharded head needs simcore's compiled kernels (backend is 'reference')"
         return None
 
@@ -387,7 +387,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
 
     def grow(self, new_centres):
         raise NotImplementedError("grow() is not supported on a sharded head: grow a single-process head, save "
-                                  "it and load it with simcore.distributed.load_resharded (docs/distributed.md)")
+                                  "it and load it with simcore.load_resharded (docs/distributed.md)")
 
     # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self):
@@ -404,7 +404,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
         mine = self.get_extra_state()
         if not isinstance(info, dict) or info.get("format") != _FORMAT:
             raise ValueError(f"rank {self.rank}: this state dict was not saved by a sharded head; load it with "
-                             "simcore.distributed.load_resharded(head, [state_dict])")
+                             "simcore.load_resharded(head, [state_dict])")
         if any(info.get(k) != mine[k] for k in mine):
             raise ValueError(
                 f"rank {self.rank}: checkpoint shard mismatch: it was saved by rank {info.get('rank')} of world size "
@@ -412,7 +412,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
                 f"{info.get('num_classes')}, dim {info.get('embedding_dim')}, optimizer {info.get('optimizer')!r}) "
                 f"but this head is rank {self.rank} of {self.world_size} (classes [{self.shard[0]}, {self.shard[1]}) "
                 f"of {self.num_classes}, dim {self.weight.shape[1]}, optimizer {self.optimizer!r}). To change the "
-                "world size, pass every rank's saved state dict to simcore.distributed.load_resharded(head, shards)")
+                "world size, pass every rank's saved state dict to simcore.load_resharded(head, shards)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

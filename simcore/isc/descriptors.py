@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from simcore.cosine_topk import cosine_topk
+from simcore import cosine_topk
 
 __all__ = ["l2_normalize", "PCAWhitening", "ensemble", "nth_neighbor_similarity", "score_normalize",
            "negative_embedding_subtraction", "query_shift", "match", "Matches"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simcore.margin_softmax import arcface_partial
+from simcore import arcface_partial
 
 __all__ = ["GeM", "SmallCNN", "TrainStats", "train_arcface", "centres_from_embeddings", "drip_train", "embed"]
 

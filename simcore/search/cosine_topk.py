@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simcore import _dispatch
+from simcore import dispatch
 from simcore.reference.cosine_topk import cosine_topk as _reference
 
 __all__ = ["cosine_topk", "FlatIndex", "FaissIndex", "faiss_index"]
@@ -192,7 +192,7 @@ def _fp32_via_bf16(device, cosine, n_queries):
         return False
     if FP32_VIA_BF16 is not None:
         return bool(FP32_VIA_BF16)
-    return n_queries >= FP32_VIA_BF16_MIN_QUERIES and _dispatch.extension().cpu_has_fast_bf16()
+    return n_queries >= FP32_VIA_BF16_MIN_QUERIES and dispatch.extension().cpu_has_fast_bf16()
 
 
 def _gemm_dtype(db_dtype, device, cosine, n_queries=0):
@@ -281,11 +281,11 @@ def _search(queries, source, k, normalized, exclude, block_size, progress):
 
 
 def _search_blocks(queries, source, k, normalized, exclude, block_size, progress):
-    ext = _dispatch.extension()
+    ext = dispatch.extension()
     device = queries.device
     Q, D = queries.shape
-    nthreads = _dispatch.num_threads()
-    stream = _dispatch.cuda_stream(device) if device.type == "cuda" else 0
+    nthreads = dispatch.num_threads()
+    stream = dispatch.cuda_stream(device) if device.type == "cuda" else 0
     cosine = not normalized
 
     qf = queries.detach().to(torch.float32)
@@ -351,20 +351,20 @@ def _search_blocks(queries, source, k, normalized, exclude, block_size, progress
                     if (gdt, blk.dtype) not in bounds:
                         bounds[gdt, blk.dtype] = _rescore_bounds(qf, qg, gdt, blk.dtype, D, device)
                     slack_factor, qslack, slack_rel = bounds[gdt, blk.dtype]
-                ext.cosine_topk_prepare_block(_dispatch.tensor_arg(blk), _dispatch.tensor_arg(scale),
-                                              _dispatch.tensor_arg(slack), _dispatch.tensor_arg(status),
+                ext.cosine_topk_prepare_block(dispatch.tensor_arg(blk), dispatch.tensor_arg(scale),
+                                              dispatch.tensor_arg(slack), dispatch.tensor_arg(status),
                                               base + s, cosine, slack_factor, nthreads, stream,
-                                              None if gblk is blk else _dispatch.tensor_arg(gblk))
+                                              None if gblk is blk else dispatch.tensor_arg(gblk))
                 for q0 in range(0, Q, qb_max):
                     q1 = min(Q, q0 + qb_max)
                     out = tile[: (q1 - q0) * nb].view(q1 - q0, nb)
                     torch.mm(qg[q0:q1], gblk.T, out=out)
                     ext.cosine_topk_update(
-                        _dispatch.tensor_arg(out), _dispatch.tensor_arg(scale), _dispatch.tensor_arg(slack),
-                        _dispatch.tensor_arg(qf[q0:q1]), _dispatch.tensor_arg(qslack[q0:q1]),
-                        _dispatch.tensor_arg(blk), _dispatch.tensor_arg(ex_off), _dispatch.tensor_arg(ex_idx),
-                        _dispatch.tensor_arg(reservoir), _dispatch.tensor_arg(count),
-                        _dispatch.tensor_arg(threshold), q0, base + s, k,
+                        dispatch.tensor_arg(out), dispatch.tensor_arg(scale), dispatch.tensor_arg(slack),
+                        dispatch.tensor_arg(qf[q0:q1]), dispatch.tensor_arg(qslack[q0:q1]),
+                        dispatch.tensor_arg(blk), dispatch.tensor_arg(ex_off), dispatch.tensor_arg(ex_idx),
+                        dispatch.tensor_arg(reservoir), dispatch.tensor_arg(count),
+                        dispatch.tensor_arg(threshold), q0, base + s, k,
                         -1 if n_known is None else n_known, rescore, nthreads, stream, slack_rel)
             base += n_i
             if bar is not None:
@@ -477,7 +477,7 @@ def cosine_topk(queries: torch.Tensor, database, k: int, *, normalized: bool = F
     source = _Source(database, queries.shape[1], queries.device)
     if source.n is not None and k > source.n:
         raise ValueError(f"k={k} exceeds the number of database rows N={source.n}")
-    if not _dispatch.use_compiled(queries.device):
+    if not dispatch.use_compiled(queries.device):
         with torch.no_grad():
             return _reference_search(queries.detach(), source, k, normalized, exclude)
     if isinstance(exclude, str) and exclude not in ("self", "diagonal"):

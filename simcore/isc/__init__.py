@@ -1,0 +1,4 @@
+"""The ISC 2021 copy-detection application, built on simcore's public ops only:
+augmented copies (augment), training (training), descriptor post-processing
+(descriptors), the challenge metric (metrics), the ``simcore`` command (cli) and
+the end-to-end demo (demo). See docs/isc.md."""
