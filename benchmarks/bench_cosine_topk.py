@@ -135,7 +135,7 @@ def fp32_gemm_only(q, db, k):
     """simcore with float32 tile GEMMs (no bfloat16 candidate GEMM), for comparison."""
     import sys
 
-    mod = sys.modules["simcore.cosine_topk"]
+    mod = sys.modules["simcore.search.cosine_topk"]
 
     def run():
         saved, mod.FP32_VIA_BF16 = mod.FP32_VIA_BF16, False

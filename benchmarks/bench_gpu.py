@@ -439,7 +439,7 @@ def check_topk_sample(res, label, scores, index, q, db, k, tol):
 
 def time_cosine(res, timer, device, gen, sz, dtype, faiss_mod, large=True):
     import simcore
-    ct = importlib.import_module("simcore.cosine_topk")  # the module (simcore.cosine_topk is the function)
+    ct = importlib.import_module("simcore.search.cosine_topk")  # the module (simcore.cosine_topk is the function)
 
     name = str(dtype).replace("torch.", "")
     Q, N, D = sz["cos_Q"], sz["cos_N"], sz["cos_D"]

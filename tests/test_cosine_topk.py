@@ -178,7 +178,7 @@ def test_half_database(dtype, data, generator):
 @pytest.fixture
 def fp32_via_bf16(monkeypatch):
     """Forces the bf16-nomination path for float32 databases (whatever the CPU and Q)."""
-    monkeypatch.setattr(sys.modules["simcore.cosine_topk"], "FP32_VIA_BF16", True)
+    monkeypatch.setattr(sys.modules["simcore.search.cosine_topk"], "FP32_VIA_BF16", True)
 
 
 @pytest.mark.parametrize("Q,N,D,k,block", [
@@ -283,7 +283,7 @@ def test_fp32_via_bf16_exclude_stream_and_threads(fp32_via_bf16, generator):
 
 
 def test_fp32_via_bf16_default_choice(generator):
-    mod = sys.modules["simcore.cosine_topk"]
+    mod = sys.modules["simcore.search.cosine_topk"]
     cpu = torch.device("cpu")
     many = mod.FP32_VIA_BF16_MIN_QUERIES
     assert mod._gemm_dtype(torch.float32, cpu, False, many) == torch.float32   # inner products: never
@@ -296,7 +296,7 @@ def test_rescore_bound_covers_the_bf16_gemm(generator):
     # The bound of docs/cosine_topk.md against the actual GEMM: |v - R| <= m_q slack_j + rel |v|
     # for every pair, with the float32 rescoring R computed in float64 here (a tighter
     # reference than R itself; the bound's g terms cover both).
-    mod = sys.modules["simcore.cosine_topk"]
+    mod = sys.modules["simcore.search.cosine_topk"]
     ext, A = dispatch.extension(), dispatch.tensor_arg
     for D in (16, 256, 1000):
         q = F.normalize(torch.randn(64, D, generator=generator).double(), dim=1).float()
@@ -439,7 +439,7 @@ def test_kernel_with_poisoned_state(generator):
     # The reservoir starts as garbage (NaN scores / max indices): only the first
     # `count` slots may be read, and every slot the result uses must be written.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    mod = sys.modules["simcore.cosine_topk"]
+    mod = sys.modules["simcore.search.cosine_topk"]
     Q, N, D, k = 6, 700, 16, 9
     q = F.normalize(torch.randn(Q, D, generator=generator), dim=1)
     db = torch.randn(N, D, generator=generator)
@@ -764,7 +764,7 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
     # As test_kernel_with_poisoned_state, on CUDA: garbage reservoir, poisoned scale, slack and
     # tiles; cap = k + COSINE_TOPK_MIN_SLACK < N, so the block-wide compaction runs; exclusions.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    mod = sys.modules["simcore.cosine_topk"]
+    mod = sys.modules["simcore.search.cosine_topk"]
     dev = torch.device("cuda")
     stream = torch.cuda.current_stream().cuda_stream
     Q, N, D, k = 6, 700, 16, 9

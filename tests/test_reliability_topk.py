@@ -503,7 +503,7 @@ def test_cosine_topk_matches_reference(data):
         pairs = torch.stack([torch.randint(Q, (E,), generator=g), torch.randint(N, (E,), generator=g)], 1)
         exclude = pairs
     block = draw(st.sampled_from([None, 1, 7, 64]), label="block_size")
-    mod = sys.modules["simcore.cosine_topk"]
+    mod = sys.modules["simcore.search.cosine_topk"]
     saved = mod.FP32_VIA_BF16
     mod.FP32_VIA_BF16 = draw(st.sampled_from([None, True]), label="fp32 via bf16 (cosine)")
     try:
