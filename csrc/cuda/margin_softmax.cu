@@ -258,7 +258,7 @@ void dispatch_float_dtype(DType t, const F& f) {
   else dispatch_gemm_dtype(t, f);
 }
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+cudaStream_t as_stream(uint64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream)); }
 
 void expect_cuda(const TensorView& t) {
   SIMCORE_CHECK(t.device == Device::CUDA, t.name, " must be a CUDA tensor");
@@ -272,7 +272,7 @@ int grid(int64_t rows) {
 }  // namespace
 
 void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out,
-                    const TensorView& norms, double eps, int64_t stream) {
+                    const TensorView& norms, double eps, uint64_t stream) {
   ms_check::normalize_rows(src, index, out, norms);
   expect_cuda(src);
   SIMCORE_CHECK(eps > 0, "eps must be positive");
@@ -291,7 +291,7 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
 }
 
 void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out,
-             int64_t stream) {
+             uint64_t stream) {
   ms_check::targets(labels, sampled, num_classes, out);
   expect_cuda(labels);
   const int64_t b = labels.size(0);
@@ -305,7 +305,7 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
 
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
                const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
-               const TensorView& target_cos, const TensorView& target_logit, int64_t stream) {
+               const TensorView& target_cos, const TensorView& target_logit, uint64_t stream) {
   ms_check::lse_block(cos, target_col, col0, row_margins, run_max, run_sum, target_cos, target_logit);
   expect_cuda(cos);
   check_margin_params(p);
@@ -322,7 +322,7 @@ void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
                 const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
-                const TensorView& target_cos, int64_t stream) {
+                const TensorView& target_cos, uint64_t stream) {
   ms_check::grad_block(cos, target_col, col0, row_margins, lse, row_weight, target_cos);
   expect_cuda(cos);
   check_margin_params(p);
@@ -338,7 +338,7 @@ void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col
 }
 
 void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,
-                   int64_t stream) {
+                   uint64_t stream) {
   ms_check::subcenter_max(cos_k, k, out, argmax);
   expect_cuda(cos_k);
   const int64_t total = out.size(0) * out.size(1);
@@ -350,7 +350,7 @@ void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, co
 }
 
 void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out,
-                      int64_t stream) {
+                      uint64_t stream) {
   ms_check::subcenter_expand(grad, argmax, k, out);
   expect_cuda(grad);
   const int64_t total = out.size(0) * out.size(1);
@@ -362,7 +362,7 @@ void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t 
 }
 
 void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
-                  const TensorView* out_index, double eps, int64_t stream) {
+                  const TensorView* out_index, double eps, uint64_t stream) {
   ms_check::project_rows(u, v, norms, out, out_index);
   expect_cuda(u);
   SIMCORE_CHECK(eps > 0, "eps must be positive");
