@@ -1,4 +1,5 @@
 """The compiled core is present, shares torch's OpenMP runtime, and checks its boundary."""
+import math
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import torch
 
 import simcore
 from simcore import dispatch
+
+from conftest import kernel_params
 
 
 def test_compiled_extension_loads():
@@ -129,3 +132,83 @@ def test_build_without_pybind11_says_so(tmp_path):
     assert out.returncode != 0
     assert "simcore build error: pybind11 is not installed" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- the bindings' dtype and device switch
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+def _margin_call(kernel, dtypes, device=None):
+    """One small call of a margin kernel with some argument dtypes replaced (`dtypes`), the first
+    tensor optionally packed as if it lived on `device`; returns the output it wrote."""
+    ext, T = dispatch.extension(), dispatch.tensor_arg
+    first = T if device is None else (lambda t: T(t)[:4] + (device, 0) + T(t)[6:])
+    dt = lambda name: dtypes.get(name, F32)  # noqa: E731
+    # every tensor named: a packed tuple does not keep its tensor alive
+    tcol, vecs, norms = torch.tensor([0, 1, 4, 9]), [torch.zeros(4) for _ in range(4)], torch.rand(5) + 0.5
+    if kernel == "normalize_rows":
+        src, out = torch.randn(5, 8).to(dt("src")), torch.full((5, 8), math.nan, dtype=dt("out"))
+        ext.ms_normalize_rows(first(src), None, T(out), T(norms), 1e-12, 1)
+    elif kernel == "project_rows":
+        u, v, out = torch.randn(5, 8), torch.randn(5, 8).to(dt("v")), torch.full((5, 8), math.nan, dtype=dt("out"))
+        ext.ms_project_rows(first(u), T(v), T(norms), T(out), None, 1e-12, 1)
+    elif kernel == "lse_block":
+        cos, out = (torch.rand(4, 5) * 2 - 1).to(dt("cos")), vecs[0]
+        ext.ms_lse_block(first(cos), T(tcol), 0, kernel_params(), None, *map(T, vecs), 1)
+    else:
+        out = (torch.rand(4, 5) * 2 - 1).to(dt("cos"))  # in place
+        ext.ms_grad_block(first(out), T(tcol), 0, kernel_params(), None, *map(T, vecs[:3]), 1)
+    return out
+
+
+@pytest.mark.parametrize("kernel,dtypes", [
+    ("normalize_rows", dict(src=s, out=o)) for s in (F32, F16, BF16) for o in (F32, BF16)] + [
+    ("project_rows", dict(v=v, out=o)) for v in (F32, BF16) for o in (F32, F16, BF16)] + [
+    ("lse_block", dict(cos=F32)), ("grad_block", dict(cos=F32))])
+def test_margin_kernels_take_the_dtypes_python_passes(kernel, dtypes):
+    """Inputs and gradients float32/float16/bfloat16, GEMM operands float32/bfloat16, cosine blocks float32."""
+    out = _margin_call(kernel, dtypes)
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("kernel,dtypes,message", [
+    ("normalize_rows", dict(src=F64), "src must be float32, float16 or bfloat16, got float64"),
+    ("normalize_rows", dict(out=F16), "out must be float32 or bfloat16 .*, got float16"),
+    ("project_rows", dict(v=F16), "v must be float32 or bfloat16 .*, got float16"),
+    ("project_rows", dict(out=F64), "out must be float32, float16 or bfloat16, got float64"),
+    ("lse_block", dict(cos=F16), "cos must be float32, got float16"),
+    ("lse_block", dict(cos=BF16), "cos must be float32, got bfloat16"),
+    ("grad_block", dict(cos=BF16), "cos must be float32, got bfloat16"),
+    ("grad_block", dict(cos=F64), "cos must be float32, got float64"),
+])
+def test_margin_kernels_reject_the_dtypes_python_never_passes(kernel, dtypes, message):
+    """No kernel is compiled for these: a clear TypeError, not a crash."""
+    with pytest.raises(TypeError, match=message):
+        _margin_call(kernel, dtypes)
+
+
+@pytest.mark.skipif(dispatch.extension().build_info["cuda"], reason="this build has the CUDA kernels")
+@pytest.mark.parametrize("kernel", ["normalize_rows", "project_rows", "lse_block", "grad_block", "targets",
+                                    "subcenter_max", "subcenter_expand", "topk_prepare", "topk_update"])
+def test_cuda_tensors_without_cuda_build_say_so(kernel):
+    """Every binding goes through the one device switch, which names the missing CUDA build."""
+    ext, T = dispatch.extension(), dispatch.tensor_arg
+    cuda_arg = lambda t: T(t)[:4] + ("cuda", 0) + T(t)[6:]  # noqa: E731
+    z, i = torch.zeros(4, 4), torch.zeros(4, dtype=torch.int64)
+    calls = {
+        "targets": lambda: ext.ms_targets(cuda_arg(i), T(i), 4, T(i), 1),
+        "subcenter_max": lambda: ext.ms_subcenter_max(cuda_arg(z), 1, T(z), T(z), 1),
+        "subcenter_expand": lambda: ext.ms_subcenter_expand(cuda_arg(z), T(z), 1, T(z), 1),
+        "topk_prepare": lambda: ext.cosine_topk_prepare_block(cuda_arg(z), T(z), T(z), T(i), 0, True, 0.0, 1),
+        "topk_update": lambda: ext.cosine_topk_update(cuda_arg(z), *[T(z)] * 10, 0, 0, 1, -1, False, 1),
+    }
+    with pytest.raises(ValueError, match="simcore was built without CUDA"):
+        calls[kernel]() if kernel in calls else _margin_call(kernel, {}, device="cuda")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 5000])
+def test_cosine_topk_checks_the_thread_count(threads):
+    ext, T = dispatch.extension(), dispatch.tensor_arg
+    z = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="num_threads must be a thread count for CPU tensors"):
+        ext.cosine_topk_prepare_block(T(z), T(z), T(z), T(z), 0, True, 0.0, threads)

@@ -1,8 +1,7 @@
 // Bindings of the cosine_topk kernels (CPU and, with SIMCORE_WITH_CUDA, CUDA).
 // Arguments are read while holding the GIL; the kernels run without it.
-#include <pybind11/pybind11.h>
-
 #include "bindings/ops.h"
+#include "bindings/run_on_device.h"
 #include "bindings/tensor_arg.h"
 #include "cpu/cosine_topk.h"
 
@@ -16,12 +15,13 @@ namespace simcore {
 
 namespace {
 
-TopkPrepareArgs prepare_args(const py::handle& block, const py::handle& scale, const py::handle& slack,
-                             const py::handle& status, int64_t row_base, bool cosine, double slack_factor,
-                             const py::handle& converted) {
+void prepare_block(const py::handle& block, const py::handle& scale, const py::handle& slack,
+                   const py::handle& status, int64_t row_base, bool cosine, double slack_factor, int num_threads,
+                   uint64_t stream, const py::handle& converted) {
   TopkPrepareArgs a;
-  a.convert = !is_none(converted);
-  if (a.convert) a.converted = tensor_from_py(converted, "converted");
+  const auto conv = optional_tensor(converted, "converted");
+  a.convert = conv.has_value();
+  if (a.convert) a.converted = *conv;
   a.block = tensor_from_py(block, "block");
   a.scale = tensor_from_py(scale, "scale");
   a.slack = tensor_from_py(slack, "slack");
@@ -29,85 +29,52 @@ TopkPrepareArgs prepare_args(const py::handle& block, const py::handle& scale, c
   a.row_base = row_base;
   a.cosine = cosine;
   a.slack_factor = slack_factor;
-  return a;
+  run_on_device(SIMCORE_KERNEL(cosine_topk_prepare_block), a.block, ExecArgs{"num_threads", num_threads, stream}, a);
 }
 
-void run_prepare(const TopkPrepareArgs& a, int num_threads, uint64_t stream) {
-  if (a.block.device == Device::CPU) {
-    cpu::cosine_topk_prepare_block(a, num_threads);
-    return;
-  }
-#ifdef SIMCORE_WITH_CUDA
-  cuda::cosine_topk_prepare_block(a, stream);
-#else
-  throw ValueError("cosine_topk: simcore was built without CUDA");
-#endif
-}
-
-void run_update(const TopkUpdateArgs& a, int num_threads, uint64_t stream) {
-  if (a.scores.device == Device::CPU) {
-    cpu::cosine_topk_update(a, num_threads);
-    return;
-  }
-#ifdef SIMCORE_WITH_CUDA
-  cuda::cosine_topk_update(a, stream);
-#else
-  throw ValueError("cosine_topk: simcore was built without CUDA");
-#endif
+void update_tile(const py::handle& scores, const py::handle& scale, const py::handle& slack,
+                 const py::handle& queries, const py::handle& query_slack, const py::handle& block,
+                 const py::handle& excl_offsets, const py::handle& excl_index, const py::handle& reservoir,
+                 const py::handle& count, const py::handle& threshold, int64_t q_begin, int64_t db_base, int64_t k,
+                 int64_t n_total, bool rescore, int num_threads, uint64_t stream, double slack_rel) {
+  TopkUpdateArgs a;
+  a.scores = tensor_from_py(scores, "scores");
+  a.scale = tensor_from_py(scale, "scale");
+  a.slack = tensor_from_py(slack, "slack");
+  a.queries = tensor_from_py(queries, "queries");
+  a.query_slack = tensor_from_py(query_slack, "query_slack");
+  a.block = tensor_from_py(block, "block");
+  a.excl_offsets = tensor_from_py(excl_offsets, "exclude_offsets");
+  a.excl_index = tensor_from_py(excl_index, "exclude_index");
+  a.reservoir = tensor_from_py(reservoir, "reservoir");
+  a.count = tensor_from_py(count, "count");
+  a.threshold = tensor_from_py(threshold, "threshold");
+  a.q_begin = q_begin;
+  a.db_base = db_base;
+  a.k = k;
+  a.n_total = n_total;
+  a.rescore = rescore;
+  a.slack_rel = slack_rel;
+  run_on_device(SIMCORE_KERNEL(cosine_topk_update), a.scores, ExecArgs{"num_threads", num_threads, stream}, a);
 }
 
 }  // namespace
 
 void bind_cosine_topk(py::module_& m) {
-  m.def(
-      "cosine_topk_prepare_block",
-      [](const py::handle& block, const py::handle& scale, const py::handle& slack, const py::handle& status,
-         int64_t row_base, bool cosine, double slack_factor, int num_threads, uint64_t stream,
-         const py::handle& converted) {
-        const TopkPrepareArgs a = prepare_args(block, scale, slack, status, row_base, cosine, slack_factor, converted);
-        py::gil_scoped_release release;
-        run_prepare(a, num_threads, stream);
-      },
-      py::arg("block"), py::arg("scale"), py::arg("slack"), py::arg("status"), py::arg("row_base"),
-      py::arg("cosine"), py::arg("slack_factor"), py::arg("num_threads"), py::arg("stream") = 0,
-      py::arg("converted") = py::none(),
-      "Per database block: scale_j (1/||d_j|| or 1), slack_j, the first non-finite row into status and, "
-      "when `converted` is given, the block rounded to bfloat16.");
+  m.def("cosine_topk_prepare_block", &prepare_block,
+        py::arg("block"), py::arg("scale"), py::arg("slack"), py::arg("status"), py::arg("row_base"),
+        py::arg("cosine"), py::arg("slack_factor"), py::arg("num_threads"), py::arg("stream") = 0,
+        py::arg("converted") = py::none(),
+        "Per database block: scale_j (1/||d_j|| or 1), slack_j, the first non-finite row into status and, "
+        "when `converted` is given, the block rounded to bfloat16.");
 
-  m.def(
-      "cosine_topk_update",
-      [](const py::handle& scores, const py::handle& scale, const py::handle& slack, const py::handle& queries,
-         const py::handle& query_slack, const py::handle& block, const py::handle& excl_offsets,
-         const py::handle& excl_index, const py::handle& reservoir, const py::handle& count,
-         const py::handle& threshold, int64_t q_begin, int64_t db_base, int64_t k, int64_t n_total, bool rescore,
-         int num_threads, uint64_t stream, double slack_rel) {
-        TopkUpdateArgs a;
-        a.scores = tensor_from_py(scores, "scores");
-        a.scale = tensor_from_py(scale, "scale");
-        a.slack = tensor_from_py(slack, "slack");
-        a.queries = tensor_from_py(queries, "queries");
-        a.query_slack = tensor_from_py(query_slack, "query_slack");
-        a.block = tensor_from_py(block, "block");
-        a.excl_offsets = tensor_from_py(excl_offsets, "exclude_offsets");
-        a.excl_index = tensor_from_py(excl_index, "exclude_index");
-        a.reservoir = tensor_from_py(reservoir, "reservoir");
-        a.count = tensor_from_py(count, "count");
-        a.threshold = tensor_from_py(threshold, "threshold");
-        a.q_begin = q_begin;
-        a.db_base = db_base;
-        a.k = k;
-        a.n_total = n_total;
-        a.rescore = rescore;
-        a.slack_rel = slack_rel;
-        py::gil_scoped_release release;
-        run_update(a, num_threads, stream);
-      },
-      py::arg("scores"), py::arg("scale"), py::arg("slack"), py::arg("queries"), py::arg("query_slack"),
-      py::arg("block"), py::arg("exclude_offsets"), py::arg("exclude_index"), py::arg("reservoir"),
-      py::arg("count"), py::arg("threshold"), py::arg("q_begin"), py::arg("db_base"), py::arg("k"),
-      py::arg("n_total"), py::arg("rescore"), py::arg("num_threads"), py::arg("stream") = 0,
-      py::arg("slack_rel") = 0.0,
-      "Per tile: threshold scan (+ exact rescoring), exclusion, merge into the running top-k reservoirs.");
+  m.def("cosine_topk_update", &update_tile,
+        py::arg("scores"), py::arg("scale"), py::arg("slack"), py::arg("queries"), py::arg("query_slack"),
+        py::arg("block"), py::arg("exclude_offsets"), py::arg("exclude_index"), py::arg("reservoir"),
+        py::arg("count"), py::arg("threshold"), py::arg("q_begin"), py::arg("db_base"), py::arg("k"),
+        py::arg("n_total"), py::arg("rescore"), py::arg("num_threads"), py::arg("stream") = 0,
+        py::arg("slack_rel") = 0.0,
+        "Per tile: threshold scan (+ exact rescoring), exclusion, merge into the running top-k reservoirs.");
 
   m.def("cpu_has_fast_bf16", &cpu::has_fast_bf16,
         "True when the CPU has AVX-512 BF16 (cosine_topk nominates float32 candidates with bfloat16 GEMMs).");

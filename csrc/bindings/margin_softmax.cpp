@@ -1,12 +1,12 @@
 // Bindings of the margin_softmax epilogues (CPU and, with SIMCORE_WITH_CUDA, CUDA).
 //
 // One Python name per kernel; the device of the first tensor picks the CPU or
-// CUDA implementation, which re-checks every argument (devices included). The
-// last argument `exec` is the OpenMP thread count for CPU tensors and torch's
-// current stream handle for CUDA tensors (simcore/margin_softmax.py:_exec).
-#include <optional>
-
+// CUDA implementation (run_on_device), which re-checks every argument (devices
+// included). The last argument `exec` is the OpenMP thread count for CPU tensors
+// and torch's current stream handle for CUDA tensors
+// (simcore/margin/functional.py:_exec).
 #include "bindings/ops.h"
+#include "bindings/run_on_device.h"
 #include "bindings/tensor_arg.h"
 #include "cpu/margin_softmax.h"
 
@@ -19,15 +19,12 @@ namespace py = pybind11;
 namespace simcore {
 namespace {
 
-std::optional<TensorView> optional_tensor(const py::handle& obj, const char* name) {
-  if (is_none(obj)) return std::nullopt;
-  return tensor_from_py(obj, name);
-}
-
 const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
 
+ExecArgs exec_args(int64_t exec) { return ExecArgs{"exec", exec, static_cast<uint64_t>(exec)}; }
+
 // (m1, m2, m3, scale, sin_eps, cam_power, filter_threshold, curricular, curricular_t):
-// simcore/margin_softmax.py:_kernel_params builds it.
+// simcore/margin/functional.py:MarginSpec.kernel_params builds it.
 MarginParams params(const py::handle& obj) {
   if (!py::isinstance<py::tuple>(obj) || py::len(obj) != 9)
     throw TypeError("params must be a tuple of 9 numbers (m1, m2, m3, scale, sin_eps, cam_power, "
@@ -54,181 +51,106 @@ MarginParams params(const py::handle& obj) {
   return p;
 }
 
-int threads(int64_t exec) {
-  SIMCORE_CHECK(exec >= 1 && exec <= 4096, "exec must be a thread count for CPU tensors, got ", exec);
-  return static_cast<int>(exec);
+// One function per Python name: unpack (checking every tensor), then run.
+void normalize_rows(py::handle src_, py::handle index_, py::handle out_, py::handle norms_, double eps,
+                    int64_t exec) {
+  const TensorView src = tensor_from_py(src_, "src");
+  const auto index = optional_tensor(index_, "index");
+  const TensorView out = tensor_from_py(out_, "out");
+  const TensorView norms = tensor_from_py(norms_, "norms");
+  run_on_device(SIMCORE_KERNEL(normalize_rows), src, exec_args(exec), src, ptr(index), out, norms, eps);
 }
 
-[[noreturn, maybe_unused]] void no_cuda() {
-  throw ValueError("simcore was built without CUDA; CUDA tensors cannot run the compiled kernels");
+void targets(py::handle labels_, py::handle sampled_, int64_t num_classes, py::handle out_, int64_t exec) {
+  const TensorView labels = tensor_from_py(labels_, "labels");
+  const TensorView sampled = tensor_from_py(sampled_, "sampled");
+  const TensorView out = tensor_from_py(out_, "out");
+  run_on_device(SIMCORE_KERNEL(targets), labels, exec_args(exec), labels, sampled, num_classes, out);
+}
+
+void lse_block(py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
+               py::handle run_max_, py::handle run_sum_, py::handle target_cos_, py::handle target_logit_,
+               int64_t exec) {
+  const TensorView cos = tensor_from_py(cos_, "cos");
+  const TensorView target_col = tensor_from_py(target_col_, "target_col");
+  const auto row_margins = optional_tensor(row_margins_, "row_margins");
+  const TensorView run_max = tensor_from_py(run_max_, "run_max");
+  const TensorView run_sum = tensor_from_py(run_sum_, "run_sum");
+  const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
+  const TensorView target_logit = tensor_from_py(target_logit_, "target_logit");
+  const MarginParams p = params(params_);
+  run_on_device(SIMCORE_KERNEL(lse_block), cos, exec_args(exec), cos, target_col, col0, p, ptr(row_margins), run_max,
+                run_sum, target_cos, target_logit);
+}
+
+void grad_block(py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
+                py::handle lse_, py::handle row_weight_, py::handle target_cos_, int64_t exec) {
+  const TensorView cos = tensor_from_py(cos_, "cos");
+  const TensorView target_col = tensor_from_py(target_col_, "target_col");
+  const auto row_margins = optional_tensor(row_margins_, "row_margins");
+  const TensorView lse = tensor_from_py(lse_, "lse");
+  const TensorView row_weight = tensor_from_py(row_weight_, "row_weight");
+  const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
+  const MarginParams p = params(params_);
+  run_on_device(SIMCORE_KERNEL(grad_block), cos, exec_args(exec), cos, target_col, col0, p, ptr(row_margins), lse,
+                row_weight, target_cos);
+}
+
+void subcenter_max(py::handle cos_k_, int64_t k, py::handle out_, py::handle argmax_, int64_t exec) {
+  const TensorView cos_k = tensor_from_py(cos_k_, "cos_k");
+  const TensorView out = tensor_from_py(out_, "out");
+  const TensorView argmax = tensor_from_py(argmax_, "argmax");
+  run_on_device(SIMCORE_KERNEL(subcenter_max), cos_k, exec_args(exec), cos_k, k, out, argmax);
+}
+
+void subcenter_expand(py::handle grad_, py::handle argmax_, int64_t k, py::handle out_, int64_t exec) {
+  const TensorView grad = tensor_from_py(grad_, "grad");
+  const TensorView argmax = tensor_from_py(argmax_, "argmax");
+  const TensorView out = tensor_from_py(out_, "out");
+  run_on_device(SIMCORE_KERNEL(subcenter_expand), grad, exec_args(exec), grad, argmax, k, out);
+}
+
+void project_rows(py::handle u_, py::handle v_, py::handle norms_, py::handle out_, py::handle out_index_,
+                  double eps, int64_t exec) {
+  const TensorView u = tensor_from_py(u_, "u");
+  const TensorView v = tensor_from_py(v_, "v");
+  const TensorView norms = tensor_from_py(norms_, "norms");
+  const TensorView out = tensor_from_py(out_, "out");
+  const auto out_index = optional_tensor(out_index_, "out_index");
+  run_on_device(SIMCORE_KERNEL(project_rows), u, exec_args(exec), u, v, norms, out, ptr(out_index), eps);
+}
+
+// Host only: the sampled class ids are needed on the host anyway.
+void sample_classes(py::handle positives_, py::handle randoms_, int64_t num_classes, py::handle bitmap_,
+                    py::handle out_) {
+  const TensorView positives = tensor_from_py(positives_, "positives");
+  const TensorView randoms = tensor_from_py(randoms_, "randoms");
+  const TensorView bitmap = tensor_from_py(bitmap_, "bitmap");
+  const TensorView out = tensor_from_py(out_, "out");
+  py::gil_scoped_release release;
+  cpu::sample_classes(positives, randoms, num_classes, bitmap, out);
 }
 
 }  // namespace
 
 void bind_margin_softmax(py::module_& m) {
-  m.def(
-      "ms_normalize_rows",
-      [](py::handle src_, py::handle index_, py::handle out_, py::handle norms_, double eps, int64_t exec) {
-        const TensorView src = tensor_from_py(src_, "src");
-        const auto index = optional_tensor(index_, "index");
-        const TensorView out = tensor_from_py(out_, "out");
-        const TensorView norms = tensor_from_py(norms_, "norms");
-        py::gil_scoped_release release;
-        if (src.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::normalize_rows(src, ptr(index), out, norms, eps, exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::normalize_rows(src, ptr(index), out, norms, eps, threads(exec));
-        }
-      },
-      "out[r] = src[index[r]] / max(‖src[index[r]]‖, eps) in out's dtype; norms[r] = ‖src[index[r]]‖",
-      py::arg("src"), py::arg("index"), py::arg("out"), py::arg("norms"), py::arg("eps"), py::arg("exec"));
-
-  m.def(
-      "ms_targets",
-      [](py::handle labels_, py::handle sampled_, int64_t num_classes, py::handle out_, int64_t exec) {
-        const TensorView labels = tensor_from_py(labels_, "labels");
-        const TensorView sampled = tensor_from_py(sampled_, "sampled");
-        const TensorView out = tensor_from_py(out_, "out");
-        py::gil_scoped_release release;
-        if (labels.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::targets(labels, sampled, num_classes, out, exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::targets(labels, sampled, num_classes, out, threads(exec));
-        }
-      },
-      "out[i] = position of labels[i] in the sorted sampled class ids (labels range-checked)", py::arg("labels"),
-      py::arg("sampled"), py::arg("num_classes"), py::arg("out"), py::arg("exec"));
-
-  m.def(
-      "ms_lse_block",
-      [](py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
-         py::handle run_max_, py::handle run_sum_, py::handle target_cos_, py::handle target_logit_, int64_t exec) {
-        const TensorView cos = tensor_from_py(cos_, "cos");
-        const TensorView target_col = tensor_from_py(target_col_, "target_col");
-        const auto row_margins = optional_tensor(row_margins_, "row_margins");
-        const TensorView run_max = tensor_from_py(run_max_, "run_max");
-        const TensorView run_sum = tensor_from_py(run_sum_, "run_sum");
-        const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
-        const TensorView target_logit = tensor_from_py(target_logit_, "target_logit");
-        const MarginParams p = params(params_);
-        py::gil_scoped_release release;
-        if (cos.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::lse_block(cos, target_col, col0, p, ptr(row_margins), run_max, run_sum, target_cos, target_logit,
-                          exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::lse_block(cos, target_col, col0, p, ptr(row_margins), run_max, run_sum, target_cos, target_logit,
-                         threads(exec));
-        }
-      },
-      "margin on the target column, then merge the block's log-sum-exp into (run_max, run_sum)");
-
-  m.def(
-      "ms_grad_block",
-      [](py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
-         py::handle lse_, py::handle row_weight_, py::handle target_cos_, int64_t exec) {
-        const TensorView cos = tensor_from_py(cos_, "cos");
-        const TensorView target_col = tensor_from_py(target_col_, "target_col");
-        const auto row_margins = optional_tensor(row_margins_, "row_margins");
-        const TensorView lse = tensor_from_py(lse_, "lse");
-        const TensorView row_weight = tensor_from_py(row_weight_, "row_weight");
-        const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
-        const MarginParams p = params(params_);
-        py::gil_scoped_release release;
-        if (cos.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::grad_block(cos, target_col, col0, p, ptr(row_margins), lse, row_weight, target_cos, exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::grad_block(cos, target_col, col0, p, ptr(row_margins), lse, row_weight, target_cos, threads(exec));
-        }
-      },
-      "in place: cos -> row_weight·(softmax − one-hot)·dlogit/dcos (dψ/dcos·s on the target column)");
-
-  m.def(
-      "ms_subcenter_max",
-      [](py::handle cos_k_, int64_t k, py::handle out_, py::handle argmax_, int64_t exec) {
-        const TensorView cos_k = tensor_from_py(cos_k_, "cos_k");
-        const TensorView out = tensor_from_py(out_, "out");
-        const TensorView argmax = tensor_from_py(argmax_, "argmax");
-        py::gil_scoped_release release;
-        if (cos_k.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::subcenter_max(cos_k, k, out, argmax, exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::subcenter_max(cos_k, k, out, argmax, threads(exec));
-        }
-      },
-      "out[i, j] = max_k cos_k[i, j*K + k]; argmax[i, j] = the first k attaining it");
-
-  m.def(
-      "ms_subcenter_expand",
-      [](py::handle grad_, py::handle argmax_, int64_t k, py::handle out_, int64_t exec) {
-        const TensorView grad = tensor_from_py(grad_, "grad");
-        const TensorView argmax = tensor_from_py(argmax_, "argmax");
-        const TensorView out = tensor_from_py(out_, "out");
-        py::gil_scoped_release release;
-        if (grad.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::subcenter_expand(grad, argmax, k, out, exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::subcenter_expand(grad, argmax, k, out, threads(exec));
-        }
-      },
-      "out[i, j*K + argmax[i, j]] = grad[i, j], 0 elsewhere");
-
-  m.def(
-      "ms_project_rows",
-      [](py::handle u_, py::handle v_, py::handle norms_, py::handle out_, py::handle out_index_, double eps,
-         int64_t exec) {
-        const TensorView u = tensor_from_py(u_, "u");
-        const TensorView v = tensor_from_py(v_, "v");
-        const TensorView norms = tensor_from_py(norms_, "norms");
-        const TensorView out = tensor_from_py(out_, "out");
-        const auto out_index = optional_tensor(out_index_, "out_index");
-        py::gil_scoped_release release;
-        if (u.device == Device::CUDA) {
-#ifdef SIMCORE_WITH_CUDA
-          cuda::project_rows(u, v, norms, out, ptr(out_index), eps, exec);
-#else
-          no_cuda();
-#endif
-        } else {
-          cpu::project_rows(u, v, norms, out, ptr(out_index), eps, threads(exec));
-        }
-      },
-      "out[out_index[r]] = (u_r − (u_r·v_r) v_r) / norms[r] (u/eps where norms[r] <= eps)");
-
-  m.def(
-      "ms_sample_classes",
-      [](py::handle positives_, py::handle randoms_, int64_t num_classes, py::handle bitmap_, py::handle out_) {
-        const TensorView positives = tensor_from_py(positives_, "positives");
-        const TensorView randoms = tensor_from_py(randoms_, "randoms");
-        const TensorView bitmap = tensor_from_py(bitmap_, "bitmap");
-        const TensorView out = tensor_from_py(out_, "out");
-        py::gil_scoped_release release;
-        cpu::sample_classes(positives, randoms, num_classes, bitmap, out);
-      },
-      "host: sorted positives + a uniform k-subset of the other classes (k = len(randoms))");
+  m.def("ms_normalize_rows", &normalize_rows,
+        "out[r] = src[index[r]] / max(‖src[index[r]]‖, eps) in out's dtype; norms[r] = ‖src[index[r]]‖",
+        py::arg("src"), py::arg("index"), py::arg("out"), py::arg("norms"), py::arg("eps"), py::arg("exec"));
+  m.def("ms_targets", &targets,
+        "out[i] = position of labels[i] in the sorted sampled class ids (labels range-checked)", py::arg("labels"),
+        py::arg("sampled"), py::arg("num_classes"), py::arg("out"), py::arg("exec"));
+  m.def("ms_lse_block", &lse_block,
+        "margin on the target column, then merge the block's log-sum-exp into (run_max, run_sum)");
+  m.def("ms_grad_block", &grad_block,
+        "in place: cos -> row_weight·(softmax − one-hot)·dlogit/dcos (dψ/dcos·s on the target column)");
+  m.def("ms_subcenter_max", &subcenter_max,
+        "out[i, j] = max_k cos_k[i, j*K + k]; argmax[i, j] = the first k attaining it");
+  m.def("ms_subcenter_expand", &subcenter_expand, "out[i, j*K + argmax[i, j]] = grad[i, j], 0 elsewhere");
+  m.def("ms_project_rows", &project_rows,
+        "out[out_index[r]] = (u_r − (u_r·v_r) v_r) / norms[r] (u/eps where norms[r] <= eps)");
+  m.def("ms_sample_classes", &sample_classes,
+        "host: sorted positives + a uniform k-subset of the other classes (k = len(randoms))");
 }
 
 }  // namespace simcore

@@ -5,6 +5,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <optional>
+
 #include "common/tensor_view.h"
 
 namespace simcore {
@@ -13,7 +15,10 @@ namespace simcore {
 //                device_index, shape, strides)
 TensorView tensor_from_py(const pybind11::handle& obj, const char* name);
 
-// For optional arguments passed as None.
-inline bool is_none(const pybind11::handle& obj) { return obj.is_none(); }
+// An optional tensor argument: None, or a packed tensor checked as above.
+inline std::optional<TensorView> optional_tensor(const pybind11::handle& obj, const char* name) {
+  if (obj.is_none()) return std::nullopt;
+  return tensor_from_py(obj, name);
+}
 
 }  // namespace simcore

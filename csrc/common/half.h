@@ -12,7 +12,6 @@ struct BFloat16 { uint16_t bits; };
 struct Float16 { uint16_t bits; };
 
 inline float to_float(float v) { return v; }
-inline float to_float(double v) { return static_cast<float>(v); }
 
 inline float to_float(BFloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.bits) << 16;
@@ -76,7 +75,6 @@ inline Float16 to_float16(float f) {
 
 template <class T> inline T from_float(float f);
 template <> inline float from_float<float>(float f) { return f; }
-template <> inline double from_float<double>(float f) { return f; }
 template <> inline BFloat16 from_float<BFloat16>(float f) { return to_bfloat16(f); }
 template <> inline Float16 from_float<Float16>(float f) { return to_float16(f); }
 

@@ -92,7 +92,6 @@ void check_update_args(const TopkUpdateArgs& a) {
   SIMCORE_CHECK(cap >= a.k + min_slack || (a.n_total >= 0 && cap > a.n_total),
                 "reservoir capacity ", cap, " is too small for k=", a.k);
   if (a.rescore) {
-    SIMCORE_CHECK_TYPE(is_half(a.scores.dtype) || a.scores.dtype == DType::Float32, "scores dtype");
     expect_vector(a.slack, nb, DType::Float32, dev, di);
     expect_vector(a.query_slack, qb, DType::Float32, dev, di);
     SIMCORE_CHECK(std::isfinite(a.slack_rel) && a.slack_rel >= 0 && a.slack_rel < 1,
@@ -377,7 +376,6 @@ template <class S, class B, bool Rescore>
 void update_rows(const TopkUpdateArgs& a, int num_threads) {
   const int64_t qb = a.scores.size(0), nb = a.scores.size(1);
   const int64_t cap = a.reservoir.size(1), k = a.k;
-  const int64_t E = a.excl_index.size(0);
   const S* scores = a.scores.ptr<S>();
   const int64_t ss = a.scores.stride(0);
   const float* scale = a.scale.ptr<float>();
@@ -450,7 +448,6 @@ void update_rows(const TopkUpdateArgs& a, int num_threads) {
       }
     }
   });
-  (void)E;
 }
 
 template <class S>

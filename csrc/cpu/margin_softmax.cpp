@@ -39,7 +39,12 @@ void check_margin_params(const MarginParams& p) {
 
 namespace {
 
-bool is_gemm_dtype(DType t) { return t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16; }
+// What the compiled path reads (embeddings, weights) and writes (their gradients);
+// float64 goes to the reference implementation in Python.
+bool is_input_dtype(DType t) { return t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16; }
+// The normalised rows handed to the GEMMs (simcore/margin/functional.py: float32, or
+// bfloat16 under BF16_GEMMS); the cosine blocks the GEMMs return are float32.
+bool is_operand_dtype(DType t) { return t == DType::Float32 || t == DType::BFloat16; }
 
 void expect_vector(const TensorView& t, DType dtype, int64_t n, const TensorView& like) {
   t.expect_dtype(dtype).expect_ndim(1).expect_size(0, n).expect_contiguous().expect_device(like.device,
@@ -57,8 +62,10 @@ namespace ms_check {
 void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out, const TensorView& norms) {
   expect_matrix(src, src);
   src.expect_floating();
+  SIMCORE_CHECK_TYPE(is_input_dtype(src.dtype), "src must be float32, float16 or bfloat16, got ",
+                     dtype_name(src.dtype));
   expect_matrix(out, src);
-  SIMCORE_CHECK_TYPE(is_gemm_dtype(out.dtype), "out must be float32, float16 or bfloat16, got ",
+  SIMCORE_CHECK_TYPE(is_operand_dtype(out.dtype), "out must be float32 or bfloat16 (a GEMM operand), got ",
                      dtype_name(out.dtype));
   const int64_t n = out.size(0);
   out.expect_size(1, src.size(1));
@@ -79,8 +86,7 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
 // The (B × block) cosine block and its target columns, shared by lse_block and grad_block.
 static int64_t expect_cos_block(const TensorView& cos, const TensorView& target_col, int64_t col0) {
   expect_matrix(cos, cos);
-  SIMCORE_CHECK_TYPE(is_gemm_dtype(cos.dtype), "cos must be float32, float16 or bfloat16, got ",
-                     dtype_name(cos.dtype));
+  cos.expect_dtype(DType::Float32);
   SIMCORE_CHECK(cos.size(1) >= 1, "cos must have at least one column");
   SIMCORE_CHECK(col0 >= 0, "col0 must be >= 0, got ", col0);
   expect_vector(target_col, DType::Int64, cos.size(0), cos);
@@ -119,11 +125,15 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   u.expect_dtype(DType::Float32);
   const int64_t n = u.size(0), d = u.size(1);
   expect_matrix(v, u);
-  SIMCORE_CHECK_TYPE(is_gemm_dtype(v.dtype), "v must be float32, float16 or bfloat16, got ", dtype_name(v.dtype));
+  SIMCORE_CHECK_TYPE(is_operand_dtype(v.dtype), "v must be float32 or bfloat16 (a GEMM operand), got ",
+                     dtype_name(v.dtype));
   v.expect_size(0, n).expect_size(1, d);
   expect_vector(norms, DType::Float32, n, u);
   expect_matrix(out, u);
-  out.expect_floating().expect_size(1, d);
+  out.expect_floating();
+  SIMCORE_CHECK_TYPE(is_input_dtype(out.dtype), "out must be float32, float16 or bfloat16, got ",
+                     dtype_name(out.dtype));
+  out.expect_size(1, d);
   if (out_index) expect_vector(*out_index, DType::Int64, n, u);
   else SIMCORE_CHECK(out.size(0) == n, "out has ", out.size(0), " rows but u has ", n);
 }
@@ -173,9 +183,6 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-template <class T>
-inline float load(const T* p, int64_t j) { return to_float(p[j]); }
-
 // Rows per thread so that each thread touches at least kMinBytesPerThread.
 // These kernels run ~1 ms per 10-30 MB on one core; opening a parallel region
 // costs far less on an idle machine, but on a loaded one (this project's shared
@@ -186,54 +193,48 @@ inline int64_t min_rows(int64_t row_bytes) {
   return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, row_bytes));
 }
 
-template <class T>
-SIMCORE_CLONES float row_max(const T* a, int64_t n) {
+SIMCORE_CLONES float row_max(const float* a, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, load(a, j));  // NaN is caught by the exp-sum
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, a[j]);  // NaN is caught by the exp-sum
   return m;
 }
 
 // Σ exp(s·a_j − m) over j in [0, n)
-template <class T>
-SIMCORE_CLONES float row_exp_sum(const T* a, int64_t n, float s, float m) {
+SIMCORE_CLONES float row_exp_sum(const float* a, int64_t n, float s, float m) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += fast_exp(s * load(a, j) - m);
+  for (int64_t j = 0; j < n; ++j) acc += fast_exp(s * a[j] - m);
   return acc;
 }
 
 // a_j <- c · exp(s·a_j − lse) for j in [0, n)
-template <class T>
-SIMCORE_CLONES void row_softmax(T* a, int64_t n, float s, float lse, float c) {
+SIMCORE_CLONES void row_softmax(float* a, int64_t n, float s, float lse, float c) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) a[j] = from_float<T>(c * fast_exp(s * load(a, j) - lse));
+  for (int64_t j = 0; j < n; ++j) a[j] = c * fast_exp(s * a[j] - lse);
 }
 
 // The same three loops for transformed non-targets (filtering, CurricularFace).
-template <class T>
-SIMCORE_CLONES float row_max(const T* a, int64_t n, const NegativeLogit f) {
+SIMCORE_CLONES float row_max(const float* a, int64_t n, const NegativeLogit f) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, f(load(a, j)));
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, f(a[j]));
   return m;
 }
 
-template <class T>
-SIMCORE_CLONES float row_exp_sum(const T* a, int64_t n, const NegativeLogit f, float m) {
+SIMCORE_CLONES float row_exp_sum(const float* a, int64_t n, const NegativeLogit f, float m) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += fast_exp(f(load(a, j)) - m);
+  for (int64_t j = 0; j < n; ++j) acc += fast_exp(f(a[j]) - m);
   return acc;
 }
 
 // a_j <- c · exp(f(a_j) − lse) · f'(a_j)
-template <class T>
-SIMCORE_CLONES void row_softmax(T* a, int64_t n, const NegativeLogit f, float lse, float c) {
+SIMCORE_CLONES void row_softmax(float* a, int64_t n, const NegativeLogit f, float lse, float c) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float x = load(a, j);
-    a[j] = from_float<T>(c * fast_exp(f(x) - lse) * f.slope(x));
+    const float x = a[j];
+    a[j] = c * fast_exp(f(x) - lse) * f.slope(x);
   }
 }
 
@@ -256,12 +257,11 @@ inline NegativeLogit row_negatives(const MarginParams& p, const float* rm, const
                        static_cast<float>(p.curricular_t)};
 }
 
-template <class T>
 void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
                     const float* rm, const TensorView& run_max, const TensorView& run_sum,
                     const TensorView& target_cos, const TensorView& target_logit, int num_threads) {
   const int64_t b = cos.size(0), n = cos.size(1), lda = cos.stride(0);
-  const T* base = cos.ptr<T>();
+  const float* base = cos.ptr<float>();
   const int64_t* tcol = target_col.ptr<int64_t>();
   float* rmax = run_max.ptr<float>();
   float* rsum = run_sum.ptr<float>();
@@ -269,19 +269,19 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
   float* tlog = target_logit.ptr<float>();
   const float s = static_cast<float>(p.scale);
   const bool plain = plain_negatives(p);
-  parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
+  parallel_for(b, num_threads, min_rows(n * 4), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const T* a = base + i * lda;
+      const float* a = base + i * lda;
       const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
       const int64_t t = has ? tcol[i] - col0 : -1;
       // split [0, n) around the target column so the loops stay branch-free
       const int64_t n1 = has ? t : n;
-      const T* a2 = has ? a + t + 1 : a + n;
+      const float* a2 = has ? a + t + 1 : a + n;
       const int64_t n2 = has ? n - t - 1 : 0;
       float tz = -std::numeric_limits<float>::infinity();
       if (has) {
         // CurricularFace reads the target cosine given before pass 1, so ψ is the same everywhere
-        const double c = p.curricular ? static_cast<double>(tcos[i]) : static_cast<double>(load(a, t));
+        const double c = p.curricular ? static_cast<double>(tcos[i]) : static_cast<double>(a[t]);
         tz = static_cast<float>(p.scale * row_target(c, p, rm, i).psi);
         if (!p.curricular) tcos[i] = static_cast<float>(c);
         tlog[i] = tz;
@@ -307,21 +307,20 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
   });
 }
 
-template <class T>
 void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
                      const float* rm, const TensorView& lse, const TensorView& row_weight,
                      const TensorView& target_cos, int num_threads) {
   const int64_t b = cos.size(0), n = cos.size(1), lda = cos.stride(0);
-  T* base = cos.ptr<T>();
+  float* base = cos.ptr<float>();
   const int64_t* tcol = target_col.ptr<int64_t>();
   const float* l = lse.ptr<float>();
   const float* rw = row_weight.ptr<float>();
   const float* tcos = target_cos.ptr<float>();
   const float s = static_cast<float>(p.scale);
   const bool plain = plain_negatives(p);
-  parallel_for(b, num_threads, min_rows(n * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
+  parallel_for(b, num_threads, min_rows(n * 4), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      T* a = base + i * lda;
+      float* a = base + i * lda;
       const bool has = tcol[i] >= col0 && tcol[i] - col0 < n;  // no overflow for any tcol
       const int64_t t = has ? tcol[i] - col0 : n;
       // d loss_i / d logit = rw·(softmax − one-hot); d logit / d cos = s for plain negatives
@@ -336,7 +335,7 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
       if (!has) continue;
       const RowTarget r = row_target(tcos[i], p, rm, i);
       const double prob = std::exp(p.scale * r.psi - static_cast<double>(l[i]));
-      a[t] = from_float<T>(static_cast<float>(static_cast<double>(rw[i]) * p.scale * (prob - 1.0) * r.slope));
+      a[t] = static_cast<float>(static_cast<double>(rw[i]) * p.scale * (prob - 1.0) * r.slope);
     }
   });
 }
@@ -425,20 +424,24 @@ void project_rows_impl(const TensorView& u, const TensorView& v, const TensorVie
   });
 }
 
+// f(T{}) for the element type of t; ms_check has rejected every other dtype.
 template <class F>
-void dispatch_gemm_dtype(DType t, const F& f) {
+void dispatch_input_dtype(DType t, const F& f) {
   switch (t) {
     case DType::Float32: f(float{}); break;
     case DType::Float16: f(Float16{}); break;
     case DType::BFloat16: f(BFloat16{}); break;
-    default: throw TypeError(detail::concat("unsupported block dtype ", dtype_name(t)));
+    default: throw TypeError(detail::concat("unsupported dtype ", dtype_name(t)));
   }
 }
 
 template <class F>
-void dispatch_float_dtype(DType t, const F& f) {
-  if (t == DType::Float64) f(double{});
-  else dispatch_gemm_dtype(t, f);
+void dispatch_operand_dtype(DType t, const F& f) {
+  switch (t) {
+    case DType::Float32: f(float{}); break;
+    case DType::BFloat16: f(BFloat16{}); break;
+    default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
+  }
 }
 
 void check_index_range(const int64_t* idx, int64_t n, int64_t limit, const char* what) {
@@ -456,8 +459,8 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   const int64_t* idx = index ? index->ptr<int64_t>() : nullptr;
   if (idx) check_index_range(idx, out.size(0), src.size(0), "index");
-  dispatch_float_dtype(src.dtype, [&](auto s) {
-    dispatch_gemm_dtype(out.dtype, [&](auto o) {
+  dispatch_input_dtype(src.dtype, [&](auto s) {
+    dispatch_operand_dtype(out.dtype, [&](auto o) {
       normalize_rows_impl<decltype(s), decltype(o)>(src, idx, out, norms, eps, num_threads);
     });
   });
@@ -506,10 +509,7 @@ void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0
   cos.expect_device(Device::CPU, 0);
   check_margin_params(p);
   const float* rm = checked_row_margins(row_margins);
-  dispatch_gemm_dtype(cos.dtype, [&](auto t) {
-    lse_block_impl<decltype(t)>(cos, target_col, col0, p, rm, run_max, run_sum, target_cos, target_logit,
-                                num_threads);
-  });
+  lse_block_impl(cos, target_col, col0, p, rm, run_max, run_sum, target_cos, target_logit, num_threads);
 }
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
@@ -519,9 +519,7 @@ void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col
   cos.expect_device(Device::CPU, 0);
   check_margin_params(p);
   const float* rm = checked_row_margins(row_margins);
-  dispatch_gemm_dtype(cos.dtype, [&](auto t) {
-    grad_block_impl<decltype(t)>(cos, target_col, col0, p, rm, lse, row_weight, target_cos, num_threads);
-  });
+  grad_block_impl(cos, target_col, col0, p, rm, lse, row_weight, target_cos, num_threads);
 }
 
 void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,
@@ -547,7 +545,7 @@ void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t 
   const uint8_t* ap = argmax.ptr<uint8_t>();
   float* op = out.ptr<float>();
   const int64_t lg = grad.stride(0), lo = out.stride(0);
-  if (b * n) {  // never write outside a row
+  if (b > 0 && n > 0) {  // never write outside a row
     const uint8_t worst = *std::max_element(ap, ap + b * n);
     SIMCORE_CHECK(worst < k, "argmax holds ", int{worst}, ", outside [0, ", k, ")");
   }
@@ -567,8 +565,8 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   const int64_t* idx = out_index ? out_index->ptr<int64_t>() : nullptr;
   if (idx) check_index_range(idx, u.size(0), out.size(0), "out_index");
-  dispatch_gemm_dtype(v.dtype, [&](auto vt) {
-    dispatch_float_dtype(out.dtype, [&](auto ot) {
+  dispatch_operand_dtype(v.dtype, [&](auto vt) {
+    dispatch_input_dtype(out.dtype, [&](auto ot) {
       project_rows_impl<decltype(vt), decltype(ot)>(u, v, norms, out, idx, eps, num_threads);
     });
   });

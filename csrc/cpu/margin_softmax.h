@@ -5,20 +5,22 @@
 // (csrc/cpu/margin_softmax.cpp) and CUDA (csrc/cuda/margin_softmax.cu):
 //
 //   normalize_rows  gather rows of x or W (optionally by index), convert to the
-//                   GEMM dtype, divide by max(‖row‖, eps), keep the norms
+//                   GEMM operand dtype (float32 or bfloat16), divide by
+//                   max(‖row‖, eps), keep the norms
 //   targets         label -> column in the sorted sampled set (range-checked)
-//   lse_block       a block of cosines -> margin on the target, online log-sum-exp
+//   lse_block       a float32 block of cosines -> margin on the target, online log-sum-exp
 //   grad_block      the same block, in place -> row_weight·(softmax − one-hot)·dlogit/dcos
 //                   (dψ/dcos θ on the target column)
 //   subcenter_max   (sub-centre ArcFace) a (B × n·K) block of centre cosines -> the
 //                   (B × n) class cosines (max over K) and which centre won
 //   subcenter_expand  a (B × n) gradient block -> (B × n·K), on the winning centres
 //   project_rows    the normalisation Jacobian: (u − (u·v̂)v̂)/‖row‖, written
-//                   (scattered by index) into a gradient of any float dtype
+//                   (scattered by index) into a float32/float16/bfloat16 gradient
 //
 //   sample_classes  (host only) positives + uniform negatives without replacement
 //
-// Every entry point re-checks shapes, dtypes, devices and index ranges.
+// Every entry point re-checks shapes, dtypes, devices and index ranges. Inputs and
+// gradients are float32, float16 or bfloat16 (float64 runs the Python reference).
 #pragma once
 
 #include <cmath>

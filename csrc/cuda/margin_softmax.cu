@@ -1,9 +1,10 @@
 // CUDA epilogues of the margin-softmax loss: the mirror of csrc/cpu/margin_softmax.cpp.
 //
 // Straightforward by design: one thread block per row, a block-wide reduction
-// (warp shuffles + shared memory), float32 accumulation whatever the block
-// dtype (float32, float16, bfloat16). The GEMMs between these kernels are
-// cuBLAS calls made by torch in simcore/margin_softmax.py, on the same stream.
+// (warp shuffles + shared memory), float32 accumulation whatever the row dtype
+// (float32, float16 or bfloat16; the cosine blocks are float32). The GEMMs
+// between these kernels are cuBLAS calls made by torch in
+// simcore/margin/functional.py, on the same stream.
 //
 // Index ranges that the CPU kernels check on the host live in device memory
 // here; the kernels never read out of bounds: an out-of-range index writes a
@@ -27,12 +28,10 @@ namespace {
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const double* p) { return static_cast<float>(*p); }
 __device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 __device__ __forceinline__ void st(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st(double* p, float v) { *p = v; }
 __device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
@@ -120,21 +119,20 @@ __device__ inline NegativeLogit row_negatives(const MarginParams& p, const float
                        static_cast<float>(p.curricular_t)};
 }
 
-template <class T>
-__global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
+__global__ void lse_block_kernel(const float* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
                                  MarginParams p, const float* rm, float* run_max, float* run_sum, float* target_cos,
                                  float* target_logit) {
   __shared__ float shared[32];
   __shared__ float tz_shared;
   const int64_t i = blockIdx.x;
-  const T* a = cos + i * lda;
+  const float* a = cos + i * lda;
   const bool has = target_col[i] >= col0 && target_col[i] - col0 < n;  // no overflow for any value
   const int64_t t = has ? target_col[i] - col0 : -1;
   if (threadIdx.x == 0) {
     float tz = -INFINITY;
     if (has) {
       // CurricularFace reads the target cosine given before pass 1, so ψ is the same everywhere
-      const double c = p.curricular ? static_cast<double>(target_cos[i]) : static_cast<double>(ld(a + t));
+      const double c = p.curricular ? static_cast<double>(target_cos[i]) : static_cast<double>(a[t]);
       double psi, slope;
       row_target(c, p, rm, i, &psi, &slope);
       tz = static_cast<float>(p.scale * psi);
@@ -148,13 +146,13 @@ __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int
   const NegativeLogit f = row_negatives(p, rm, target_cos, i);
   float m = has ? tz : -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float z = j == t ? tz : f(ld(a + j));
+    const float z = j == t ? tz : f(a[j]);
     m = MaxOp{}(m, z);
   }
   const float bm = block_reduce(m, MaxOp{}, shared, -INFINITY);
   float acc = 0.0f;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float z = j == t ? tz : f(ld(a + j));
+    const float z = j == t ? tz : f(a[j]);
     acc += expf(z - bm);
   }
   const float bsum = block_reduce(acc, SumOp{}, shared, 0.0f);
@@ -167,12 +165,11 @@ __global__ void lse_block_kernel(const T* cos, int64_t lda, int64_t n, const int
   }
 }
 
-template <class T>
-__global__ void grad_block_kernel(T* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
+__global__ void grad_block_kernel(float* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
                                   MarginParams p, const float* rm, const float* lse, const float* row_weight,
                                   const float* target_cos) {
   const int64_t i = blockIdx.x;
-  T* a = cos + i * lda;
+  float* a = cos + i * lda;
   const int64_t t = (target_col[i] >= col0 && target_col[i] - col0 < n) ? target_col[i] - col0 : -1;
   const float l = lse[i];
   const float rw = row_weight[i];
@@ -182,10 +179,10 @@ __global__ void grad_block_kernel(T* cos, int64_t lda, int64_t n, const int64_t*
       double psi, slope;
       row_target(target_cos[i], p, rm, i, &psi, &slope);
       const double prob = exp(p.scale * psi - static_cast<double>(l));
-      st(a + j, static_cast<float>(static_cast<double>(rw) * p.scale * (prob - 1.0) * slope));
+      a[j] = static_cast<float>(static_cast<double>(rw) * p.scale * (prob - 1.0) * slope);
     } else {
-      const float x = ld(a + j);
-      st(a + j, rw * expf(f(x) - l) * f.slope(x));
+      const float x = a[j];
+      a[j] = rw * expf(f(x) - l) * f.slope(x);
     }
   }
 }
@@ -242,23 +239,27 @@ __global__ void project_rows_kernel(const float* u, int64_t lu, const V* v, int6
   }
 }
 
+// f(T*) for the element type of t; ms_check has rejected every other dtype.
 template <class F>
-void dispatch_gemm_dtype(DType t, const F& f) {
+void dispatch_input_dtype(DType t, const F& f) {
   switch (t) {
     case DType::Float32: f(static_cast<float*>(nullptr)); break;
     case DType::Float16: f(static_cast<__half*>(nullptr)); break;
     case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw TypeError(detail::concat("unsupported block dtype ", dtype_name(t)));
+    default: throw TypeError(detail::concat("unsupported dtype ", dtype_name(t)));
   }
 }
 
 template <class F>
-void dispatch_float_dtype(DType t, const F& f) {
-  if (t == DType::Float64) f(static_cast<double*>(nullptr));
-  else dispatch_gemm_dtype(t, f);
+void dispatch_operand_dtype(DType t, const F& f) {
+  switch (t) {
+    case DType::Float32: f(static_cast<float*>(nullptr)); break;
+    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
+  }
 }
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+cudaStream_t as_stream(uint64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream)); }
 
 void expect_cuda(const TensorView& t) {
   SIMCORE_CHECK(t.device == Device::CUDA, t.name, " must be a CUDA tensor");
@@ -272,14 +273,14 @@ int grid(int64_t rows) {
 }  // namespace
 
 void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out,
-                    const TensorView& norms, double eps, int64_t stream) {
+                    const TensorView& norms, double eps, uint64_t stream) {
   ms_check::normalize_rows(src, index, out, norms);
   expect_cuda(src);
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   const int64_t n = out.size(0);
   if (n == 0) return;
-  dispatch_float_dtype(src.dtype, [&](auto s) {
-    dispatch_gemm_dtype(out.dtype, [&](auto o) {
+  dispatch_input_dtype(src.dtype, [&](auto s) {
+    dispatch_operand_dtype(out.dtype, [&](auto o) {
       using S = std::remove_pointer_t<decltype(s)>;
       using T = std::remove_pointer_t<decltype(o)>;
       normalize_rows_kernel<S, T><<<grid(n), kThreads, 0, as_stream(stream)>>>(
@@ -291,7 +292,7 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
 }
 
 void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out,
-             int64_t stream) {
+             uint64_t stream) {
   ms_check::targets(labels, sampled, num_classes, out);
   expect_cuda(labels);
   const int64_t b = labels.size(0);
@@ -305,40 +306,34 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
 
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
                const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
-               const TensorView& target_cos, const TensorView& target_logit, int64_t stream) {
+               const TensorView& target_cos, const TensorView& target_logit, uint64_t stream) {
   ms_check::lse_block(cos, target_col, col0, row_margins, run_max, run_sum, target_cos, target_logit);
   expect_cuda(cos);
   check_margin_params(p);
   if (cos.size(0) == 0) return;
-  dispatch_gemm_dtype(cos.dtype, [&](auto tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    lse_block_kernel<T><<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
-        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
-        row_margins ? row_margins->ptr<float>() : nullptr, run_max.ptr<float>(),
-        run_sum.ptr<float>(), target_cos.ptr<float>(), target_logit.ptr<float>());
-  });
+  lse_block_kernel<<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
+      cos.ptr<float>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
+      row_margins ? row_margins->ptr<float>() : nullptr, run_max.ptr<float>(), run_sum.ptr<float>(),
+      target_cos.ptr<float>(), target_logit.ptr<float>());
   check(cudaGetLastError(), "simcore margin_softmax lse_block launch");
 }
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
                 const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
-                const TensorView& target_cos, int64_t stream) {
+                const TensorView& target_cos, uint64_t stream) {
   ms_check::grad_block(cos, target_col, col0, row_margins, lse, row_weight, target_cos);
   expect_cuda(cos);
   check_margin_params(p);
   if (cos.size(0) == 0) return;
-  dispatch_gemm_dtype(cos.dtype, [&](auto tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    grad_block_kernel<T><<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
-        cos.ptr<T>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
-        row_margins ? row_margins->ptr<float>() : nullptr, lse.ptr<float>(),
-        row_weight.ptr<float>(), target_cos.ptr<float>());
-  });
+  grad_block_kernel<<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
+      cos.ptr<float>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
+      row_margins ? row_margins->ptr<float>() : nullptr, lse.ptr<float>(), row_weight.ptr<float>(),
+      target_cos.ptr<float>());
   check(cudaGetLastError(), "simcore margin_softmax grad_block launch");
 }
 
 void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,
-                   int64_t stream) {
+                   uint64_t stream) {
   ms_check::subcenter_max(cos_k, k, out, argmax);
   expect_cuda(cos_k);
   const int64_t total = out.size(0) * out.size(1);
@@ -350,7 +345,7 @@ void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, co
 }
 
 void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out,
-                      int64_t stream) {
+                      uint64_t stream) {
   ms_check::subcenter_expand(grad, argmax, k, out);
   expect_cuda(grad);
   const int64_t total = out.size(0) * out.size(1);
@@ -362,13 +357,13 @@ void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t 
 }
 
 void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
-                  const TensorView* out_index, double eps, int64_t stream) {
+                  const TensorView* out_index, double eps, uint64_t stream) {
   ms_check::project_rows(u, v, norms, out, out_index);
   expect_cuda(u);
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   if (u.size(0) == 0) return;
-  dispatch_gemm_dtype(v.dtype, [&](auto vp) {
-    dispatch_float_dtype(out.dtype, [&](auto op) {
+  dispatch_operand_dtype(v.dtype, [&](auto vp) {
+    dispatch_input_dtype(out.dtype, [&](auto op) {
       using V = std::remove_pointer_t<decltype(vp)>;
       using O = std::remove_pointer_t<decltype(op)>;
       project_rows_kernel<V, O><<<grid(u.size(0)), kThreads, 0, as_stream(stream)>>>(
