@@ -7,7 +7,7 @@ import math
 import torch
 
 
-def gamma(dim):
+def _gamma(dim):
     """gamma_D = D u / (1 - D u), u = 2^-24: float32 dot products of D terms in any order."""
     return dim * 2.0 ** -24 / max(1.0 - dim * 2.0 ** -24, 2.0 ** -24)
 
@@ -36,7 +36,7 @@ def rescore_bounds(qf, qg, gemm_dtype, db_dtype, dim, device):
     m = torch.maximum(q64.norm(dim=1), g64.norm(dim=1))
     err = (g64 - q64).norm(dim=1)
     eps = float((err / m.clamp_min(1e-300)).max())
-    g = gamma(dim)
+    g = _gamma(dim)
     return eps + 2 * g, (1.25 * m).float().contiguous(), 1.25 * 2.0 ** -8
 
 
@@ -55,7 +55,7 @@ def slack_factor(gemm_dtype, db_dtype, dim):
     absolute floor the prepare kernel adds (topk_slack_floor in cosine_topk.h)."""
     u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[gemm_dtype]
     rounded_inputs = 1 if db_dtype == gemm_dtype else 2
-    g = gamma(dim)
+    g = _gamma(dim)
     bound = (1 + u) ** rounded_inputs * (1 + g) * (1 + u) - 1 + g
     subnormal = math.sqrt(dim) * 2.0 ** -25 if gemm_dtype == torch.float16 else 0.0
     return 1.25 * bound + subnormal

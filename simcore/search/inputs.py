@@ -8,9 +8,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NP_FLOATS = (np.float16, np.float32, np.float64)
-METRICS = ("cosine", "ip")
+_METRICS = ("cosine", "ip")
 _EXCLUDE_KINDS = "None, 'self' or an (E, 2) tensor of (query, index) pairs"
 
 
@@ -30,7 +30,7 @@ def check_block_size(block_size) -> None:
 
 
 def check_metric(metric) -> None:
-    if metric not in METRICS:
+    if metric not in _METRICS:
         raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
 
 
@@ -40,7 +40,7 @@ def check_exclude_string(exclude: str) -> None:
 
 
 def check_float_dtype(dtype, what) -> None:
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32, float16, bfloat16 (or float64), got {dtype}")
 
 

@@ -93,7 +93,7 @@ class TileScan:
         self.ext = ext = dispatch.extension()
         self.device = device = queries.device
         self.k, self.cosine, self.n_rows = k, not normalized, n_rows
-        self.queries = float32_queries(queries, self.cosine)
+        self.queries = _float32_queries(queries, self.cosine)
         self.query_norms = self.queries.norm(dim=1).contiguous()
         Q = self.queries.shape[0]
         # Reservoir: compacted to k when full, so a larger one means rarer compactions
@@ -192,7 +192,7 @@ class TileScan:
         return finalize(self.reservoir, self.count, self.k)
 
 
-def float32_queries(queries, cosine):
+def _float32_queries(queries, cosine):
     """The queries as contiguous float32 rows, normalised for cosine search; NaN/Inf rows raise."""
     qf = queries.detach().to(torch.float32)
     check_finite_rows(qf, "queries")
