@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import simcore
+from simcore.search.tiled_search import tile_shape
 
 Q, N, D = 1000, 200_000, 256
 ROUNDS = 3
-BLOCK = 8192  # simcore's default database rows per tile on CPU
+DB_ROWS, QUERY_ROWS = tile_shape(torch.device("cpu"), Q)  # simcore's score tile on CPU
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +55,14 @@ def faiss_flat(normalized):
 
 def gemm_floor(q, db, dtype):
     qd, dbd = q.to(dtype), db.to(dtype)
-    out = torch.empty(Q, BLOCK, dtype=dtype)
+    tile = torch.empty(QUERY_ROWS * DB_ROWS, dtype=dtype)
 
     def run():
-        for s in range(0, N, BLOCK):
-            blk = dbd[s:s + BLOCK]
-            torch.mm(qd, blk.T, out=out[:, :blk.shape[0]])
+        for s in range(0, N, DB_ROWS):
+            blk = dbd[s:s + DB_ROWS]
+            for q0 in range(0, Q, QUERY_ROWS):
+                q1 = min(Q, q0 + QUERY_ROWS)
+                torch.mm(qd[q0:q1], blk.T, out=tile[:(q1 - q0) * blk.shape[0]].view(q1 - q0, blk.shape[0]))
     return run
 
 
@@ -133,16 +136,9 @@ def test_large_k(benchmark, measure, data, normalized, impl):
 
 def fp32_gemm_only(q, db, k):
     """simcore with float32 tile GEMMs (no bfloat16 candidate GEMM), for comparison."""
-    import sys
-
-    mod = sys.modules["simcore.search.cosine_topk"]
-
     def run():
-        saved, mod.FP32_VIA_BF16 = mod.FP32_VIA_BF16, False
-        try:
+        with simcore.search.fp32_via_bf16(False):
             return simcore.cosine_topk(q, db, k)
-        finally:
-            mod.FP32_VIA_BF16 = saved
     return run
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import math
 import os
@@ -439,7 +438,8 @@ def check_topk_sample(res, label, scores, index, q, db, k, tol):
 
 def time_cosine(res, timer, device, gen, sz, dtype, faiss_mod, large=True):
     import simcore
-    ct = importlib.import_module("simcore.search.cosine_topk")  # the module (simcore.cosine_topk is the function)
+    from simcore.search.tile_gemm import gemm_dtype
+    from simcore.search.tiled_search import tile_shape
 
     name = str(dtype).replace("torch.", "")
     Q, N, D = sz["cos_Q"], sz["cos_N"], sz["cos_D"]
@@ -448,10 +448,8 @@ def time_cosine(res, timer, device, gen, sz, dtype, faiss_mod, large=True):
     dbn = _normalized_db(db)  # the peers' index, built once (not timed)
     size = f"Q={_n(Q)} N={_n(N)} D={D}"
     # simcore's own tile schedule, GEMMs only (what the selection kernels add comes on top)
-    kind = device.type if device.type in ct.DEFAULT_DB_BLOCK else "cpu"
-    nb = ct.DEFAULT_DB_BLOCK[kind]
-    qb = max(1, min(Q, ct.DEFAULT_TILE_ELEMENTS[kind] // nb))
-    gdt = ct._gemm_dtype(dtype, device, True, Q)  # the dtype simcore's tile GEMMs run in (CUDA: the database's)
+    nb, qb = tile_shape(device, Q)
+    gdt = gemm_dtype(dtype, device, True, Q)  # the dtype simcore's tile GEMMs run in (CUDA: the database's)
     gname = str(gdt).replace("torch.", "")
     rate = res.ceilings.get(f"gemm_{gname}_flops")
     bw = res.ceilings.get("copy_bytes_per_s")

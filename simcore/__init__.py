@@ -19,7 +19,9 @@ Public API:
 import torch  # noqa: F401  (loads torch's libgomp before the extension: one OpenMP runtime)
 
 from simcore.dispatch import cuda_available, get_backend, set_backend
-from simcore.search.cosine_topk import FaissIndex, FlatIndex, cosine_topk, faiss_index
+from simcore.search.cosine_topk import cosine_topk
+from simcore.search.faiss_index import FaissIndex, faiss_index
+from simcore.search.flat_index import FlatIndex
 from simcore.margin.functional import (PartialMarginHead, arcface_partial, cosface_partial,
                                        margin_softmax_partial, sample_classes)
 from simcore.margin.family import (AdaFace, ArcFace, CamSchedule, CamSoftmax, CurricularFace, MagFace,

@@ -1,5 +1,6 @@
 """simcore.cosine_topk, FlatIndex and faiss_index against the reference (and FAISS)."""
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 import simcore
 from simcore import dispatch
+from simcore.search import error_bounds, inputs, tile_gemm, tiled_search
 from simcore.reference.cosine_topk import cosine_topk as reference
 
 from conftest import backend, cuda, poisoned
@@ -176,9 +178,10 @@ def test_half_database(dtype, data, generator):
 
 # ---- float32 databases searched through a bfloat16 candidate GEMM (CPU, cosine).
 @pytest.fixture
-def fp32_via_bf16(monkeypatch):
+def fp32_via_bf16():
     """Forces the bf16-nomination path for float32 databases (whatever the CPU and Q)."""
-    monkeypatch.setattr(sys.modules["simcore.search.cosine_topk"], "FP32_VIA_BF16", True)
+    with simcore.search.fp32_via_bf16(True):
+        yield
 
 
 @pytest.mark.parametrize("Q,N,D,k,block", [
@@ -283,26 +286,52 @@ def test_fp32_via_bf16_exclude_stream_and_threads(fp32_via_bf16, generator):
 
 
 def test_fp32_via_bf16_default_choice(generator):
-    mod = sys.modules["simcore.search.cosine_topk"]
     cpu = torch.device("cpu")
-    many = mod.FP32_VIA_BF16_MIN_QUERIES
-    assert mod._gemm_dtype(torch.float32, cpu, False, many) == torch.float32   # inner products: never
-    assert mod._gemm_dtype(torch.float32, cpu, True, many - 1) == torch.float32
+    many = tile_gemm.FP32_VIA_BF16_MIN_QUERIES
+    assert tile_gemm.gemm_dtype(torch.float32, cpu, False, many) == torch.float32   # inner products: never
+    assert tile_gemm.gemm_dtype(torch.float32, cpu, True, many - 1) == torch.float32
     fast = dispatch.extension().cpu_has_fast_bf16()
-    assert mod._gemm_dtype(torch.float32, cpu, True, many) == (torch.bfloat16 if fast else torch.float32)
+    assert tile_gemm.gemm_dtype(torch.float32, cpu, True, many) == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_fp32_via_bf16_context_manager():
+    """fp32_via_bf16(True / False) forces the choice for CPU cosine searches of float32 databases
+    inside its block only, nests, and holds for the current thread only (a context variable)."""
+    cpu, choose = torch.device("cpu"), tile_gemm.gemm_dtype
+    auto = choose(torch.float32, cpu, True, 1)
+    assert auto == torch.float32  # one query: never automatically
+    with simcore.search.fp32_via_bf16(True):
+        assert choose(torch.float32, cpu, True, 1) == torch.bfloat16
+        assert choose(torch.float32, cpu, False, 1) == torch.float32        # inner products: never
+        assert choose(torch.float16, cpu, True, 1) == torch.bfloat16        # half databases: as always
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(choose(torch.float32, cpu, True, 1)))
+        worker.start()
+        worker.join()
+        assert seen == [auto]  # another thread keeps the automatic choice
+        with simcore.search.fp32_via_bf16(False):
+            assert choose(torch.float32, cpu, True, 10**6) == torch.float32
+        assert choose(torch.float32, cpu, True, 1) == torch.bfloat16
+    assert choose(torch.float32, cpu, True, 1) == auto
+    with pytest.raises(RuntimeError, match="inside"):
+        with simcore.search.fp32_via_bf16(True):
+            raise RuntimeError("inside")
+    assert choose(torch.float32, cpu, True, 1) == auto  # restored after an error too
+    with pytest.raises(TypeError, match="True, False or None"):
+        with simcore.search.fp32_via_bf16("yes"):
+            pass
 
 
 def test_rescore_bound_covers_the_bf16_gemm(generator):
     # The bound of docs/cosine_topk.md against the actual GEMM: |v - R| <= m_q slack_j + rel |v|
     # for every pair, with the float32 rescoring R computed in float64 here (a tighter
     # reference than R itself; the bound's g terms cover both).
-    mod = sys.modules["simcore.search.cosine_topk"]
     ext, A = dispatch.extension(), dispatch.tensor_arg
     for D in (16, 256, 1000):
         q = F.normalize(torch.randn(64, D, generator=generator).double(), dim=1).float()
         db = torch.randn(2000, D, generator=generator) * torch.rand(2000, 1, generator=generator)
         qg = q.bfloat16()
-        factor, m, rel = mod._rescore_bounds(q, qg, torch.bfloat16, torch.float32, D, torch.device("cpu"))
+        factor, m, rel = error_bounds.rescore_bounds(q, qg, torch.bfloat16, torch.float32, D, torch.device("cpu"))
         scale, slack, status = poisoned((2000,)), poisoned((2000,)), torch.full((1,), 2**63 - 1)
         conv = poisoned((2000, D), torch.bfloat16)
         ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, True, factor, 1, 0, A(conv))
@@ -311,7 +340,7 @@ def test_rescore_bound_covers_the_bf16_gemm(generator):
         exact = (q.double() @ db.double().T) * scale.double()
         bound = m.double()[:, None] * slack.double() + rel * v.double().abs()
         assert ((v.double() - exact).abs() <= bound / 1.25).all()
-        worst = mod._slack_factor(torch.bfloat16, torch.float32, D)
+        worst = error_bounds.slack_factor(torch.bfloat16, torch.float32, D)
         assert (bound <= 1.25 * worst + 1e-6).all()  # never looser than the worst-case bound
 
 
@@ -439,7 +468,6 @@ def test_kernel_with_poisoned_state(generator):
     # The reservoir starts as garbage (NaN scores / max indices): only the first
     # `count` slots may be read, and every slot the result uses must be written.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    mod = sys.modules["simcore.search.cosine_topk"]
     Q, N, D, k = 6, 700, 16, 9
     q = F.normalize(torch.randn(Q, D, generator=generator), dim=1)
     db = torch.randn(N, D, generator=generator)
@@ -457,7 +485,7 @@ def test_kernel_with_poisoned_state(generator):
         ext.cosine_topk_update(A(tile), A(scale[s0:s0 + 100]), A(slack[s0:s0 + 100]), A(q), A(torch.ones(Q)),
                                A(db[s0:s0 + 100]), A(eo), A(ei), A(reservoir), A(count), A(thr), 0, s0, k, -1,
                                False, 2)
-    s, i = mod._finalize(reservoir, count, k)
+    s, i = tiled_search.finalize(reservoir, count, k)
     check_topk(s, i, q, db, k)
 
 
@@ -683,7 +711,6 @@ def test_cuda_large_k(dtype, N, k, block, generator):
 def test_exact_gemm_settings_are_forced_and_restored():
     """The search turns TF32 and reduced-precision half reductions off for its tile GEMMs
     and gives the caller's settings back, also after an error (only flags: runs without a GPU)."""
-    from simcore.search.cosine_topk import _exact_cuda_gemms
     m = torch.backends.cuda.matmul
     names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
     saved = tuple(getattr(m, n) for n in names)
@@ -691,11 +718,11 @@ def test_exact_gemm_settings_are_forced_and_restored():
         for n in names:
             setattr(m, n, True)
         with pytest.raises(RuntimeError, match="inside"):
-            with _exact_cuda_gemms(torch.device("cuda")):
+            with tile_gemm.exact_cuda_gemms(torch.device("cuda")):
                 assert not any(getattr(m, n) for n in names)
                 raise RuntimeError("inside")
         assert all(getattr(m, n) for n in names)
-        with _exact_cuda_gemms(torch.device("cpu")):  # CPU searches leave them alone
+        with tile_gemm.exact_cuda_gemms(torch.device("cpu")):  # CPU searches leave them alone
             assert all(getattr(m, n) for n in names)
     finally:
         for n, v in zip(names, saved):
@@ -764,7 +791,6 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
     # As test_kernel_with_poisoned_state, on CUDA: garbage reservoir, poisoned scale, slack and
     # tiles; cap = k + COSINE_TOPK_MIN_SLACK < N, so the block-wide compaction runs; exclusions.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    mod = sys.modules["simcore.search.cosine_topk"]
     dev = torch.device("cuda")
     stream = torch.cuda.current_stream().cuda_stream
     Q, N, D, k = 6, 700, 16, 9
@@ -773,7 +799,7 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
     cap = k + ext.COSINE_TOPK_MIN_SLACK
     assert cap < N
     rescore = dtype != torch.float32
-    factor = mod._slack_factor(dtype, dtype, D) if rescore else 0.0
+    factor = error_bounds.slack_factor(dtype, dtype, D) if rescore else 0.0
     reservoir = poisoned((Q, cap * 4), torch.float32, dev).view(torch.int64).view(Q, cap, 2)
     count = torch.zeros(Q, dtype=torch.int64, device=dev)
     thr = torch.full((Q,), float("-inf"), device=dev)
@@ -783,7 +809,7 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
     torch.cuda.synchronize()
     assert torch.isfinite(scale).all() and torch.isfinite(slack).all() and int(status) == 2**63 - 1
     pairs = torch.stack([torch.arange(Q), torch.arange(Q) * 97], 1)  # query r excludes row 97 r
-    eo, ei = mod._exclusion(pairs, Q, N, dev)
+    eo, ei = inputs.exclusion_csr(pairs, Q, N, dev)
     qg, qn = q.to(dtype), q.norm(dim=1)  # named: a packed tensor_arg does not keep its tensor alive
     for s0 in range(0, N, 100):
         tile = poisoned((Q, 100), dtype, dev)
@@ -791,13 +817,13 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
         ext.cosine_topk_update(A(tile), A(scale[s0:s0 + 100]), A(slack[s0:s0 + 100]), A(q), A(qn),
                                A(db[s0:s0 + 100]), A(eo), A(ei), A(reservoir), A(count), A(thr), 0, s0, k, -1,
                                rescore, 1, stream)
-    s, i = mod._finalize(reservoir, count, k)
+    s, i = tiled_search.finalize(reservoir, count, k)
     check_topk(s.cpu(), i.cpu(), q.cpu(), db.float().cpu(), k, tol=1e-5 if dtype == torch.float32 else 2e-6,
                exclude=pairs)
     if dtype != torch.bfloat16:  # the bfloat16 copy written in the norm pass (inner products on half rows)
         conv = poisoned((N, D), torch.bfloat16, dev)
         ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, False,
-                                      mod._slack_factor(torch.bfloat16, dtype, D), 1, stream, A(conv))
+                                      error_bounds.slack_factor(torch.bfloat16, dtype, D), 1, stream, A(conv))
         torch.cuda.synchronize()
         assert torch.equal(conv.view(torch.int16), db.bfloat16().view(torch.int16))
         assert (scale == 1).all() and torch.isfinite(slack).all()

@@ -503,14 +503,9 @@ def test_cosine_topk_matches_reference(data):
         pairs = torch.stack([torch.randint(Q, (E,), generator=g), torch.randint(N, (E,), generator=g)], 1)
         exclude = pairs
     block = draw(st.sampled_from([None, 1, 7, 64]), label="block_size")
-    mod = sys.modules["simcore.search.cosine_topk"]
-    saved = mod.FP32_VIA_BF16
-    mod.FP32_VIA_BF16 = draw(st.sampled_from([None, True]), label="fp32 via bf16 (cosine)")
-    try:
+    with simcore.search.fp32_via_bf16(draw(st.sampled_from([None, True]), label="fp32 via bf16 (cosine)")):
         s, i = simcore.cosine_topk(q, database, k, normalized=normalized, exclude=exclude, block_size=block,
                                    progress=False)
-    finally:
-        mod.FP32_VIA_BF16 = saved
     qf = q.float()
     dbf = db.float()
     scale = 1.0 if not normalized else float(qf.norm(dim=1).max() * dbf.norm(dim=1).max())
