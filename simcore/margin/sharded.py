@@ -247,9 +247,8 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
             return RuntimeError, "the sharded head needs simcore's compiled kernels (backend is 'reference')"
         return None
 
-    def _exchange_meta(self, embeddings, labels, sampled):
-        problem = self._local_problem(embeddings, labels, sampled)
-        dev = self.weight.device
+    def _local_meta(self, embeddings, labels, sampled, problem):
+        """This rank's metadata row (_META int64) for the all-gather."""
         meta = torch.zeros(_META, dtype=torch.int64)
         meta[0] = 0 if problem is None else 1
         if problem is None:
@@ -259,18 +258,27 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
             if b:
                 lo, hi = torch.aminmax(labels)
                 meta[4], meta[5] = lo.item(), hi.item()
-            else:
-                meta[4], meta[5] = 0, 0
-            if sampled is not None:
+            if sampled is not None:  # count, sum and a position-weighted checksum of the ids
                 sc = sampled.cpu()
                 meta[6], meta[7] = 1, sc.numel()
                 meta[8] = int(sc.sum()) if sc.numel() else 0
                 meta[9] = int(((sc % 1000003) * (torch.arange(sc.numel()) % 1009 + 1)).sum()) if sc.numel() else 0
         meta[10] = self._config_crc
         meta[11] = self.weight.shape[1]
+        return meta
+
+    def _exchange_meta(self, embeddings, labels, sampled):
+        """All-gather every rank's metadata and raise the same error on every rank if any
+        rank's input is bad; returns the local batch size of every rank."""
+        problem = self._local_problem(embeddings, labels, sampled)
+        dev = self.weight.device
         gathered = torch.empty(self.world_size * _META, dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(gathered, meta.to(dev), group=self.process_group)
-        g = gathered.cpu().view(self.world_size, _META)
+        dist.all_gather_into_tensor(gathered, self._local_meta(embeddings, labels, sampled, problem).to(dev),
+                                    group=self.process_group)
+        return self._check_gathered_meta(gathered.cpu().view(self.world_size, _META), problem)
+
+    def _check_gathered_meta(self, g, problem):
+        """The checks every rank runs on the (world, _META) gathered metadata, in the same order."""
         where = f"simcore sharded head (rank {self.rank} of {self.world_size})"
         bad = [k for k in range(self.world_size) if g[k, 0]]
         if bad:
