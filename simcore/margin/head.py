@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from simcore.margin.checks import check_family, check_inputs, check_margins, margin_dtype, per_row_margins
+from simcore.margin.checks import (FLOAT_DTYPES, check_family, check_inputs, check_margins, margin_dtype,
+                                   per_row_margins)
 from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
 from simcore.margin.ops import sampled_margin_loss
 from simcore.margin.sampling import check_sampled, sample_classes
@@ -30,7 +31,7 @@ def _check_head_args(num_classes, embedding_dim, dtype, lr, momentum, weight_dec
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
     for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
