@@ -250,8 +250,9 @@ def check_arcface(res, device, gen, sz, dtype):
     return errs, tol
 
 
-# CUDA class-block caps swept besides the default (simcore.margin.functional.CUDA_STREAM_BLOCK_BYTES):
-# smaller blocks mean more launches and Python round trips per step, larger ones more memory.
+# CUDA class-block caps swept besides the default 64 MiB (engine option cuda_block_bytes,
+# simcore.margin.engine.engine_options): smaller blocks mean more launches and Python round trips
+# per step, larger ones more memory.
 BLOCK_SWEEP_MB = (32, 128)
 
 
@@ -260,7 +261,7 @@ def _measure_arcface(timer, device, gen, sz, dtype, B, D, S, sweep=()):
     memory of the last two (locals die with the frame, also when the reference runs out of memory).
     ``sweep``: extra simcore runs with the CUDA class-block cap at these MB ("simcore@<MB>")."""
     import simcore
-    import simcore.margin.functional as ms
+    from simcore.margin.engine import engine_options
     from simcore.reference.margin_softmax import margin_softmax_loss
 
     x, y, w = _arc_inputs(B, D, S, dtype, device, gen)
@@ -284,12 +285,8 @@ def _measure_arcface(timer, device, gen, sz, dtype, B, D, S, sweep=()):
 
     def capped(mb):
         def step():
-            old = ms.CUDA_STREAM_BLOCK_BYTES
-            ms.CUDA_STREAM_BLOCK_BYTES = mb << 20
-            try:
+            with engine_options(cuda_block_bytes=mb << 20):
                 step_simcore()
-            finally:
-                ms.CUDA_STREAM_BLOCK_BYTES = old
         return step
 
     fns = {"floor": floor, "simcore": step_simcore, "reference": step_reference}

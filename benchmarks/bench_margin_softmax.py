@@ -10,8 +10,8 @@ calls at the same sizes in the same run, so every ratio is taken side by side.
 
 F.linear_cross_entropy without ``options`` is torch's unchunked linear + cross_entropy
 (the same three torch.mm GEMMs). simcore's CPU path runs two of its GEMMs through
-oneDNN (simcore.margin.functional.CPU_GEMM), so the interleaved run below also times
-those engines' floor and simcore with CPU_GEMM = "torch".
+oneDNN (the engine option cpu_gemm, simcore.margin.engine.engine_options), so the
+interleaved run below also times those engines' floor and simcore with cpu_gemm="torch".
 
 Interleaved (steadier on a shared machine; medians of per-round ratios):
   PYTHONPATH=. python benchmarks/bench_margin_softmax.py
@@ -64,10 +64,10 @@ def _floor(b, d, c):
 
 def _floor_engines(b, d, c):
     """The same three GEMMs through the engines simcore's CPU path picks: oneDNN for the
-    cosines and G·Ŵ where available (simcore.margin.functional.CPU_GEMM), torch.mm for Gᵀ·X̂."""
-    import simcore.margin.functional as ms
+    cosines and G·Ŵ where available (engine option cpu_gemm="auto"), torch.mm for Gᵀ·X̂."""
+    from simcore.margin.gemm import onednn_linear
 
-    lin = ms._onednn_linear(torch.device("cpu"))
+    lin = onednn_linear(torch.device("cpu"), "auto")
     if lin is None:
         return _floor(b, d, c)
     g = torch.Generator().manual_seed(1)
@@ -142,17 +142,14 @@ def _interleaved(rounds=15):
     import statistics
     import time
 
-    import simcore.margin.functional as ms
+    from simcore.margin.engine import engine_options
 
     x, y, w = _inputs(B, D, C)
     sc = _simcore(x, y, w)
 
-    def sc_torch_mm():  # the same routine with every GEMM through torch.mm (ms.CPU_GEMM = "torch")
-        old, ms.CPU_GEMM = ms.CPU_GEMM, "torch"
-        try:
+    def sc_torch_mm():  # the same routine with every GEMM through torch.mm
+        with engine_options(cpu_gemm="torch"):
             sc()
-        finally:
-            ms.CPU_GEMM = old
 
     impls = {"floor": _floor(B, D, C), "floor_engines": _floor_engines(B, D, C),
              "lce": _step(lambda: F.linear_cross_entropy(x, w, y), x, w),

@@ -22,8 +22,9 @@ from simcore.dispatch import cuda_available, get_backend, set_backend
 from simcore.search.cosine_topk import cosine_topk
 from simcore.search.faiss_index import FaissIndex, faiss_index
 from simcore.search.flat_index import FlatIndex
-from simcore.margin.functional import (PartialMarginHead, arcface_partial, cosface_partial,
-                                       margin_softmax_partial, sample_classes)
+from simcore.margin.sampling import sample_classes
+from simcore.margin.functional import arcface_partial, cosface_partial, margin_softmax_partial
+from simcore.margin.head import PartialMarginHead
 from simcore.margin.family import (AdaFace, ArcFace, CamSchedule, CamSoftmax, CurricularFace, MagFace,
                                    adaface_partial, cam_softmax_partial, curricularface_partial, magface_partial,
                                    subcenter_dominant)

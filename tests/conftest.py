@@ -56,8 +56,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def kernel_params(m1=1.0, m2=0.5, m3=0.0, s=64.0, e=1e-4, cam_power=0.0, filter_threshold=math.inf, curricular=0,
                   curricular_t=0.0):
-    """The 9-tuple ms_lse_block / ms_grad_block take (simcore.margin.functional.MarginSpec.kernel_params)."""
+    """The 9-tuple ms_lse_block / ms_grad_block take (simcore.margin.engine.MarginSpec.kernel_params)."""
     return (m1, m2, m3, s, e, cam_power, filter_threshold, curricular, curricular_t)
+
+
+# Engine options that force the class-blocked two-pass path: blocks of 256 classes.
+BLOCKED = dict(block_classes=256)
+
+
+@pytest.fixture
+def engine_opts():
+    """``engine_opts(**fields)`` runs the rest of the test under
+    ``simcore.margin.engine.engine_options(**fields)`` (calls nest; all undone at teardown)."""
+    from simcore.margin.engine import engine_options
+    with contextlib.ExitStack() as stack:
+        yield lambda **fields: stack.enter_context(engine_options(**fields))
 
 
 @contextlib.contextmanager

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 import simcore
-import simcore.margin.functional as ms
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
+from simcore.margin.engine import EngineOptions, MarginSpec, centre_ids, fused_margin_softmax
 from simcore.reference.margin_softmax import (cam_power, cam_target, margin_softmax_loss, margin_target,
                                               negative_logits)
-from conftest import backend, cuda, poisoned, rel_err
+from conftest import BLOCKED, backend, cuda, poisoned, rel_err
 
 F32_TOL = 1e-5
 
@@ -48,10 +50,10 @@ def _inputs(generator, b, d, c, k, norm_scale=20.0):
 @pytest.mark.parametrize("filter_threshold", [None, 0.3])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
 def test_float32_kernel_matches_float64_reference(name, subcenters, filter_threshold, blocked, generator,
-                                                  monkeypatch):
+                                                  engine_opts):
     """Loss and both gradients (MagFace's through the margin to the norms too) to 1e-5."""
     if blocked:  # the two-pass class-blocked path
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+        engine_opts(**BLOCKED)
     fn, kw = _variants()[name]
     for reduction in ("mean", "none"):
         b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 24, 700
@@ -69,7 +71,7 @@ def _clear_winners(x, y, w, k, gap=2e-3):
     """x, rounded to bfloat16, with each row moved toward its best target sub-centre until it
     leads the others by more than ``gap``: bfloat16 operands move cosines by ~1e-4, and a
     near-tie may then hand the target's gradient to another centre (the max is discontinuous)."""
-    wn = torch.nn.functional.normalize(w.double(), dim=1)[ms._centre_ids(y, k)].view(len(y), k, -1)
+    wn = torch.nn.functional.normalize(w.double(), dim=1)[centre_ids(y, k)].view(len(y), k, -1)
     rows = torch.arange(len(y))
     for _ in range(20):
         xb = x.bfloat16()
@@ -86,11 +88,11 @@ def _clear_winners(x, y, w, k, gap=2e-3):
 @pytest.mark.parametrize("name", list(_variants()))
 @pytest.mark.parametrize("subcenters", [1, 3])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
-def test_bf16_gemms_match_float64_reference(name, subcenters, blocked, generator, monkeypatch):
+def test_bf16_gemms_match_float64_reference(name, subcenters, blocked, generator, engine_opts):
     """The CUDA path for bfloat16 inputs (bfloat16 GEMM operands), run on CPU: half tolerance."""
-    monkeypatch.setattr(ms, "BF16_GEMMS", "always")
+    engine_opts(bf16_gemms="always")
     if blocked:
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+        engine_opts(**BLOCKED)
     fn, kw = _variants()[name]
     for reduction in ("mean", "none"):
         # d = 64: bfloat16 operands move cos θ by ~2^-9/√d, which scale·(t + 2cos θ) amplifies
@@ -277,7 +279,7 @@ def test_head_with_each_variant_trains_and_keeps_state(generator):
         out, sampled = head(x, y, return_sampled=True, generator=torch.Generator().manual_seed(0))
         out.backward()
         rows = head.step()
-        assert torch.equal(rows, ms._centre_ids(sampled, 2))
+        assert torch.equal(rows, centre_ids(sampled, 2))
         moved = (head.weight != before).any(1)
         assert moved.any() and not moved[~torch.isin(torch.arange(100), rows)].any()
         assert set(head.state_dict()) >= {"weight"} | {f"loss.{n}" for n, _ in loss.named_buffers()}
@@ -287,14 +289,14 @@ def test_head_with_each_variant_trains_and_keeps_state(generator):
 def test_poisoned_gradients_fully_written_with_subcenters(generator):
     b, d, c, k = 9, 12, 40, 3
     x, y, w = _inputs(generator, b, d, c, k)
-    sampled = ms.sample_classes(y, c, 20, generator)
-    spec = ms.MarginSpec(subcenters=k, filter_threshold=0.5, curricular_t=0.2)
-    for budget in (None, 1):
+    sampled = simcore.sample_classes(y, c, 20, generator)
+    spec = MarginSpec(subcenters=k, filter_threshold=0.5, curricular_t=0.2)
+    for options in (EngineOptions(), EngineOptions(block_classes=7)):
         gx, gw = poisoned((b, d)), poisoned((c * k, d))
-        loss, _ = ms._fused(x, y, w, sampled, spec, row_weight=torch.full((b,), 1.0 / b), grad_x=gx, grad_w=gw,
-                            workspace_bytes=budget)
+        loss, _ = fused_margin_softmax(x, y, w, sampled, spec, row_weight=torch.full((b,), 1.0 / b), grad_x=gx,
+                                       grad_w=gw, options=options)
         rows = torch.zeros(c * k, dtype=torch.bool)
-        rows[ms._centre_ids(sampled, k)] = True
+        rows[centre_ids(sampled, k)] = True
         assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
         assert torch.isfinite(gw[rows]).all() and torch.isnan(gw[~rows]).all()
 
@@ -321,7 +323,7 @@ def test_bad_family_arguments():
         simcore.PartialMarginHead(10, 8, loss=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="u_a"):
         simcore.magface_partial(x, y, w, l_a=10.0, u_a=5.0)
-    ext, t = ms.dispatch.extension(), ms.tensor_arg
+    ext, t = dispatch.extension(), tensor_arg
     # named tensors: a packed tuple does not keep its tensor alive
     g, arg, out = torch.zeros(2, 3), torch.full((2, 3), 7, dtype=torch.uint8), torch.zeros(2, 9)
     with pytest.raises(ValueError, match="argmax holds"):
@@ -333,7 +335,7 @@ def test_bad_family_arguments():
                                                                                       [1.0, 0.5, 0.0]])
     vecs = [torch.zeros(2) for _ in range(4)]
     with pytest.raises(ValueError, match="row_margins"):
-        ext.ms_lse_block(t(cos), t(tcol), 0, ms.MarginSpec().kernel_params(), t(rm), *map(t, vecs), 1)
+        ext.ms_lse_block(t(cos), t(tcol), 0, MarginSpec().kernel_params(), t(rm), *map(t, vecs), 1)
 
 
 def test_compile_with_per_row_margins(generator):
@@ -351,13 +353,13 @@ def test_compile_with_per_row_margins(generator):
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
 @cuda
 @pytest.mark.parametrize("name", list(_variants()))
-@pytest.mark.parametrize("budget", [None, 1])
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_float64_reference(name, budget, dtype, generator, monkeypatch):
+def test_cuda_matches_float64_reference(name, blocked, dtype, generator, engine_opts):
     """Every classes sampled (sample_rate=1), so the CPU float64 reference sees the same problem.
     float32 as on CPU; bfloat16 runs its GEMMs on bfloat16 operands (half tolerance)."""
-    if budget:  # the class-blocked two-pass path
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", budget)
+    if blocked:  # the class-blocked two-pass path
+        engine_opts(**BLOCKED)
     fn, kw = _variants()[name]
     x, y, w = _inputs(generator, 33, 64, 500, 3)
     w = w.to(dtype)

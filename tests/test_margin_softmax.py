@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import simcore
-import simcore.margin.functional as ms
 from simcore import dispatch
 from simcore.dispatch import tensor_arg
+from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, engine_options,
+                                   fused_margin_softmax, plan_block)
+from simcore.margin.gemm import onednn_linear, use_bf16_gemms
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
-from conftest import backend, cuda, kernel_params, poisoned, rel_err
+from conftest import BLOCKED, backend, cuda, kernel_params, poisoned, rel_err
 
 MARGINS = {  # (m1, m2, m3, scale)
     "arcface": (1.0, 0.5, 0.0, 64.0),
@@ -60,9 +62,9 @@ def _labels(b, c, gen, duplicates=False):
 @pytest.mark.parametrize("variant", list(MARGINS))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
-def test_float32_matches_reference(variant, reduction, blocked, generator, monkeypatch):
+def test_float32_matches_reference(variant, reduction, blocked, generator, engine_opts):
     if blocked:  # force the two-pass class-blocked path (256-class blocks)
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+        engine_opts(**BLOCKED)
     for _ in range(3):
         b = int(torch.randint(1, 40, (1,), generator=generator))
         d = int(torch.randint(2, 70, (1,), generator=generator))
@@ -98,19 +100,19 @@ def test_half_inputs_against_float64(xdtype, wdtype, generator):
 
 # --------------------------------------------------------------------------- bfloat16 GEMM operands
 @pytest.fixture
-def bf16_gemms(monkeypatch):
+def bf16_gemms(engine_opts):
     """The CUDA path for bfloat16 inputs, on CPU: operands rounded to bfloat16, products
     formed in float32 (exact for bfloat16 values), so only the summation order differs."""
-    monkeypatch.setattr(ms, "BF16_GEMMS", "always")
+    engine_opts(bf16_gemms="always")
 
 
 @pytest.mark.parametrize("variant", list(MARGINS))
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                            (torch.float32, torch.bfloat16)])
-def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, generator, monkeypatch):
+def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, generator, engine_opts):
     if blocked:
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", 1)
+        engine_opts(**BLOCKED)
     for reduction in ("mean", "none"):
         b = int(torch.randint(8, 60, (1,), generator=generator))
         # d >= 64: bfloat16 operands move cos θ by ~2^-9/√d, and the scale (64) amplifies that
@@ -126,9 +128,8 @@ def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, 
         assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
         for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
             assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2, rel_err(out, ref)
-        monkeypatch.setattr(ms, "BF16_GEMMS", "never")  # float32 operands: the same sample, other rounding
-        loss32 = run()[0]
-        monkeypatch.setattr(ms, "BF16_GEMMS", "always")
+        with engine_options(bf16_gemms="never"):  # float32 operands: the same sample, other rounding
+            loss32 = run()[0]
         assert not torch.equal(loss, loss32)
 
 
@@ -152,19 +153,18 @@ def test_bf16_gemms_extreme_angles(bf16_gemms, generator):
     assert (gx[n:].float().norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
 
 
-def test_bf16_gemm_policy(monkeypatch):
+def test_bf16_gemm_policy():
     x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
     xb, wb, xh = x32.bfloat16(), w32.bfloat16(), x32.half()
-    assert not ms._bf16_gemms(xb, wb)  # default "cuda": CPU tensors keep float32 operands
-    monkeypatch.setattr(ms, "BF16_GEMMS", "always")
-    assert ms._bf16_gemms(xb, wb) and ms._bf16_gemms(xb, w32) and ms._bf16_gemms(x32, wb)
-    assert not ms._bf16_gemms(x32, w32) and not ms._bf16_gemms(xh, w32.half())  # float16: float32 operands
+    assert current_engine_options().bf16_gemms == "cuda"
+    assert not use_bf16_gemms(xb, wb, "cuda")  # the default: CPU tensors keep float32 operands
+    assert use_bf16_gemms(xb, wb, "always") and use_bf16_gemms(xb, w32, "always") and use_bf16_gemms(x32, wb, "always")
+    assert not use_bf16_gemms(x32, w32, "always") and not use_bf16_gemms(xh, w32.half(), "always")  # float16: float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ms._bf16_gemms(x32, w32)
+        assert use_bf16_gemms(x32, w32, "always")
     with torch.autocast("cpu", dtype=torch.float16):
-        assert not ms._bf16_gemms(x32, w32)
-    monkeypatch.setattr(ms, "BF16_GEMMS", "never")
-    assert not ms._bf16_gemms(xb, wb)
+        assert not use_bf16_gemms(x32, w32, "always")
+    assert not use_bf16_gemms(xb, wb, "never")
 
 
 def test_bf16_gemms_under_compile_and_autocast(bf16_gemms, generator):
@@ -269,26 +269,29 @@ def test_weight_gradient_only_on_sampled_rows(generator):
 
 
 def test_outputs_fully_written_poisoned(generator):
-    """Kernel-level: every gradient row the routine owns is written, and only those."""
+    """Engine-level: every gradient row the routine owns is written, and only those; the
+    weight gradient written in place (every class sampled: the heads' gathered rows) equals
+    the scattered one."""
     b, d, c = 9, 16, 300
     x = torch.randn(b, d, generator=generator)
     w = torch.randn(c, d, generator=generator)
     y = _labels(b, c, generator)
-    sampled = ms.sample_classes(y, c, 120, generator)
-    for budget, bf16 in ((None, False), (1, False), (None, True), (1, True)):
+    sampled = simcore.sample_classes(y, c, 120, generator)
+    for options, bf16 in ((EngineOptions(), False), (EngineOptions(**BLOCKED), False), (EngineOptions(), True),
+                          (EngineOptions(**BLOCKED), True)):
         gx = poisoned((b, d))
         gw = poisoned((c, d))
-        gwc = poisoned((len(sampled), d))
+        g_rows = poisoned((len(sampled), d))
         rw = torch.full((b,), 1.0 / b)
-        loss, _ = ms._fused(x, y, w, sampled, ms.MarginSpec(), row_weight=rw, grad_x=gx, grad_w=gw,
-                            workspace_bytes=budget, bf16=bf16)
-        ms._fused(x, y, w, sampled, ms.MarginSpec(), row_weight=rw, grad_w=gwc, grad_w_compact=True,
-                  workspace_bytes=budget, bf16=bf16)
+        loss, _ = fused_margin_softmax(x, y, w, sampled, MarginSpec(), row_weight=rw, grad_x=gx, grad_w=gw,
+                                       bf16=bf16, options=options)
+        fused_margin_softmax(x, torch.searchsorted(sampled, y), w[sampled], torch.arange(len(sampled)), MarginSpec(),
+                             row_weight=rw, grad_w=g_rows, bf16=bf16, options=options)
         mask = torch.zeros(c, dtype=torch.bool)
         mask[sampled] = True
         assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
         assert torch.isfinite(gw[mask]).all() and torch.isnan(gw[~mask]).all()
-        assert torch.equal(gwc, gw[sampled])
+        assert torch.equal(g_rows, gw[sampled])
 
 
 # --------------------------------------------------------------------------- sampling
@@ -303,8 +306,8 @@ def test_sampling_semantics_and_determinism(seed, sampler_backend):
     c = 5000
     y = torch.randint(c, (300,))
     for num in (10, 400, 1200, 4000, 4999):  # positives only / rejection path / permutation path
-        a = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
-        b = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
+        a = simcore.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
+        b = simcore.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
         assert torch.equal(a, b) and a.dtype == torch.int64
         assert (a[1:] > a[:-1]).all() and a.min() >= 0 and a.max() < c
         assert torch.isin(y, a).all()
@@ -318,7 +321,7 @@ def test_negatives_are_uniform(num, seed, sampler_backend):
     gen = torch.Generator().manual_seed(seed)
     counts = torch.zeros(c)
     for _ in range(trials):
-        counts[ms.sample_classes(y, c, num, gen)] += 1
+        counts[simcore.sample_classes(y, c, num, gen)] += 1
     neg = torch.ones(c, dtype=torch.bool)
     neg[y] = False
     p = (num - 3) / (c - 3)
@@ -334,7 +337,7 @@ def test_sampling_pairs_are_uniform(seed):
     gen = torch.Generator().manual_seed(seed)
     pairs = torch.zeros(c, c)
     for _ in range(trials):
-        s = ms.sample_classes(y, c, num, gen)[1:]
+        s = simcore.sample_classes(y, c, num, gen)[1:]
         pairs[s.unsqueeze(1), s.unsqueeze(0)] += 1
     n, k = c - 1, num - 1
     p = k * (k - 1) / (n * (n - 1))
@@ -355,7 +358,7 @@ def test_cpp_sampler_rejects_bad_arguments():
 
 def test_sampling_millions_of_classes(generator):
     y = torch.randint(3_000_000, (256,), generator=generator)
-    s = ms.sample_classes(y, 3_000_000, 300_000, generator)
+    s = simcore.sample_classes(y, 3_000_000, 300_000, generator)
     assert len(s) == 300_000 and torch.isin(y, s).all() and (s[1:] > s[:-1]).all()
 
 
@@ -583,10 +586,10 @@ def test_head_eval_records_nothing(generator):
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("budget", [None, 1])
-def test_cuda_matches_reference(dtype, budget, generator, monkeypatch):
-    if budget:
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", budget)
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_cuda_matches_reference(dtype, blocked, generator, engine_opts):
+    if blocked:
+        engine_opts(**BLOCKED)
     x = (torch.randn(33, 64, generator=generator) * 2).to(dtype)
     w = torch.randn(700, 64, generator=generator).to(dtype)
     y = _labels(33, 700, generator, duplicates=True)
@@ -594,7 +597,7 @@ def test_cuda_matches_reference(dtype, budget, generator, monkeypatch):
     loss, s = simcore.arcface_partial(xc, y.cuda(), wc, sample_rate=0.5, return_sampled=True)
     loss.backward()
     rl, rgx, rgw = _reference(x, y, w, s.cpu(), MARGINS["arcface"], "mean")
-    # bfloat16 runs its GEMMs on bfloat16 operands; float16 on float32 ones (BF16_GEMMS)
+    # bfloat16 runs its GEMMs on bfloat16 operands; float16 on float32 ones (EngineOptions.bf16_gemms)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3 if dtype == torch.float16 else 1e-5
     assert rel_err(loss.cpu(), rl) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
     assert rel_err(xc.grad.cpu(), rgx) <= tol and rel_err(wc.grad.cpu(), rgw) <= tol
@@ -631,15 +634,15 @@ def test_no_grad_and_frozen_weight(generator):
 
 # --------------------------------------------------------------------------- CPU GEMM engine
 @pytest.mark.parametrize("engine", ["auto", "torch"])
-@pytest.mark.parametrize("budget", [None, 1], ids=["one-block", "class-blocked"])
-def test_cpu_gemm_engines_match_reference(engine, budget, generator, monkeypatch):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_cpu_gemm_engines_match_reference(engine, blocked, generator, engine_opts):
     """oneDNN ("auto" where the probe passes) and the torch.mm fallback give the same losses and
     gradients within float32 tolerance, for the resident and the class-blocked schedule."""
-    monkeypatch.setattr(ms, "CPU_GEMM", engine)
-    if budget:
-        monkeypatch.setattr(ms, "WORKSPACE_BYTES", budget)
+    engine_opts(cpu_gemm=engine)
+    if blocked:
+        engine_opts(**BLOCKED)
     if engine == "torch":
-        assert ms._onednn_linear(torch.device("cpu")) is None
+        assert onednn_linear(torch.device("cpu"), "torch") is None
     b, d, c = 29, 67, 1100
     x = torch.randn(b, d, generator=generator) * 2
     w = torch.randn(c, d, generator=generator) * 0.1
@@ -650,3 +653,69 @@ def test_cpu_gemm_engines_match_reference(engine, budget, generator, monkeypatch
                                             generator=torch.Generator().manual_seed(2))
             rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], reduction, g)
             assert rel_err(loss, rl) <= 1e-5 and rel_err(gx, rgx) <= 1e-5 and rel_err(gw, rgw) <= 1e-5
+
+
+# --------------------------------------------------------------------------- engine options and the block plan
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("subcenters", [1, 3])
+def test_block_plan_uses_each_devices_cap(subcenters):
+    """Streamed blocks hold the device's documented bytes of float32 cosines: 24 MiB on CPU
+    (below glibc's mmap threshold), 64 MiB on CUDA; one block while B·S·K·4 fits 32 MiB."""
+    opts = EngineOptions()
+    b, s, k = 1024, 200_000, subcenters
+
+    def fills(block, cap):  # the largest block whose float32 cosines fit cap
+        return block * b * k * 4 <= cap < (block + 1) * b * k * 4
+
+    assert fills(plan_block(b, s, k, "cpu", opts), 24 * MiB)
+    assert fills(plan_block(b, s, k, "cuda", opts), 64 * MiB)
+    assert fills(plan_block(b, s, k, "cuda", EngineOptions(cuda_block_bytes=128 * MiB)), 128 * MiB)
+    assert plan_block(256, 10_000, k, "cpu", opts) == 10_000  # 10 MB·K: one block, pass 1's cosines reused
+    s48 = 48 * MiB // (4 * b * k)  # past the 32 MiB workspace: streamed on CPU, still one block on CUDA
+    assert fills(plan_block(b, s48, k, "cpu", opts), 24 * MiB)
+    assert plan_block(b, s48, k, "cuda", opts) == s48
+    assert plan_block(100_000, 1_000, k, "cpu", opts) == 256  # never under MIN_BLOCK_CLASSES
+    assert plan_block(b, s, k, "cpu", EngineOptions(block_classes=300)) == 300
+    assert plan_block(b, 100, k, "cpu", EngineOptions(block_classes=300)) == 100
+
+
+def test_engine_options_are_scoped_per_thread():
+    import threading
+    default = current_engine_options()
+    assert default == EngineOptions()
+    seen = {}
+    with engine_options(cpu_gemm="torch", workspace_bytes=0) as outer:
+        assert current_engine_options() is outer and outer.cpu_gemm == "torch"
+        with engine_options(block_classes=256) as inner:
+            assert (inner.cpu_gemm, inner.workspace_bytes, inner.block_classes) == ("torch", 0, 256)
+            worker = threading.Thread(target=lambda: seen.setdefault("other", current_engine_options()))
+            worker.start()
+            worker.join()
+        assert current_engine_options() is outer
+    assert current_engine_options() == default and seen["other"] == default
+    for bad in (dict(bf16_gemms="sometimes"), dict(cpu_gemm="mkl"), dict(workspace_bytes=-1),
+                dict(block_classes=0), dict(cuda_block_bytes=1.5)):
+        with pytest.raises(ValueError):
+            EngineOptions(**bad)
+    with pytest.raises(TypeError):
+        engine_options(no_such_option=1).__enter__()
+
+
+def test_options_reach_the_recomputing_backward(generator, monkeypatch):
+    """reduction='none' recomputes in backward, possibly outside the ``with`` block and on
+    another thread: it runs with the options in force when the loss was called."""
+    import threading
+    import simcore.margin.engine as engine
+    plans = []
+    real_plan = engine.plan_block
+    monkeypatch.setattr(engine, "plan_block", lambda *a: plans.append(a[-1].block_classes) or real_plan(*a))
+    x, y, w = _args(12, 16, 600)
+    x.requires_grad_()
+    with engine_options(block_classes=256):
+        rows = simcore.arcface_partial(x, y, w, sample_rate=1.0, reduction="none")
+    worker = threading.Thread(target=lambda: rows.sum().backward())
+    worker.start()
+    worker.join()
+    assert plans == [256, 256] and x.grad is not None

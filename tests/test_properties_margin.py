@@ -10,8 +10,8 @@ which are rounded to the input dtype. An absolute floor of 4e-6·scale/‖row‖
 covers exact zeros (C = 1: softmax of one logit; D = 1: the normalisation Jacobian
 projects every gradient away), where float32's ~1e-6 softmax error is all that is left.
 """
+import contextlib
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import simcore
-import simcore.margin.functional as ms
+from simcore.margin.engine import engine_options
 from simcore import dispatch
 from simcore.dispatch import tensor_arg
 from simcore.reference.margin_softmax import margin_softmax_loss
-from conftest import backend
+from conftest import BLOCKED, backend
 
 EXT = dispatch.extension()
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -97,7 +97,7 @@ def test_compiled_matches_reference(data):
     else:
         kw = dict(sample_rate=draw(st.floats(0.001, 1.0), label="sample_rate"))
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    with mock.patch.object(ms, "WORKSPACE_BYTES", 1 if blocked else ms.WORKSPACE_BYTES):
+    with engine_options(**BLOCKED) if blocked else contextlib.nullcontext():
         loss, sampled = simcore.margin_softmax_partial(xr, y, wr, m1=m1, m2=m2, m3=m3, scale=s, reduction=reduction,
                                                        return_sampled=True, generator=gen, **kw)
         g = torch.rand(b, generator=gen) if reduction == "none" else torch.tensor(1.0)
@@ -170,8 +170,8 @@ def test_sampler_properties(data, backend_name):
     y = _labels(draw, b, c, gen)
     num = draw(st.integers(1, c + 10), label="num_samples")
     with backend(backend_name):
-        a = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
-        again = ms.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
+        a = simcore.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
+        again = simcore.sample_classes(y, c, num, torch.Generator().manual_seed(seed))
     assert torch.equal(a, again)
     assert a.dtype == torch.int64 and (a[1:] > a[:-1]).all() and a.min() >= 0 and a.max() < c
     assert torch.isin(y, a).all()

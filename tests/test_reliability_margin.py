@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import simcore
-import simcore.margin.functional as ms
+from simcore.margin.engine import engine_options
 from simcore import dispatch
 from simcore.dispatch import tensor_arg
 from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss
-from conftest import backend, kernel_params, rel_err
+from conftest import BLOCKED, backend, kernel_params, rel_err
 
 EXT = dispatch.extension()
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
@@ -179,7 +179,7 @@ def test_sample_classes_rejects_bad_input(backend_name, case, exc, message):
     elif case == "num_samples_bool":
         k = True
     with backend(backend_name), pytest.raises(exc, match=message):
-        ms.sample_classes(y, c, k, torch.Generator().manual_seed(0))
+        simcore.sample_classes(y, c, k, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("kwargs,exc,message", [
@@ -787,36 +787,33 @@ def test_fuzz_reached_the_kernels():
 
 
 # =========================================================================== determinism
-def _train_signature(seed, budget=None, threads=None, dtype=torch.float32):
+def _train_signature(seed, blocked=False, threads=None, dtype=torch.float32):
     """Loss and both gradients of one fwd+bwd, everything drawn from `seed`."""
     old_threads = torch.get_num_threads()
-    old_budget = ms.WORKSPACE_BYTES
     try:
         if threads:
             torch.set_num_threads(threads)
-        if budget:
-            ms.WORKSPACE_BYTES = budget
         g = torch.Generator().manual_seed(seed)
         b, d, c = 24, 40, 700
         x = torch.randn(b, d, generator=g).to(dtype).requires_grad_()
         w = torch.randn(c, d, generator=g).to(dtype).requires_grad_()
         y = torch.randint(c, (b,), generator=g)
-        loss, s = simcore.arcface_partial(x, y, w, sample_rate=0.4, generator=g, return_sampled=True)
-        loss.backward()
+        with engine_options(**(BLOCKED if blocked else {})):
+            loss, s = simcore.arcface_partial(x, y, w, sample_rate=0.4, generator=g, return_sampled=True)
+            loss.backward()
         return loss.detach(), s, x.grad, w.grad
     finally:
         torch.set_num_threads(old_threads)
-        ms.WORKSPACE_BYTES = old_budget
 
 
-@pytest.mark.parametrize("budget", [None, 1], ids=["one-block", "class-blocked"])
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_same_seed_gives_bit_identical_results(seed, budget, dtype):
-    a = _train_signature(seed, budget, dtype=dtype)
-    b = _train_signature(seed, budget, dtype=dtype)
+def test_same_seed_gives_bit_identical_results(seed, blocked, dtype):
+    a = _train_signature(seed, blocked, dtype=dtype)
+    b = _train_signature(seed, blocked, dtype=dtype)
     for u, v in zip(a, b):
         assert u.dtype == v.dtype and torch.equal(u, v)
-    other = _train_signature(seed + 1, budget, dtype=dtype)
+    other = _train_signature(seed + 1, blocked, dtype=dtype)
     assert not torch.equal(a[1], other[1])  # a different seed does change the sample
 
 
@@ -826,7 +823,7 @@ def test_generator_state_fixes_the_sampled_classes(seed, backend_name):
         y = torch.randint(10_000, (64,), generator=torch.Generator().manual_seed(seed))
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         for num in (64, 500, 5000, 9999):
-            assert torch.equal(ms.sample_classes(y, 10_000, num, g1), ms.sample_classes(y, 10_000, num, g2))
+            assert torch.equal(simcore.sample_classes(y, 10_000, num, g1), simcore.sample_classes(y, 10_000, num, g2))
         assert torch.equal(g1.get_state(), g2.get_state())  # same number of draws consumed
 
 
@@ -849,9 +846,9 @@ def test_bit_identical_across_processes(seed, tmp_path):
 
 def test_thread_count_end_to_end_within_tolerance(seed):
     """1 vs 2 threads: the kernels are bit-identical (next test); torch's GEMM blocking may differ by ulps."""
-    for budget in (None, 1):
-        one = _train_signature(seed, budget, threads=1)
-        two = _train_signature(seed, budget, threads=2)
+    for blocked in (False, True):
+        one = _train_signature(seed, blocked, threads=1)
+        two = _train_signature(seed, blocked, threads=2)
         assert torch.equal(one[1], two[1])  # sampling never depends on threads
         for u, v in zip(one, two):
             assert rel_err(u, v) <= 1e-5
@@ -960,7 +957,7 @@ def test_concurrent_python_threads_match_sequential():
         x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
         loss = simcore.arcface_partial(x, y, w, sample_rate=0.5, generator=torch.Generator().manual_seed(i))
         loss.backward()
-        s = ms.sample_classes(y, 300, 120, torch.Generator().manual_seed(100 + i))
+        s = simcore.sample_classes(y, 300, 120, torch.Generator().manual_seed(100 + i))
         return loss.detach(), x.grad, w.grad, s
 
     sequential = [work(i) for i in range(8)]

@@ -1,4 +1,4 @@
-"""The margin family on the one fused kernel of :mod:`simcore.margin.functional`.
+"""The margin family on the one fused engine (:mod:`simcore.margin.engine`).
 
 Each variant is a target transform, a per-row margin or a transform of the
 non-target cosines inside the same blocks (docs/margin_softmax.md, "The margin
@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simcore.margin.functional import _check_family, _check_margins, _partial, target_cosines
+from simcore.margin.checks import check_family, check_margins
+from simcore.margin.engine import target_cosines
+from simcore.margin.functional import partial_loss
 from simcore.reference.margin_softmax import cam_power
 
 __all__ = ["cam_softmax_partial", "adaface_partial", "magface_partial", "curricularface_partial", "adaface_margins",
-           "magface_margin", "target_cosines", "subcenter_dominant", "CamSchedule", "ArcFace", "CamSoftmax",
+           "magface_margin", "subcenter_dominant", "CamSchedule", "ArcFace", "CamSoftmax",
            "AdaFace", "MagFace", "CurricularFace"]
 
 
@@ -44,8 +46,8 @@ def _number(name, v, lo=-math.inf, hi=math.inf, lo_open=False):
 
 
 def _options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction, return_sampled):
-    """The keyword arguments every family loss passes on to margin_softmax._partial."""
-    _check_family(subcenters, filter_threshold)
+    """The keyword arguments every family loss passes on to :func:`simcore.margin.functional.partial_loss`."""
+    check_family(subcenters, filter_threshold)
     return dict(subcenters=subcenters, filter_threshold=filter_threshold, sample_rate=sample_rate,
                 num_samples=num_samples, generator=generator, reduction=reduction, return_sampled=return_sampled)
 
@@ -61,9 +63,9 @@ def cam_softmax_partial(embeddings, labels, weight, *, c=math.pi / 2, scale=20.0
     _number("c", c, 0.0, math.pi, lo_open=True)
     if c >= math.pi:
         raise ValueError(f"c must lie in (0, pi), got {c}")
-    _check_margins(1.0, 0.0, 0.0, scale)
+    check_margins(1.0, 0.0, 0.0, scale)
     fields = dict(scale=float(scale), cam_power=cam_power(c))
-    return _partial(embeddings, labels, weight, lambda x: (fields, None, None),
+    return partial_loss(embeddings, labels, weight, lambda x: (fields, None, None),
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
                                return_sampled))
 
@@ -115,10 +117,10 @@ def adaface_partial(embeddings, labels, weight, *, margin=0.4, h=0.333, scale=64
     _number("h", h, 0.0)
     _number("norm_mean", norm_mean)
     _number("norm_std", norm_std, 0.0)
-    _check_margins(1.0, 0.0, 0.0, scale)
+    check_margins(1.0, 0.0, 0.0, scale)
     margins = lambda x: adaface_margins(_feature_norms(x), margin=margin, h=h, norm_mean=norm_mean,  # noqa: E731
                                         norm_std=norm_std)
-    return _partial(embeddings, labels, weight, lambda x: (dict(scale=float(scale)), margins(x), None),
+    return partial_loss(embeddings, labels, weight, lambda x: (dict(scale=float(scale)), margins(x), None),
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
                                return_sampled))
 
@@ -144,13 +146,13 @@ def magface_partial(embeddings, labels, weight, *, scale=64.0, l_margin=0.45, u_
     _number("lambda_g", lambda_g, 0.0)
     if u_a <= l_a:
         raise ValueError(f"u_a ({u_a}) must exceed l_a ({l_a})")
-    _check_margins(1.0, 0.0, 0.0, scale)
+    check_margins(1.0, 0.0, 0.0, scale)
 
     def prepare(x):
         m, a = magface_margin(x, l_margin=l_margin, u_margin=u_margin, l_a=l_a, u_a=u_a)
         return dict(scale=float(scale)), (1.0, m, 0.0), lambda_g * (a / u_a ** 2 + 1.0 / a)
 
-    return _partial(embeddings, labels, weight, prepare,
+    return partial_loss(embeddings, labels, weight, prepare,
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
                                return_sampled))
 
@@ -163,9 +165,9 @@ def curricularface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0
     margined target value ψ becomes a·(t + a), so hard negatives weigh more as t (an
     EMA of the mean target cosine, kept by :class:`CurricularFace`) grows."""
     _number("t", t)
-    _check_margins(1.0, margin, 0.0, scale)
+    check_margins(1.0, margin, 0.0, scale)
     fields = dict(m1=1.0, m2=float(margin), m3=0.0, scale=float(scale), curricular_t=float(t))
-    return _partial(embeddings, labels, weight, lambda x: (fields, None, None),
+    return partial_loss(embeddings, labels, weight, lambda x: (fields, None, None),
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
                                return_sampled))
 
@@ -183,7 +185,7 @@ def subcenter_dominant(weight, subcenters, embeddings, labels, *, max_angle=75.0
     Returns ``(centres, keep)``: the (C, D) dominant centres (one per class, the
     weight for a plain head) and the (N,) bool mask of samples to keep.
     """
-    _check_family(subcenters, None, weight)
+    check_family(subcenters, None, weight)
     _number("max_angle", max_angle, 0.0, 180.0)
     k = subcenters
     c = weight.shape[0] // k
@@ -215,7 +217,7 @@ class _MarginLoss(nn.Module):
 
     def forward(self, embeddings, labels, weight, *, sample_rate=0.1, num_samples=None, generator=None,
                 reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
-        return _partial(embeddings, labels, weight,
+        return partial_loss(embeddings, labels, weight,
                         lambda x: self.kernel_args(x, lambda: target_cosines(x, labels, weight, subcenters)),
                         **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
                                    return_sampled))
@@ -226,7 +228,7 @@ class ArcFace(_MarginLoss):
 
     def __init__(self, margin=0.5, scale=64.0, *, m1=1.0, m3=0.0):
         super().__init__()
-        _check_margins(m1, margin, m3, scale)
+        check_margins(m1, margin, m3, scale)
         self.m1, self.margin, self.m3, self.scale = float(m1), float(margin), float(m3), float(scale)
 
     def kernel_args(self, embeddings, target_cos):
@@ -243,7 +245,7 @@ class CamSoftmax(_MarginLoss):
     def __init__(self, c=math.pi / 2, scale=20.0, *, schedule: Optional[CamSchedule] = None):
         super().__init__()
         _number("c", c, 0.0, math.pi, lo_open=True)
-        _check_margins(1.0, 0.0, 0.0, scale)
+        check_margins(1.0, 0.0, 0.0, scale)
         self.c, self.scale, self.schedule = float(c), float(scale), schedule
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -268,7 +270,7 @@ class AdaFace(_MarginLoss):
         _number("margin", margin, 0.0, math.pi / 2)
         _number("h", h, 0.0)
         _number("momentum", momentum, 0.0, 1.0)
-        _check_margins(1.0, 0.0, 0.0, scale)
+        check_margins(1.0, 0.0, 0.0, scale)
         self.margin, self.h, self.scale, self.momentum = float(margin), float(h), float(scale), float(momentum)
         self.register_buffer("norm_mean", torch.tensor(20.0))
         self.register_buffer("norm_std", torch.tensor(100.0))
@@ -293,7 +295,7 @@ class MagFace(_MarginLoss):
 
     def __init__(self, scale=64.0, *, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110.0, lambda_g=35.0):
         super().__init__()
-        _check_margins(1.0, 0.0, 0.0, scale)
+        check_margins(1.0, 0.0, 0.0, scale)
         for name, v in (("l_margin", l_margin), ("u_margin", u_margin)):
             _number(name, v, 0.0, math.pi / 2)
         _number("lambda_g", lambda_g, 0.0)
@@ -319,7 +321,7 @@ class CurricularFace(_MarginLoss):
 
     def __init__(self, margin=0.5, scale=64.0, *, momentum=0.01):
         super().__init__()
-        _check_margins(1.0, margin, 0.0, scale)
+        check_margins(1.0, margin, 0.0, scale)
         _number("momentum", momentum, 0.0, 1.0)
         self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
         self.register_buffer("t", torch.zeros(()))

@@ -10,7 +10,7 @@ Each step:
    raises the same error on every rank instead of hanging a collective;
 2. all-gather of the embeddings and labels, padded to the largest local batch
    (unequal batch sizes per rank are supported);
-3. on each rank, the fused pass 1 of :mod:`simcore.margin.functional` over the
+3. on each rank, the fused pass 1 of :mod:`simcore.margin.engine` over the
    centres it owns that are sampled (positives of the *global* batch on this
    shard + uniform negatives from this shard), with target column −1 for rows
    whose class lives elsewhere;
@@ -31,6 +31,10 @@ gradient is multiplied by R so that DDP's average is exactly ∂L/∂θ of the
 single-process loss on the global batch (for equal or unequal batch sizes).
 Use ``grad_reduction="sum"`` if you sum backbone gradients across ranks yourself.
 
+This module registers :class:`ShardedPartialMarginHead` as the sharded form of
+:class:`~simcore.margin.head.PartialMarginHead` by declaring it with
+``sharded_form=True`` (see :mod:`simcore.margin.head`); the head never imports it.
+
 Semantics, sampling, checkpoint resharding and scaling: docs/distributed.md.
 """
 from __future__ import annotations
@@ -43,8 +47,12 @@ import torch
 import torch.distributed as dist
 
 from simcore import dispatch
-from simcore.margin.functional import (PartialMarginHead, _bf16_gemms, _centre_ids, _fused, _row_margins, _scaled,
-                                    check_sampled, margin_grad, sample_classes, target_cosines)
+from simcore.margin.checks import per_row_margins
+from simcore.margin.engine import current_engine_options, fused_margin_softmax, margin_grad, target_cosines
+from simcore.margin.gemm import use_bf16_gemms
+from simcore.margin.head import PartialMarginHead
+from simcore.margin.ops import scaled_by_upstream
+from simcore.margin.sampling import check_sampled, sample_classes
 
 __all__ = ["ShardedPartialMarginHead", "shard_bounds", "load_resharded"]
 
@@ -62,14 +70,6 @@ def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int
     return start, start + base + (1 if rank < rem else 0)
 
 
-def _all_gather_single(out, inp, group):
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
-
-
-def _reduce_scatter_single(out, inp, group):
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp, group=group)
-
-
 # --------------------------------------------------------------------------- autograd pieces
 class _GatherRows(torch.autograd.Function):
     """All-gather of (b_r, D) rows with unequal b_r (padded to max b_r); the backward
@@ -85,7 +85,7 @@ class _GatherRows(torch.autograd.Function):
             src = x.new_zeros(bmax, d)
             src[:b] = x
         buf = x.new_empty(world * bmax, d)
-        _all_gather_single(buf, src, group)
+        dist.all_gather_into_tensor(buf, src, group=group)
         ctx.sizes, ctx.rank, ctx.group, ctx.grad_scale = sizes, rank, group, grad_scale
         if all(s == bmax for s in sizes):
             ctx.valid = None
@@ -103,7 +103,7 @@ class _GatherRows(torch.autograd.Function):
             full = grad.new_zeros(world * bmax, grad.shape[1])
             full.index_copy_(0, ctx.valid, grad)
         out = grad.new_empty(bmax, grad.shape[1])
-        _reduce_scatter_single(out, full, ctx.group)
+        dist.reduce_scatter_tensor(out, full, group=ctx.group)
         out = out[:sizes[ctx.rank]]
         if ctx.grad_scale != 1:
             out = out * ctx.grad_scale
@@ -145,12 +145,12 @@ class _ShardLoss(torch.autograd.Function):
         else:
             gx = torch.empty_like(xg, memory_format=torch.contiguous_format) if need_gx else None
             gw = torch.empty_like(rows, memory_format=torch.contiguous_format) if need_gw else None
-            loss_rows, tcos = _fused(xg.contiguous(), None, rows, torch.arange(s, device=dev), spec,
-                                     row_margins=None if row_margins is None else row_margins.detach(),
-                                     target_cos=target_cos, row_weight=row_weight if grads else None,
-                                     grad_x=gx, grad_w=gw, target_col=tcol,
-                                     combine=lambda m, su, t: _combine(m, su, t, tcol, group),
-                                     bf16=_bf16_gemms(xg, rows))
+            loss_rows, tcos = fused_margin_softmax(
+                xg.contiguous(), None, rows, torch.arange(s, device=dev), spec,
+                row_margins=None if row_margins is None else row_margins.detach(), target_cos=target_cos,
+                row_weight=row_weight if grads else None, grad_x=gx, grad_w=gw, target_col=tcol,
+                combine=lambda m, su, t: _combine(m, su, t, tcol, group),
+                bf16=use_bf16_gemms(xg, rows, current_engine_options().bf16_gemms))
         gm = None
         if need_gm:
             gm = margin_grad(loss_rows, torch.where(tcol >= 0, tcos, torch.zeros_like(tcos)), row_margins.detach(),
@@ -169,12 +169,12 @@ class _ShardLoss(torch.autograd.Function):
             raise RuntimeError("simcore sharded head: a second backward through the same graph is not supported")
         ctx.consumed = True
         saved = list(ctx.saved_tensors)
-        gx, gw, gm = (_scaled(saved.pop(0), grad_loss) if need else None for need in ctx.needs)
+        gx, gw, gm = (scaled_by_upstream(saved.pop(0), grad_loss) if need else None for need in ctx.needs)
         return gx, gw, None, None, gm, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the head
-class ShardedPartialMarginHead(PartialMarginHead):
+class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
     """:class:`simcore.PartialMarginHead` with its class centres sharded over a
     ``torch.distributed`` process group. Build it as
     ``simcore.PartialMarginHead(C, D, ..., process_group=group)`` on every rank of
@@ -247,9 +247,8 @@ class ShardedPartialMarginHead(PartialMarginHead):
             return RuntimeError, "the sharded head needs simcore's compiled kernels (backend is 'reference')"
         return None
 
-    def _exchange_meta(self, embeddings, labels, sampled):
-        problem = self._local_problem(embeddings, labels, sampled)
-        dev = self.weight.device
+    def _local_meta(self, embeddings, labels, sampled, problem):
+        """This rank's metadata row (_META int64) for the all-gather."""
         meta = torch.zeros(_META, dtype=torch.int64)
         meta[0] = 0 if problem is None else 1
         if problem is None:
@@ -259,18 +258,27 @@ class ShardedPartialMarginHead(PartialMarginHead):
             if b:
                 lo, hi = torch.aminmax(labels)
                 meta[4], meta[5] = lo.item(), hi.item()
-            else:
-                meta[4], meta[5] = 0, 0
-            if sampled is not None:
+            if sampled is not None:  # count, sum and a position-weighted checksum of the ids
                 sc = sampled.cpu()
                 meta[6], meta[7] = 1, sc.numel()
                 meta[8] = int(sc.sum()) if sc.numel() else 0
                 meta[9] = int(((sc % 1000003) * (torch.arange(sc.numel()) % 1009 + 1)).sum()) if sc.numel() else 0
         meta[10] = self._config_crc
         meta[11] = self.weight.shape[1]
+        return meta
+
+    def _exchange_meta(self, embeddings, labels, sampled):
+        """All-gather every rank's metadata and raise the same error on every rank if any
+        rank's input is bad; returns the local batch size of every rank."""
+        problem = self._local_problem(embeddings, labels, sampled)
+        dev = self.weight.device
         gathered = torch.empty(self.world_size * _META, dtype=torch.int64, device=dev)
-        _all_gather_single(gathered, meta.to(dev), self.process_group)
-        g = gathered.cpu().view(self.world_size, _META)
+        dist.all_gather_into_tensor(gathered, self._local_meta(embeddings, labels, sampled, problem).to(dev),
+                                    group=self.process_group)
+        return self._check_gathered_meta(gathered.cpu().view(self.world_size, _META), problem)
+
+    def _check_gathered_meta(self, g, problem):
+        """The checks every rank runs on the (world, _META) gathered metadata, in the same order."""
         where = f"simcore sharded head (rank {self.rank} of {self.world_size})"
         bad = [k for k in range(self.world_size) if g[k, 0]]
         if bad:
@@ -338,12 +346,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
         if local.numel():
             tcol[own] = torch.searchsorted(local, local_labels)
         train = torch.is_grad_enabled() and self.training
-        k = self.subcenters
-        centres = _centre_ids(local, k)
-        rows = self.weight.index_select(0, centres)
-        if train:
-            rows.requires_grad_(True)
-            rows.register_hook(lambda g: self._pending.append((centres, g.detach())))
+        rows = self.gathered_rows(local)
         found = []  # one all-reduce, shared by the variant's statistic and the kernels
 
         def target_cos():
@@ -351,8 +354,8 @@ class ShardedPartialMarginHead(PartialMarginHead):
                 found.append(self._global_target_cosines(xg, lab, own, start))
             return found[0]
 
-        spec, margins, reg = self._spec(xg, target_cos)
-        rm = None if margins is None else _row_margins(*margins, xg.shape[0], dev)
+        spec, margins, reg = self.loss_spec(xg, target_cos)
+        rm = None if margins is None else per_row_margins(*margins, xg.shape[0], dev)
         tcos = target_cos() if spec.curricular_t is not None else None
         need_gx = torch.is_grad_enabled() and xg.requires_grad
         need_gm = torch.is_grad_enabled() and rm is not None and rm.requires_grad
@@ -382,7 +385,7 @@ class ShardedPartialMarginHead(PartialMarginHead):
         src = torch.full((bmax,), -1, dtype=torch.int64, device=self.weight.device)
         src[:labels.shape[0]] = labels
         buf = torch.empty(self.world_size * bmax, dtype=torch.int64, device=src.device)
-        _all_gather_single(buf, src, self.process_group)
+        dist.all_gather_into_tensor(buf, src, group=self.process_group)
         return buf[buf >= 0] if any(s != bmax for s in sizes) else buf
 
     def grow(self, new_centres):
@@ -490,4 +493,4 @@ def load_resharded(head: PartialMarginHead, shards: Sequence, *, prefix: str = "
                     or src.shape[0] != (info["end"] - info["start"]) * k:
                 raise ValueError(f"shard of rank {info['rank']}: {prefix + key!r} is missing or has the wrong shape")
             dst[(a - lo) * k:(b - lo) * k].copy_(src[(a - info["start"]) * k:(b - info["start"]) * k])
-    head._pending.clear()
+    head.discard_recorded_gradients()

@@ -1,0 +1,128 @@
+"""Argument checks shared by the margin losses and heads, and per-row margins.
+
+Every public entry point checks its arguments here before any kernel runs, so bad
+input raises a ``TypeError`` / ``ValueError`` naming the argument (the C++ kernels
+check again at their boundary).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "check_inputs", "check_margins", "check_family", "per_row_margins",
+           "margin_dtype"]
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_margins(m1, m2, m3, scale):
+    """Scalar margins and scale; a (B,) tensor m1/m2/m3 (per-row margins) is checked by
+    :func:`per_row_margins` instead."""
+    for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("scale", scale)):
+        if isinstance(v, torch.Tensor) and name != "scale":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not isinstance(m1, torch.Tensor) and m1 <= 0:
+        raise ValueError(f"m1 must be positive, got {m1}")
+    if not isinstance(m2, torch.Tensor) and not 0 <= m2 < math.pi:
+        raise ValueError(f"m2 (the angular margin) must lie in [0, pi), got {m2}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+
+
+def check_family(subcenters, filter_threshold, weight=None):
+    """``subcenters`` (and ``weight``'s row count against it) and ``filter_threshold``."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or not 1 <= subcenters <= 255:
+        raise ValueError(f"subcenters must be an int in [1, 255], got {subcenters!r}")
+    if weight is not None and weight.shape[0] % subcenters:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters={subcenters} "
+                         "(sub-centre weights are (C·K, D), class-major)")
+    if filter_threshold is not None and (isinstance(filter_threshold, bool)
+                                         or not isinstance(filter_threshold, (int, float))
+                                         or math.isnan(filter_threshold)):
+        raise ValueError(f"filter_threshold must be a number or None, got {filter_threshold!r}")
+
+
+def _check_tensors(embeddings, labels, weight):
+    """Types, dtypes, shapes, devices and layout of the three tensors of a loss call."""
+    for name, t in (("embeddings", embeddings), ("labels", labels), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 class ids, got {labels.dtype} (convert with labels.long(); "
+                        "other integer types are rejected rather than reinterpreted)")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_classes, dim), got shape {tuple(weight.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D (batch,), got shape {tuple(labels.shape)}")
+    b, d = embeddings.shape
+    if b == 0:
+        raise ValueError("empty batch: embeddings has 0 rows")
+    if labels.shape[0] != b:
+        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {b} rows")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight has dim {weight.shape[1]} but embeddings has dim {d}")
+    if weight.shape[0] == 0 or d == 0:
+        raise ValueError(f"weight must have at least one class and one dimension, got {tuple(weight.shape)}")
+    if not (embeddings.device == labels.device == weight.device):
+        raise ValueError(f"embeddings, labels and weight must be on one device, got {embeddings.device}, "
+                         f"{labels.device} and {weight.device}")
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        raise ValueError("weight must have unit stride along its last dimension (rows may be strided); "
+                         "pass weight.contiguous()")
+
+
+def check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=1):
+    """Everything a loss call takes besides its margins: the tensors, the sampling
+    arguments, ``reduction``, ``subcenters`` and the label range (one host sync)."""
+    _check_tensors(embeddings, labels, weight)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_samples is None:
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not (0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_family(subcenters, None, weight)
+    if not torch.compiler.is_compiling():  # one host sync; the C++ kernel checks again either way
+        lo, hi = torch.aminmax(labels)
+        c = weight.shape[0] // subcenters
+        if lo.item() < 0 or hi.item() >= c:
+            raise ValueError(f"labels must lie in [0, {c}), got values in [{lo.item()}, {hi.item()}]")
+
+
+def margin_dtype(embeddings):
+    """dtype of per-row margins: float32 for the kernels, float64 beside float64 embeddings (the reference)."""
+    return torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+
+
+def per_row_margins(m1, m2, m3, batch, device, dtype=torch.float32):
+    """(B, 3) per-row (m1, m2, m3) when any of them is a (B,) tensor (differentiable; the
+    scalars are broadcast), else None. Raises on a wrong shape, device or range."""
+    if not any(isinstance(m, torch.Tensor) for m in (m1, m2, m3)):
+        return None
+    cols = []
+    for name, m in (("m1", m1), ("m2", m2), ("m3", m3)):
+        if isinstance(m, torch.Tensor):
+            if m.shape != (batch,) or not m.is_floating_point():
+                raise ValueError(f"{name} must be a float or a floating (B,) = ({batch},) tensor, got "
+                                 f"{m.dtype} of shape {tuple(m.shape)}")
+            if m.device != device:
+                raise ValueError(f"{name} is on {m.device} but embeddings on {device}")
+            cols.append(m.to(dtype))
+        else:
+            cols.append(torch.full((batch,), float(m), dtype=dtype, device=device))
+    rm = torch.stack(cols, dim=1)
+    if not torch.compiler.is_compiling():  # the CPU kernel checks again; the CUDA kernel cannot
+        d = rm.detach()
+        if not bool(torch.isfinite(d).all()) or bool((d[:, 0] <= 0).any()) or bool((d[:, 1].abs() >= math.pi).any()):
+            raise ValueError("per-row margins must be finite with m1 > 0 and |m2| < pi")
+    return rm

@@ -1,0 +1,273 @@
+"""PartialMarginHead: class centres for a margin-softmax loss with a truly sparse optimizer.
+
+``PartialMarginHead(..., process_group=g)`` returns the class-sharded subclass
+without this module importing it: a subclass declared with
+``class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True)``
+registers itself as the head's sharded form when its module is imported
+(:mod:`simcore.margin.sharded`, which ``import simcore`` always imports), and
+``__new__`` builds that class when a process group is given. The dependency
+runs one way only: sharded → head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from simcore.margin.checks import (FLOAT_DTYPES, check_family, check_inputs, check_margins, margin_dtype,
+                                   per_row_margins)
+from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
+from simcore.margin.ops import sampled_margin_loss
+from simcore.margin.sampling import check_sampled, sample_classes
+
+__all__ = ["PartialMarginHead"]
+
+
+def _check_head_args(num_classes, embedding_dim, dtype, lr, momentum, weight_decay, eps, betas, sample_rate,
+                     optimizer, loss):
+    """The constructor's arguments besides the margins and the family options."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+    for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if loss is not None and not (isinstance(loss, nn.Module) and hasattr(loss, "kernel_args")):
+        raise TypeError(f"loss must be one of simcore's margin-family modules (simcore.ArcFace, CamSoftmax, "
+                        f"AdaFace, MagFace, CurricularFace), got {type(loss).__name__}")
+
+
+class PartialMarginHead(nn.Module):
+    """Class centres for a margin-softmax loss over sampled classes, with a truly
+    sparse update: each step touches only the sampled rows of the centres and of
+    their optimizer state (InsightFace's PartialFC V1 behaviour).
+
+    The centres (``weight``, (C, D)) are a parameter with ``requires_grad=False``:
+    standard optimizers and DDP ignore it. ``loss.backward()`` sends the embedding
+    gradient to the backbone as usual and records the gradient of the sampled
+    centre rows in the head; ``head.step()`` then applies the head's own row-wise
+    optimizer ("sgd": momentum + L2 weight decay, PyTorch SGD semantics; "adamw":
+    Adam with per-row step counts and decoupled weight decay, on sampled rows only)::
+
+        head = PartialMarginHead(num_classes, 512, margin=0.5, scale=64.0, sample_rate=0.1, lr=0.1)
+        opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
+        for images, labels in loader:
+            loss = head(backbone(images), labels)
+            opt.zero_grad(); head.zero_grad()
+            loss.backward()
+            opt.step(); head.step()
+
+    Change the head's learning rate with ``head.lr = ...`` (schedulers act on the
+    backbone optimizer only). Gradients from several backward passes before
+    ``step()`` accumulate (duplicate rows are summed).
+
+    ``process_group`` (a ``torch.distributed`` group): the centres are sharded
+    across its ranks and the constructor returns a
+    :class:`simcore.ShardedPartialMarginHead` (docs/distributed.md).
+    """
+
+    _sharded_form = None  # the subclass declared with sharded_form=True (simcore.margin.sharded)
+
+    def __init_subclass__(cls, *, sharded_form=False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if sharded_form:
+            PartialMarginHead._sharded_form = cls
+
+    def __new__(cls, *args, process_group=None, **kwargs):
+        if process_group is not None and cls is PartialMarginHead:
+            if PartialMarginHead._sharded_form is None:
+                raise RuntimeError("no sharded head is registered: import simcore.margin.sharded")
+            cls = PartialMarginHead._sharded_form
+        return super().__new__(cls)
+
+    def __init__(self, num_classes, embedding_dim, *, margin=0.5, scale=64.0, sample_rate=0.1, m1=1.0, m3=0.0,
+                 optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+                 device=None, dtype=None, process_group=None, loss=None, subcenters=1, filter_threshold=None):
+        super().__init__()
+        if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
+            raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
+                             "or simcore.ShardedPartialMarginHead")
+        _check_head_args(num_classes, embedding_dim, dtype, lr, momentum, weight_decay, eps, betas, sample_rate,
+                         optimizer, loss)
+        check_margins(m1, margin, m3, scale)
+        check_family(subcenters, filter_threshold)
+        self.loss = loss  # a submodule: its statistics (EMAs) are saved with the head
+        self.subcenters, self.filter_threshold = subcenters, filter_threshold
+        self.m1, self.margin, self.m3, self.scale, self.sample_rate = m1, margin, m3, scale, sample_rate
+        self.optimizer, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
+        self.betas, self.eps = betas, eps
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_dim, device=device, dtype=dtype),
+                                   requires_grad=False)
+        nn.init.normal_(self.weight, std=0.01)
+        self._init_state(num_classes * subcenters)
+        self._pending = []  # (centre row ids, gradient rows) recorded by backward
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0] // self.subcenters
+
+    def _init_state(self, rows):
+        like = dict(device=self.weight.device, dtype=torch.float32)
+        d = self.weight.shape[1]
+        if self.optimizer == "sgd":
+            self.register_buffer("momentum_buffer", torch.zeros(rows, d, **like) if self.momentum else None)
+        else:
+            self.register_buffer("exp_avg", torch.zeros(rows, d, **like))
+            self.register_buffer("exp_avg_sq", torch.zeros(rows, d, **like))
+            self.register_buffer("row_step", torch.zeros(rows, dtype=torch.int64, device=self.weight.device))
+
+    def forward(self, embeddings, labels, *, generator=None, sampled=None, return_sampled=False):
+        """Loss (mean over the batch) over the positives plus sampled negatives.
+        ``sampled``: use these sorted unique class ids (they must include every
+        label) instead of drawing them."""
+        w = self.weight
+        check_inputs(embeddings, labels, w, self.sample_rate, None, "mean", subcenters=self.subcenters)
+        num_samples = math.ceil(self.sample_rate * self.num_classes)
+        if sampled is not None:
+            check_sampled(sampled, labels, self.num_classes)
+        elif num_samples >= self.num_classes:
+            sampled = torch.arange(self.num_classes, device=labels.device)
+        else:
+            sampled = sample_classes(labels, self.num_classes, num_samples, generator)
+        rows = self.gathered_rows(sampled)
+        target = torch.searchsorted(sampled, labels)
+        loss = self._margin_loss(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device))
+        return (loss, sampled) if return_sampled else loss
+
+    def gathered_rows(self, classes):
+        """The centre rows of ``classes`` (their K sub-centres each), gathered; in training with
+        gradients on, their gradient is recorded for :meth:`step`."""
+        centres = centre_ids(classes, self.subcenters)
+        rows = self.weight.index_select(0, centres)
+        if torch.is_grad_enabled() and self.training:
+            rows.requires_grad_(True)
+            rows.register_hook(lambda g: self._pending.append((centres, g.detach())))
+        return rows
+
+    def _margin_loss(self, embeddings, target, rows, sampled):
+        """Mean loss of the head's variant on the gathered centre rows."""
+        spec, margins, reg = self.loss_spec(embeddings,
+                                            lambda: target_cosines(embeddings, target, rows, self.subcenters))
+        rm = None if margins is None else per_row_margins(*margins, embeddings.shape[0], embeddings.device,
+                                                          margin_dtype(embeddings))
+        loss = sampled_margin_loss(embeddings, target, rows, sampled, spec, "mean", rm)
+        return loss if reg is None else loss + reg.mean().to(loss.dtype)
+
+    def loss_spec(self, embeddings, target_cos):
+        """(MarginSpec, per-row (m1, m2, m3) or None, per-row regulariser or None) of this batch:
+        the head's own margins, or its ``loss`` module's (which may update its statistics;
+        ``target_cos()`` gives the rows' target cosines when a statistic needs them)."""
+        family = dict(subcenters=self.subcenters,
+                      filter_threshold=math.inf if self.filter_threshold is None else float(self.filter_threshold))
+        if self.loss is None:
+            return MarginSpec(self.m1, self.margin, self.m3, self.scale, **family), None, None
+        fields, margins, reg = self.loss.kernel_args(embeddings, target_cos)
+        return MarginSpec(**fields, **family), margins, reg
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the recorded centre gradients (and any parameter gradients)."""
+        super().zero_grad(set_to_none)
+        self._pending.clear()
+
+    def discard_recorded_gradients(self):
+        """Forget the recorded centre gradients only."""
+        self._pending.clear()
+
+    @torch.no_grad()
+    def step(self):
+        """Apply the recorded gradients to the sampled rows only; returns the updated row ids."""
+        if not self._pending:
+            return None
+        idx = torch.cat([i for i, _ in self._pending])
+        grad = torch.cat([g for _, g in self._pending]).float()
+        self._pending.clear()
+        if len(idx) and torch.unique(idx).numel() != idx.numel():
+            idx, inverse = torch.unique(idx, return_inverse=True)
+            grad = torch.zeros(idx.numel(), grad.shape[1], device=grad.device).index_add_(0, inverse, grad)
+        w = self.weight.index_select(0, idx).float()
+        if self.optimizer == "sgd":
+            self._sgd_update(idx, w, grad)
+        else:
+            self._adamw_update(idx, w, grad)
+        self.weight.index_copy_(0, idx, w.to(self.weight.dtype))
+        return idx
+
+    def _sgd_update(self, idx, w, grad):
+        """PyTorch SGD (L2 weight decay, momentum) on rows ``idx``: ``w`` (their float32 copy) in place."""
+        if self.weight_decay:
+            grad = grad.add(w, alpha=self.weight_decay)
+        if self.momentum:
+            buf = self.momentum_buffer.index_select(0, idx).mul_(self.momentum).add_(grad)
+            self.momentum_buffer.index_copy_(0, idx, buf)
+            grad = buf
+        w.add_(grad, alpha=-self.lr)
+
+    def _adamw_update(self, idx, w, grad):
+        """AdamW with per-row step counts on rows ``idx``: ``w`` (their float32 copy) in place."""
+        lr, wd = self.lr, self.weight_decay
+        b1, b2 = self.betas
+        step = self.row_step.index_select(0, idx) + 1
+        self.row_step.index_copy_(0, idx, step)
+        m = self.exp_avg.index_select(0, idx).mul_(b1).add_(grad, alpha=1 - b1)
+        v = self.exp_avg_sq.index_select(0, idx).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        self.exp_avg.index_copy_(0, idx, m)
+        self.exp_avg_sq.index_copy_(0, idx, v)
+        stepf = step.to(torch.float32).unsqueeze(1)
+        bc1 = 1 - b1 ** stepf
+        bc2 = 1 - b2 ** stepf
+        if wd:
+            w.mul_(1 - lr * wd)
+        w.sub_(lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
+
+    @torch.no_grad()
+    def grow(self, new_centres: torch.Tensor) -> torch.Tensor:
+        """Append classes whose centres are ``new_centres`` (n, D) (drip training: e.g.
+        :meth:`centres_from_embeddings` of the model's own embeddings). Their optimizer
+        state starts at zero. Returns the new class ids."""
+        if not isinstance(new_centres, torch.Tensor) or new_centres.dim() != 2 \
+                or new_centres.shape[1] != self.weight.shape[1] or new_centres.shape[0] % self.subcenters:
+            rows = "n" if self.subcenters == 1 else f"n·{self.subcenters}"  # K sub-centres per class, class-major
+            raise ValueError(f"new_centres must be a ({rows}, {self.weight.shape[1]}) tensor")
+        if not torch.isfinite(new_centres).all():
+            raise ValueError("new_centres holds NaN or Inf")
+        old = self.num_classes
+        n = new_centres.shape[0]  # rows (n / K classes)
+        self.weight = nn.Parameter(torch.cat([self.weight, new_centres.to(self.weight)]), requires_grad=False)
+        for name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step"):
+            buf = getattr(self, name, None)
+            if buf is not None:
+                setattr(self, name, torch.cat([buf, buf.new_zeros((n,) + buf.shape[1:])]))
+        self._pending.clear()
+        return torch.arange(old, old + n // self.subcenters, device=self.weight.device)
+
+    @staticmethod
+    @torch.no_grad()
+    def centres_from_embeddings(embeddings: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Mean of the L2-normalised ``embeddings`` per group id (0..G−1), e.g. a clean
+        image and its augmented copies: the centre rows for :meth:`grow`."""
+        if groups.dtype != torch.int64 or groups.dim() != 1 or groups.shape[0] != embeddings.shape[0]:
+            raise ValueError("groups must be int64 of shape (n,) matching embeddings")
+        if groups.numel() and groups.min().item() < 0:
+            raise ValueError(f"groups must be ids >= 0, got {groups.min().item()}")
+        x = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        g = int(groups.max().item()) + 1 if groups.numel() else 0
+        sums = torch.zeros(g, x.shape[1], device=x.device).index_add_(0, groups, x)
+        counts = torch.bincount(groups, minlength=g).clamp_min(1).unsqueeze(1)
+        return sums / counts
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_dim={self.weight.shape[1]}, m1={self.m1}, "
+                f"margin={self.margin}, m3={self.m3}, scale={self.scale}, sample_rate={self.sample_rate}, "
+                f"optimizer={self.optimizer!r}, lr={self.lr}, subcenters={self.subcenters}, "
+                f"filter_threshold={self.filter_threshold}")

@@ -1,0 +1,100 @@
+"""The Partial FC class sampler and the check of a caller's own sample.
+
+:func:`sample_classes` draws the classes one step's loss runs over: every class
+in the batch plus uniform negatives; :func:`check_sampled` validates ids a
+caller passes instead (``PartialMarginHead.forward(..., sampled=ids)``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from simcore import dispatch
+from simcore.dispatch import tensor_arg
+
+__all__ = ["sample_classes", "check_sampled"]
+
+
+def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sorted int64 class ids: every class in ``labels``, plus negatives drawn
+    uniformly without replacement up to ``num_samples`` ids in total (exactly the
+    positives when they alone reach ``num_samples``). Deterministic for a given
+    ``generator`` state (random numbers are drawn on the generator's device, CPU
+    by default) and backend.
+
+    Compiled backend: Floyd's algorithm on the host over the negatives' ranks with
+    a C/8-byte bitmap, O(k + C/64) for k negatives (C in the millions is fine);
+    the ids are then moved to ``labels.device``. Reference backend: rejection
+    sampling in torch, O(k log k).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 class ids, got {labels.dtype}")
+    for name, v in (("num_classes", num_classes), ("num_samples", num_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    positives = torch.unique(labels)  # sorted
+    p = positives.numel()
+    if p and not torch.compiler.is_compiling():  # the C++ sampler checks again; the torch one would not
+        lo, hi = positives[0].item(), positives[-1].item()
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    k = int(num_samples) - p
+    if k <= 0:
+        return positives
+    n = num_classes - p  # number of negative classes
+    if k >= n:
+        return torch.arange(num_classes, device=labels.device)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    if dispatch.use_compiled(torch.device("cpu")):
+        randoms = torch.empty(k, dtype=torch.int64, device=gdev).random_(generator=generator).cpu()
+        pos = positives.cpu()
+        bitmap = torch.empty((n + 63) // 64, dtype=torch.int64)
+        out = torch.empty(p + k, dtype=torch.int64)
+        dispatch.extension().ms_sample_classes(tensor_arg(pos), tensor_arg(randoms), num_classes,
+                                                tensor_arg(bitmap), tensor_arg(out))
+        return out.to(labels.device)
+    ranks = _distinct_uniform(k, n, generator, gdev).to(labels.device)
+    # The r-th negative class is r + #{j : positives[j] − j <= r}.
+    shift = positives - torch.arange(p, device=labels.device)
+    negatives = ranks + torch.searchsorted(shift, ranks, right=True)
+    return torch.sort(torch.cat([positives, negatives])).values
+
+
+def _distinct_uniform(k, n, generator, device):
+    """k distinct values of [0, n), a uniformly random k-subset: the first k distinct
+    values of an i.i.d. uniform sequence (sequential sampling without replacement)."""
+    m = int(math.ceil(-n * math.log1p(-k / n) * 1.05)) + 64  # expected draws for k distinct, plus slack
+    vals = torch.randint(n, (m,), generator=generator, device=device)
+    while True:
+        uniq, inverse = torch.unique(vals, return_inverse=True)
+        if uniq.numel() >= k:
+            break
+        vals = torch.cat([vals, torch.randint(n, (max(64, m // 8),), generator=generator, device=device)])
+    first = torch.full((uniq.numel(),), vals.numel(), dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(vals.numel(), device=device), reduce="amin")
+    return uniq[torch.argsort(first)[:k]]
+
+
+def check_sampled(sampled, labels, num_classes):
+    """Raise unless ``sampled`` is a 1-D int64 tensor of strictly increasing class ids
+    in [0, num_classes) on ``labels.device`` that contains every label."""
+    if not isinstance(sampled, torch.Tensor) or sampled.dtype != torch.int64 or sampled.dim() != 1:
+        raise TypeError("sampled must be a 1-D int64 tensor of class ids")
+    if sampled.device != labels.device:
+        raise ValueError(f"sampled is on {sampled.device} but labels on {labels.device}")
+    if sampled.numel() == 0:
+        raise ValueError("sampled is empty")
+    if sampled.numel() > 1 and not bool((sampled[1:] > sampled[:-1]).all()):
+        raise ValueError("sampled must be strictly increasing (sorted, no duplicates)")
+    if int(sampled[0]) < 0 or int(sampled[-1]) >= num_classes:
+        raise ValueError(f"sampled holds ids outside [0, {num_classes}): [{int(sampled[0])}, {int(sampled[-1])}]")
+    if labels.numel():
+        col = torch.searchsorted(sampled, labels).clamp_(max=sampled.numel() - 1)
+        missing = sampled[col] != labels
+        if bool(missing.any()):
+            raise ValueError(f"sampled must contain every label; missing e.g. class {int(labels[missing][0])}")
