@@ -143,8 +143,60 @@ def test_errors_are_one_line_with_exit_code_2(files, setup, args, message, run_i
     assert message in lines[0], lines[0]
 
 
+GARBAGE = bytes(range(256)) * 64          # neither UTF-8 text, nor .npy, nor HDF5
+
+
+def write_unreadable_inputs(d):
+    """Binary and garbage files in the places where each reader expects something else."""
+    for name in ("garbage.bin", "garbage.npy", "garbage.h5"):
+        (d / name).write_bytes(GARBAGE)
+    (d / "ok.csv").write_text("Q1,R1,0.5\n")
+    (d / "hugefield.csv").write_text("x" * 200_000)               # past the csv module's field limit
+    with h5py.File(d / "badids.h5", "w") as f:
+        f["query"], f["reference"] = np.ones((2, 16), np.float32), np.ones((2, 16), np.float32)
+        f["query_ids"], f["reference_ids"] = np.array([b"\xff\xfe", b"q"]), np.array([b"a", b"b"])
+    with h5py.File(d / "group.h5", "w") as f:
+        f.create_group("query")
+    with h5py.File(d / "corrupt.h5", "w") as f:
+        f.create_dataset("query", data=np.ones((64, 16), np.float32), chunks=(64, 16), compression="gzip")
+        chunk = f["query"].id.get_chunk_info(0)
+    raw = bytearray((d / "corrupt.h5").read_bytes())
+    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\x55" * chunk.size   # no longer a zlib stream
+    (d / "corrupt.h5").write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "desc.h5", "gt.csv"], "desc.h5: not a UTF-8 text file"),              # an HDF5 file as predictions
+    (["eval", "garbage.bin", "gt.csv"], "garbage.bin: not a UTF-8 text file"),
+    (["eval", "ok.csv", "q.npy"], "q.npy: not a UTF-8 text file"),                  # a .npy as ground truth
+    (["eval", "hugefield.csv", "gt.csv"], "hugefield.csv: line 1: not a CSV"),
+    (["eval", "ok.csv", "hugefield.csv"], "hugefield.csv: line 1: not a CSV"),
+    (["match", "--query", "garbage.npy", "--reference", "r.npy"], "garbage.npy: not a readable .npy array"),
+    (["match", "garbage.h5"], "garbage.h5: not a readable HDF5 file"),
+    (["match", "--query", "q.npy", "--reference", "garbage.h5"], "garbage.h5: not a readable HDF5 file"),
+    (["match", "desc.h5", "--train", "garbage.npy", "--normalize", "negative"], "garbage.npy: not a readable"),
+    (["match", "--query", "q.npy", "--reference", "r.npy", "--query-ids", "desc.h5"],
+     "desc.h5: not a UTF-8 text file of query ids"),
+    (["match", "--query", "q.npy", "--reference", "r.npy", "--reference-ids", "garbage.bin"],
+     "garbage.bin: not a UTF-8 text file of reference ids"),
+    (["match", "badids.h5"], "badids.h5: dataset 'query_ids' holds ids that are not UTF-8 text"),
+    (["match", "--query", "group.h5", "--reference", "r.npy"], "group.h5: 'query' is an HDF5 group, not a dataset"),
+    (["match", "--query", "corrupt.h5", "--reference", "r.npy"], "corrupt.h5: cannot read dataset 'query'"),
+])
+def test_binary_and_garbage_inputs_are_one_line_errors(files, args, message, run_inproc):
+    write_unreadable_inputs(files)
+    r = run_inproc(*args, cwd=files)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0], lines[0]
+
+
 def test_errors_in_a_subprocess(files):
     r = run("eval", "nope.csv", "gt.csv", cwd=files)
     assert r.returncode == 2 and r.stderr.strip() == "simcore eval: error: nope.csv: no such file"
     r = run("match", "--query", "q.npy", "--reference", "missing.npy", cwd=files)
     assert r.returncode == 2 and r.stderr.strip() == "simcore match: error: missing.npy: no such file"
+    r = run("eval", "desc.h5", "gt.csv", cwd=files)                  # a binary file: no traceback
+    assert r.returncode == 2 and r.stderr.strip() == ("simcore eval: error: desc.h5: not a UTF-8 text file "
+                                                      "(a binary file?); expected a CSV query_id,reference_id,score")
