@@ -146,7 +146,9 @@ def score_normalize(scores: torch.Tensor, queries: torch.Tensor, train: torch.Te
 
     ``scores`` (Q, k) are inner-product similarities of the queries (rows, in the
     same order as ``queries``) with their candidates; −inf entries stay −inf.
-    Defaults β = 2.0, n = 10 as the challenge's baseline script.
+    Defaults β = 2.0, n = 10: the baseline run in the challenge's docs
+    (``--factor 2.0 --n 10``). The script itself, ``score_normalization.py``,
+    defaults to factor 1.0 and n = −1, so it has to be given both.
     """
     s_n = nth_neighbor_similarity(queries, train, n)
     if scores.dim() != 2 or scores.shape[0] != s_n.shape[0]:
