@@ -104,6 +104,30 @@ def test_match_npy_with_cap_and_normalisations(files, run_inproc):
     assert r.returncode == 0, r.stderr
 
 
+def test_match_dba_smooths_the_training_set_once(files, run_inproc):
+    import torch
+    from simcore.isc import descriptors as D
+    from simcore.isc.metrics import read_predictions
+
+    r = run_inproc("match", "desc.h5", "--train", "train.npy", "--normalize", "negative", "--dba", "--beta", "0.9",
+                   "--k", "10", "-o", "dba.csv", "--json", cwd=files)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dba"] is True
+    with h5py.File(files / "desc.h5", "r") as f:
+        q, ref = torch.from_numpy(f["query"][()]), torch.from_numpy(f["reference"][()])
+    t = D.database_side_augmentation(torch.from_numpy(np.load(files / "train.npy")))
+    m = D.match(D.negative_embedding_subtraction(q, t, beta=0.9), D.negative_embedding_subtraction(ref, t, beta=0.9))
+    expected = m.to_triples([f"Q{i}" for i in range(10)], [f"R{i}" for i in range(10)])
+    got = read_predictions(files / "dba.csv")
+    assert [x[:2] for x in got] == [x[:2] for x in expected]
+    np.testing.assert_allclose([x[2] for x in got], [x[2] for x in expected], rtol=1e-6, atol=1e-6)
+    r = run_inproc("match", "desc.h5", "--train", "train.npy", "--normalize", "negative", "--beta", "0.9",
+                   "--k", "10", "-o", "plain.csv", cwd=files)
+    assert r.returncode == 0, r.stderr
+    plain = read_predictions(files / "plain.csv")
+    assert not np.allclose([x[2] for x in plain], [x[2] for x in got])     # the smoothing changes the scores
+
+
 @pytest.mark.parametrize("setup,args,message", [
     (None, ["match", "missing.h5"], "missing.h5: no such file"),
     ("nodata", ["match", "bad.h5"], "bad.h5: no dataset 'query'"),
@@ -112,6 +136,10 @@ def test_match_npy_with_cap_and_normalisations(files, run_inproc):
     ("1d", ["match", "--query", "v.npy", "--reference", "r.npy"], "v.npy: query descriptors must be a 2-D array"),
     ("dims", ["match", "--query", "q.npy", "--reference", "r8.npy"], "r8.npy: reference descriptors have 8 dims"),
     (None, ["match", "desc.h5", "--normalize", "score"], "need --train"),
+    (None, ["match", "desc.h5", "--train", "train.npy", "--normalize", "score", "--dba"],
+     "--dba smooths the training set for --normalize negative only"),
+    ("train5", ["match", "desc.h5", "--train", "t5.npy", "--normalize", "negative", "--neighbors", "3", "--dba"],
+     "t5.npy: --dba: asked for 10 training neighbours but the training set has 5 rows"),
     (None, ["eval", "nope.csv", "gt.csv"], "nope.csv: no such file"),
     ("badpred", ["eval", "badpred.csv", "gt.csv"], "badpred.csv: line 3: score 'x' is not a number"),
     ("dup", ["eval", "dup.csv", "gt.csv"], "dup.csv: duplicate prediction for the pair (query 'Q1', reference 'R1')"),
@@ -129,6 +157,8 @@ def test_errors_are_one_line_with_exit_code_2(files, setup, args, message, run_i
         np.save(files / "nan.npy", a)
     elif setup == "1d":
         np.save(files / "v.npy", np.ones(16, np.float32))
+    elif setup == "train5":
+        np.save(files / "t5.npy", np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
     elif setup == "dims":
         np.save(files / "r8.npy", np.ones((3, 8), np.float32))
     elif setup == "badpred":

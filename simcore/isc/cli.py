@@ -164,6 +164,8 @@ def cmd_match(a):
     elif needs_train:
         raise CLIError(f"match: --normalize {a.normalize}{' and --pca' if a.pca else ''} need --train "
                        "(the external training descriptors)")
+    if a.dba and a.normalize != "negative":
+        raise CLIError("match: --dba smooths the training set for --normalize negative only")
     if a.k < 1:
         raise CLIError(f"match: --k must be >= 1, got {a.k}")
     if a.max_results is not None and a.max_results < 1:
@@ -190,6 +192,11 @@ def cmd_match(a):
         if a.normalize == "score":
             score_norm = {"beta": beta, "n": nn_}
         elif a.normalize == "negative":
+            if a.dba:
+                try:
+                    tt = D.database_side_augmentation(tt)        # the 1st place's k = 10, alpha = 3
+                except ValueError as e:
+                    raise CLIError(f"{a.train}: --dba: {e}") from None
             qt = D.negative_embedding_subtraction(qt, tt, beta=beta, k=nn_)
             rt = D.negative_embedding_subtraction(rt, tt, beta=beta, k=nn_)
         else:
@@ -207,12 +214,12 @@ def cmd_match(a):
         raise CLIError(f"{a.output}: cannot write predictions: {e.strerror or e}") from None
     summary = {"output": a.output, "predictions": len(m), "queries": len(qids), "references": len(rids),
                "k": a.k, "max_results": a.max_results, "metric": metric, "normalize": a.normalize,
-               "pca": a.pca}
+               "dba": a.dba, "pca": a.pca}
     if a.json:
         print(json.dumps(summary))
     else:
         print(f"wrote {len(m)} predictions ({len(qids)} queries x {len(rids)} references, k={a.k}, "
-              f"metric={metric}, normalize={a.normalize}) to {a.output}")
+              f"metric={metric}, normalize={a.normalize}{' with dba' if a.dba else ''}) to {a.output}")
     return 0
 
 
@@ -272,6 +279,9 @@ def build_parser():
                         "beta=0.35, k=10), shift (2nd place query shift, alpha=1.8, K=100; L2 scores)")
     m.add_argument("--beta", type=float, default=None, help="beta (score, negative) or alpha (shift)")
     m.add_argument("--neighbors", type=int, default=None, help="n (score), k (negative) or K (shift)")
+    m.add_argument("--dba", action="store_true",
+                   help="with --normalize negative: first smooth the training set by database-side augmentation "
+                        "(each descriptor -> normalised sim^3-weighted sum of its 10 nearest), as the 1st place")
     m.add_argument("--pca", type=int, default=None, metavar="DIM",
                    help="PCA-whiten to DIM dims (fitted on --train) before matching")
     m.add_argument("--k", type=int, default=10, help="neighbours kept per query (default 10)")
