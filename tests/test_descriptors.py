@@ -1,4 +1,6 @@
 """simcore.isc.descriptors against direct brute-force formulas on small random data."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,66 @@ def test_negative_embedding_subtraction_brute_force(generator):
     torch.testing.assert_close(out, ref)
 
 
+def brute_dba(t, k, alpha):
+    """The 1st place's DBA in float64: normalise(Σ sim^α · t_j) over the k nearest, the row itself included."""
+    s, idx = brute_knn(t, t, t.shape[0])
+    t = torch.nn.functional.normalize(t.double(), dim=1)
+    out = (s[:, :k, None] ** alpha * t[idx[:, :k]]).sum(1)
+    return out / out.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("n,k", [(40, 10), (40, 40), (12, 1)])
+def test_database_side_augmentation_brute_force(generator, n, k):
+    t = unit(n, 4, generator)
+    out = D.database_side_augmentation(t, k=k, alpha=3.0)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, brute_dba(t, k, 3.0))
+    if k == 1:                                          # the only neighbour is the row itself
+        torch.testing.assert_close(out, t)
+    if k == n:                                          # negative similarities keep their negative weights
+        s = t @ t.T
+        clipped = torch.nn.functional.normalize((s.clamp_min(0) ** 3) @ t, dim=1)
+        assert (s < 0).any() and not torch.allclose(out, clipped)
+    f32 = D.database_side_augmentation(t.float(), k=k)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), brute_dba(t, k, 3.0), **SEARCH_TOL)
+
+
+@pytest.mark.parametrize("k", [10, None])
+def test_database_side_augmentation_with_duplicate_rows(generator, k):
+    base = unit(20, 4, generator)
+    # three rows twice, one row 12 times (more copies than k: the row itself may fall out of its own top 10)
+    t = torch.cat([base, base[:3], base[5:6].repeat(12, 1)])
+    t = t[torch.randperm(t.shape[0], generator=generator)]
+    k = t.shape[0] if k is None else k
+    out = D.database_side_augmentation(t, k=k)
+    torch.testing.assert_close(out, brute_dba(t, k, 3.0))
+    same = (t[:, None, :] == t[None, :, :]).all(2)
+    i, j = torch.nonzero(same & ~torch.eye(t.shape[0], dtype=torch.bool), as_tuple=True)
+    torch.testing.assert_close(out[i], out[j])          # copies stay copies
+
+
+def test_database_side_augmentation_bad_arguments(generator):
+    t = unit(5, 4, generator)
+    with pytest.raises(ValueError, match="training set has 5 rows"):
+        D.database_side_augmentation(t, k=10)
+    with pytest.raises(ValueError, match="alpha must be"):
+        D.database_side_augmentation(t, k=2, alpha=-1.0)
+    t = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="not an integer and a neighbour similarity is negative"):
+        D.database_side_augmentation(t, k=3, alpha=0.5)
+
+
+def test_negative_embedding_subtraction_after_dba_brute_force(generator):
+    x, t = unit(9, 4, generator), unit(30, 4, generator)
+    smoothed = D.database_side_augmentation(t)
+    out = D.negative_embedding_subtraction(x, smoothed, beta=0.35, k=10)
+    ts = brute_dba(t, 10, 3.0)
+    _, idx = brute_knn(x, ts, 10)                       # neighbours searched among the smoothed rows, as the script
+    ref = x - 0.35 * ts[idx[:, :10]].mean(1)
+    torch.testing.assert_close(out, ref / ref.norm(dim=1, keepdim=True), **SEARCH_TOL)
+
+
 def test_query_shift_brute_force(generator):
     q, t = unit(5, 8, generator), unit(150, 8, generator)
     K, top, alpha = 100, 3, 1.8
@@ -151,3 +213,46 @@ def test_match_with_score_normalisation(generator):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="train"):
         D.match(q, r, score_norm={"beta": 2.0, "n": 3})
+
+
+def non_public_simcore_uses(source):
+    """(line, name) of each use of simcore outside its public names (``simcore.__all__``) and simcore.isc."""
+    import ast
+
+    import simcore
+    allowed = set(simcore.__all__) | {"isc"}
+
+    def module_ok(mod):                  # an absolute module path
+        return mod == "simcore" or mod == "simcore.isc" or mod.startswith("simcore.isc.") or \
+            not (mod + ".").startswith("simcore.")
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if not module_ok(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            # relative imports are written from inside simcore/isc/: level 1 is simcore.isc, level 2 simcore
+            base = {0: "", 1: "simcore.isc", 2: "simcore"}.get(node.level, "simcore")
+            mod = ".".join(p for p in (base, node.module) if p)
+            if not module_ok(mod):
+                found.append((node.lineno, mod))
+            elif mod == "simcore":
+                found += [(node.lineno, f"simcore.{a.name}") for a in node.names if a.name not in allowed]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "simcore" \
+                and node.attr not in allowed:
+            found.append((node.lineno, f"simcore.{node.attr}"))
+    return found
+
+
+def test_the_application_uses_only_public_simcore_names():
+    bad = ("from simcore.search.cosine_topk import cosine_topk\nimport simcore.dispatch\nfrom simcore import _C\n"
+           "from .. import margin\nimport simcore\nsimcore.dispatch.use_compiled(None)\n")
+    assert [line for line, _ in non_public_simcore_uses(bad)] == [1, 2, 3, 4, 6]
+    ok = "import simcore\nfrom simcore import cosine_topk\nfrom simcore.isc import metrics\nfrom . import augment\n" \
+         "simcore.arcface_partial\n"
+    assert non_public_simcore_uses(ok) == []
+    package = os.path.dirname(D.__file__)
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), encoding="utf-8") as f:
+                assert non_public_simcore_uses(f.read()) == [], f"simcore/isc/{name}"

@@ -163,6 +163,31 @@ def test_csv_round_trip_and_errors(tmp_path):
         read_predictions(bad)
 
 
+def test_csv_readers_reject_binary_and_garbage_files(tmp_path):
+    binary = tmp_path / "desc.h5"
+    binary.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 64)
+    huge = tmp_path / "huge.csv"
+    huge.write_text("q1,r1," + "9" * 200_000 + "\n")                # past the csv module's field limit
+    for reader in (read_predictions, read_ground_truth):
+        with pytest.raises(FileFormatError, match=r"desc.h5: not a UTF-8 text file"):
+            reader(binary)
+        with pytest.raises(FileFormatError, match=r"huge.csv: line 1: not a CSV"):
+            reader(huge)
+    long_score = tmp_path / "long.csv"
+    long_score.write_text("q1,r1," + "x" * 1000 + "\n")
+    with pytest.raises(FileFormatError) as e:
+        read_predictions(long_score)
+    assert "is not a number" in str(e.value) and len(str(e.value)) < 200     # the field is cut short
+
+
+def test_csv_readers_accept_a_byte_order_mark(tmp_path):
+    p, g = tmp_path / "pred.csv", tmp_path / "gt.csv"
+    p.write_bytes("\ufeffquery_id,reference_id,score\nq1,r1,0.5\n".encode("utf-8"))
+    g.write_bytes("\ufeffquery_id,reference_id\nq1,r1\n".encode("utf-8"))
+    assert read_predictions(p) == [("q1", "r1", 0.5)]
+    assert read_ground_truth(g) == [("q1", "r1")]
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     m = evaluate([("q1", "r1", 0.9), ("q2", "r1", 0.3)], [("q1", "r1"), ("q2", "r2")])

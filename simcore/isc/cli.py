@@ -54,49 +54,75 @@ def _check_matrix(arr, path, what):
 
 def _read_ids_file(path, n, what):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             ids = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise CLIError(f"{path}: cannot read {what} ids: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{path}: not a UTF-8 text file of {what} ids, one a line (a binary file?)") from None
     if len(ids) != n:
         raise CLIError(f"{path}: {len(ids)} {what} ids for {n} descriptor rows")
     return ids
 
 
+def _load_npy(path, role, ids_path):
+    import numpy as np
+    try:
+        arr = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except Exception as e:  # noqa: BLE001 - any unreadable .npy is a user error
+        raise CLIError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    arr = _check_matrix(arr, path, f"{role} descriptors")
+    ids = _read_ids_file(ids_path, arr.shape[0], role) if ids_path else [str(i) for i in range(arr.shape[0])]
+    return arr, ids
+
+
+def _h5_dataset(f, path, key):
+    """The whole dataset ``key`` of the open HDF5 file ``f`` as a numpy array; unreadable data is a CLIError."""
+    import numpy as np
+    h5py = _h5py(path)
+    if not isinstance(f[key], h5py.Dataset):
+        raise CLIError(f"{path}: '{key}' is an HDF5 group, not a dataset")
+    try:
+        return np.asarray(f[key][()])
+    except (OSError, TypeError, ValueError) as e:   # corrupt chunks, missing filters, odd types
+        raise CLIError(f"{path}: cannot read dataset '{key}' ({e})") from None
+
+
+def _load_h5(path, role, ids_path, require_ids):
+    h5py = _h5py(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CLIError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        if role not in f:
+            raise CLIError(f"{path}: no dataset '{role}' (found: {', '.join(sorted(f.keys())) or 'none'})")
+        arr = _check_matrix(_h5_dataset(f, path, role), path, f"{role} descriptors (dataset '{role}')")
+        key = f"{role}_ids"
+        if ids_path:
+            return arr, _read_ids_file(ids_path, arr.shape[0], role)
+        if key not in f:
+            if require_ids:
+                raise CLIError(f"{path}: no dataset '{key}' (the challenge layout needs the ids beside '{role}')")
+            return arr, [str(i) for i in range(arr.shape[0])]
+        try:
+            ids = _decode_ids(_h5_dataset(f, path, key).reshape(-1).tolist())
+        except UnicodeDecodeError:
+            raise CLIError(f"{path}: dataset '{key}' holds ids that are not UTF-8 text") from None
+        if len(ids) != arr.shape[0]:
+            raise CLIError(f"{path}: dataset '{key}' has {len(ids)} ids for {arr.shape[0]} rows of '{role}'")
+        return arr, ids
+
+
 def load_descriptors(path, role, ids_path=None, require_ids=False):
     """(float32 array (N, D), list of str ids) of ``role`` ('query', 'reference' or 'train') from ``path``."""
-    import numpy as np
     if not os.path.exists(path):
         raise CLIError(f"{path}: no such file")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable .npy is a user error
-            raise CLIError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
-        arr = _check_matrix(np.array(arr), path, f"{role} descriptors")
-        ids = _read_ids_file(ids_path, arr.shape[0], role) if ids_path else [str(i) for i in range(arr.shape[0])]
+        arr, ids = _load_npy(path, role, ids_path)
     elif ext in (".h5", ".hdf5", ".hdf"):
-        h5py = _h5py(path)
-        try:
-            f = h5py.File(path, "r")
-        except OSError as e:
-            raise CLIError(f"{path}: not a readable HDF5 file ({e})") from None
-        with f:
-            if role not in f:
-                raise CLIError(f"{path}: no dataset '{role}' (found: {', '.join(sorted(f.keys())) or 'none'})")
-            arr = _check_matrix(np.asarray(f[role][()]), path, f"{role} descriptors (dataset '{role}')")
-            key = f"{role}_ids"
-            if ids_path:
-                ids = _read_ids_file(ids_path, arr.shape[0], role)
-            elif key in f:
-                ids = _decode_ids(np.asarray(f[key][()]).reshape(-1).tolist())
-                if len(ids) != arr.shape[0]:
-                    raise CLIError(f"{path}: dataset '{key}' has {len(ids)} ids for {arr.shape[0]} rows of '{role}'")
-            elif require_ids:
-                raise CLIError(f"{path}: no dataset '{key}' (the challenge layout needs the ids beside '{role}')")
-            else:
-                ids = [str(i) for i in range(arr.shape[0])]
+        arr, ids = _load_h5(path, role, ids_path, require_ids)
     else:
         raise CLIError(f"{path}: unknown descriptor format '{ext or '(none)'}' (expected .h5/.hdf5 or .npy)")
     if len(set(ids)) != len(ids):
@@ -138,6 +164,8 @@ def cmd_match(a):
     elif needs_train:
         raise CLIError(f"match: --normalize {a.normalize}{' and --pca' if a.pca else ''} need --train "
                        "(the external training descriptors)")
+    if a.dba and a.normalize != "negative":
+        raise CLIError("match: --dba smooths the training set for --normalize negative only")
     if a.k < 1:
         raise CLIError(f"match: --k must be >= 1, got {a.k}")
     if a.max_results is not None and a.max_results < 1:
@@ -164,6 +192,11 @@ def cmd_match(a):
         if a.normalize == "score":
             score_norm = {"beta": beta, "n": nn_}
         elif a.normalize == "negative":
+            if a.dba:
+                try:
+                    tt = D.database_side_augmentation(tt)        # the 1st place's k = 10, alpha = 3
+                except ValueError as e:
+                    raise CLIError(f"{a.train}: --dba: {e}") from None
             qt = D.negative_embedding_subtraction(qt, tt, beta=beta, k=nn_)
             rt = D.negative_embedding_subtraction(rt, tt, beta=beta, k=nn_)
         else:
@@ -181,12 +214,12 @@ def cmd_match(a):
         raise CLIError(f"{a.output}: cannot write predictions: {e.strerror or e}") from None
     summary = {"output": a.output, "predictions": len(m), "queries": len(qids), "references": len(rids),
                "k": a.k, "max_results": a.max_results, "metric": metric, "normalize": a.normalize,
-               "pca": a.pca}
+               "dba": a.dba, "pca": a.pca}
     if a.json:
         print(json.dumps(summary))
     else:
         print(f"wrote {len(m)} predictions ({len(qids)} queries x {len(rids)} references, k={a.k}, "
-              f"metric={metric}, normalize={a.normalize}) to {a.output}")
+              f"metric={metric}, normalize={a.normalize}{' with dba' if a.dba else ''}) to {a.output}")
     return 0
 
 
@@ -246,6 +279,9 @@ def build_parser():
                         "beta=0.35, k=10), shift (2nd place query shift, alpha=1.8, K=100; L2 scores)")
     m.add_argument("--beta", type=float, default=None, help="beta (score, negative) or alpha (shift)")
     m.add_argument("--neighbors", type=int, default=None, help="n (score), k (negative) or K (shift)")
+    m.add_argument("--dba", action="store_true",
+                   help="with --normalize negative: first smooth the training set by database-side augmentation "
+                        "(each descriptor -> normalised sim^3-weighted sum of its 10 nearest), as the 1st place")
     m.add_argument("--pca", type=int, default=None, metavar="DIM",
                    help="PCA-whiten to DIM dims (fitted on --train) before matching")
     m.add_argument("--k", type=int, default=10, help="neighbours kept per query (default 10)")

@@ -153,53 +153,69 @@ def evaluate(predictions: Iterable[Tuple[Hashable, Hashable, float]],
 
 # ---------------------------------------------------------------------------- files
 
+def _csv_rows(path, columns):
+    """(line number, row) of each non-blank row of the CSV at ``path``, the header line skipped.
+
+    The file must be UTF-8 text (a byte-order mark is allowed); a binary file, or
+    anything the csv module rejects, is a ``FileFormatError`` naming the file.
+    """
+    what = ",".join(columns)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if reader.line_num == 1 and [c.strip() for c in row] == list(columns):
+                    continue
+                yield reader.line_num, row
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{path}: not a UTF-8 text file (a binary file?); expected a CSV {what}") from None
+    except csv.Error as e:
+        raise FileFormatError(f"{path}: line {reader.line_num}: not a CSV {what} ({e})") from None
+
+
+def _shorten(text, limit=40):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_predictions(path) -> list:
     """Read a ``query_id,reference_id,score`` CSV (header optional) into triples of (str, str, float)."""
     rows = []
-    with open(path, newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if lineno == 1 and [c.strip() for c in row] == ["query_id", "reference_id", "score"]:
-                continue
-            if len(row) != 3:
-                raise FileFormatError(f"{path}: line {lineno}: expected 3 columns "
-                                      f"query_id,reference_id,score, got {len(row)}")
-            q, r, s = (c.strip() for c in row)
-            try:
-                score = float(s)
-            except ValueError:
-                raise FileFormatError(f"{path}: line {lineno}: score {s!r} is not a number") from None
-            if math.isnan(score):
-                raise FileFormatError(f"{path}: line {lineno}: score is NaN")
-            if not q or not r:
-                raise FileFormatError(f"{path}: line {lineno}: empty query_id or reference_id")
-            rows.append((q, r, score))
+    for lineno, row in _csv_rows(path, ("query_id", "reference_id", "score")):
+        if len(row) != 3:
+            raise FileFormatError(f"{path}: line {lineno}: expected 3 columns "
+                                  f"query_id,reference_id,score, got {len(row)}")
+        q, r, s = (c.strip() for c in row)
+        try:
+            score = float(s)
+        except ValueError:
+            raise FileFormatError(f"{path}: line {lineno}: score {_shorten(s)!r} is not a number") from None
+        if math.isnan(score):
+            raise FileFormatError(f"{path}: line {lineno}: score is NaN")
+        if not q or not r:
+            raise FileFormatError(f"{path}: line {lineno}: empty query_id or reference_id")
+        rows.append((q, r, score))
     return rows
 
 
 def read_ground_truth(path) -> list:
     """Read the challenge's ``query_id,reference_id`` CSV; an empty reference_id = no match."""
     rows = []
-    with open(path, newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row:
-                continue
-            if lineno == 1 and [c.strip() for c in row] == ["query_id", "reference_id"]:
-                continue
-            if len(row) != 2:
-                raise FileFormatError(f"{path}: line {lineno}: expected 2 columns query_id,reference_id, "
-                                      f"got {len(row)}")
-            q, r = (c.strip() for c in row)
-            if not q:
-                raise FileFormatError(f"{path}: line {lineno}: empty query_id")
-            rows.append((q, r))
+    for lineno, row in _csv_rows(path, ("query_id", "reference_id")):
+        if len(row) != 2:
+            raise FileFormatError(f"{path}: line {lineno}: expected 2 columns query_id,reference_id, "
+                                  f"got {len(row)}")
+        q, r = (c.strip() for c in row)
+        if not q:
+            raise FileFormatError(f"{path}: line {lineno}: empty query_id")
+        rows.append((q, r))
     return rows
 
 
 def write_predictions(path, predictions: Sequence[Tuple[Hashable, Hashable, float]]):
     """Write triples as the challenge's ``query_id,reference_id,score`` CSV."""
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["query_id", "reference_id", "score"])
         for q, r, s in predictions:
