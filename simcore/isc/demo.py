@@ -319,14 +319,15 @@ def main(argv=None, prog="python -m simcore.isc.demo"):
     p.add_argument("--threads", type=int, default=None,
                    help="torch's intra-op thread count (default: torch's, one per core); the numbers are bit-identical "
                         "for a seed only at the same thread count (float sums are split differently across threads)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway unless stderr is a terminal)")
     a = p.parse_args(argv)
     # stdout stays pure JSON under --json.
     print(implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     kwargs = dict(seed=a.seed, steps=a.steps, train_seconds=a.train_seconds, batch_size=a.batch_size, out=a.out,
-                  progress=not a.no_progress, quiet=a.json)
+                  progress=not a.no_progress and sys.stderr.isatty(), quiet=a.json)
     if a.quick:
         kwargs.update(QUICK, batch_size=min(a.batch_size, QUICK["batch_size"]), steps=min(a.steps, QUICK["steps"]))
     result = run(**kwargs)
