@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,14 +15,59 @@ pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
 pytest.importorskip("h5py")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILED_LINE = re.compile(r"simcore [0-9][^ ]*: compiled kernels \(simcore\._C, cpu\)")
+
+
+def console_script(*args, cwd):
+    """The `simcore` console script as pip installs it: the [project.scripts] entry point called with ARGS,
+    in a child Python that imports the same simcore as the tests."""
+    text = open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8").read()
+    target = re.search(r'^\[project\.scripts\]\s*^simcore\s*=\s*"([\w.]+):(\w+)"', text, re.M)
+    assert target, "pyproject.toml: no `simcore = \"module:function\"` under [project.scripts]"
+    module, function = target.groups()
+    code = f"import sys; from {module} import {function}; sys.exit({function}())"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=subprocess_env(), cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_simcore_demo_help_through_the_console_entry_point(tmp_path):
+    r = console_script("demo", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("usage: simcore demo") and "--quick" in r.stdout and "--out" in r.stdout, r.stdout
+    assert "compiled kernels" not in r.stdout         # --help does no work
+    listing = console_script("--help", cwd=tmp_path)
+    assert listing.returncode == 0 and "demo" in listing.stdout, listing.stdout
+    bad = console_script("demo", "--no-such-option", cwd=tmp_path)
+    assert bad.returncode == 2 and "simcore demo: error: unrecognized arguments: --no-such-option" in bad.stderr
+
+
+def test_python_m_demo_still_runs_for_developers(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "simcore.isc.demo", "--help"], env=subprocess_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m simcore.isc.demo"), r.stderr[-3000:]
+
+
+def test_the_implementation_line_follows_the_backend():
+    import simcore
+    from simcore.isc.demo import implementation
+    assert COMPILED_LINE.fullmatch(implementation("cpu"))       # the suite runs with SIMCORE_BACKEND=compiled
+    old = simcore.get_backend()
+    simcore.set_backend("reference")
+    try:
+        line = implementation("cpu")
+    finally:
+        simcore.set_backend(old)
+    assert line == f"simcore {simcore.__version__}: plain-PyTorch references (backend 'reference', cpu; slow)"
 
 
 def test_quick_demo_runs_end_to_end_and_its_files_feed_the_cli(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "simcore.isc.demo", "--quick", "--no-progress", "--out", str(out)],
-                       env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = console_script("demo", "--quick", "--no-progress", "--out", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout
+    assert COMPILED_LINE.fullmatch(text.splitlines()[0]), text     # the first line says the compiled kernels ran
+    assert "compiled extension unavailable" not in r.stderr
     for row in ["raw pixels", "trained CNN", "PCA whitening", "score normalisation",
                 "negative-embedding subtraction", "query shift"]:
         assert row in text, text

@@ -3,6 +3,7 @@
     simcore match DESCRIPTORS.h5 [--train TRAIN] [--normalize ...] -o predictions.csv
     simcore match --query Q.npy --reference R.npy [--train T.npy] -o predictions.csv
     simcore eval predictions.csv ground_truth.csv [--json] [--plot pr.png]
+    simcore demo [--quick] [--out DIR] ...   (simcore.isc.demo: the copy-detection benchmark)
 
 Descriptor files: the challenge's HDF5 layout (datasets ``query``,
 ``reference``, ``query_ids``, ``reference_ids``; a training file holds ``train``
@@ -303,11 +304,19 @@ def build_parser():
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--plot", metavar="PNG", help="save the precision-recall curve (needs matplotlib)")
     e.set_defaults(func=cmd_eval)
+
+    # Listed for `simcore --help`; main() hands everything after `demo` to simcore.isc.demo.main.
+    sub.add_parser("demo", add_help=False, help="the copy-detection benchmark on real photographs "
+                                                "(simcore demo --help for its options)")
     return p
 
 
 def main(argv=None):
     from simcore.isc.metrics import FileFormatError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from simcore.isc import demo
+        return demo.main(argv[1:], prog="simcore demo")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

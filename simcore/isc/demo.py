@@ -1,6 +1,10 @@
 """A small copy-detection benchmark on real photographs, end to end, on the CPU.
 
-    python -m simcore.isc.demo [--seed 0] [--steps N] [--threads T] [--out DIR] [--json] [--quick]
+    simcore demo [--seed 0] [--steps N] [--threads T] [--out DIR] [--json] [--quick]
+
+(``python -m simcore.isc.demo`` is the same, for a source checkout with an in-place build.)
+The first line of the output names the implementation that runs simcore's ops,
+``simcore 0.1.0: compiled kernels (simcore._C, cpu)`` or the plain-PyTorch references.
 
 1. Photographs that ship inside scikit-image and scikit-learn (no downloads)
    are cut into 96-px cells (non-overlapping; the training photographs: 64, 96
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import simcore
+import simcore.dispatch
 from simcore.isc import augment as A
 from simcore.isc import descriptors as D
 from simcore.isc.metrics import evaluate, write_predictions
@@ -284,8 +290,21 @@ def format_table(result) -> str:
 QUICK = dict(max_references=40, max_training=120, widths=(16, 32, 64, 64), embedding_dim=32, batch_size=32, steps=20)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m simcore.isc.demo", description=__doc__.split("\n\n")[0])
+def implementation(device="cpu") -> str:
+    """The line that says which implementation simcore's ops run on ``device``, e.g.
+    ``simcore 0.1.0: compiled kernels (simcore._C, cpu)``. Asks the dispatcher itself, so a missing
+    extension also shows its fallback warning here, before any work."""
+    head = f"simcore {simcore.__version__}"
+    if simcore.dispatch.use_compiled(torch.device(device)):
+        return f"{head}: compiled kernels (simcore._C, {device})"
+    reason = ("backend 'reference'" if simcore.get_backend() == "reference"
+              else "compiled extension unavailable")
+    return f"{head}: plain-PyTorch references ({reason}, {device}; slow)"
+
+
+def main(argv=None, prog="python -m simcore.isc.demo"):
+    """The demo's command line (``simcore demo`` hands its arguments here)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1600,
                    help="training steps (default 1600; about 3-4 minutes on 2 idle CPU cores); reproducible for a seed")
@@ -300,12 +319,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch's intra-op thread count (default: torch's, one per core); the numbers are bit-identical "
                         "for a seed only at the same thread count (float sums are split differently across threads)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway unless stderr is a terminal)")
     a = p.parse_args(argv)
+    # stdout stays pure JSON under --json.
+    print(implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     kwargs = dict(seed=a.seed, steps=a.steps, train_seconds=a.train_seconds, batch_size=a.batch_size, out=a.out,
-                  progress=not a.no_progress, quiet=a.json)
+                  progress=not a.no_progress and sys.stderr.isatty(), quiet=a.json)
     if a.quick:
         kwargs.update(QUICK, batch_size=min(a.batch_size, QUICK["batch_size"]), steps=min(a.steps, QUICK["steps"]))
     result = run(**kwargs)
