@@ -92,6 +92,19 @@ def use_compiled(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def implementation(device="cpu") -> str:
+    """One line naming what simcore's ops run on ``device``, e.g. ``simcore 0.1.0: compiled
+    kernels (simcore._C, cpu)`` or ``... plain-PyTorch references (...; slow)``. Asks the same
+    rule the ops use, so a missing extension also shows its fallback warning here."""
+    from simcore import __version__
+    device = torch.device(device)
+    head = f"simcore {__version__}"
+    if use_compiled(device):
+        return f"{head}: compiled kernels (simcore._C, {device.type})"
+    reason = "backend 'reference'" if _backend == "reference" else "compiled extension unavailable"
+    return f"{head}: plain-PyTorch references ({reason}, {device.type}; slow)"
+
+
 def num_threads() -> int:
     """CPU kernels use as many threads as torch does."""
     return torch.get_num_threads()

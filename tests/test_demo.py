@@ -50,7 +50,7 @@ def test_python_m_demo_still_runs_for_developers(tmp_path):
 
 def test_the_implementation_line_follows_the_backend():
     import simcore
-    from simcore.isc.demo import implementation
+    from simcore import implementation
     assert COMPILED_LINE.fullmatch(implementation("cpu"))       # the suite runs with SIMCORE_BACKEND=compiled
     old = simcore.get_backend()
     simcore.set_backend("reference")

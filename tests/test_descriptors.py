@@ -1,5 +1,4 @@
 """simcore.isc.descriptors against direct brute-force formulas on small random data."""
-import os
 
 import numpy as np
 import pytest
@@ -213,46 +212,3 @@ def test_match_with_score_normalisation(generator):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="train"):
         D.match(q, r, score_norm={"beta": 2.0, "n": 3})
-
-
-def non_public_simcore_uses(source):
-    """(line, name) of each use of simcore outside its public names (``simcore.__all__``) and simcore.isc."""
-    import ast
-
-    import simcore
-    allowed = set(simcore.__all__) | {"isc"}
-
-    def module_ok(mod):                  # an absolute module path
-        return mod == "simcore" or mod == "simcore.isc" or mod.startswith("simcore.isc.") or \
-            not (mod + ".").startswith("simcore.")
-
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if not module_ok(a.name)]
-        elif isinstance(node, ast.ImportFrom):
-            # relative imports are written from inside simcore/isc/: level 1 is simcore.isc, level 2 simcore
-            base = {0: "", 1: "simcore.isc", 2: "simcore"}.get(node.level, "simcore")
-            mod = ".".join(p for p in (base, node.module) if p)
-            if not module_ok(mod):
-                found.append((node.lineno, mod))
-            elif mod == "simcore":
-                found += [(node.lineno, f"simcore.{a.name}") for a in node.names if a.name not in allowed]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "simcore" \
-                and node.attr not in allowed:
-            found.append((node.lineno, f"simcore.{node.attr}"))
-    return found
-
-
-def test_the_application_uses_only_public_simcore_names():
-    bad = ("from simcore.search.cosine_topk import cosine_topk\nimport simcore.dispatch\nfrom simcore import _C\n"
-           "from .. import margin\nimport simcore\nsimcore.dispatch.use_compiled(None)\n")
-    assert [line for line, _ in non_public_simcore_uses(bad)] == [1, 2, 3, 4, 6]
-    ok = "import simcore\nfrom simcore import cosine_topk\nfrom simcore.isc import metrics\nfrom . import augment\n" \
-         "simcore.arcface_partial\n"
-    assert non_public_simcore_uses(ok) == []
-    package = os.path.dirname(D.__file__)
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), encoding="utf-8") as f:
-                assert non_public_simcore_uses(f.read()) == [], f"simcore/isc/{name}"

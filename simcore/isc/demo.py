@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 import simcore
-import simcore.dispatch
 from simcore.isc import augment as A
 from simcore.isc import descriptors as D
 from simcore.isc.metrics import evaluate, write_predictions
@@ -290,18 +289,6 @@ def format_table(result) -> str:
 QUICK = dict(max_references=40, max_training=120, widths=(16, 32, 64, 64), embedding_dim=32, batch_size=32, steps=20)
 
 
-def implementation(device="cpu") -> str:
-    """The line that says which implementation simcore's ops run on ``device``, e.g.
-    ``simcore 0.1.0: compiled kernels (simcore._C, cpu)``. Asks the dispatcher itself, so a missing
-    extension also shows its fallback warning here, before any work."""
-    head = f"simcore {simcore.__version__}"
-    if simcore.dispatch.use_compiled(torch.device(device)):
-        return f"{head}: compiled kernels (simcore._C, {device})"
-    reason = ("backend 'reference'" if simcore.get_backend() == "reference"
-              else "compiled extension unavailable")
-    return f"{head}: plain-PyTorch references ({reason}, {device}; slow)"
-
-
 def main(argv=None, prog="python -m simcore.isc.demo"):
     """The demo's command line (``simcore demo`` hands its arguments here)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
@@ -323,7 +310,7 @@ def main(argv=None, prog="python -m simcore.isc.demo"):
                    help="no progress bar (there is none anyway unless stderr is a terminal)")
     a = p.parse_args(argv)
     # stdout stays pure JSON under --json.
-    print(implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
+    print(simcore.implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     kwargs = dict(seed=a.seed, steps=a.steps, train_seconds=a.train_seconds, batch_size=a.batch_size, out=a.out,
