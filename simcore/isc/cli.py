@@ -141,12 +141,8 @@ def load_descriptors(path, role, ids_path=None, require_ids=False):
 
 # ----------------------------------------------------------------------------------- commands
 
-def cmd_match(a):
-    import torch
-
-    from simcore.isc import descriptors as D
-    from simcore.isc.metrics import write_predictions
-
+def _match_inputs(a):
+    """(queries, query ids, references, reference ids, training descriptors or None) of ``simcore match``."""
     if a.descriptors is None and (a.query is None or a.reference is None):
         raise CLIError("match: give a descriptors file (HDF5 with 'query' and 'reference') "
                        "or both --query and --reference")
@@ -171,18 +167,21 @@ def cmd_match(a):
         raise CLIError(f"match: --k must be >= 1, got {a.k}")
     if a.max_results is not None and a.max_results < 1:
         raise CLIError(f"match: --max-results must be >= 1, got {a.max_results}")
+    return q, qids, r, rids, t
 
-    qt, rt = D.l2_normalize(torch.from_numpy(q)), D.l2_normalize(torch.from_numpy(r))
-    tt = None if t is None else D.l2_normalize(torch.from_numpy(t))
+
+def _post_process(a, qt, rt, tt):
+    """PCA whitening and the --normalize step: (queries, references, training, metric, score_norm)."""
+    from simcore.isc import descriptors as D
+
     if a.pca is not None:
-        if not 1 <= a.pca <= q.shape[1]:
-            raise CLIError(f"match: --pca must be in [1, {q.shape[1]}], got {a.pca}")
+        if not 1 <= a.pca <= qt.shape[1]:
+            raise CLIError(f"match: --pca must be in [1, {qt.shape[1]}], got {a.pca}")
         if tt.shape[0] < 2:
             raise CLIError(f"{a.train}: PCA needs at least 2 training descriptors")
         pca = D.PCAWhitening(a.pca).fit(tt)
         qt, rt, tt = pca.transform(qt), pca.transform(rt), pca.transform(tt)
-    metric = a.metric
-    score_norm = None
+    metric, score_norm = a.metric, None
     if a.normalize != "none":
         defaults = {"score": (2.0, 10), "negative": (0.35, 10), "shift": (1.8, 100)}[a.normalize]
         beta = defaults[0] if a.beta is None else a.beta
@@ -204,8 +203,19 @@ def cmd_match(a):
             qt = D.query_shift(qt, tt, k=nn_, alpha=beta, top=min(3, nn_))
             if metric == "auto":
                 metric = "l2"
-    if metric == "auto":
-        metric = "ip"
+    return qt, rt, tt, ("ip" if metric == "auto" else metric), score_norm
+
+
+def cmd_match(a):
+    import torch
+
+    from simcore.isc import descriptors as D
+    from simcore.isc.metrics import write_predictions
+
+    q, qids, r, rids, t = _match_inputs(a)
+    qt, rt = D.l2_normalize(torch.from_numpy(q)), D.l2_normalize(torch.from_numpy(r))
+    tt = None if t is None else D.l2_normalize(torch.from_numpy(t))
+    qt, rt, tt, metric, score_norm = _post_process(a, qt, rt, tt)
     progress = (not a.no_progress) and sys.stderr.isatty()
     m = D.match(qt, rt, k=a.k, max_results=a.max_results, metric=metric, train=tt, score_norm=score_norm,
                 progress=progress)
