@@ -78,6 +78,17 @@ def test_boundary_rejects_tensors_on_two_devices():
         ext.inspect_tensor(_fake_cuda(labels, -1))
 
 
+def test_boundary_refuses_cuda_calls_when_cuda_is_unusable():
+    # The C++ checks on its own (the core never trusts Python): with no usable device, a call on
+    # CUDA tensors stops at the device guard with the probe's reason, before any pointer is read.
+    if not _built_with_cuda() or simcore.cuda_available():
+        pytest.skip("needs a CUDA build on a machine where CUDA cannot run")
+    ext = dispatch.extension()
+    labels, sampled, out = torch.tensor([1, 2]), torch.tensor([1, 2, 5]), torch.empty(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="simcore's CUDA kernels cannot run: .*cuda_status"):
+        ext.ms_targets(_fake_cuda(labels, 0), _fake_cuda(sampled, 0), 10, _fake_cuda(out, 0), 0)
+
+
 # ---- CUDA (skipped without a GPU)
 def _loss_and_grads(x, y, w):
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()

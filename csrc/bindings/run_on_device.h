@@ -58,7 +58,7 @@ void run_on_device(const DeviceKernel<CpuFn, CudaFn>& kernel, const TensorView& 
   } else if constexpr (std::is_null_pointer_v<CudaFn>) {
     throw ValueError("simcore was built without CUDA; CUDA tensors cannot run the compiled kernels");
   } else {
-    const cuda::DeviceGuard guard(on.device_index);
+    const cuda::DeviceGuard guard(on.device_index, exec.stream);
     pybind11::gil_scoped_release release;
     kernel.cuda(args..., exec.stream);
   }

@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <mutex>
 #include <stdexcept>
 #include <vector>
@@ -34,12 +35,12 @@ Probe run_probe() {
 std::mutex launch_mutex;
 std::vector<std::string> launch_checked;  // "?" = not tried yet
 
-void check_launchable(int device) {
+void check_launchable(int device, uint64_t stream) {
   std::lock_guard<std::mutex> lock(launch_mutex);
   if (launch_checked.empty()) launch_checked.assign(static_cast<size_t>(probe().device_count), "?");
   std::string& state = launch_checked[static_cast<size_t>(device)];
   if (state == "?") {  // the device is current: an empty kernel, no host synchronisation
-    launch_probe_kernel<<<1, 1>>>(nullptr);
+    launch_probe_kernel<<<1, 1, 0, reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream))>>>(nullptr);
     const cudaError_t err = cudaGetLastError();
     state = err == cudaSuccess ? "" : cudaGetErrorString(err);
   }
@@ -65,7 +66,7 @@ void check(int err, const char* what) {
   }
 }
 
-DeviceGuard::DeviceGuard(int device) : device_(device) {
+DeviceGuard::DeviceGuard(int device, uint64_t stream) : device_(device) {
   const Probe& p = probe();
   if (!p.error.empty())
     throw std::runtime_error(detail::concat("simcore's CUDA kernels cannot run: ", p.error, " (CUDA runtime ",
@@ -76,7 +77,7 @@ DeviceGuard::DeviceGuard(int device) : device_(device) {
   check(cudaGetDevice(&previous_), "cudaGetDevice");
   if (previous_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
   try {
-    check_launchable(device_);
+    check_launchable(device_, stream);
   } catch (...) {
     if (previous_ != device_) cudaSetDevice(previous_);
     throw;

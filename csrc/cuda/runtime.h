@@ -28,11 +28,12 @@ void check(int err, const char* what);
 // Makes `device` current for its lifetime and restores the previous device
 // afterwards, so a kernel runs where its tensors live whatever device the
 // caller made current. Before that, once per device, it checks that simcore's
-// kernels can launch there (a tiny kernel: a driver too old or a missing
-// kernel image fail here with one clear std::runtime_error, not mid-op).
+// kernels can launch there (an empty kernel on `stream`, the call's own, so a
+// CUDA graph capture stays valid: a driver too old or a missing kernel image
+// fail here with one clear std::runtime_error, not mid-op).
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device);
+  DeviceGuard(int device, uint64_t stream);
   ~DeviceGuard();
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
