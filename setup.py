@@ -11,8 +11,10 @@ Environment switches:
   SIMCORE_CUDA=0|1     0: never build CUDA; 1: require it (fail without nvcc);
                        unset: build CUDA when nvcc is found.
   SIMCORE_NATIVE=1     add -march=native (the default build is portable).
-  SIMCORE_CUDA_ARCHS   e.g. "80;90" (the default): SASS for each, plus PTX
-                       of the last one for newer GPUs.
+  SIMCORE_CUDA_ARCHS   e.g. "80;90": SASS for each, plus PTX of the last one
+                       for newer GPUs. Default: SASS for the oldest architecture
+                       of each major family nvcc supports from sm_75 up (with
+                       nvcc 13.0: 75;80;90;100;110;120), PTX for the newest.
   SIMCORE_DEBUG=1      -O1 -g, for debuggers and sanitizers.
   SIMCORE_SANITIZE=address,undefined   build with those sanitizers.
   CUDA_HOME            where to look for nvcc before PATH.
@@ -81,12 +83,31 @@ def _cuda_paths(nvcc):
     return sorted(set(includes)), sorted(set(libs))
 
 
-def _cuda_archs():
-    archs = [a.strip() for a in os.environ.get("SIMCORE_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+def _default_cuda_archs(nvcc):
+    """Every architecture this nvcc can target from sm_75 (T4) up, thinned to the oldest of each
+    major family: its SASS runs on the family's newer minors (sm_80 on sm_86/89, ...)."""
+    out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True).stdout
+    archs = sorted({int(t[3:]) for t in out.split() if t.startswith("sm_") and t[3:].isdigit()})
+    archs = [a for a in archs if a >= 75]
+    if not archs:
+        _fail(f"{nvcc} --list-gpu-code names no architecture from sm_75 up; set SIMCORE_CUDA_ARCHS.")
+    families = {}
+    for a in archs:
+        families.setdefault(a // 10, a)
+    return [str(a) for a in sorted(families.values())], str(archs[-1])
+
+
+def _cuda_archs(nvcc):
+    """-gencode flags: SASS for each architecture, PTX for the newest (JIT-compiled on newer GPUs)."""
+    chosen = os.environ.get("SIMCORE_CUDA_ARCHS", "").replace(",", ";")
+    archs = [a.strip() for a in chosen.split(";") if a.strip()]
+    ptx = archs[-1] if archs else None
+    if not archs:
+        archs, ptx = _default_cuda_archs(nvcc)
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    flags += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
     return flags
 
 
@@ -135,7 +156,7 @@ class BuildExt(build_ext):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
         flags = ["-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--expt-relaxed-constexpr",
-                 "-lineinfo", "-Icsrc"] + (["-O1", "-g"] if DEBUG else ["-O3"]) + _cuda_archs()
+                 "-lineinfo", "-Icsrc"] + (["-O1", "-g"] if DEBUG else ["-O3"]) + _cuda_archs(nvcc)
         objects, procs = [], []
         for src in sources:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")

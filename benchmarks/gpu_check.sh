@@ -2,33 +2,39 @@
 # Issue 5 in one call on a GPU machine: build simcore's extension in place against
 # this machine's torch, run the CUDA tests, time everything with
 # benchmarks/bench_gpu.py, run compute-sanitizer memcheck over a small subset of
-# the CUDA tests, and print a summary and the benchmark table last.
+# the CUDA tests and racecheck + synccheck over the top-k kernels at small sizes
+# (tile scan, radix select, compaction), and print a summary and the benchmark
+# table last. Within 6 minutes on an H100/H200 (BUDGET_S), so a 15-minute device
+# budget leaves room for a rerun.
 #
 #   bash benchmarks/gpu_check.sh        # from anywhere; runs in the repository root
 #
 # Logs and numbers go to $OUT (the device tool's folder; ./gpu_check_out when OUT
-# is unset): info.log, build.log, tests.log, bench.log, memcheck.log,
-# bench_gpu.json, bench_gpu.csv (7 files: the device tool brings back at most 8).
+# is unset): info.log, build.log, tests.log, bench.log, sanitizer.log (memcheck,
+# racecheck, synccheck in turn), bench_gpu.json, bench_gpu.csv (7 files: the
+# device tool brings back at most 8).
 # Each log is written as it goes (tee), so it survives a timeout.
 #
 # Environment:
-#   BUDGET_S=540     seconds for the whole script; every step is capped by what is left
+#   BUDGET_S=360     seconds for the whole script; every step is capped by what is left
 #   PYTHON=python3   the interpreter that holds torch
 #   SKIP_BUILD=1     reuse the extension already built in place (a second call on a warm machine)
 #   BUILD_WITHOUT_PYPROJECT=1  go straight to the fallback build (scratch copy of setup.py + csrc/)
-#   SKIP_MEMCHECK=1  leave compute-sanitizer out
+#   SKIP_MEMCHECK=1  leave compute-sanitizer out (all three tools)
 #   BENCH_ARGS=...   extra arguments for bench_gpu.py (e.g. "--sections cosine --no-large-k")
 #   TEST_K=cuda      the pytest -k expression selecting the CUDA tests
 #
-# Order: the benchmark runs before memcheck so that a slow sanitizer can only cost
-# the memcheck step its time; the table is printed again at the very end.
+# Order: the benchmark runs before the sanitizers so that a slow sanitizer can only
+# cost its own step its time, and the benchmark stops early enough to leave the
+# sanitizers SANITIZE_S; the table is printed again at the very end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-540}"
+BUDGET_S="${BUDGET_S:-360}"
+SANITIZE_S=110  # kept for memcheck (60 s), racecheck and synccheck (25 s each)
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, ahead of any installed simcore
 export SIMCORE_BACKEND=compiled                       # never fall back to the references silently
@@ -82,7 +88,7 @@ else
     2>&1 | tee "$OUT/build.log"
   # sm_90 machine code + sm_90 PTX; --force: never reuse objects from an older tree
   if [ "${BUILD_WITHOUT_PYPROJECT:-0}" != 1 ]; then
-    SIMCORE_CUDA=1 SIMCORE_CUDA_ARCHS=90 timeout "$(cap 300)" \
+    SIMCORE_CUDA=1 SIMCORE_CUDA_ARCHS=90 timeout "$(cap 150)" \
       "$PY" setup.py -q build_ext --inplace --force -j 16 >>"$OUT/build.log" 2>&1
     rc=$?
   else
@@ -95,7 +101,7 @@ else
     echo "build in place failed (rc $rc); retrying in a scratch copy without pyproject.toml" | tee -a "$OUT/build.log"
     scratch=$(mktemp -d)
     cp -r setup.py csrc "$scratch/" && mkdir -p "$scratch/simcore"
-    (cd "$scratch" && SIMCORE_CUDA=1 SIMCORE_CUDA_ARCHS=90 timeout "$(cap 300)" \
+    (cd "$scratch" && SIMCORE_CUDA=1 SIMCORE_CUDA_ARCHS=90 timeout "$(cap 150)" \
       "$PY" setup.py -q build_ext --inplace --force -j 16) >>"$OUT/build.log" 2>&1
     rc=$?
     [ $rc -eq 0 ] && { cp "$scratch"/simcore/_C*.so simcore/ || rc=1; }
@@ -116,6 +122,7 @@ ext = dispatch.extension()
 print("simcore", simcore.__version__, "from", simcore.__file__)
 print("build_info", json.dumps(dict(ext.build_info)), "| cuda_available", simcore.cuda_available(),
       "| cuda_device_count (extension)", ext.cuda_device_count())
+print(simcore.cuda_status())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device {p.name}, cc {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
@@ -132,12 +139,12 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
 fi
 
 # ---------------------------------------------------------------- 3. CUDA tests
-TEST_FILES="tests/test_build.py tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py"
+TEST_FILES="tests/test_build.py tests/test_cuda_runtime.py tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py"
 TIMEOUT_OPT=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=120"
 t0=$SECONDS
 # shellcheck disable=SC2086
-timeout "$(cap 180)" "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 $TIMEOUT_OPT $TEST_FILES \
+timeout "$(cap 120)" "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 $TIMEOUT_OPT $TEST_FILES \
   -k "${TEST_K:-cuda}" 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|error|FAILED|ERROR|Timeout" | tail -25
 rc=${PIPESTATUS[0]}
 line=$(grep -E "[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran" "$OUT/tests.log" | tail -1 | tr -d '=')
@@ -153,7 +160,10 @@ fi
 # ---------------------------------------------------------------- 4. benchmark
 t0=$SECONDS
 # shellcheck disable=SC2086
-timeout "$(cap 300)" "$PY" benchmarks/bench_gpu.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+bench_s=$(($(left) - 5 - SANITIZE_S))
+((bench_s > 150)) && bench_s=150
+((bench_s < 1)) && bench_s=1
+timeout "$bench_s" "$PY" benchmarks/bench_gpu.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -eq 0 ]; then
   note "bench_gpu.py: ok in $((SECONDS - t0)) s (bench.log, bench_gpu.json, bench_gpu.csv)"
@@ -163,37 +173,67 @@ else
   fail "bench_gpu.py: rc $rc after $((SECONDS - t0)) s (a check failed or a section raised: see the table / bench.log)"
 fi
 
-# ---------------------------------------------------------------- 5. compute-sanitizer memcheck
-if [ "${SKIP_MEMCHECK:-0}" = 1 ]; then
-  note "memcheck: skipped (SKIP_MEMCHECK=1)"
-elif ! command -v compute-sanitizer >/dev/null; then
-  note "memcheck: compute-sanitizer not on PATH, skipped"
-elif [ "$(left)" -lt 60 ]; then
-  note "memcheck: skipped, only $(left) s of the budget left"
-else
-  t0=$SECONDS
+# ---------------------------------------------------------------- 5. compute-sanitizer
+# memcheck over a subset of the CUDA tests; racecheck (shared-memory hazards) and synccheck
+# (barrier misuse) over cosine_topk's update kernel at small sizes: the tile scan, the
+# block-wide prefix sums, the radix select and the compaction, float32 and rescored half.
+SAN_TMP=$(mktemp -d)
+cat >"$SAN_TMP/topk_small.py" <<'EOF'
+import torch, simcore
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for N, k, block in ((3000, 20, 1000), (3000, 600, 1500)):  # several compactions per query
+        q, db = torch.randn(5, 32, generator=g), torch.randn(N, 32, generator=g).to(dtype)
+        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k, block_size=block)
+        s_cpu, i_cpu = simcore.cosine_topk(q, db, k)
+        assert (i.cpu() == i_cpu).float().mean() >= 0.99 and (s.cpu() - s_cpu).abs().max() < 1e-5
+print("topk_small: ok")
+EOF
+
+# sanitize TOOL SECONDS ARGS...: one compute-sanitizer run, appended to sanitizer.log.
+sanitize() {
+  local tool=$1 want=$2 log="$SAN_TMP/$1.log" t0=$SECONDS rc summary tests
+  shift 2
+  if [ "$(left)" -lt 15 ]; then
+    note "$tool: skipped, only $(left) s of the budget left"
+    return
+  fi
   # Without torch's caching allocator every tensor is its own cudaMalloc, so memcheck sees
   # accesses past a tensor's end instead of inside a pooled block.
-  # shellcheck disable=SC2086
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(cap 240)" compute-sanitizer --tool memcheck --error-exitcode 86 \
-    --print-limit 40 "$PY" -m pytest -q -p no:cacheprovider -x $TIMEOUT_OPT \
-    tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py \
-    -k "cuda and not large_k and (not float64_reference or arcface or magface)" 2>&1 | tee "$OUT/memcheck.log" | tail -15
-  rc=${PIPESTATUS[0]}
-  summary=$(grep -E "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1 | sed 's/^=* *//')
-  tests=$(grep -E "[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran" "$OUT/memcheck.log" | tail -1 | tr -d '=')
-  if grep -qiE "device not supported|not supported on this|unable to (find|initialize)|error 999" "$OUT/memcheck.log" \
-      && ! grep -qE "[0-9]+ passed" "$OUT/memcheck.log"; then
-    note "memcheck: compute-sanitizer REFUSED the device (gVisor machines do; memcheck.log): not run"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(cap "$want")" compute-sanitizer --tool "$tool" \
+    --error-exitcode 86 --print-limit 40 "$@" >"$log" 2>&1
+  rc=$?
+  { echo "=== compute-sanitizer --tool $tool (rc $rc)"; cat "$log"; } >>"$OUT/sanitizer.log"
+  tail -6 "$log"
+  summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
+  tests=$(grep -E "[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran|topk_small: ok" "$log" | tail -1 | tr -d '=')
+  if grep -qiE "device not supported|not supported on this|unable to (find|initialize)|error 999" "$log" \
+      && ! grep -qE "[0-9]+ passed|topk_small: ok" "$log"; then
+    note "$tool: compute-sanitizer REFUSED the device (gVisor machines do; sanitizer.log): not run"
   elif [ "$rc" -eq 86 ]; then
-    fail "memcheck: ERRORS found: ${summary:-see memcheck.log} (${tests})"
+    fail "$tool: ERRORS found: ${summary:-see sanitizer.log} (${tests})"
   elif [ "$rc" -eq 124 ]; then
-    fail "memcheck: TIMEOUT after $((SECONDS - t0)) s (${tests:-no test summary}; memcheck.log)"
+    fail "$tool: TIMEOUT after $((SECONDS - t0)) s (${tests:-no test summary}; sanitizer.log)"
   elif [ "$rc" -eq 0 ]; then
-    note "memcheck: clean, ${summary:-no summary line} (${tests}) in $((SECONDS - t0)) s"
+    note "$tool: clean, ${summary:-no summary line} (${tests}) in $((SECONDS - t0)) s"
   else
-    fail "memcheck: rc $rc, ${summary:-no summary line} (${tests:-no test summary}; memcheck.log)"
+    fail "$tool: rc $rc, ${summary:-no summary line} (${tests:-no test summary}; sanitizer.log)"
   fi
+}
+
+if [ "${SKIP_MEMCHECK:-0}" = 1 ]; then
+  note "sanitizers: skipped (SKIP_MEMCHECK=1)"
+elif ! command -v compute-sanitizer >/dev/null; then
+  note "sanitizers: compute-sanitizer not on PATH, skipped"
+else
+  # shellcheck disable=SC2086
+  sanitize memcheck 60 "$PY" -m pytest -q -p no:cacheprovider -x $TIMEOUT_OPT \
+    tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py \
+    -k "cuda and not large_k and not half_database and not near_ties and not streaming and (not float64_reference or arcface or magface) and (not matches_reference or 64)"
+  # only simcore's update kernel is instrumented (kns: a substring of its mangled name)
+  sanitize racecheck 25 --racecheck-report hazard --kernel-name kns=update_kernel "$PY" "$SAN_TMP/topk_small.py"
+  sanitize synccheck 25 --kernel-name kns=update_kernel "$PY" "$SAN_TMP/topk_small.py"
 fi
+rm -rf "$SAN_TMP"
 
 finish

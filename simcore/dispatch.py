@@ -8,6 +8,7 @@ build, ``"auto"`` falls back to the references with a warning, while
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -62,11 +63,60 @@ def get_backend() -> str:
     return _backend
 
 
-def cuda_available() -> bool:
-    """True when the extension was built with CUDA and a CUDA device is usable."""
+@dataclasses.dataclass(frozen=True)
+class CudaStatus:
+    """Whether simcore's CUDA kernels can run here, and if not, why (``simcore.cuda_status()``)."""
+    built_with_cuda: bool  # the extension was compiled with nvcc
+    runtime_version: int   # the CUDA runtime linked into simcore, e.g. 13000 for 13.0 (0: none)
+    driver_version: int    # the newest CUDA the installed driver supports (0: no driver)
+    device_count: int      # devices that runtime sees
+    available: bool        # the CUDA kernels can be used
+    reason: str            # why not ("" when available)
+
+
+_cuda_status: CudaStatus | None = None
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}" if v else "none"
+
+
+def _probe_cuda() -> CudaStatus:
     ext = _load_extension()
-    return bool(ext is not None and ext.build_info["cuda"] and ext.cuda_device_count() > 0
-                and torch.cuda.is_available())
+    if ext is None:
+        return CudaStatus(False, 0, 0, 0, False, f"simcore's compiled extension is unavailable ({_ext_error})")
+    p = ext.cuda_probe()
+    built = bool(ext.build_info["cuda"])
+    reason = ""
+    if not built:
+        reason = "simcore was built without CUDA (rebuild where nvcc is available)"
+    elif p["error"] and not p["driver_version"]:
+        reason = f"no NVIDIA driver was found (the CUDA runtime says: {p['error']})"
+    elif p["error"]:
+        reason = (f"{p['error']} (simcore's CUDA runtime {_version(p['runtime_version'])}, "
+                  f"the driver supports CUDA {_version(p['driver_version'])})")
+        if p["driver_version"] < p["runtime_version"]:
+            reason += ("; update the NVIDIA driver, or rebuild simcore with an nvcc no newer than "
+                       "the driver (python setup.py build_ext, or pip install .)")
+    elif not torch.cuda.is_available():
+        reason = "torch sees no CUDA device (a CPU build of torch?)"
+    return CudaStatus(built, p["runtime_version"], p["driver_version"], p["device_count"], not reason, reason)
+
+
+def cuda_status() -> CudaStatus:
+    """What simcore's CUDA kernels found on this machine: probed once (the driver and device
+    count, no CUDA context is created); ``reason`` says why they cannot run when they cannot.
+    Whether each device also holds a kernel image is checked at the first op on it."""
+    global _cuda_status
+    if _cuda_status is None:
+        _cuda_status = _probe_cuda()
+    return _cuda_status
+
+
+def cuda_available() -> bool:
+    """True when the extension was built with CUDA and a CUDA device is usable
+    (``cuda_status().reason`` says why not)."""
+    return cuda_status().available
 
 
 def use_compiled(device: torch.device) -> bool:
@@ -88,6 +138,10 @@ def use_compiled(device: torch.device) -> bool:
             if _backend == "compiled":
                 raise RuntimeError("simcore was built without CUDA; rebuild where nvcc is available")
             return False
+        status = cuda_status()
+        if not status.available:  # one clear error before any launch can corrupt the CUDA context
+            raise RuntimeError(f"simcore's CUDA kernels cannot run here: {status.reason}. "
+                               "simcore.set_backend('reference') runs the plain-PyTorch references instead")
         return True
     return device.type == "cpu"
 
@@ -119,5 +173,10 @@ def tensor_arg(t: torch.Tensor):
 
 
 def cuda_stream(device: torch.device) -> int:
-    """Handle of torch's current stream on ``device`` (kernels run on it)."""
+    """Handle of torch's current stream on ``device``, the tensors' device (kernels run on it;
+    the C++ makes that device current for the launch). Not the current device's stream: a
+    stream of another device would order nothing."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is None:
+        raise ValueError(f"cuda_stream needs a CUDA device with its index (a tensor's .device), got {device}")
     return torch.cuda.current_stream(device).cuda_stream

@@ -587,11 +587,12 @@ def test_head_eval_records_nothing(generator):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
-def test_cuda_matches_reference(dtype, blocked, generator, engine_opts):
+@pytest.mark.parametrize("D", [64, 512, 1024])  # 512, 1024: loops over D strided by the 256-thread block
+def test_cuda_matches_reference(dtype, blocked, D, generator, engine_opts):
     if blocked:
         engine_opts(**BLOCKED)
-    x = (torch.randn(33, 64, generator=generator) * 2).to(dtype)
-    w = torch.randn(700, 64, generator=generator).to(dtype)
+    x = (torch.randn(33, D, generator=generator) * 2).to(dtype)
+    w = torch.randn(700, D, generator=generator).to(dtype)
     y = _labels(33, 700, generator, duplicates=True)
     xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
     loss, s = simcore.arcface_partial(xc, y.cuda(), wc, sample_rate=0.5, return_sampled=True)

@@ -55,6 +55,25 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
 
+  // What the CUDA runtime linked into simcore finds (no context is created):
+  // simcore/dispatch.py:cuda_status() reads it.
+  m.def("cuda_probe", []() {
+    py::dict out;
+#ifdef SIMCORE_WITH_CUDA
+    const simcore::cuda::Probe& p = simcore::cuda::probe();
+    out["runtime_version"] = p.runtime_version;
+    out["driver_version"] = p.driver_version;
+    out["device_count"] = p.device_count;
+    out["error"] = p.error;
+#else
+    out["runtime_version"] = 0;
+    out["driver_version"] = 0;
+    out["device_count"] = 0;
+    out["error"] = "simcore was built without CUDA";
+#endif
+    return out;
+  });
+
   // What the boundary makes of a packed tensor; lets tests exercise its checks.
   m.def("inspect_tensor", [](const py::handle& t) {
     const simcore::TensorView v = simcore::tensor_from_py(t, "tensor");

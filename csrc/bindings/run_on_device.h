@@ -14,6 +14,10 @@
 
 #include "common/tensor_view.h"
 
+#ifdef SIMCORE_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
 namespace simcore {
 
 template <class CpuFn, class CudaFn>
@@ -41,7 +45,8 @@ struct ExecArgs {
 constexpr int64_t kMaxThreads = 4096;
 
 // kernel.cpu(args..., threads) or kernel.cuda(args..., stream) by the device of `on`,
-// with the GIL released.
+// with the GIL released. A CUDA kernel runs with `on`'s device current (restored
+// afterwards); the kernels reject any other tensor that is not on that device.
 template <class CpuFn, class CudaFn, class... Args>
 void run_on_device(const DeviceKernel<CpuFn, CudaFn>& kernel, const TensorView& on, const ExecArgs& exec,
                    const Args&... args) {
@@ -53,6 +58,7 @@ void run_on_device(const DeviceKernel<CpuFn, CudaFn>& kernel, const TensorView& 
   } else if constexpr (std::is_null_pointer_v<CudaFn>) {
     throw ValueError("simcore was built without CUDA; CUDA tensors cannot run the compiled kernels");
   } else {
+    const cuda::DeviceGuard guard(on.device_index, exec.stream);
     pybind11::gil_scoped_release release;
     kernel.cuda(args..., exec.stream);
   }

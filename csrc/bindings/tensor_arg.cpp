@@ -51,6 +51,7 @@ TensorView tensor_from_py(const py::handle& obj, const char* name) {
   v.dtype = parse_dtype(dtype, name);
   SIMCORE_CHECK(device == "cpu" || device == "cuda", name, ": unsupported device ", device);
   v.device = device == "cpu" ? Device::CPU : Device::CUDA;
+  SIMCORE_CHECK(v.device == Device::CPU || v.device_index >= 0, name, ": a CUDA tensor needs its device index");
   SIMCORE_CHECK(shape.size() == strides.size() && shape.size() <= static_cast<size_t>(kMaxDims), name,
                 ": at most ", kMaxDims, " dimensions are supported, got ", shape.size());
   v.ndim = static_cast<int>(shape.size());

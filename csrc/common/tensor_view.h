@@ -38,6 +38,10 @@ inline const char* dtype_name(DType t) {
   return "unknown";
 }
 
+inline std::string device_label(Device d, int index) {
+  return d == Device::CPU ? std::string("cpu") : "cuda:" + std::to_string(index);
+}
+
 // Errors the bindings turn into Python's ValueError and TypeError.
 struct ValueError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
 struct TypeError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
@@ -117,8 +121,9 @@ struct TensorView {
     return *this;
   }
   const TensorView& expect_device(Device d, int index) const {
-    SIMCORE_CHECK(device == d && (d == Device::CPU || device_index == index), name,
-                  " is on the wrong device");
+    SIMCORE_CHECK(device == d && (d == Device::CPU || device_index == index), name, " is on the wrong device (",
+                  device_label(device, device_index), "; the call runs on ", device_label(d, index),
+                  "): all tensors of one call must be on one device");
     return *this;
   }
 };

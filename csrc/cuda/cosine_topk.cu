@@ -181,6 +181,16 @@ __device__ float compact(TopkEntry* e, long long n, long long k, Shared& sh) {
   return key_float(T);
 }
 
+// Whether a half-GEMM candidate must be rescored exactly: its approximate score
+// plus the error bound can beat thr. A non-finite approximate score is always
+// nominated: a float16 tile GEMM overflows to +-inf for rows of norm beyond
+// 65504 (their cosines can still be anything), and the bound says nothing
+// about NaN. The CPU mirror (hit_scalar) nominates the same entries, through
+// its NaN-is-a-hit comparison (-inf + inf and 0 * inf give NaN).
+__device__ __forceinline__ bool nominated(float approx, float bound, float thr) {
+  return !isfinite(approx) || !(approx + bound <= thr);
+}
+
 template <class S, class B, bool Rescore>
 __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t nb,
                               const float* __restrict__ scale, const float* __restrict__ slack,
@@ -214,7 +224,7 @@ __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t 
     int pass = 0;
     if (j < nb) {
       const float approx = load_f(srow, j) * scale[j];
-      const bool cand = Rescore ? !(approx + qn * slack[j] + slack_rel * fabsf(approx) <= thr) : approx > thr;
+      const bool cand = Rescore ? nominated(approx, qn * slack[j] + slack_rel * fabsf(approx), thr) : approx > thr;
       if (cand) {
         exact = approx;
         if (Rescore) {
