@@ -10,7 +10,6 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "common/tensor_view.h"
 
@@ -55,12 +54,14 @@ void run_on_device(const DeviceKernel<CpuFn, CudaFn>& kernel, const TensorView& 
                   " must be a thread count for CPU tensors, got ", exec.threads);
     pybind11::gil_scoped_release release;
     kernel.cpu(args..., static_cast<int>(exec.threads));
-  } else if constexpr (std::is_null_pointer_v<CudaFn>) {
-    throw ValueError("simcore was built without CUDA; CUDA tensors cannot run the compiled kernels");
   } else {
+#ifdef SIMCORE_WITH_CUDA
     const cuda::DeviceGuard guard(on.device_index, exec.stream);
     pybind11::gil_scoped_release release;
     kernel.cuda(args..., exec.stream);
+#else
+    throw ValueError("simcore was built without CUDA; CUDA tensors cannot run the compiled kernels");
+#endif
   }
 }
 
