@@ -126,8 +126,8 @@ def _dense_clip(head, max_norm):
     """torch.nn.utils.clip_grad_norm_ on the dense (C, D) equivalent of the recorded gradient;
     writes the clipped rows back and returns the norm."""
     ids, rows = head._pending[0]
-    dense = torch.nn.Parameter(torch.zeros(C, D))
-    dense.grad = torch.zeros(C, D).index_add_(0, ids, rows)
+    dense = torch.nn.Parameter(torch.zeros(head.weight.shape))
+    dense.grad = torch.zeros(head.weight.shape).index_add_(0, ids, rows)
     norm = torch.nn.utils.clip_grad_norm_([dense], max_norm)
     rows.copy_(dense.grad[ids])
     return norm
@@ -219,3 +219,66 @@ def test_row_optimizer_survives_deepcopy():
     assert twin.row_optimizer._head is twin
     twin.lr = 0.5
     assert head.lr == OPTIMIZERS["adamw"]["lr"]
+
+
+# --------------------------------------------------------------------------- the sharded head, 2 ranks (gloo)
+SHARD_C, SHARD_B = 30, 10  # two ranks of 5 rows each
+
+
+def _shard_inputs():
+    g = torch.Generator().manual_seed(5)
+    return dict(W=torch.randn(SHARD_C, D, generator=g), X=torch.randn(SHARD_B, D, generator=g) * 3,
+                Y=torch.randint(SHARD_C, (SHARD_B,), generator=g))
+
+
+def _shard_head(process_group=None):
+    return simcore.PartialMarginHead(SHARD_C, D, margin=0.3, scale=16.0, sample_rate=1.0, lr=0.5, momentum=0.9,
+                                     process_group=process_group)
+
+
+def _shard_worker(rank, tmp):
+    import datetime
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        inp, out = _shard_inputs(), {}
+        rows = slice(5 * rank, 5 * rank + 5)
+        for case in ("clip", "skip"):
+            head = _shard_head(dist.group.WORLD)
+            s, e = head.shard
+            head.weight.data.copy_(inp["W"][s:e])
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            if case == "skip" and rank == 1:  # an overflow in rank 1's rows only, as a kernel would give
+                record = head._record
+                head._record = lambda ids, g: record(ids, g.index_fill(1, torch.tensor([0]), float("inf")))
+            scaler.scale(head(inp["X"][rows], inp["Y"][rows])).backward()
+            scaler.unscale_(head.row_optimizer)
+            norm = head.clip_grad_norm_(0.05) if case == "clip" else None
+            scaler.step(head.row_optimizer)
+            scaler.update()
+            out[case] = dict(weight=head.weight.clone(), norm=norm, scale=scaler.get_scale())
+            out["shard"] = (s, e)
+        torch.save(out, f"{tmp}/out{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_head_clips_by_the_global_norm_and_skips_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    mp.start_processes(_shard_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")  # raises if a rank raised
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    inp = _shard_inputs()
+    head = _shard_head()
+    head.weight.data.copy_(inp["W"])
+    head(inp["X"], inp["Y"]).backward()
+    norm = _dense_clip(head, 0.05)
+    head.step()
+    for out in outs:
+        s, e = out["shard"]
+        assert rel_err(out["clip"]["norm"], norm) < 1e-5  # the norm over both shards, on each rank
+        assert rel_err(out["clip"]["weight"], head.weight[s:e]) < 1e-5
+        assert torch.equal(out["skip"]["weight"], inp["W"][s:e])  # rank 0's finite rows are not stepped either
+        assert out["skip"]["scale"] == 512.0 and out["clip"]["scale"] == 1024.0  # equal scales on both ranks
+
