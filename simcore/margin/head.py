@@ -130,9 +130,13 @@ class PartialMarginHead(nn.Module):
             loss.backward()
             opt.step(); head.step()
 
-    Change the head's learning rate with ``head.lr = ...`` (schedulers act on the
-    backbone optimizer only). Gradients from several backward passes before
-    ``step()`` accumulate (duplicate rows are summed).
+    ``head.row_optimizer`` is that optimizer as a ``torch.optim.Optimizer``: LR
+    schedulers drive it (``head.lr`` is its param group's ``lr``) and, under AMP,
+    ``scaler.unscale_(head.row_optimizer)``, ``head.clip_grad_norm_(max_norm)`` and
+    ``scaler.step(head.row_optimizer)`` unscale, clip and step it (skipping the step on
+    inf/NaN) as for the backbone (docs/margin_softmax.md, "Training on GPUs").
+    Gradients from several backward passes before ``step()`` accumulate (duplicate
+    rows are summed).
 
     ``process_group`` (a ``torch.distributed`` group): the centres are sharded
     across its ranks and the constructor returns a
@@ -300,44 +304,43 @@ class PartialMarginHead(nn.Module):
         self.discard_recorded_gradients()
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device)
-        old = self.weight.index_select(0, idx)
-        w = old.to(torch.float32, copy=True)  # updated in place; old stays for a skipped step
+        w = self.weight.index_select(0, idx).float()
         state = self._sgd_update(idx, w, grad) if self.optimizer == "sgd" else self._adamw_update(idx, w, grad)
-        state["weight"] = (old, w.to(self.weight.dtype))
+        state["weight"] = w.to(self.weight.dtype)
         skip = None if found_inf is None else found_inf.to(self.weight.device) > 0
-        for name, (before, after) in state.items():
-            getattr(self, name).index_copy_(0, idx, after if skip is None else torch.where(skip, before, after))
+        for name, rows in state.items():
+            buf = getattr(self, name)
+            if skip is not None:  # the rows as they were (nothing is written before this loop)
+                rows = torch.where(skip, buf.index_select(0, idx), rows)
+            buf.index_copy_(0, idx, rows)
         return idx
 
     def _sgd_update(self, idx, w, grad):
         """PyTorch SGD (L2 weight decay, momentum) on rows ``idx``: ``w`` (their float32 copy) in place;
-        returns {buffer name: (its rows before, after)}."""
-        state = {}
+        returns {state buffer name: its new rows}."""
         if self.weight_decay:
             grad = grad.add(w, alpha=self.weight_decay)
+        state = {}
         if self.momentum:
-            before = self.momentum_buffer.index_select(0, idx)
-            grad = before.mul(self.momentum).add_(grad)
-            state["momentum_buffer"] = (before, grad)
+            grad = state["momentum_buffer"] = self.momentum_buffer.index_select(0, idx).mul_(self.momentum).add_(grad)
         w.add_(grad, alpha=-self.lr)
         return state
 
     def _adamw_update(self, idx, w, grad):
         """AdamW with per-row step counts on rows ``idx``: ``w`` (their float32 copy) in place;
-        returns {buffer name: (its rows before, after)}."""
+        returns {state buffer name: its new rows}."""
         lr, wd = self.lr, self.weight_decay
         b1, b2 = self.betas
-        state = {name: getattr(self, name).index_select(0, idx) for name in ("row_step", "exp_avg", "exp_avg_sq")}
-        step = state["row_step"] + 1
-        m = state["exp_avg"].mul(b1).add_(grad, alpha=1 - b1)
-        v = state["exp_avg_sq"].mul(b2).addcmul_(grad, grad, value=1 - b2)
+        step = self.row_step.index_select(0, idx) + 1
+        m = self.exp_avg.index_select(0, idx).mul_(b1).add_(grad, alpha=1 - b1)
+        v = self.exp_avg_sq.index_select(0, idx).mul_(b2).addcmul_(grad, grad, value=1 - b2)
         stepf = step.to(torch.float32).unsqueeze(1)
         bc1 = 1 - b1 ** stepf
         bc2 = 1 - b2 ** stepf
         if wd:
             w.mul_(1 - lr * wd)
         w.sub_(lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
-        return {name: (state[name], after) for name, after in (("row_step", step), ("exp_avg", m), ("exp_avg_sq", v))}
+        return {"row_step": step, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
     def grow(self, new_centres: torch.Tensor) -> torch.Tensor:
