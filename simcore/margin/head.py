@@ -21,7 +21,69 @@ from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
 from simcore.margin.ops import sampled_margin_loss
 from simcore.margin.sampling import check_sampled, sample_classes
 
-__all__ = ["PartialMarginHead"]
+__all__ = ["PartialMarginHead", "HeadOptimizer"]
+
+_SGD_KEYS, _ADAMW_KEYS = ("lr", "momentum", "weight_decay"), ("lr", "betas", "eps", "weight_decay")
+
+
+class HeadOptimizer(torch.optim.Optimizer):
+    """``head.row_optimizer``: the head's row-wise optimizer seen as a ``torch.optim.Optimizer``,
+    so that PyTorch's tools drive it unchanged: ``scaler.unscale_`` / ``scaler.step`` of a
+    ``torch.amp.GradScaler`` (unscale, inf/NaN check, skipped step, the scale's update),
+    ``torch.optim.lr_scheduler`` (its one param group holds the head's ``lr`` and, for
+    ``"sgd"``, ``momentum`` or, for ``"adamw"``, ``betas``, ``eps``, plus ``weight_decay``).
+
+    Its parameter is a stand-in whose ``.grad`` is the recorded gradient of the sampled
+    centre rows ((n, D) float32, duplicates summed), so GradScaler checks and unscales
+    exactly the rows the step applies. The optimizer state lives in the head's buffers.
+    """
+
+    # GradScaler.step then hands step() ``grad_scale`` and ``found_inf`` tensors instead of
+    # reading found_inf on the host: the skip happens on the device, with no synchronisation.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, head, defaults):
+        self._head = head
+        super().__init__([_stand_in(torch.zeros(0, head.weight.shape[1], device=head.weight.device))], defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The head's update of the recorded rows (unscaled by ``grad_scale`` and skipped
+        where ``found_inf`` is set, when GradScaler.step passes them); returns the row ids."""
+        if closure is not None:
+            raise RuntimeError("the head's optimizer takes no closure")
+        return self._head._apply_recorded(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._head.discard_recorded_gradients()
+
+    def __getstate__(self):  # copies and pickles keep the link to their head
+        return {**super().__getstate__(), "_head": self._head}
+
+
+def _stand_in(grad):
+    """A leaf tensor of ``grad``'s shape, backed by one element, whose ``.grad`` is ``grad``."""
+    holder = grad.new_zeros(()).expand(grad.shape)
+    holder.grad = grad
+    return holder
+
+
+class _Hyperparameter:
+    """A head attribute (``lr``, ``momentum``, ...) stored in ``row_optimizer.param_groups[0]`` when
+    the head's optimizer uses it (so that schedulers reach it), else on the head."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, head, owner=None):
+        if head is None:
+            return self
+        group = head.row_optimizer.param_groups[0]
+        return group[self.name] if self.name in group else head._unused_hyperparameters[self.name]
+
+    def __set__(self, head, value):
+        group = head.row_optimizer.param_groups[0]
+        (group if self.name in group else head._unused_hyperparameters)[self.name] = value
 
 
 def _check_head_args(num_classes, embedding_dim, dtype, lr, momentum, weight_decay, eps, betas, sample_rate,
@@ -68,9 +130,13 @@ class PartialMarginHead(nn.Module):
             loss.backward()
             opt.step(); head.step()
 
-    Change the head's learning rate with ``head.lr = ...`` (schedulers act on the
-    backbone optimizer only). Gradients from several backward passes before
-    ``step()`` accumulate (duplicate rows are summed).
+    ``head.row_optimizer`` is that optimizer as a ``torch.optim.Optimizer``: LR
+    schedulers drive it (``head.lr`` is its param group's ``lr``) and, under AMP,
+    ``scaler.unscale_(head.row_optimizer)``, ``head.clip_grad_norm_(max_norm)`` and
+    ``scaler.step(head.row_optimizer)`` unscale, clip and step it (skipping the step on
+    inf/NaN) as for the backbone (docs/margin_softmax.md, "Training on GPUs").
+    Gradients from several backward passes before ``step()`` accumulate (duplicate
+    rows are summed).
 
     ``process_group`` (a ``torch.distributed`` group): the centres are sharded
     across its ranks and the constructor returns a
@@ -105,13 +171,22 @@ class PartialMarginHead(nn.Module):
         self.loss = loss  # a submodule: its statistics (EMAs) are saved with the head
         self.subcenters, self.filter_threshold = subcenters, filter_threshold
         self.m1, self.margin, self.m3, self.scale, self.sample_rate = m1, margin, m3, scale, sample_rate
-        self.optimizer, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
-        self.betas, self.eps = betas, eps
+        self.optimizer = optimizer
         self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_dim, device=device, dtype=dtype),
                                    requires_grad=False)
         nn.init.normal_(self.weight, std=0.01)
+        hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        used = _SGD_KEYS if optimizer == "sgd" else _ADAMW_KEYS
+        self.row_optimizer = HeadOptimizer(self, {k: v for k, v in hyper.items() if k in used})
+        self._unused_hyperparameters = {k: v for k, v in hyper.items() if k not in used}
         self._init_state(num_classes * subcenters)
-        self._pending = []  # (centre row ids, gradient rows) recorded by backward
+        self._pending = []  # [(centre row ids, their float32 gradient rows)] recorded by backward, at most one pair
+
+    lr = _Hyperparameter()
+    momentum = _Hyperparameter()
+    weight_decay = _Hyperparameter()
+    betas = _Hyperparameter()
+    eps = _Hyperparameter()
 
     @property
     def num_classes(self) -> int:
@@ -152,8 +227,22 @@ class PartialMarginHead(nn.Module):
         rows = self.weight.index_select(0, centres)
         if torch.is_grad_enabled() and self.training:
             rows.requires_grad_(True)
-            rows.register_hook(lambda g: self._pending.append((centres, g.detach())))
+            rows.register_hook(lambda g: self._record(centres, g))
         return rows
+
+    def _record(self, centres, grad):
+        """Add one backward pass's gradient of rows ``centres`` to the recorded one, and show it
+        to ``row_optimizer`` (GradScaler reads it there)."""
+        grad = grad.detach().to(torch.float32)
+        if self._pending:  # several backward passes before step(): sum duplicate rows
+            ids, old = self._pending[0]
+            centres, inverse = torch.unique(torch.cat([ids, centres]), return_inverse=True)
+            grad = old.new_zeros(centres.numel(), old.shape[1]).index_add_(0, inverse, torch.cat([old, grad]))
+        self._pending[:] = [(centres, grad)]
+        self._publish([grad])
+
+    def _publish(self, grads):
+        self.row_optimizer.param_groups[0]["params"] = [_stand_in(g) for g in grads]
 
     def _margin_loss(self, embeddings, target, rows, sampled):
         """Mean loss of the head's variant on the gathered centre rows."""
@@ -183,52 +272,75 @@ class PartialMarginHead(nn.Module):
     def discard_recorded_gradients(self):
         """Forget the recorded centre gradients only."""
         self._pending.clear()
+        self._publish([])
+
+    def step(self):
+        """Apply the recorded gradients to the sampled rows only; returns the updated row ids.
+        The same as ``row_optimizer.step()``; under AMP call ``scaler.step(head.row_optimizer)``."""
+        return self.row_optimizer.step()
 
     @torch.no_grad()
-    def step(self):
-        """Apply the recorded gradients to the sampled rows only; returns the updated row ids."""
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the recorded centre gradient as ``torch.nn.utils.clip_grad_norm_`` clips the
+        equivalent dense (C, D) gradient (of all ranks, for the sharded head); returns the total
+        norm as a tensor (no host synchronisation). Under AMP, ``scaler.unscale_(head.row_optimizer)``
+        first."""
+        norm_type = float(norm_type)
+        grad = self._pending[0][1] if self._pending else self.weight.new_zeros(0, dtype=torch.float32)
+        total = self._global_norm(torch.linalg.vector_norm(grad, norm_type), norm_type)
+        grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    def _global_norm(self, local, norm_type):
+        """The gradient norm over every shard (one all-reduce in the sharded head)."""
+        return local
+
+    def _apply_recorded(self, grad_scale=None, found_inf=None):
+        """The update of the recorded rows; ``grad_scale``: the loss scale still in the gradient;
+        ``found_inf``: a tensor, > 0 means keep rows and state as they are (GradScaler's skip)."""
         if not self._pending:
             return None
-        idx = torch.cat([i for i, _ in self._pending])
-        grad = torch.cat([g for _, g in self._pending]).float()
-        self._pending.clear()
-        if len(idx) and torch.unique(idx).numel() != idx.numel():
-            idx, inverse = torch.unique(idx, return_inverse=True)
-            grad = torch.zeros(idx.numel(), grad.shape[1], device=grad.device).index_add_(0, inverse, grad)
+        idx, grad = self._pending[0]
+        self.discard_recorded_gradients()
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device)
         w = self.weight.index_select(0, idx).float()
-        if self.optimizer == "sgd":
-            self._sgd_update(idx, w, grad)
-        else:
-            self._adamw_update(idx, w, grad)
-        self.weight.index_copy_(0, idx, w.to(self.weight.dtype))
+        state = self._sgd_update(idx, w, grad) if self.optimizer == "sgd" else self._adamw_update(idx, w, grad)
+        state["weight"] = w.to(self.weight.dtype)
+        skip = None if found_inf is None else found_inf.to(self.weight.device) > 0
+        for name, rows in state.items():
+            buf = getattr(self, name)
+            if skip is not None:  # the rows as they were (nothing is written before this loop)
+                rows = torch.where(skip, buf.index_select(0, idx), rows)
+            buf.index_copy_(0, idx, rows)
         return idx
 
     def _sgd_update(self, idx, w, grad):
-        """PyTorch SGD (L2 weight decay, momentum) on rows ``idx``: ``w`` (their float32 copy) in place."""
+        """PyTorch SGD (L2 weight decay, momentum) on rows ``idx``: ``w`` (their float32 copy) in place;
+        returns {state buffer name: its new rows}."""
         if self.weight_decay:
             grad = grad.add(w, alpha=self.weight_decay)
+        state = {}
         if self.momentum:
-            buf = self.momentum_buffer.index_select(0, idx).mul_(self.momentum).add_(grad)
-            self.momentum_buffer.index_copy_(0, idx, buf)
-            grad = buf
+            grad = state["momentum_buffer"] = self.momentum_buffer.index_select(0, idx).mul_(self.momentum).add_(grad)
         w.add_(grad, alpha=-self.lr)
+        return state
 
     def _adamw_update(self, idx, w, grad):
-        """AdamW with per-row step counts on rows ``idx``: ``w`` (their float32 copy) in place."""
+        """AdamW with per-row step counts on rows ``idx``: ``w`` (their float32 copy) in place;
+        returns {state buffer name: its new rows}."""
         lr, wd = self.lr, self.weight_decay
         b1, b2 = self.betas
         step = self.row_step.index_select(0, idx) + 1
-        self.row_step.index_copy_(0, idx, step)
         m = self.exp_avg.index_select(0, idx).mul_(b1).add_(grad, alpha=1 - b1)
         v = self.exp_avg_sq.index_select(0, idx).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        self.exp_avg.index_copy_(0, idx, m)
-        self.exp_avg_sq.index_copy_(0, idx, v)
         stepf = step.to(torch.float32).unsqueeze(1)
         bc1 = 1 - b1 ** stepf
         bc2 = 1 - b2 ** stepf
         if wd:
             w.mul_(1 - lr * wd)
         w.sub_(lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
+        return {"row_step": step, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
     def grow(self, new_centres: torch.Tensor) -> torch.Tensor:

@@ -184,8 +184,9 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
     ``forward(embeddings, labels)`` takes this rank's local batch (sizes may
     differ per rank, even 0 rows on some ranks) and returns the mean loss over the
     global batch (the same value on every rank). Call it on every rank in the same
-    order, like any collective. ``step()``, ``zero_grad()``, ``lr`` work as in the
-    single-process head, on this rank's rows.
+    order, like any collective. ``step()``, ``zero_grad()``, ``lr``, ``row_optimizer``
+    (GradScaler, LR schedulers) work as in the single-process head, on this rank's rows;
+    ``clip_grad_norm_`` clips by the norm over all ranks (call it on every rank).
 
     ``grad_reduction``: ``"mean"`` (default) if the backbone's gradients are
     averaged across ranks (DDP, FSDP): the embedding gradient is multiplied by
@@ -387,6 +388,25 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
         buf = torch.empty(self.world_size * bmax, dtype=torch.int64, device=src.device)
         dist.all_gather_into_tensor(buf, src, group=self.process_group)
         return buf[buf >= 0] if any(s != bmax for s in sizes) else buf
+
+    # ------------------------------------------------------------------ AMP and clipping across ranks
+    def _record(self, centres, grad):
+        """As the single-process head, plus a 0-d gradient that is inf on every rank when any rank's
+        recorded rows are not finite (one scalar all-reduce per backward): each rank's GradScaler then
+        finds the same inf, skips the same step and keeps the same scale (DDP needs equal scales)."""
+        super()._record(centres, grad)
+        rows = self._pending[0][1]
+        bad = (~torch.isfinite(rows)).any().to(torch.float32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
+        self._publish([rows, torch.where(bad > 0, math.inf, 0.0)])
+
+    def _global_norm(self, local, norm_type):
+        if math.isinf(norm_type):
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
+            return local
+        powered = local.pow(norm_type)
+        dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=self.process_group)
+        return powered.pow(1.0 / norm_type)
 
     def grow(self, new_centres):
         raise NotImplementedError("grow() is not supported on a sharded head: grow a single-process head, save "
