@@ -26,7 +26,7 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     by default) and backend.
 
     Compiled backend (under ``torch.compile`` the custom op ``simcore::sample_classes``,
-    same ids): Floyd's algorithm on the host over the negatives' ranks with
+    ``generator=None`` only): Floyd's algorithm on the host over the negatives' ranks with
     a C/8-byte bitmap, O(k + C/64) for k negatives (C in the millions is fine); the
     ids are then moved to ``labels.device``. Reference backend: rejection sampling in
     torch, O(k log k).
@@ -41,8 +41,10 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     gdev = generator.device if generator is not None else torch.device("cpu")
     if torch.compiler.is_compiling() and dispatch.use_compiled(torch.device("cpu")):
         # The number of positives is unknown when tracing: draw num_samples random words (at least
-        # as many as negatives); the op uses the first k, which are the k words drawn eagerly.
-        randoms = torch.empty(num_samples, dtype=torch.int64, device=gdev).random_(generator=generator)
+        # as many as negatives; the op uses the first k). Dynamo traces randint (not random_), and
+        # compiled graphs have their own RNG: same distribution, not the eager ids.
+        rng = {} if generator is None else {"generator": generator}  # generator=None fails on a symbolic size
+        randoms = torch.randint(-2**63, 2**63 - 1, (num_samples,), device=gdev, **rng)
         return _sample_classes_op(labels, randoms, num_classes, num_samples)
     positives = torch.unique(labels)  # sorted
     p = positives.numel()
@@ -107,7 +109,10 @@ def _(labels, randoms, num_classes, num_samples):
     # labels alone may exceed num_samples.
     if num_samples >= num_classes or labels.numel() <= num_samples:
         return labels.new_empty(min(num_samples, num_classes))
-    return labels.new_empty(torch.library.get_ctx().new_dynamic_size(min=num_samples, max=num_classes))
+    # new_dynamic_size takes only static bounds (the counts are symbolic when they vary between calls).
+    size = torch.library.get_ctx().new_dynamic_size(min=num_samples if isinstance(num_samples, int) else 0,
+                                                    max=num_classes if isinstance(num_classes, int) else None)
+    return labels.new_empty(size)
 
 
 def _distinct_uniform(k, n, generator, device):
