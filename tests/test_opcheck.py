@@ -199,3 +199,14 @@ def test_gradcheck_float64_public_path_with_row_margins(seed):
     def loss(x, weight, margins):
         return ops.sampled_margin_loss(x, labels, weight, sampled, MarginSpec(scale=8.0), "mean", row_margins=margins)
     assert torch.autograd.gradcheck(loss, (x, weight, margins), fast_mode=True)
+
+
+def test_sample_classes_draws_exactly_the_negatives(seed):
+    """Eager sampling consumes k = num_samples − #unique(labels) words of the generator, as before
+    the custom op existed: a sequence of steps gives the same ids as it always did."""
+    labels = torch.randint(0, 1000, (64,))
+    g = torch.Generator().manual_seed(seed)
+    simcore.sample_classes(labels, 1000, 200, g)
+    expected = torch.Generator().manual_seed(seed)
+    torch.empty(200 - labels.unique().numel(), dtype=torch.int64).random_(generator=expected)
+    assert torch.equal(g.get_state(), expected.get_state())
