@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import simcore
+from conftest import cuda
 from simcore.margin import ops, sampling
 from simcore.margin.engine import MarginSpec, current_engine_options
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
@@ -135,6 +136,22 @@ def test_sample_classes_compiles_fullgraph(seed):
         assert torch.equal(got, torch.unique(got))  # sorted, no duplicates
         assert torch.isin(labels, got).all()
         assert got.numel() == max(num_samples, labels.unique().numel())
+
+
+@cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ops_on_cuda(reduction, seed):
+    """The same checks with CUDA tensors (fake kernels must give CUDA outputs)."""
+    x, labels, weight, sampled, margins = (t.detach().cuda().requires_grad_(t.requires_grad) if t is not None else None
+                                           for t in margin_inputs(2, True))
+    opcheck(ops._fwd_op, (x, labels, weight, sampled, margins, MarginSpec(subcenters=2).as_list(), 2,
+                          ops.REDUCTION_CODES[reduction], True, True, True, False, ENGINE))
+    opcheck(ops._bwd_op, (x.detach(), labels, weight.detach(), sampled, margins.detach(), torch.randn(B, device="cuda"),
+                          MarginSpec(subcenters=2).as_list(), 2, True, True, True, False, ENGINE))
+    database = torch.randn(40, D, device="cuda", dtype=torch.float16)
+    opcheck(topk_module._cosine_topk_op, (database[:5].clone(), database, 6, False, None, True, 0))
+    opcheck(sampling._sample_classes_op, (torch.randint(0, 1000, (40,), device="cuda"),
+                                          torch.randint(-2**63, 2**63 - 1, (20,)), 1000, 20))
 
 
 # ---- gradcheck of the float64 references

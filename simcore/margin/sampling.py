@@ -56,7 +56,8 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     if k >= n:
         return torch.arange(num_classes, device=labels.device)
     if dispatch.use_compiled(torch.device("cpu")):
-        # Eagerly the op's host path runs directly: the dispatcher would add ~40 µs a call.
+        # Eagerly the op's host path runs directly: going through the op (dispatcher, a second
+        # unique) would add ~17 µs to a ~35 µs call at B = 256, 1024 of 100k classes.
         randoms = torch.empty(k, dtype=torch.int64, device=gdev).random_(generator=generator)
         return _floyd_sample(positives.cpu(), randoms, num_classes).to(labels.device)
     ranks = _distinct_uniform(k, n, generator, gdev).to(labels.device)
