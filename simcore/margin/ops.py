@@ -43,9 +43,10 @@ def reduce_rows(loss_rows, code):
 
 def scaled_by_upstream(grad, upstream):
     """grad·upstream; skips the full pass when the upstream gradient is exactly 1 (the usual
-    ``loss.backward()``), checked eagerly only (traced graphs always multiply)."""
-    if not torch.compiler.is_compiling() and upstream.device.type == "cpu" and upstream.numel() == 1 \
-            and upstream.item() == 1.0:
+    ``loss.backward()``), checked eagerly only: traced graphs (torch.compile, and AOTAutograd's
+    fake/functional tensors, whose value is unknown) always multiply."""
+    eager = type(upstream) is torch.Tensor and not torch.compiler.is_compiling()
+    if eager and upstream.device.type == "cpu" and upstream.numel() == 1 and upstream.item() == 1.0:
         return grad
     return grad * upstream.to(grad.dtype)
 
