@@ -95,8 +95,9 @@ def test_bf16_gemms_match_float64_reference(name, subcenters, blocked, generator
         engine_opts(**BLOCKED)
     fn, kw = _variants()[name]
     for reduction in ("mean", "none"):
-        # d = 64: bfloat16 operands move cos θ by ~2^-9/√d, which scale·(t + 2cos θ) amplifies
-        b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 64, 700
+        # d = 128: bfloat16 operands move cos θ by ~2^-9/√d, which scale·(t + 2cos θ) amplifies
+        # (d = 64 reached 1.18e-2 for CurricularFace, K = 3, seed 1196671057)
+        b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 128, 700
         x, y, w = _inputs(generator, b, d, c, subcenters)
         w = w.bfloat16()
         x = _clear_winners(x, y, w, subcenters)
