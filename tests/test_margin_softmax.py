@@ -130,8 +130,9 @@ def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, 
         for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
             assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2, rel_err(out, ref)
         with engine_options(bf16_gemms="never"):  # float32 operands: the same sample, other rounding
-            loss32 = run()[0]
-        assert not torch.equal(loss, loss32)
+            gx32 = run()[2]
+        # the gradient, not the loss: a mean loss near 44 can round to the same float32 (seed 104)
+        assert not torch.equal(gx.float(), gx32.float())
 
 
 def test_bf16_gemms_extreme_angles(bf16_gemms, generator):
