@@ -5,6 +5,7 @@ Each AMP run (CPU autocast in float16 or bfloat16 + GradScaler("cpu")) is compar
 an fp32 run without scaling from the same start: the centres, the head's optimizer state
 and the backbone must agree within the autocast dtype's tolerance."""
 import copy
+import os
 
 import pytest
 import torch
@@ -263,6 +264,11 @@ def _shard_worker(rank, tmp):
         torch.save(out, f"{tmp}/out{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Reached only on success (an exception above still reaches the parent). Exiting without
+    # interpreter teardown: in 3 of 15 runs of this file beside test_properties_margin.py and
+    # test_opcheck.py, both ranks aborted ("terminate called without an active exception",
+    # the message of a joinable std::thread destroyed), most likely at shutdown. Not traced yet.
+    os._exit(0)
 
 
 def test_sharded_head_clips_by_the_global_norm_and_skips_on_every_rank(tmp_path):
