@@ -83,3 +83,49 @@ def backend(name):
         yield
     finally:
         simcore.set_backend(previous)
+
+
+# --------------------------------------------------------------------------- spawned gloo worlds
+def _rank_main(rank, worker, tmp, args):
+    """A spawned rank: ``worker(rank, tmp, *args)``, then an exit without interpreter teardown.
+
+    Ranks that had finished their work and saved their results were seen, now and then,
+    to die with SIGABRT ("terminate called without an active exception", the message of a
+    joinable std::thread being destroyed) while the interpreter shut down. Skipping that
+    teardown with ``os._exit(0)`` once the worker returned keeps a finished rank finished;
+    faulthandler writes each rank's Python stacks to ``tmp/rank<r>.stacks`` should a signal
+    still come, and ``spawn_ranks`` shows them."""
+    import faulthandler
+    import sys
+    with open(os.path.join(tmp, f"rank{rank}.stacks"), "w") as stacks:
+        faulthandler.enable(stacks, all_threads=True)
+        worker(rank, tmp, *args)  # an exception reaches the parent through torch.multiprocessing
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def spawn_ranks(worker, nprocs, tmp, args=(), deadline_s=240):
+    """Run ``worker(rank, tmp, *args)`` on ``nprocs`` spawned processes; fail on an error,
+    a signal (with the ranks' Python stacks) or a hang past ``deadline_s``."""
+    import time
+    import torch.multiprocessing as mp
+    tmp = str(tmp)
+    ctx = mp.start_processes(_rank_main, args=(worker, tmp, tuple(args)), nprocs=nprocs, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=5):  # raises if a rank raised or died
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"{nprocs} ranks still running after {deadline_s} s (hang)")
+    except mp.ProcessExitedException as exc:
+        stacks = []
+        for rank in range(nprocs):
+            path = os.path.join(tmp, f"rank{rank}.stacks")
+            if os.path.exists(path) and os.path.getsize(path):
+                with open(path) as f:
+                    stacks.append(f"--- rank {rank}\n{f.read()}")
+        raise AssertionError(f"{exc}\n" + "\n".join(stacks)) from exc

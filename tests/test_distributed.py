@@ -12,16 +12,14 @@ import datetime
 import math
 import os
 import random
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import simcore
 from simcore.margin.sharded import load_resharded, shard_bounds
-from conftest import rel_err
+from conftest import rel_err, spawn_ranks
 
 C, D, DIN = 60, 16, 6
 SIZES = {2: [7, 5], 4: [4, 0, 3, 5]}
@@ -78,7 +76,7 @@ def _grab_error(fn):
 
 
 # --------------------------------------------------------------------------- the worker (one rank)
-def _worker(rank, ws, tmp):
+def _worker(rank, tmp, ws):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store{ws}", rank=rank, world_size=ws,
                             timeout=datetime.timedelta(seconds=60))
@@ -172,14 +170,7 @@ def _worker(rank, ws, tmp):
 
 
 def _spawn(ws, tmp):
-    ctx = mp.start_processes(_worker, args=(ws, str(tmp)), nprocs=ws, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):  # raises if a worker raised
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"world size {ws}: workers still running after {DEADLINE_S} s (hang)")
+    spawn_ranks(_worker, ws, tmp, args=(ws,), deadline_s=DEADLINE_S)
     return [torch.load(os.path.join(tmp, f"out{ws}_{r}.pt")) for r in range(ws)]
 
 

@@ -5,13 +5,12 @@ Each AMP run (CPU autocast in float16 or bfloat16 + GradScaler("cpu")) is compar
 an fp32 run without scaling from the same start: the centres, the head's optimizer state
 and the backbone must agree within the autocast dtype's tolerance."""
 import copy
-import os
 
 import pytest
 import torch
 
 import simcore
-from conftest import rel_err
+from conftest import rel_err, spawn_ranks
 
 C, D, D_IN, B = 60, 16, 12, 24
 TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
@@ -264,16 +263,10 @@ def _shard_worker(rank, tmp):
         torch.save(out, f"{tmp}/out{rank}.pt")
     finally:
         dist.destroy_process_group()
-    # Reached only on success (an exception above still reaches the parent). Exiting without
-    # interpreter teardown: in 3 of 15 runs of this file beside test_properties_margin.py and
-    # test_opcheck.py, both ranks aborted ("terminate called without an active exception",
-    # the message of a joinable std::thread destroyed), most likely at shutdown. Not traced yet.
-    os._exit(0)
 
 
 def test_sharded_head_clips_by_the_global_norm_and_skips_on_every_rank(tmp_path):
-    import torch.multiprocessing as mp
-    mp.start_processes(_shard_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")  # raises if a rank raised
+    spawn_ranks(_shard_worker, 2, tmp_path)
     outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
     inp = _shard_inputs()
     head = _shard_head()
