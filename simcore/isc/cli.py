@@ -279,11 +279,12 @@ def _user_errors():
     from simcore.isc.backbones import BackboneError
     from simcore.isc.data import CorruptImageError, NoImagesError
     from simcore.isc.embed import CheckpointError
-    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError)
+    from simcore.isc.train import TrainSetupError
+    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, TrainSetupError)
 
 
 def cmd_train(a):
-    from simcore.isc.train import TrainConfig, train
+    from simcore.isc.train import SimulatedFailure, TrainConfig, train
 
     cfg = TrainConfig(
         images=a.images, output=a.output, backbone=a.backbone, pretrained=a.pretrained, dim=a.dim,
@@ -302,6 +303,9 @@ def cmd_train(a):
         r = train(cfg)
     except _user_errors() as e:
         raise CLIError(str(e)) from None
+    except SimulatedFailure as e:          # the test hook: an interrupted run, not a user error
+        print(f"simcore train: {e}", file=sys.stderr)
+        return 1
     summary = {"output": r.output, "checkpoint": r.checkpoint, "steps": len(r.losses),
                "final_loss": r.stages[-1]["final_loss"] if r.stages else None,
                "images_per_second": r.images_per_second, "stages": r.stages,
@@ -330,7 +334,7 @@ def cmd_embed(a):
                             log=lambda m: print(f"[simcore embed] {m}", file=sys.stderr))
     except _user_errors() as e:
         raise CLIError(str(e)) from None
-    except ValueError as e:
+    except ValueError as e:                # bad flag values, duplicate ids, PCA without --train
         raise CLIError(str(e)) from None
     try:
         write_descriptors(a.output, res)

@@ -56,17 +56,26 @@ from simcore.isc.descriptors import match as match_descriptors
 from simcore.isc.embed import CHECKPOINT_FORMAT, autocast_context, embed_dataset, load_checkpoint
 from simcore.isc.metrics import evaluate
 
-__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "FAIL_AFTER_STEP_ENV"]
+__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "FAIL_AFTER_STEP_ENV", "SimulatedFailure",
+           "TrainSetupError"]
 
 #: The ``--loss`` choices.
 LOSSES = ("arcface", "cosface", "adaface", "magface", "curricularface", "cam")
 
-#: Test hook: an integer N makes ``train`` raise RuntimeError right after global step N (after that
+#: Test hook: an integer N makes ``train`` raise SimulatedFailure right after global step N (after that
 #: step's checkpoint, if one was due): an interrupted run, to resume.
 FAIL_AFTER_STEP_ENV = "SIMCORE_TRAIN_FAIL_AFTER_STEP"
 
 #: Augmentation of the training copies: the demo's mix (1-3 transforms, intensity 0.2-1).
 TRAIN_OPS_WEIGHTS = {"overlay_text": 0.5, "screenshot": 0.5, "meme": 0.5}
+
+class TrainSetupError(ValueError):
+    """Settings that cannot work (bad values, a drip larger than the data, a resume with other settings)."""
+
+
+class SimulatedFailure(RuntimeError):
+    """The interruption that ``SIMCORE_TRAIN_FAIL_AFTER_STEP`` asks for."""
+
 
 # Config fields that must match to resume a run (the others - workers, progress, checkpoint
 # frequency, plot, device - may change between the interrupted run and its resumption).
@@ -124,32 +133,32 @@ class TrainConfig:
         c.drip = [("ALL" if str(d).upper() == "ALL" else int(d)) for d in _as_list(c.drip)]
         n = len(c.drip)
         if n == 0:
-            raise ValueError("drip needs at least one stage")
+            raise TrainSetupError("drip needs at least one stage")
         c.batch_size = _per_stage(c.batch_size, n, "batch_size")
         c.steps = _per_stage(c.steps, n, "steps")
         c.widths = [int(w) for w in _as_list(c.widths)]
         if any(b < 1 for b in c.batch_size):
-            raise ValueError(f"batch sizes must be >= 1, got {c.batch_size}")
+            raise TrainSetupError(f"batch sizes must be >= 1, got {c.batch_size}")
         if any(s < 1 for s in c.steps):
-            raise ValueError(f"steps must be >= 1 per stage, got {c.steps}")
+            raise TrainSetupError(f"steps must be >= 1 per stage, got {c.steps}")
         if c.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
+            raise TrainSetupError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
         if c.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
+            raise TrainSetupError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
         if c.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be adam or sgd, got {c.optimizer!r}")
+            raise TrainSetupError(f"optimizer must be adam or sgd, got {c.optimizer!r}")
         if c.labels not in ("image", "folder"):
-            raise ValueError(f"labels must be 'image' or 'folder', got {c.labels!r}")
+            raise TrainSetupError(f"labels must be 'image' or 'folder', got {c.labels!r}")
         for name in ("dim", "image_size", "stop_window", "subcenters"):
             if getattr(c, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+                raise TrainSetupError(f"{name} must be >= 1, got {getattr(c, name)}")
         for name in ("warmup", "views", "workers", "checkpoint_every"):
             if getattr(c, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
+                raise TrainSetupError(f"{name} must be >= 0, got {getattr(c, name)}")
         if not 0 < c.sample_rate <= 1:
-            raise ValueError(f"sample_rate must lie in (0, 1], got {c.sample_rate}")
+            raise TrainSetupError(f"sample_rate must lie in (0, 1], got {c.sample_rate}")
         if c.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {c.image_size}")
+            raise TrainSetupError(f"image_size must be >= 16, got {c.image_size}")
         return c
 
 
@@ -178,7 +187,7 @@ def _per_stage(v, n, name):
     if len(vals) == 1:
         vals = vals * n
     if len(vals) != n:
-        raise ValueError(f"{name} has {len(vals)} values for {n} drip stages (give one, or one per stage)")
+        raise TrainSetupError(f"{name} has {len(vals)} values for {n} drip stages (give one, or one per stage)")
     return vals
 
 
@@ -186,7 +195,7 @@ def resolve_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: torch sees no CUDA device")
+        raise TrainSetupError(f"device {name!r}: torch sees no CUDA device")
     return name
 
 
@@ -284,11 +293,11 @@ def _class_order(num_classes, seed):
 def _stage_counts(drip, num_classes):
     counts = [num_classes if d == "ALL" else int(d) for d in drip]
     if any(n < 1 for n in counts):
-        raise ValueError(f"drip stages must hold >= 1 classes, got {drip}")
+        raise TrainSetupError(f"drip stages must hold >= 1 classes, got {drip}")
     if any(b <= a for a, b in zip(counts, counts[1:])):
-        raise ValueError(f"drip stages must grow: {drip} gives class counts {counts}")
+        raise TrainSetupError(f"drip stages must grow: {drip} gives class counts {counts}")
     if counts[-1] > num_classes:
-        raise ValueError(f"drip asks for {counts[-1]} classes but the images hold {num_classes}")
+        raise TrainSetupError(f"drip asks for {counts[-1]} classes but the images hold {num_classes}")
     return counts
 
 
@@ -406,9 +415,9 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
         diff = [f"{k} ({old.get(k)!r} -> {getattr(c, k)!r})" for k in _RESUME_FIELDS
                 if _jsonable(old.get(k)) != _jsonable(getattr(c, k))]
         if diff:
-            raise ValueError(f"{c.resume}: the run was made with other settings: {', '.join(diff)}")
+            raise TrainSetupError(f"{c.resume}: the run was made with other settings: {', '.join(diff)}")
         if ckpt["num_images"] != len(images.paths) or ckpt["num_classes"] != num_classes:
-            raise ValueError(f"{c.resume}: the run had {ckpt['num_images']} images in {ckpt['num_classes']} classes, "
+            raise TrainSetupError(f"{c.resume}: the run had {ckpt['num_images']} images in {ckpt['num_classes']} classes, "
                              f"{c.images} now holds {len(images.paths)} in {num_classes}")
         model.load_state_dict(ckpt["model"])
         head = _make_head(c, ckpt["head_classes"], device)
@@ -536,8 +545,8 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
                 if step < max_steps and not stopped and c.checkpoint_every and global_step % c.checkpoint_every == 0:
                     checkpoint(result.checkpoint, stage, step)
                 if fail_after is not None and global_step == fail_after and (step < max_steps and not stopped):
-                    raise RuntimeError(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
-                                       f"{global_step}")
+                    raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
+                                           f"{global_step}; continue with --resume {result.checkpoint}")
                 if stopped:
                     break
             # ---- stage end
@@ -558,7 +567,8 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
             checkpoint(result.checkpoint, stage, 0)
             _atomic_copy(result.checkpoint, os.path.join(c.output, f"stage{stage}.pt"))
             if fail_after is not None and global_step == fail_after and stage < len(counts):
-                raise RuntimeError(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step {global_step}")
+                raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
+                                       f"{global_step}; continue with --resume {result.checkpoint}")
     finally:
         if bar is not None:
             bar.close()
