@@ -368,6 +368,10 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
 
     ``log_fn``: where one-line messages go (default: stderr)."""
     c = config.normalised()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise TrainSetupError(f"simcore train runs in one process; under torchrun (WORLD_SIZE="
+                              f"{os.environ['WORLD_SIZE']}) each rank would train its own copy. Data-parallel "
+                              "training is not supported yet (docs/train.md, 'Several GPUs')")
     say = log_fn or (lambda msg: print(f"[simcore train] {msg}", file=sys.stderr, flush=True))
     device = resolve_device(c.device)
     if c.threads:
