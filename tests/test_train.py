@@ -139,6 +139,8 @@ def test_bad_settings_are_clear_errors(folder, tmp_path):
         T.train(config(folder, tmp_path, drip=(8, 4), steps=1), log_fn=lambda m: None)
     with pytest.raises(ValueError, match="steps has 2 values for 3 drip stages"):
         T.TrainConfig(images="x", output="y", drip="2,4,ALL", steps="1,2").normalised()
+    with pytest.raises(ValueError, match="drip: 'abc' is not a whole number"):
+        T.TrainConfig(images="x", output="y", drip="5,abc").normalised()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WORLD_SIZE", "2")
         with pytest.raises(T.TrainSetupError, match="torchrun.*not supported yet"):

@@ -130,7 +130,7 @@ class TrainConfig:
         """A copy with lists for the per-stage fields and checked values (ValueError on bad ones)."""
         c = dataclasses.replace(self)
         c.images, c.output = os.fspath(c.images), os.fspath(c.output)
-        c.drip = [("ALL" if str(d).upper() == "ALL" else int(d)) for d in _as_list(c.drip)]
+        c.drip = [("ALL" if str(d).strip().upper() == "ALL" else _int(d, "drip")) for d in _as_list(c.drip)]
         n = len(c.drip)
         if n == 0:
             raise TrainSetupError("drip needs at least one stage")
@@ -182,8 +182,15 @@ def _as_list(v):
     return [v]
 
 
+def _int(v, name):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise TrainSetupError(f"{name}: {v!r} is not a whole number (drip stages are class counts or ALL)") from None
+
+
 def _per_stage(v, n, name):
-    vals = [int(x) for x in _as_list(v)]
+    vals = [_int(x, name) for x in _as_list(v)]
     if len(vals) == 1:
         vals = vals * n
     if len(vals) != n:
