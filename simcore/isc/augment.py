@@ -581,6 +581,10 @@ TRANSFORMS: Dict[str, Callable] = {
 }
 
 
+#: The transforms that combine a copy with other images, and the keyword that passes them.
+_OTHERS_KEYWORD = {"overlay_image": "overlays", "picture_in_picture": "backgrounds"}
+
+
 class RandomAugment:
     """A random composition of transforms per image, like the 2nd-place ISC 2021 pipeline.
 
@@ -615,21 +619,37 @@ class RandomAugment:
     def __repr__(self):
         return f"RandomAugment(ops={self.ops}, num_ops={self.num_ops}, intensity={self.intensity})"
 
-    def __call__(self, images: torch.Tensor, *, generator=None) -> torch.Tensor:
-        """Augment a float/uint8 batch (N, 3, H, W) (or (3, H, W); PIL images go through ``to_tensor``)."""
+    def __call__(self, images: torch.Tensor, *, generator=None, others=None) -> torch.Tensor:
+        """Augment a float/uint8 batch (N, 3, H, W) (or (3, H, W); PIL images go through ``to_tensor``).
+
+        ``others``: the images that ``overlay_image`` and ``picture_in_picture`` combine
+        the copies with (a tensor (M, 3, h, w) or (3, h, w), or a list), or a function of
+        no arguments returning them, called only when one of those transforms is drawn
+        (a data loader that augments one image at a time can then decode a second image
+        only when it is needed). Default: the batch rolled by one, or noise for a single image."""
         g = _generator(generator)
         Image = None if isinstance(images, torch.Tensor) else _pil()[0]
         if Image is not None and isinstance(images, Image.Image):
-            return to_pil(self(to_tensor(images), generator=g))
+            return to_pil(self(to_tensor(images), generator=g, others=others))
         if isinstance(images, (list, tuple)):
-            return [self(im, generator=g) for im in images]
+            return [self(im, generator=g, others=others) for im in images]
         single = images.dim() == 3
         x = images[None] if single else images
         dtype = x.dtype
         x = x.float() / 255 if dtype == torch.uint8 else x.float().clone()   # never edit the caller's tensor
         n = x.shape[0]
+        resolved = []
+
+        def extra(name):               # the keyword that hands ``others`` to a transform combining images
+            key = _OTHERS_KEYWORD.get(name)
+            if key is None or others is None:
+                return {}
+            if not resolved:
+                resolved.append(others() if callable(others) else others)
+            return {key: resolved[0]}
+
         for name, (lo, hi) in self.always.items():
-            x = TRANSFORMS[name](x, _uniform(g, n, lo, hi), generator=g)
+            x = TRANSFORMS[name](x, _uniform(g, n, lo, hi), generator=g, **extra(name))
         lo, hi = self.num_ops
         counts = torch.randint(lo, hi + 1, (n,), generator=g)
         # plan[i] = this image's ops in order; drawn without replacement by weight
@@ -646,7 +666,7 @@ class RandomAugment:
                     continue
                 idx_t = torch.tensor(idx)
                 inten = _uniform(g, len(idx), *self.intensity)
-                x[idx_t] = TRANSFORMS[name](x[idx_t], inten, generator=g)
+                x[idx_t] = TRANSFORMS[name](x[idx_t], inten, generator=g, **extra(name))
         x = x.clamp(0, 1)
         if dtype == torch.uint8:
             x = (x * 255).round().to(torch.uint8)

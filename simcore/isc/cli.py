@@ -4,6 +4,8 @@
     simcore match --query Q.npy --reference R.npy [--train T.npy] -o predictions.csv
     simcore eval predictions.csv ground_truth.csv [--json] [--plot pr.png]
     simcore demo [--quick] [--out DIR] ...   (simcore.isc.demo: the copy-detection benchmark)
+    simcore train IMAGES_DIR -o RUN_DIR [--drip 50,100,ALL --steps ...]   (simcore.isc.train, docs/train.md)
+    simcore embed CKPT [CKPT ...] --query Q_DIR --reference R_DIR [--train T_DIR --pca 256 --flip] -o out.h5
 
 Descriptor files: the challenge's HDF5 layout (datasets ``query``,
 ``reference``, ``query_ids``, ``reference_ids``; a training file holds ``train``
@@ -272,6 +274,84 @@ def cmd_eval(a):
     return 0
 
 
+def _user_errors():
+    """The exceptions that ``simcore train`` / ``embed`` report as one line (bad input, not bugs)."""
+    from simcore.isc.backbones import BackboneError
+    from simcore.isc.data import CorruptImageError, NoImagesError
+    from simcore.isc.embed import CheckpointError
+    from simcore.isc.train import TrainSetupError
+    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, TrainSetupError)
+
+
+def cmd_train(a):
+    from simcore.isc.train import SimulatedFailure, TrainConfig, train
+
+    cfg = TrainConfig(
+        images=a.images, output=a.output, backbone=a.backbone, pretrained=a.pretrained, dim=a.dim,
+        image_size=a.image_size, labels=a.labels, drip=a.drip, batch_size=a.batch_size, steps=a.steps,
+        stop_loss=a.stop, stop_window=a.stop_window, precision=a.precision, loss=a.loss, margin=a.margin,
+        scale=a.scale, sample_rate=a.sample_rate, subcenters=a.subcenters, lr=a.lr, head_lr=a.head_lr,
+        optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay, warmup=a.warmup, views=a.views,
+        seed=a.seed, workers=a.workers, device=a.device, threads=a.threads, checkpoint_every=a.checkpoint_every,
+        resume=a.resume, val_dir=a.val_dir, val_max=a.val_max, plot=a.plot, strict=a.strict,
+        progress=(not a.no_progress) and sys.stderr.isatty())
+    try:
+        cfg.normalised()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        r = train(cfg)
+    except _user_errors() as e:
+        raise CLIError(str(e)) from None
+    except SimulatedFailure as e:          # the test hook: an interrupted run, not a user error
+        print(f"simcore train: {e}", file=sys.stderr)
+        return 1
+    summary = {"output": r.output, "checkpoint": r.checkpoint, "steps": len(r.losses),
+               "final_loss": r.stages[-1]["final_loss"] if r.stages else None,
+               "images_per_second": r.images_per_second, "stages": r.stages,
+               "skipped_files": r.skipped_files, "dropped_samples": r.dropped_samples}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        for s in r.stages:
+            v = s.get("val")
+            print(f"stage {s['stage'] + 1}: {s['classes']} classes, {s['steps']} steps, loss {s['final_loss']:.4f}"
+                  + (f", val µAP {v['micro_ap']:.4f} recall@P90 {v['recall_at_p90']:.4f}" if v else ""))
+        print(f"{r.images_per_second:.1f} images/s; checkpoint {r.checkpoint}")
+    return 0
+
+
+def cmd_embed(a):
+    from simcore.isc.embed import embed_folders, write_descriptors
+    from simcore.isc.train import resolve_device
+
+    progress = (not a.no_progress) and sys.stderr.isatty()
+    try:
+        device = resolve_device(a.device)
+        res = embed_folders(a.checkpoints, query=a.query, reference=a.reference, train=a.train, pca=a.pca,
+                            flip=a.flip, batch_size=a.batch_size, workers=a.workers, device=device,
+                            precision=a.precision, strict=a.strict, progress=progress,
+                            log=lambda m: print(f"[simcore embed] {m}", file=sys.stderr))
+    except _user_errors() as e:
+        raise CLIError(str(e)) from None
+    except ValueError as e:                # bad flag values, duplicate ids, PCA without --train
+        raise CLIError(str(e)) from None
+    try:
+        write_descriptors(a.output, res)
+    except OSError as e:
+        raise CLIError(f"{a.output}: cannot write descriptors: {e.strerror or e}") from None
+    summary = {"output": a.output, "queries": len(res["query_ids"]), "references": len(res["reference_ids"]),
+               "train": None if res["train"] is None else len(res["train_ids"]), "dim": int(res["query"].shape[1]),
+               "models": len(a.checkpoints), "flip": a.flip}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {summary['queries']} query, {summary['references']} reference"
+              + (f", {summary['train']} training" if summary["train"] is not None else "")
+              + f" descriptors ({summary['dim']}d, {summary['models']} model(s)) to {a.output}")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="simcore", description="Copy detection: match descriptors, evaluate µAP.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,6 +394,81 @@ def build_parser():
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--plot", metavar="PNG", help="save the precision-recall curve (needs matplotlib)")
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="train a descriptor model on a folder of images (docs/train.md)",
+                       description="Drip training of a copy-detection descriptor: every image its own class "
+                                   "(or every sub-folder), augmented copies as positives, a PartialMarginHead "
+                                   "margin loss, checkpoints to resume from. See docs/train.md.")
+    t.add_argument("images", help="folder of images (recursive: jpg jpeg png webp bmp) or a text file listing them")
+    t.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
+                   help="run folder: last.pt, stage<k>.pt, log.jsonl, loss.png")
+    t.add_argument("--backbone", default="smallcnn", help="smallcnn (default) or a timm model name (needs timm)")
+    t.add_argument("--pretrained", action="store_true", help="timm backbones: start from pretrained weights")
+    t.add_argument("--dim", type=int, default=256, help="embedding dims (default 256)")
+    t.add_argument("--image-size", type=int, default=64, help="images are resized to this square (default 64)")
+    t.add_argument("--labels", choices=["image", "folder"], default="image",
+                   help="image: every image its own class (default, the ISC recipe); folder: one class per sub-folder")
+    t.add_argument("--drip", default="ALL", metavar="N,N,...,ALL",
+                   help="class count of each stage (default ALL: one stage with every class)")
+    t.add_argument("--batch-size", default="32", metavar="B[,B...]", help="per stage, or one for all (default 32)")
+    t.add_argument("--steps", default="100", metavar="S[,S...]",
+                   help="(maximum) steps per stage, or one for all (default 100)")
+    t.add_argument("--stop", type=float, default=None, metavar="LOSS",
+                   help="end a stage once the mean loss of the last --stop-window steps is below LOSS")
+    t.add_argument("--stop-window", type=int, default=20, help="steps averaged by --stop (default 20)")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision (fp16 adds a GradScaler; default fp32)")
+    t.add_argument("--loss", choices=["arcface", "cosface", "adaface", "magface", "curricularface", "cam"],
+                   default="arcface", help="margin loss of the head (default arcface, s=40, m=0.4)")
+    t.add_argument("--margin", type=float, default=None, help="the loss's margin (default per loss)")
+    t.add_argument("--scale", type=float, default=None, help="logit scale s (default 40; cam 20)")
+    t.add_argument("--sample-rate", type=float, default=0.1,
+                   help="Partial FC: the batch's classes plus this fraction of all classes per step (default 0.1)")
+    t.add_argument("--subcenters", type=int, default=1, help="sub-centres per class (default 1)")
+    t.add_argument("--lr", type=float, default=1e-3, help="backbone learning rate (default 1e-3)")
+    t.add_argument("--head-lr", type=float, default=None, help="head learning rate (default: --lr)")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (head: AdamW rows, no decay) or sgd (momentum 0.9); default adam")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
+    t.add_argument("--warmup", type=int, default=0, help="linear warm-up steps at each stage start (default 0)")
+    t.add_argument("--views", type=int, default=4, help="augmented copies per image for new centres (default 4)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentations and init (default 0)")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    t.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps (default: at stage ends only)")
+    t.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint (RUN_DIR/last.pt)")
+    t.add_argument("--val-dir", help="validation images: µAP of augmented copies against them at each stage end")
+    t.add_argument("--val-max", type=int, default=500, help="at most this many validation images (default 500)")
+    t.add_argument("--plot", action="store_true", help="save the loss curve to RUN_DIR/loss.png (needs matplotlib)")
+    t.add_argument("--strict", action="store_true", help="unreadable image files are an error (default: skipped)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("embed", help="descriptors of image folders from checkpoints -> challenge HDF5",
+                       description="Embed query, reference (and training) images with one checkpoint or an "
+                                   "ensemble (concatenated, PCA-whitened on the training images, L2), in the "
+                                   "HDF5 layout that `simcore match` reads.")
+    b.add_argument("checkpoints", nargs="+", metavar="CKPT", help="simcore train checkpoints (several: an ensemble)")
+    b.add_argument("--query", required=True, help="folder (or list) of query images")
+    b.add_argument("--reference", required=True, help="folder (or list) of reference images")
+    b.add_argument("--train", help="folder (or list) of the external training images (PCA, ensembles, "
+                                   "written as dataset 'train' for simcore match --train)")
+    b.add_argument("--pca", type=int, default=None, metavar="DIM",
+                   help="PCA-whiten to DIM dims, fitted on --train (ensembles default to the full dims)")
+    b.add_argument("--flip", action="store_true", help="flip test-time augmentation: normalise(f(x) + f(flip x))")
+    b.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    b.add_argument("--strict", action="store_true", help="unreadable image files are an error (default: skipped)")
+    b.add_argument("-o", "--output", default="descriptors.h5", help="HDF5 file to write (default descriptors.h5)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--json", action="store_true", help="print a JSON summary")
+    b.set_defaults(func=cmd_embed)
 
     # Listed for `simcore --help`; main() hands everything after `demo` to simcore.isc.demo.main.
     sub.add_parser("demo", add_help=False, help="the copy-detection benchmark on real photographs "

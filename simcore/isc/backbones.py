@@ -1,0 +1,86 @@
+"""Backbones for copy-detection descriptors, by name.
+
+- ``"smallcnn"``: :class:`simcore.isc.training.SmallCNN` (in-house, CPU-friendly; the tests' and
+  the demo's model).
+- any other name: a `timm <https://github.com/huggingface/pytorch-image-models>`_ model
+  (``timm.create_model(name, pretrained=..., num_classes=0, global_pool="")``, its feature map)
+  followed by GeM pooling (p = 3, fixed, as the 2nd-place ISC 2021 team) and a linear layer to
+  ``dim``, with the model's own input normalisation. timm is imported only when such a name
+  is asked for; without it the error names the fix (``pip install timm``).
+
+Every backbone's ``forward`` takes float images (N, 3, H, W) in [0, 1] and returns unnormalised
+embeddings (N, dim); the margin loss normalises them in training and ``embed`` L2-normalises at
+inference. ``build_backbone(spec)`` rebuilds one from the ``spec`` dict stored in checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from simcore.isc.training import GeM, SmallCNN
+
+__all__ = ["TimmBackbone", "build_backbone", "backbone_spec", "BackboneError"]
+
+
+class BackboneError(ValueError):
+    """An unknown backbone name or a missing optional dependency."""
+
+
+def _timm():
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001 - ImportError, or torchvision failing to import inside timm
+        raise BackboneError(f"backbones other than 'smallcnn' come from timm, which cannot be imported here "
+                            f"({type(e).__name__}: {e}); install it beside your torch (pip install timm, which "
+                            f"needs a torchvision matching that torch) or use --backbone smallcnn") from None
+    return timm
+
+
+class TimmBackbone(nn.Module):
+    """A timm model's feature map -> GeM (p = 3, fixed) -> linear to ``dim``."""
+
+    def __init__(self, name: str, dim: int, *, pretrained: bool = False, gem_p: float = 3.0):
+        super().__init__()
+        timm = _timm()
+        try:
+            self.body = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+        except RuntimeError as e:            # timm: "Unknown model (name)"
+            raise BackboneError(f"unknown backbone {name!r}: {e} (timm.list_models() lists them)") from None
+        self.pool = GeM(gem_p)
+        self.fc = nn.Linear(int(self.body.num_features), dim)
+        cfg = getattr(self.body, "pretrained_cfg", None) or getattr(self.body, "default_cfg", None) or {}
+        mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        f = self.body.forward_features(x) if hasattr(self.body, "forward_features") else self.body(x)
+        if f.dim() == 3:                     # (N, tokens, C) of a transformer: pool the tokens
+            f = f.transpose(1, 2).unsqueeze(-1)
+        return self.fc(self.pool(f.float()))
+
+
+def backbone_spec(name: str, dim: int, image_size: int, *, pretrained: bool = False,
+                  widths=(32, 64, 128, 256), depth: int = 1) -> dict:
+    """The dict that ``build_backbone`` (and a checkpoint) needs to rebuild the model."""
+    spec = {"name": name, "dim": int(dim), "image_size": int(image_size)}
+    if name == "smallcnn":
+        spec.update(widths=list(widths), depth=int(depth))
+    else:
+        spec.update(pretrained=bool(pretrained))
+    return spec
+
+
+def build_backbone(spec: dict, *, pretrained: Optional[bool] = None) -> nn.Module:
+    """The model of a ``backbone_spec`` dict (``pretrained`` overrides the spec's; checkpoints load
+    their own weights, so rebuilding never downloads)."""
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"a backbone spec needs a name, got {spec!r}")
+    dim = int(spec["dim"])
+    if name == "smallcnn":
+        return SmallCNN(dim, widths=tuple(spec.get("widths", (32, 64, 128, 256))), depth=int(spec.get("depth", 1)))
+    return TimmBackbone(name, dim, pretrained=spec.get("pretrained", False) if pretrained is None else pretrained)

@@ -1,0 +1,614 @@
+"""``simcore train``: copy-detection descriptors from a folder of images, the 2nd-place ISC 2021 recipe.
+
+    from simcore.isc.train import TrainConfig, train
+    result = train(TrainConfig(images="imgs/", output="run/", drip=(50, 100, "ALL"), steps=(20, 20, 20)))
+
+Every image is its own class (or, with ``labels="folder"``, every sub-folder); positives are
+augmented copies (:mod:`simcore.isc.augment`, made per sample in DataLoader workers,
+:mod:`simcore.isc.data`). The head is :class:`simcore.PartialMarginHead` (its own sparse row
+optimizer; ``arcface``, ``cosface``, ``adaface``, ``magface``, ``curricularface`` or ``cam``),
+the backbone a ``simcore.isc.backbones`` model with Adam or SGD, linear warm-up then cosine
+decay per stage.
+
+Drip training: ``drip`` lists the class count of each stage (``"ALL"``: every class). The
+classes are taken in a seeded random order; at the start of each stage the head grows by the
+new classes, whose centres are the mean embedding of each class's clean image(s) and ``views``
+augmented copies from the current backbone (``PartialMarginHead.centres_from_embeddings`` then
+``head.grow``); the backbone is kept, its optimizer and LR schedule restart. A stage runs
+``steps`` steps, or ends earlier once the mean loss of the last ``stop_window`` steps falls
+below ``stop_loss``.
+
+Checkpoints (``RUN_DIR/last.pt`` every ``checkpoint_every`` steps and at each stage end, and
+``RUN_DIR/stage<k>.pt`` at the end of stage k) are written atomically (temporary file, then
+``os.replace``) and hold the model, the head (centres, row-optimizer state, loss statistics),
+the backbone optimizer, the GradScaler, the RNG states (torch, CUDA, numpy, python, the head's
+class-sampling generator), the stage, the step and the log's length. The data order and every
+augmentation are functions of (seed, stage, step, slot) (``StageBatchSampler``), so
+``resume=RUN_DIR/last.pt`` continues bit for bit where the run stopped, with any number of
+workers.
+
+Feedback: a tqdm bar (loss, images/s, ETA), ``RUN_DIR/log.jsonl`` (one JSON object per step:
+loss, learning rates, images/s, stage, classes; and stage, validation and checkpoint events),
+``RUN_DIR/loss.png`` with ``plot=True``, and with ``val_dir`` the µAP and recall@P90 of one
+augmented copy of each validation image searched among the clean ones, at each stage end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+import simcore
+from simcore.isc import augment as A
+from simcore.isc import data as Dt
+from simcore.isc.backbones import backbone_spec, build_backbone
+from simcore.isc.descriptors import match as match_descriptors
+from simcore.isc.embed import CHECKPOINT_FORMAT, autocast_context, embed_dataset, load_checkpoint
+from simcore.isc.metrics import evaluate
+
+__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "FAIL_AFTER_STEP_ENV", "SimulatedFailure",
+           "TrainSetupError"]
+
+#: The ``--loss`` choices.
+LOSSES = ("arcface", "cosface", "adaface", "magface", "curricularface", "cam")
+
+#: Test hook: an integer N makes ``train`` raise SimulatedFailure right after global step N (after that
+#: step's checkpoint, if one was due): an interrupted run, to resume.
+FAIL_AFTER_STEP_ENV = "SIMCORE_TRAIN_FAIL_AFTER_STEP"
+
+#: Augmentation of the training copies: the demo's mix (1-3 transforms, intensity 0.2-1).
+TRAIN_OPS_WEIGHTS = {"overlay_text": 0.5, "screenshot": 0.5, "meme": 0.5}
+
+class TrainSetupError(ValueError):
+    """Settings that cannot work (bad values, a drip larger than the data, a resume with other settings)."""
+
+
+class SimulatedFailure(RuntimeError):
+    """The interruption that ``SIMCORE_TRAIN_FAIL_AFTER_STEP`` asks for."""
+
+
+# Config fields that must match to resume a run (the others - workers, progress, checkpoint
+# frequency, plot, device - may change between the interrupted run and its resumption).
+_RESUME_FIELDS = ("backbone", "dim", "image_size", "labels", "drip", "batch_size", "steps", "stop_loss",
+                  "stop_window", "precision", "loss", "margin", "scale", "sample_rate", "subcenters", "lr",
+                  "head_lr", "optimizer", "momentum", "weight_decay", "warmup", "views", "seed", "widths", "depth")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs; the ``simcore train`` flags map one to one (docs/train.md)."""
+    images: str                                   # folder (recursive) or text file listing images
+    output: str                                   # run folder: checkpoints, log.jsonl, loss.png
+    backbone: str = "smallcnn"                    # or a timm model name
+    pretrained: bool = False                      # timm: start from its pretrained weights
+    widths: Sequence[int] = (32, 64, 128, 256)    # smallcnn stages
+    depth: int = 1                                # smallcnn convolutions per stage
+    dim: int = 256
+    image_size: int = 64
+    labels: str = "image"                         # "image": one class per image; "folder": per sub-folder
+    drip: Sequence[Union[int, str]] = ("ALL",)    # class count per stage, increasing; "ALL" = every class
+    batch_size: Sequence[int] = (32,)             # one per stage, or one for all
+    steps: Sequence[int] = (100,)                 # (maximum) steps per stage, one per stage or one for all
+    stop_loss: Optional[float] = None             # end a stage once the mean of the last stop_window losses < it
+    stop_window: int = 20
+    precision: str = "fp32"                       # fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
+    loss: str = "arcface"
+    margin: Optional[float] = None                # default per loss: arcface 0.4, cosface 0.35, adaface 0.4, ...
+    scale: Optional[float] = None                 # default 40 (cam: 20)
+    sample_rate: float = 0.1                      # Partial FC: labels + this fraction of the classes per step
+    subcenters: int = 1
+    lr: float = 1e-3                              # backbone
+    head_lr: Optional[float] = None               # head (default: lr)
+    optimizer: str = "adam"                       # adam (head: adamw without decay) | sgd (momentum)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup: int = 0                               # linear warm-up steps at each stage start
+    views: int = 4                                # augmented copies per image for new class centres
+    seed: int = 0
+    workers: int = 0                              # DataLoader worker processes
+    device: str = "auto"                          # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None                 # torch intra-op threads in the main process
+    checkpoint_every: int = 0                     # steps; 0: at stage ends only
+    resume: Optional[str] = None                  # a checkpoint of this run (RUN_DIR/last.pt)
+    val_dir: Optional[str] = None
+    val_max: int = 500                            # at most this many validation images
+    plot: bool = False
+    strict: bool = False                          # unreadable image files are an error, not skipped
+    progress: bool = True
+
+    def normalised(self) -> "TrainConfig":
+        """A copy with lists for the per-stage fields and checked values (ValueError on bad ones)."""
+        c = dataclasses.replace(self)
+        c.images, c.output = os.fspath(c.images), os.fspath(c.output)
+        c.drip = [("ALL" if str(d).strip().upper() == "ALL" else _int(d, "drip")) for d in _as_list(c.drip)]
+        n = len(c.drip)
+        if n == 0:
+            raise TrainSetupError("drip needs at least one stage")
+        c.batch_size = _per_stage(c.batch_size, n, "batch_size")
+        c.steps = _per_stage(c.steps, n, "steps")
+        c.widths = [int(w) for w in _as_list(c.widths)]
+        if any(b < 1 for b in c.batch_size):
+            raise TrainSetupError(f"batch sizes must be >= 1, got {c.batch_size}")
+        if any(s < 1 for s in c.steps):
+            raise TrainSetupError(f"steps must be >= 1 per stage, got {c.steps}")
+        if c.precision not in ("fp32", "bf16", "fp16"):
+            raise TrainSetupError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
+        if c.loss not in LOSSES:
+            raise TrainSetupError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
+        if c.optimizer not in ("adam", "sgd"):
+            raise TrainSetupError(f"optimizer must be adam or sgd, got {c.optimizer!r}")
+        if c.labels not in ("image", "folder"):
+            raise TrainSetupError(f"labels must be 'image' or 'folder', got {c.labels!r}")
+        for name in ("dim", "image_size", "stop_window", "subcenters"):
+            if getattr(c, name) < 1:
+                raise TrainSetupError(f"{name} must be >= 1, got {getattr(c, name)}")
+        for name in ("warmup", "views", "workers", "checkpoint_every"):
+            if getattr(c, name) < 0:
+                raise TrainSetupError(f"{name} must be >= 0, got {getattr(c, name)}")
+        if not 0 < c.sample_rate <= 1:
+            raise TrainSetupError(f"sample_rate must lie in (0, 1], got {c.sample_rate}")
+        if c.image_size < 16:
+            raise TrainSetupError(f"image_size must be >= 16, got {c.image_size}")
+        return c
+
+
+@dataclass
+class TrainResult:
+    output: str
+    checkpoint: str                               # RUN_DIR/last.pt
+    stages: List[dict] = field(default_factory=list)   # per stage: classes, steps run, mean loss, validation
+    losses: List[float] = field(default_factory=list)  # every step's loss (this process: from the resumed step)
+    images_per_second: float = 0.0                # training images per second over this process's steps
+    skipped_files: int = 0                        # unreadable files skipped when listing
+    dropped_samples: int = 0                      # samples whose file failed to decode (dropped from batches)
+    val: List[dict] = field(default_factory=list)
+
+
+def _as_list(v):
+    if isinstance(v, str):
+        return [p for p in v.split(",") if p.strip()]
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    return [v]
+
+
+def _int(v, name):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise TrainSetupError(f"{name}: {v!r} is not a whole number (drip stages are class counts or ALL)") from None
+
+
+def _per_stage(v, n, name):
+    vals = [_int(x, name) for x in _as_list(v)]
+    if len(vals) == 1:
+        vals = vals * n
+    if len(vals) != n:
+        raise TrainSetupError(f"{name} has {len(vals)} values for {n} drip stages (give one, or one per stage)")
+    return vals
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainSetupError(f"device {name!r}: torch sees no CUDA device")
+    return name
+
+
+def _make_head(c: TrainConfig, num_classes: int, device):
+    scale = c.scale if c.scale is not None else (20.0 if c.loss == "cam" else 40.0)
+    kw = dict(sample_rate=c.sample_rate, subcenters=c.subcenters, device=device,
+              optimizer="adamw" if c.optimizer == "adam" else "sgd",
+              lr=c.head_lr if c.head_lr is not None else c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    if c.loss == "arcface":
+        return simcore.PartialMarginHead(num_classes, c.dim, margin=0.4 if c.margin is None else c.margin,
+                                         scale=scale, **kw)
+    if c.loss == "cosface":
+        return simcore.PartialMarginHead(num_classes, c.dim, margin=0.0, m3=0.35 if c.margin is None else c.margin,
+                                         scale=scale, **kw)
+    loss = {"adaface": lambda: simcore.AdaFace(margin=0.4 if c.margin is None else c.margin, scale=scale),
+            "magface": lambda: simcore.MagFace(scale=scale),
+            "curricularface": lambda: simcore.CurricularFace(margin=0.5 if c.margin is None else c.margin,
+                                                             scale=scale),
+            "cam": lambda: simcore.CamSoftmax(scale=scale, schedule=simcore.CamSchedule())}[c.loss]()
+    return simcore.PartialMarginHead(num_classes, c.dim, loss=loss.to(device), scale=scale, **kw)
+
+
+def _make_optimizer(c: TrainConfig, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if c.optimizer == "adam":
+        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+
+def _lr_factor(step, steps, warmup):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _atomic_save(obj, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Switch(torch.utils.data.Sampler):
+    """A batch sampler whose ``inner`` sampler can be swapped between passes of one DataLoader (whose
+    persistent workers then serve every stage, the centre embeddings and the training steps alike)."""
+
+    def __init__(self):
+        self.inner = None
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+class _Log:
+    """RUN_DIR/log.jsonl, truncated on resume to its length at the checkpoint."""
+
+    def __init__(self, path, truncate_to=None):
+        self.path = path
+        if truncate_to is not None and os.path.exists(path):
+            with open(path, "r+b") as f:
+                f.truncate(truncate_to)
+        elif truncate_to is None and os.path.exists(path):
+            os.unlink(path)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, **record):
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def tell(self):
+        self.f.flush()
+        return self.f.tell()
+
+    def close(self):
+        self.f.close()
+
+
+def _class_order(num_classes, seed):
+    """The order in which drip stages take the classes: a seeded permutation."""
+    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(Dt.sample_seed(seed, 0xC1A55)))
+
+
+def _stage_counts(drip, num_classes):
+    counts = [num_classes if d == "ALL" else int(d) for d in drip]
+    if any(n < 1 for n in counts):
+        raise TrainSetupError(f"drip stages must hold >= 1 classes, got {drip}")
+    if any(b <= a for a, b in zip(counts, counts[1:])):
+        raise TrainSetupError(f"drip stages must grow: {drip} gives class counts {counts}")
+    if counts[-1] > num_classes:
+        raise TrainSetupError(f"drip asks for {counts[-1]} classes but the images hold {num_classes}")
+    return counts
+
+
+def _rng_states(head_gen, device):
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+              "head_sampling": head_gen.get_state()}
+    if str(device).startswith("cuda"):
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states, head_gen):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    head_gen.set_state(states["head_sampling"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _plot(log_path, out_path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot"
+    steps, losses, starts = [], [], []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("event") == "step":
+                steps.append(r["global_step"])
+                losses.append(r["loss"])
+            elif r.get("event") == "stage_start":
+                starts.append((r["global_step"], r["classes"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=1)
+    for s, n in starts:
+        ax.axvline(s, color="grey", ls="--", lw=0.8)
+        ax.text(s, ax.get_ylim()[1], f" {n} classes", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("simcore train")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def _validate(model, val, c, device, loader_args):
+    """µAP / recall@P90 of one augmented copy of each validation image searched among the clean ones."""
+    n = len(val.paths)
+    items = list(range(n))
+    copies = [(i, Dt.sample_seed(c.seed, 0x7A1, i)) for i in items]
+    ds = loader_args["dataset"]
+    refs = embed_dataset(model, ds, items, **loader_args["kw"])
+    qs = embed_dataset(model, ds, copies, **loader_args["kw"])
+    m = match_descriptors(qs, refs, k=min(10, n), max_results=None)
+    ids = [str(i) for i in items]
+    metrics = evaluate(m.to_triples([f"q{i}" for i in ids], ids), [(f"q{i}", i) for i in ids])
+    return {"micro_ap": metrics.micro_ap, "recall_at_p90": metrics.recall_at_p90,
+            "recall_at_rank1": metrics.recall_at_rank1, "images": n}
+
+
+def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
+    """Run (or resume) a training run; returns a ``TrainResult`` (figures also in RUN_DIR/log.jsonl).
+
+    ``log_fn``: where one-line messages go (default: stderr)."""
+    c = config.normalised()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise TrainSetupError(f"simcore train runs in one process; under torchrun (WORLD_SIZE="
+                              f"{os.environ['WORLD_SIZE']}) each rank would train its own copy. Data-parallel "
+                              "training is not supported yet (docs/train.md, 'Several GPUs')")
+    say = log_fn or (lambda msg: print(f"[simcore train] {msg}", file=sys.stderr, flush=True))
+    device = resolve_device(c.device)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    os.makedirs(c.output, exist_ok=True)
+    fail_after = os.environ.get(FAIL_AFTER_STEP_ENV)
+    fail_after = int(fail_after) if fail_after else None
+
+    # ---------------------------------------------------------------- data
+    images = Dt.load_image_set(c.images, labels=c.labels, strict=c.strict, workers=max(c.workers, 1), log=say)
+    num_classes = images.num_classes
+    counts = _stage_counts(c.drip, num_classes)
+    order = _class_order(num_classes, c.seed)                 # head class k = dataset class order[k]
+    head_label = torch.empty(num_classes, dtype=torch.int64)
+    head_label[order] = torch.arange(num_classes)
+    labels = head_label[torch.as_tensor(images.labels)]       # per image: its class's id in the head
+    augment = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
+    dataset = Dt.ImageDataset(images.paths, labels.tolist(), c.image_size, augment, strict=c.strict)
+    switch = _Switch()
+    loader = Dt.make_loader(dataset, switch, workers=c.workers, device=device)
+    embed_kw = dict(batch_size=max(c.batch_size), device=device, precision=c.precision)
+    say(f"{len(images.paths)} images, {num_classes} classes ({'one per image' if c.labels == 'image' else 'one per sub-folder'})"
+        f"{f', {len(images.skipped)} unreadable files skipped' if images.skipped else ''}; "
+        f"stages: {counts} classes; device {device}, {c.workers} workers")
+    val = None
+    if c.val_dir is not None:
+        val = Dt.load_image_set(c.val_dir, strict=c.strict, log=say)
+        if len(val.paths) > c.val_max:
+            val = Dt.ImageSet(val.root, val.paths[:c.val_max], val.labels[:c.val_max], val.class_names[:c.val_max],
+                              val.skipped)
+        val_ds = Dt.ImageDataset(val.paths, val.labels, c.image_size, augment, strict=c.strict)
+        val_args = {"dataset": val_ds, "kw": dict(embed_kw, workers=c.workers)}
+
+    # ---------------------------------------------------------------- model, head, optimizers
+    spec = backbone_spec(c.backbone, c.dim, c.image_size, pretrained=c.pretrained, widths=c.widths, depth=c.depth)
+    torch.manual_seed(c.seed)
+    model = build_backbone(spec).to(device)
+    head_gen = torch.Generator(device=device).manual_seed(Dt.sample_seed(c.seed, 0x5A3))
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=c.precision == "fp16")
+    stage, step, global_step, log_offset, stage_losses, stage_done = 0, 0, 0, None, [], []
+    ckpt = None
+    if c.resume:
+        ckpt = load_checkpoint(c.resume)
+        old = ckpt["config"]
+        diff = [f"{k} ({old.get(k)!r} -> {getattr(c, k)!r})" for k in _RESUME_FIELDS
+                if _jsonable(old.get(k)) != _jsonable(getattr(c, k))]
+        if diff:
+            raise TrainSetupError(f"{c.resume}: the run was made with other settings: {', '.join(diff)}")
+        if ckpt["num_images"] != len(images.paths) or ckpt["num_classes"] != num_classes:
+            raise TrainSetupError(f"{c.resume}: the run had {ckpt['num_images']} images in {ckpt['num_classes']} classes, "
+                             f"{c.images} now holds {len(images.paths)} in {num_classes}")
+        model.load_state_dict(ckpt["model"])
+        head = _make_head(c, ckpt["head_classes"], device)
+        head.load_state_dict(ckpt["head"])
+        stage, step, global_step = ckpt["stage"], ckpt["step"], ckpt["global_step"]
+        log_offset, stage_losses, stage_done = ckpt["log_offset"], list(ckpt["stage_losses"]), list(ckpt["stages"])
+        say(f"resuming {c.resume}: stage {stage + 1}/{len(counts)}, step {step}, global step {global_step}")
+    else:
+        head = None
+    log = _Log(os.path.join(c.output, "log.jsonl"), truncate_to=log_offset)
+    opt = _make_optimizer(c, model)
+    if ckpt is not None:
+        if ckpt["optimizer"] is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_states(ckpt["rng"], head_gen)
+    if ckpt is None:
+        log.write(event="start", config=_jsonable(dataclasses.asdict(c)), images=len(images.paths),
+                  classes=num_classes, skipped_files=len(images.skipped), device=device)
+
+    result = TrainResult(c.output, os.path.join(c.output, "last.pt"), skipped_files=len(images.skipped))
+    result.stages = list(stage_done)
+    bar = None
+    if c.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(c.steps), initial=sum(c.steps[:stage]) + step, desc="train", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+
+    def checkpoint(path, next_stage, next_step):
+        state = {
+            "format": CHECKPOINT_FORMAT, "config": _jsonable(dataclasses.asdict(c)), "backbone": spec,
+            "model": model.state_dict(), "head": head.state_dict(), "head_classes": head.num_classes,
+            "optimizer": opt.state_dict() if next_step > 0 else None,   # a new stage starts a fresh optimizer
+            "scaler": scaler.state_dict(), "rng": _rng_states(head_gen, device),
+            "stage": next_stage, "step": next_step, "global_step": global_step, "stage_losses": stage_losses,
+            "stages": result.stages, "num_images": len(images.paths), "num_classes": num_classes,
+            "class_order": order, "log_offset": None, "simcore": simcore.__version__,
+        }
+        log.write(event="checkpoint", path=os.path.basename(path), stage=next_stage, step=next_step,
+                  global_step=global_step)
+        state["log_offset"] = log.tell()
+        _atomic_save(state, path)
+
+    seen_images, train_seconds = 0, 0.0
+    try:
+        while stage < len(counts):
+            n_cls, bs, max_steps = counts[stage], c.batch_size[stage], c.steps[stage]
+            items = torch.nonzero(labels < n_cls).squeeze(1)
+            if step == 0:
+                # ---- a stage starts: new classes' centres from the current backbone, fresh optimizer
+                have = 0 if head is None else head.num_classes
+                new = torch.nonzero((labels >= have) & (labels < n_cls)).squeeze(1).tolist()
+                centre_items = [(i, -1) for i in new] + [(i, Dt.sample_seed(c.seed, stage, 0xCE47, i, v))
+                                                         for v in range(c.views) for i in new]
+                t0 = time.perf_counter()
+                emb = embed_dataset(model, dataset, centre_items, loader=loader, switch=switch, **embed_kw)
+                groups = labels[torch.tensor([i for i, _ in centre_items])] - have
+                centres = simcore.PartialMarginHead.centres_from_embeddings(emb, groups)
+                if c.subcenters > 1:   # K copies per class, slightly apart so that each can become dominant
+                    g = torch.Generator().manual_seed(Dt.sample_seed(c.seed, stage, 0x5C))
+                    centres = centres.repeat_interleave(c.subcenters, 0)
+                    centres = centres + 1e-2 * torch.randn(centres.shape, generator=g)
+                centres = centres.to(device)
+                if head is None:
+                    head = _make_head(c, n_cls, device)
+                    with torch.no_grad():
+                        head.weight.copy_(centres.to(head.weight.dtype))
+                else:
+                    head.grow(centres)
+                opt = _make_optimizer(c, model)
+                stage_losses = []
+                log.write(event="stage_start", stage=stage, classes=n_cls, new_classes=n_cls - have,
+                          images=int(items.numel()), batch_size=bs, steps=max_steps, global_step=global_step,
+                          centre_seconds=round(time.perf_counter() - t0, 3))
+                say(f"stage {stage + 1}/{len(counts)}: {n_cls} classes ({n_cls - have} new, centres from "
+                    f"{len(centre_items)} embeddings), batch {bs}, up to {max_steps} steps")
+            switch.inner = Dt.StageBatchSampler(items, bs, seed=c.seed, stage=stage, start=step,
+                                                steps=max_steps - step)
+            model.train()
+            head.train()
+            base_head_lr = c.head_lr if c.head_lr is not None else c.lr
+            t_last = time.perf_counter()
+            stopped = False
+            for x, y, _, ok in loader:
+                f = _lr_factor(step, max_steps, c.warmup)
+                for group in opt.param_groups:
+                    group["lr"] = c.lr * f
+                head.lr = base_head_lr * f
+                dropped = int((~ok).sum())
+                if dropped:
+                    result.dropped_samples += dropped
+                    x, y = x[ok], y[ok]
+                loss_value = float("nan")
+                if x.shape[0]:
+                    x = x.to(device, non_blocking=True).float().div_(255)
+                    y = y.to(device, non_blocking=True)
+                    with autocast_context(device, c.precision):
+                        loss = head(model(x), y, generator=head_gen)
+                    opt.zero_grad(set_to_none=True)
+                    head.zero_grad()
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.step(head.row_optimizer)
+                    scaler.update()
+                    loss_value = float(loss.detach())
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                ips = x.shape[0] / dt if dt > 0 else 0.0
+                seen_images += int(x.shape[0])
+                train_seconds += dt
+                step += 1
+                global_step += 1
+                stage_losses.append(loss_value)
+                result.losses.append(loss_value)
+                log.write(event="step", stage=stage, step=step, global_step=global_step, loss=loss_value,
+                          lr=c.lr * f, head_lr=base_head_lr * f, images_per_second=round(ips, 2), classes=n_cls,
+                          batch=int(x.shape[0]), dropped=dropped)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(stage=f"{stage + 1}/{len(counts)}", loss=f"{loss_value:.3f}",
+                                    img_s=f"{ips:.0f}")
+                window = stage_losses[-c.stop_window:]
+                stopped = (c.stop_loss is not None and len(window) == c.stop_window
+                           and sum(window) / c.stop_window < c.stop_loss)
+                if step < max_steps and not stopped and c.checkpoint_every and global_step % c.checkpoint_every == 0:
+                    checkpoint(result.checkpoint, stage, step)
+                if fail_after is not None and global_step == fail_after and (step < max_steps and not stopped):
+                    raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
+                                           f"{global_step}; continue with --resume {result.checkpoint}")
+                if stopped:
+                    break
+            # ---- stage end
+            finite = [v for v in stage_losses if math.isfinite(v)]
+            summary = {"stage": stage, "classes": n_cls, "steps": step,
+                       "final_loss": sum(finite[-c.stop_window:]) / max(1, len(finite[-c.stop_window:])),
+                       "stopped_early": bool(stopped)}
+            if val is not None:
+                v = _validate(model, val, c, device, val_args)
+                summary["val"] = v
+                result.val.append(dict(v, stage=stage))
+                log.write(event="val", stage=stage, global_step=global_step, **v)
+                say(f"stage {stage + 1} validation: µAP {v['micro_ap']:.4f}, recall@P90 {v['recall_at_p90']:.4f} "
+                    f"({v['images']} images)")
+            result.stages.append(summary)
+            log.write(event="stage_end", global_step=global_step, **summary)
+            stage, step = stage + 1, 0
+            checkpoint(result.checkpoint, stage, 0)
+            _atomic_copy(result.checkpoint, os.path.join(c.output, f"stage{stage}.pt"))
+            if fail_after is not None and global_step == fail_after and stage < len(counts):
+                raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
+                                       f"{global_step}; continue with --resume {result.checkpoint}")
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    result.images_per_second = seen_images / train_seconds if train_seconds else 0.0
+    if c.plot:
+        problem = _plot(os.path.join(c.output, "log.jsonl"), os.path.join(c.output, "loss.png"))
+        say(problem or f"loss curve: {os.path.join(c.output, 'loss.png')}")
+    say(f"done: {global_step} steps, {result.images_per_second:.1f} images/s; checkpoint {result.checkpoint}")
+    return result
+
+
+def _atomic_copy(src, dst):
+    import shutil
+    folder = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
