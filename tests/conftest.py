@@ -12,6 +12,13 @@ import torch
 os.environ.setdefault("SIMCORE_BACKEND", "compiled")
 
 
+def pytest_configure(config):
+    # `pytest -m timm` (the README's timm tests) asks for the timm tests: there, a timm that
+    # does not import fails them instead of skipping them (tests/test_timm.py).
+    if config.getoption("markexpr", "") == "timm":
+        os.environ["SIMCORE_REQUIRE_TIMM"] = "1"
+
+
 @pytest.fixture
 def seed(request):
     """A fresh seed per test, printed so a failure can be replayed with SIMCORE_TEST_SEED."""

@@ -74,8 +74,17 @@ def test_checkpoint_contents_and_atomic_writes(folder, tmp_path):
         assert key in ck, key
     assert set(ck["rng"]) >= {"torch", "numpy", "python", "head_sampling"}
     assert ck["scaler"]["scale"] > 0                     # fp16: a GradScaler ran
-    assert sorted(os.listdir(tmp_path)) == ["last.pt", "log.jsonl", "stage1.pt", "stage2.pt"]   # no temp files
+    assert sorted(os.listdir(tmp_path)) == ["final.pt", "last.pt", "log.jsonl", "stage1.pt", "stage2.pt"]  # no temp files
     assert load_checkpoint(tmp_path / "stage1.pt")["head_classes"] == 6
+    assert load_checkpoint(tmp_path / "final.pt")["global_step"] == ck["global_step"] == 4
+
+
+def test_a_fresh_run_never_overwrites_another_run(folder, tmp_path):
+    T.train(config(folder, tmp_path, steps=1, batch_size=4), log_fn=lambda m: None)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(T.TrainSetupError, match="already holds a run"):
+        T.train(config(folder, tmp_path, steps=1, batch_size=4), log_fn=lambda m: None)
+    assert (tmp_path / "last.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("loss", T.LOSSES)

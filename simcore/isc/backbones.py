@@ -8,6 +8,10 @@
   ``dim``, with the model's own input normalisation. timm is imported only when such a name
   is asked for; without it the error names the fix (``pip install timm``).
 
+``pretrained=True`` never downloads: it loads the weights timm would fetch only from where an
+earlier download left them (the Hugging Face cache, or torch.hub's ``checkpoints`` folder), and
+otherwise raises :class:`BackboneError` saying where it looked.
+
 Every backbone's ``forward`` takes float images (N, 3, H, W) in [0, 1] and returns unnormalised
 embeddings (N, dim); the margin loss normalises them in training and ``embed`` L2-normalises at
 inference. ``build_backbone(spec)`` rebuilds one from the ``spec`` dict stored in checkpoints.
@@ -15,6 +19,9 @@ inference. ``build_backbone(spec)`` rebuilds one from the ``spec`` dict stored i
 from __future__ import annotations
 
 from typing import Optional
+
+import os
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -38,14 +45,45 @@ def _timm():
     return timm
 
 
+def local_pretrained_file(name: str) -> str:
+    """The file of timm's pretrained weights for ``name`` already on this machine; never downloads."""
+    timm = _timm()
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise BackboneError(f"timm knows no pretrained weights for {name!r} (an unknown model, or one without weights)")
+    looked = []
+    if getattr(cfg, "file", None):
+        looked.append(cfg.file)
+    if getattr(cfg, "hf_hub_id", None):
+        from huggingface_hub import try_to_load_from_cache
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(repo, filename)
+            if isinstance(hit, str):
+                return hit
+        looked.append(f"the Hugging Face cache (repository {repo})")
+    if getattr(cfg, "url", None):
+        looked.append(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path)))
+    for path in looked:
+        if os.path.isfile(path):
+            return path
+    raise BackboneError(f"the pretrained weights of {name!r} are not on this machine (looked in: {'; '.join(looked)}); "
+                        "simcore never downloads: fetch them once where there is a network "
+                        f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
+                        "or train without --pretrained")
+
+
 class TimmBackbone(nn.Module):
     """A timm model's feature map -> GeM (p = 3, fixed) -> linear to ``dim``."""
 
     def __init__(self, name: str, dim: int, *, pretrained: bool = False, gem_p: float = 3.0):
         super().__init__()
         timm = _timm()
+        weights = {}
+        if pretrained:
+            weights = dict(pretrained=True, pretrained_cfg_overlay={"file": local_pretrained_file(name)})
         try:
-            self.body = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+            self.body = timm.create_model(name, num_classes=0, global_pool="", **weights)
         except RuntimeError as e:            # timm: "Unknown model (name)"
             raise BackboneError(f"unknown backbone {name!r}: {e} (timm.list_models() lists them)") from None
         self.pool = GeM(gem_p)

@@ -18,7 +18,8 @@ augmented copies from the current backbone (``PartialMarginHead.centres_from_emb
 ``steps`` steps, or ends earlier once the mean loss of the last ``stop_window`` steps falls
 below ``stop_loss``.
 
-Checkpoints (``RUN_DIR/last.pt`` every ``checkpoint_every`` steps and at each stage end, and
+Checkpoints (``RUN_DIR/last.pt`` every ``checkpoint_every`` steps and at each stage end,
+``RUN_DIR/final.pt`` once every stage has run, and
 ``RUN_DIR/stage<k>.pt`` at the end of stage k) are written atomically (temporary file, then
 ``os.replace``) and hold the model, the head (centres, row-optimizer state, loss statistics),
 the backbone optimizer, the GradScaler, the RNG states (torch, CUDA, numpy, python, the head's
@@ -384,6 +385,9 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
     if c.threads:
         torch.set_num_threads(c.threads)
     os.makedirs(c.output, exist_ok=True)
+    if not c.resume and os.path.exists(os.path.join(c.output, "last.pt")):
+        raise TrainSetupError(f"{c.output} already holds a run (last.pt): continue it with --resume "
+                              f"{os.path.join(c.output, 'last.pt')}, or train into another folder")
     fail_after = os.environ.get(FAIL_AFTER_STEP_ENV)
     fail_after = int(fail_after) if fail_after else None
 
@@ -415,7 +419,7 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
     # ---------------------------------------------------------------- model, head, optimizers
     spec = backbone_spec(c.backbone, c.dim, c.image_size, pretrained=c.pretrained, widths=c.widths, depth=c.depth)
     torch.manual_seed(c.seed)
-    model = build_backbone(spec).to(device)
+    model = build_backbone(spec, pretrained=c.pretrained and not c.resume).to(device)  # a resume loads its own
     head_gen = torch.Generator(device=device).manual_seed(Dt.sample_seed(c.seed, 0x5A3))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=c.precision == "fp16")
     stage, step, global_step, log_offset, stage_losses, stage_done = 0, 0, 0, None, [], []
@@ -585,6 +589,7 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
             bar.close()
         log.close()
     result.images_per_second = seen_images / train_seconds if train_seconds else 0.0
+    _atomic_copy(result.checkpoint, os.path.join(c.output, "final.pt"))  # only a finished run has one
     if c.plot:
         problem = _plot(os.path.join(c.output, "log.jsonl"), os.path.join(c.output, "loss.png"))
         say(problem or f"loss curve: {os.path.join(c.output, 'loss.png')}")
