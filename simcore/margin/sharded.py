@@ -195,6 +195,10 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
     exactly ∂L/∂(its embeddings).
     """
 
+    # the rows sampled on a shard vary per step and rank: recorded by a tensor hook (with the all-reduce
+    # of the overflow flag, below), not by the single-process head's static-size gradient sink
+    _records_with_hook = True
+
     def __init__(self, num_classes, embedding_dim, *, process_group=None, grad_reduction="mean", **kwargs):
         if process_group is None:
             raise ValueError("ShardedPartialMarginHead needs a process_group (e.g. torch.distributed.group.WORLD)")
