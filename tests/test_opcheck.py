@@ -62,6 +62,22 @@ def test_margin_softmax_fwd_family(spec, reduction, seed):
                           True, True, False, False, ENGINE))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_margin_softmax_fwd_dynamic_scalars(reduction, seed):
+    """CurricularFace's t and a scheduled Cam-Softmax exponent as the op's ``dyn`` tensor (issue 14:
+    a float in ``spec`` is a graph constant); the op gives what the floats give."""
+    x, labels, weight, sampled, _ = margin_inputs(1, False)
+    for spec in (MarginSpec(filter_threshold=0.3, curricular_t=torch.tensor(0.1)),
+                 MarginSpec(cam_power=torch.tensor(2.0, dtype=torch.float64))):
+        static, dyn = ops.split_dynamic(spec)
+        args = (x, labels, weight, sampled, None, static.as_list(), 1, ops.REDUCTION_CODES[reduction],
+                True, True, False, False, ENGINE)
+        opcheck(ops._fwd_op, args + (dyn,))
+        got = ops._fwd_op(*args, dyn)[0]
+        want = ops._fwd_op(*args[:5], ops.host_spec(spec).as_list(), *args[6:])[0]
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=["x", "weight", "neither"])
 def test_margin_softmax_fwd_half_and_partial_grads(dtype, needs, seed):

@@ -3,6 +3,25 @@
 Every public entry point checks its arguments here before any kernel runs, so bad
 input raises a ``TypeError`` / ``ValueError`` naming the argument (the C++ kernels
 check again at their boundary).
+
+Checks of *values* (label range, per-row margin range, a caller's ``sampled`` ids)
+need the values on the host: one device-to-host synchronisation each on an
+accelerator. :func:`value_check` decides, per call, how they run (the ``validate=``
+argument of the losses and heads, docs/margin_softmax.md "What syncs remain"):
+
+* ``"first"`` (default): on the host (a readable ``ValueError``) for CPU tensors on
+  every call (a CPU tensor needs no synchronisation) and for accelerator tensors on
+  the first call per input signature (shapes, dtypes, devices, the check's own
+  bounds); every later or traced call checks on the device with
+  ``torch._assert_async`` (no synchronisation; a failure on CUDA is a device-side
+  assertion, which ends the process's CUDA context, as an out-of-range index would);
+* ``"always"``: on the host on every eager call (the behaviour before issue 14);
+  traced calls check on the device;
+* ``"never"``: no value checks here (the CPU kernels still range-check labels; on CUDA
+  an out-of-range label then gives a NaN loss or a device-side assertion).
+
+Metadata (types, dtypes, shapes, devices, layouts) is checked on every call whatever
+``validate`` says: it costs no synchronisation.
 """
 from __future__ import annotations
 
@@ -10,11 +29,48 @@ import math
 
 import torch
 
-__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "check_inputs", "check_margins", "check_family", "per_row_margins",
-           "margin_dtype"]
+__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "VALIDATE_MODES", "check_inputs", "check_margins", "check_family",
+           "check_validate", "value_check", "check_label_range", "per_row_margins", "margin_dtype"]
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+VALIDATE_MODES = ("first", "always", "never")
+
+_SEEN = set()  # signatures already checked on the host under validate="first"
+_SEEN_MAX = 4096  # forgotten (and so checked again) beyond this many
+
+
+def check_validate(validate):
+    """``validate`` is one of :data:`VALIDATE_MODES` (True means "always", False "never")."""
+    if validate is True:
+        return "always"
+    if validate is False:
+        return "never"
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be 'first', 'always' or 'never' (or True / False), got {validate!r}")
+    return validate
+
+
+def value_check(validate, device, signature):
+    """How a value check runs now: "host" (read the values, raise ValueError), "device"
+    (``torch._assert_async``, no synchronisation) or None (skip). ``signature``: a hashable
+    description of the call (shapes, dtypes, the bounds checked) for ``validate="first"``."""
+    if validate == "never":
+        return None
+    if torch.compiler.is_compiling():
+        return "device"
+    if validate == "always" or device.type == "cpu":
+        return "host"
+    if signature in _SEEN:
+        return "device"
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.clear()
+    _SEEN.add(signature)
+    return "host"
+
+
+def _signature(*tensors):
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
 def check_margins(m1, m2, m3, scale):
@@ -80,9 +136,10 @@ def _check_tensors(embeddings, labels, weight):
                          "pass weight.contiguous()")
 
 
-def check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=1):
+def check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=1, validate="first"):
     """Everything a loss call takes besides its margins: the tensors, the sampling
-    arguments, ``reduction``, ``subcenters`` and the label range (one host sync)."""
+    arguments, ``reduction``, ``subcenters`` and the label range (as ``validate`` says:
+    :func:`value_check`)."""
     _check_tensors(embeddings, labels, weight)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -92,11 +149,21 @@ def check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction
     elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     check_family(subcenters, None, weight)
-    if not torch.compiler.is_compiling():  # one host sync; the C++ kernel checks again either way
-        lo, hi = torch.aminmax(labels)
-        c = weight.shape[0] // subcenters
-        if lo.item() < 0 or hi.item() >= c:
-            raise ValueError(f"labels must lie in [0, {c}), got values in [{lo.item()}, {hi.item()}]")
+    check_label_range(labels, weight.shape[0] // subcenters, validate)
+
+
+def check_label_range(labels, num_classes, validate):
+    """Labels in [0, num_classes), as ``validate`` says (:func:`value_check`)."""
+    how = value_check(validate, labels.device, ("labels", num_classes) + _signature(labels))
+    if how is None or labels.numel() == 0:
+        return
+    if how == "device":
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"simcore: labels must lie in [0, {num_classes})")
+        return
+    lo, hi = torch.aminmax(labels)
+    if lo.item() < 0 or hi.item() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo.item()}, {hi.item()}]")
 
 
 def margin_dtype(embeddings):
@@ -104,9 +171,10 @@ def margin_dtype(embeddings):
     return torch.float64 if embeddings.dtype == torch.float64 else torch.float32
 
 
-def per_row_margins(m1, m2, m3, batch, device, dtype=torch.float32):
+def per_row_margins(m1, m2, m3, batch, device, dtype=torch.float32, validate="first"):
     """(B, 3) per-row (m1, m2, m3) when any of them is a (B,) tensor (differentiable; the
-    scalars are broadcast), else None. Raises on a wrong shape, device or range."""
+    scalars are broadcast), else None. Raises on a wrong shape or device, and on a wrong
+    range as ``validate`` says (:func:`value_check`)."""
     if not any(isinstance(m, torch.Tensor) for m in (m1, m2, m3)):
         return None
     cols = []
@@ -121,8 +189,13 @@ def per_row_margins(m1, m2, m3, batch, device, dtype=torch.float32):
         else:
             cols.append(torch.full((batch,), float(m), dtype=dtype, device=device))
     rm = torch.stack(cols, dim=1)
-    if not torch.compiler.is_compiling():  # the CPU kernel checks again; the CUDA kernel cannot
+    # the CPU kernel checks again; the CUDA kernel cannot
+    how = value_check(validate, device, ("row_margins",) + _signature(rm))
+    if how is not None:
         d = rm.detach()
-        if not bool(torch.isfinite(d).all()) or bool((d[:, 0] <= 0).any()) or bool((d[:, 1].abs() >= math.pi).any()):
+        ok = (torch.isfinite(d).all(1) & (d[:, 0] > 0) & (d[:, 1].abs() < math.pi)).all()
+        if how == "device":
+            torch._assert_async(ok, "simcore: per-row margins must be finite with m1 > 0 and |m2| < pi")
+        elif not ok.item():
             raise ValueError("per-row margins must be finite with m1 > 0 and |m2| < pi")
     return rm

@@ -45,16 +45,20 @@ def _number(name, v, lo=-math.inf, hi=math.inf, lo_open=False):
         raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
 
 
-def _options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction, return_sampled):
-    """The keyword arguments every family loss passes on to :func:`simcore.margin.functional.partial_loss`."""
+def _options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction, return_sampled,
+             validate="first"):
+    """The keyword arguments every family loss passes on to :func:`simcore.margin.functional.partial_loss`
+    (``validate``: :func:`simcore.margin.checks.value_check`)."""
     check_family(subcenters, filter_threshold)
     return dict(subcenters=subcenters, filter_threshold=filter_threshold, sample_rate=sample_rate,
-                num_samples=num_samples, generator=generator, reduction=reduction, return_sampled=return_sampled)
+                num_samples=num_samples, generator=generator, reduction=reduction, return_sampled=return_sampled,
+                validate=validate)
 
 
 # --------------------------------------------------------------------------- Cam-Softmax
 def cam_softmax_partial(embeddings, labels, weight, *, c=math.pi / 2, scale=20.0, sample_rate=0.1, num_samples=None,
-                        generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
+                        generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None,
+                        validate="first"):
     """Cam-Softmax: the target logit is s·ψ_c(cos θ), ψ_c(x) = (1 + x)^c′ / 2^(c′−1) − 1
     with c′ = 1 / (1 − log2(1 + cos c)); ψ_c(±1) = ±1 and ψ_c(cos c) = 0, so c is the
     angle where the target's logit crosses zero. ``c = π/2`` is the plain normalised
@@ -67,7 +71,7 @@ def cam_softmax_partial(embeddings, labels, weight, *, c=math.pi / 2, scale=20.0
     fields = dict(scale=float(scale), cam_power=cam_power(c))
     return partial_loss(embeddings, labels, weight, lambda x: (fields, None, None),
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
-                               return_sampled))
+                               return_sampled, validate))
 
 
 class CamSchedule:
@@ -89,6 +93,12 @@ class CamSchedule:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         return max(self.end, self.start - self.rate * step)
 
+    def power_at(self, step: torch.Tensor) -> torch.Tensor:
+        """Cam-Softmax's exponent c′ at c_k for a 0-d integer tensor ``step`` (float64, on its
+        device: no host read), as ``cam_power(self(k))``."""
+        c = (self.start - self.rate * step.to(torch.float64)).clamp(min=self.end)
+        return 1.0 / (1.0 - torch.log2(1.0 + torch.cos(c)))
+
     def __repr__(self):
         return f"CamSchedule(start={self.start}, end={self.end}, rate={self.rate})"
 
@@ -108,7 +118,7 @@ def _feature_norms(embeddings, lo=1e-3, hi=100.0):
 
 def adaface_partial(embeddings, labels, weight, *, margin=0.4, h=0.333, scale=64.0, norm_mean=20.0, norm_std=100.0,
                     sample_rate=0.1, num_samples=None, generator=None, reduction="mean", return_sampled=False,
-                    subcenters=1, filter_threshold=None):
+                    subcenters=1, filter_threshold=None, validate="first"):
     """AdaFace with the given feature-norm statistics (µ, σ); :class:`AdaFace` keeps
     them as an EMA of batch statistics. The norms are taken without gradient, as the
     paper. Target logit s·(cos(θ − m·ẑ) − m − m·ẑ); where θ − m·ẑ < 0 the cosine is 1
@@ -122,7 +132,7 @@ def adaface_partial(embeddings, labels, weight, *, margin=0.4, h=0.333, scale=64
                                         norm_std=norm_std)
     return partial_loss(embeddings, labels, weight, lambda x: (dict(scale=float(scale)), margins(x), None),
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
-                               return_sampled))
+                               return_sampled, validate))
 
 
 # --------------------------------------------------------------------------- MagFace
@@ -135,7 +145,7 @@ def magface_margin(embeddings, *, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110
 
 def magface_partial(embeddings, labels, weight, *, scale=64.0, l_margin=0.45, u_margin=0.8, l_a=10.0, u_a=110.0,
                     lambda_g=35.0, sample_rate=0.1, num_samples=None, generator=None, reduction="mean",
-                    return_sampled=False, subcenters=1, filter_threshold=None):
+                    return_sampled=False, subcenters=1, filter_threshold=None, validate="first"):
     """MagFace: ArcFace with the per-row margin m(‖x‖) (:func:`magface_margin`), plus
     λ_g·g(a), g(a) = a/u_a² + 1/a, which pulls norms up. Gradients flow through the
     margin to the embeddings' norms."""
@@ -154,13 +164,13 @@ def magface_partial(embeddings, labels, weight, *, scale=64.0, l_margin=0.45, u_
 
     return partial_loss(embeddings, labels, weight, prepare,
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
-                               return_sampled))
+                               return_sampled, validate))
 
 
 # --------------------------------------------------------------------------- CurricularFace
 def curricularface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, t=0.0, sample_rate=0.1,
                            num_samples=None, generator=None, reduction="mean", return_sampled=False, subcenters=1,
-                           filter_threshold=None):
+                           filter_threshold=None, validate="first"):
     """CurricularFace: ArcFace's target, and every non-target cosine a above the row's
     margined target value ψ becomes a·(t + a), so hard negatives weigh more as t (an
     EMA of the mean target cosine, kept by :class:`CurricularFace`) grows."""
@@ -169,7 +179,7 @@ def curricularface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0
     fields = dict(m1=1.0, m2=float(margin), m3=0.0, scale=float(scale), curricular_t=float(t))
     return partial_loss(embeddings, labels, weight, lambda x: (fields, None, None),
                     **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
-                               return_sampled))
+                               return_sampled, validate))
 
 
 # --------------------------------------------------------------------------- sub-centres
@@ -216,11 +226,11 @@ class _MarginLoss(nn.Module):
         raise NotImplementedError
 
     def forward(self, embeddings, labels, weight, *, sample_rate=0.1, num_samples=None, generator=None,
-                reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
+                reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None, validate="first"):
         return partial_loss(embeddings, labels, weight,
                         lambda x: self.kernel_args(x, lambda: target_cosines(x, labels, weight, subcenters)),
                         **_options(subcenters, filter_threshold, sample_rate, num_samples, generator, reduction,
-                                   return_sampled))
+                                   return_sampled, validate))
 
 
 class ArcFace(_MarginLoss):
@@ -248,13 +258,30 @@ class CamSoftmax(_MarginLoss):
         check_margins(1.0, 0.0, 0.0, scale)
         self.c, self.scale, self.schedule = float(c), float(scale), schedule
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self._stepped = None  # None: no forward yet; else whether the latest forward advanced `step`
+
+    @property
+    def c(self) -> float:
+        """The c of the latest forward (with a schedule; before any: the constructor's)."""
+        if self.schedule is None or self._stepped is None:
+            return self._c
+        return self.schedule(max(0, int(self.step) - self._stepped))  # a host read, outside the step
+
+    @c.setter
+    def c(self, value):
+        self._c = float(value)
 
     def kernel_args(self, embeddings, target_cos):
-        if self.schedule is not None:
-            self.c = self.schedule(int(self.step))
+        if self.schedule is None:
+            return dict(scale=self.scale, cam_power=cam_power(self.c)), None, None
+        # c and its exponent stay on the device (a tensor: no host read, and one traced graph for
+        # every step); the kernels read them from the op's dyn tensor
+        with torch.no_grad():
+            power = self.schedule.power_at(self.step)
             if self.training:
                 self.step += 1
-        return dict(scale=self.scale, cam_power=cam_power(self.c)), None, None
+        self._stepped = int(self.training)
+        return dict(scale=self.scale, cam_power=power), None, None
 
     def extra_repr(self):
         return f"c={self.c:.4f}, scale={self.scale}, schedule={self.schedule}"
@@ -328,8 +355,10 @@ class CurricularFace(_MarginLoss):
 
     def kernel_args(self, embeddings, target_cos):
         if self.training:
-            self.t.lerp_(target_cos().mean().to(self.t), self.momentum)
-        return dict(m1=1.0, m2=self.margin, m3=0.0, scale=self.scale, curricular_t=float(self.t)), None, None
+            with torch.no_grad():
+                self.t.lerp_(target_cos().mean().to(self.t), self.momentum)
+        # t stays a tensor (no host read; one traced graph for every t): the op's dyn input
+        return dict(m1=1.0, m2=self.margin, m3=0.0, scale=self.scale, curricular_t=self.t.detach()), None, None
 
     def extra_repr(self):
         return f"margin={self.margin}, scale={self.scale}, momentum={self.momentum}"

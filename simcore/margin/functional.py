@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from simcore.margin.checks import check_family, check_inputs, check_margins, margin_dtype, per_row_margins
+from simcore.margin.checks import (check_family, check_inputs, check_margins, check_validate, margin_dtype,
+                                   per_row_margins)
 from simcore.margin.engine import MarginSpec
 from simcore.margin.ops import REDUCTION_CODES, reduce_rows, sampled_margin_loss
 from simcore.margin.sampling import sample_classes
@@ -30,7 +31,7 @@ __all__ = ["margin_softmax_partial", "arcface_partial", "cosface_partial", "part
 
 
 def partial_loss(embeddings, labels, weight, prepare, *, subcenters=1, filter_threshold=None, sample_rate,
-                 num_samples, generator, reduction, return_sampled):
+                 num_samples, generator, reduction, return_sampled, validate="first"):
     """Shared body of the functional losses: checks, sampling, dispatch.
 
     ``prepare(embeddings)``, called once the inputs are checked, returns the variant's
@@ -38,7 +39,9 @@ def partial_loss(embeddings, labels, weight, prepare, *, subcenters=1, filter_th
     or (B,) tensors; None: the fields' scalars) and a per-row regulariser added to the
     loss (None: none). The other arguments are :func:`margin_softmax_partial`'s.
     """
-    check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=subcenters)
+    validate = check_validate(validate)
+    check_inputs(embeddings, labels, weight, sample_rate, num_samples, reduction, subcenters=subcenters,
+                 validate=validate)
     fields, margins, reg = prepare(embeddings)
     spec = MarginSpec(**fields, subcenters=subcenters,
                       filter_threshold=math.inf if filter_threshold is None else float(filter_threshold))
@@ -48,9 +51,9 @@ def partial_loss(embeddings, labels, weight, prepare, *, subcenters=1, filter_th
     if num_samples >= num_classes:
         sampled = torch.arange(num_classes, device=labels.device)
     else:
-        sampled = sample_classes(labels, num_classes, num_samples, generator)
+        sampled = sample_classes(labels, num_classes, num_samples, generator, validate="never")  # checked above
     rm = None if margins is None else per_row_margins(*margins, embeddings.shape[0], embeddings.device,
-                                                      margin_dtype(embeddings))
+                                                      margin_dtype(embeddings), validate=validate)
     loss = sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, rm)
     if reg is not None:
         loss = loss + reduce_rows(reg, REDUCTION_CODES[reduction]).to(loss.dtype)
@@ -59,7 +62,7 @@ def partial_loss(embeddings, labels, weight, prepare, *, subcenters=1, filter_th
 
 def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0, scale=64.0,
                            sample_rate=0.1, num_samples=None, generator=None, reduction="mean",
-                           return_sampled=False, subcenters=1, filter_threshold=None):
+                           return_sampled=False, subcenters=1, filter_threshold=None, validate="first"):
     """Combined-margin softmax cross-entropy over a sampled subset of classes (Partial FC).
 
     Logits are ``scale·cos θ_ij`` for the sampled classes j, and ``scale·ψ(θ)`` with
@@ -83,6 +86,9 @@ def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0
     reduced by ``reduction`` ('mean', 'sum' or 'none'). Gradients flow to
     ``embeddings`` and ``weight`` (non-zero only on sampled rows). NaN or Inf in
     the inputs gives a NaN loss for the rows they reach (no error is raised).
+    ``validate``: how values on the device (label range, per-row margins) are checked:
+    ``"first"`` (default), ``"always"`` or ``"never"``
+    (:func:`simcore.margin.checks.value_check`; docs/margin_softmax.md, "What syncs remain").
     How it runs (GEMM operands, block sizes): :mod:`simcore.margin.engine`.
     """
     check_margins(m1, m2, m3, scale)
@@ -94,25 +100,27 @@ def margin_softmax_partial(embeddings, labels, weight, *, m1=1.0, m2=0.5, m3=0.0
     return partial_loss(embeddings, labels, weight, lambda x: (fields, (m1, m2, m3) if per_row else None, None),
                         subcenters=subcenters, filter_threshold=filter_threshold, sample_rate=sample_rate,
                         num_samples=num_samples, generator=generator, reduction=reduction,
-                        return_sampled=return_sampled)
+                        return_sampled=return_sampled, validate=validate)
 
 
 def arcface_partial(embeddings, labels, weight, *, margin=0.5, scale=64.0, sample_rate=0.1, num_samples=None,
-                    generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
+                    generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None,
+                    validate="first"):
     """ArcFace (additive angular margin, Deng et al. 2019): target logit s·cos(θ + margin).
     ``subcenters=K`` gives sub-centre ArcFace (Deng et al. 2020; weight (C·K, D)).
     See :func:`margin_softmax_partial`."""
     return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=margin, m3=0.0, scale=scale,
                                   sample_rate=sample_rate, num_samples=num_samples, generator=generator,
                                   reduction=reduction, return_sampled=return_sampled, subcenters=subcenters,
-                                  filter_threshold=filter_threshold)
+                                  filter_threshold=filter_threshold, validate=validate)
 
 
 def cosface_partial(embeddings, labels, weight, *, margin=0.35, scale=64.0, sample_rate=0.1, num_samples=None,
-                    generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None):
+                    generator=None, reduction="mean", return_sampled=False, subcenters=1, filter_threshold=None,
+                    validate="first"):
     """CosFace / AM-Softmax (additive cosine margin, Wang et al. 2018): target logit s·(cos θ − margin).
     See :func:`margin_softmax_partial`."""
     return margin_softmax_partial(embeddings, labels, weight, m1=1.0, m2=0.0, m3=margin, scale=scale,
                                   sample_rate=sample_rate, num_samples=num_samples, generator=generator,
                                   reduction=reduction, return_sampled=return_sampled, subcenters=subcenters,
-                                  filter_threshold=filter_threshold)
+                                  filter_threshold=filter_threshold, validate=validate)

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from simcore.margin.checks import (FLOAT_DTYPES, check_family, check_inputs, check_margins, margin_dtype,
-                                   per_row_margins)
+from simcore.margin.checks import (FLOAT_DTYPES, check_family, check_inputs, check_margins, check_validate,
+                                   margin_dtype, per_row_margins)
 from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
 from simcore.margin.ops import sampled_margin_loss
 from simcore.margin.sampling import check_sampled, sample_classes
@@ -44,7 +44,11 @@ class HeadOptimizer(torch.optim.Optimizer):
 
     def __init__(self, head, defaults):
         self._head = head
-        super().__init__([_stand_in(torch.zeros(0, head.weight.shape[1], device=head.weight.device))], defaults)
+        # capturable: the step reads nothing on the host (no synchronisation, CUDA-graph safe); and
+        # torch.compile adds the key to a param group that lacks it, which would recompile once
+        super().__init__(head._sink_params, {**defaults, "capturable": True})
+        # the same list the head's forward publishes: a traced step sees one object throughout
+        self.param_groups[0]["params"] = head._sink_params
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,6 +70,21 @@ def _stand_in(grad):
     holder = grad.new_zeros(()).expand(grad.shape)
     holder.grad = grad
     return holder
+
+
+class _GatherRecorded(torch.autograd.Function):
+    """``weight.index_select(0, centres)`` whose gradient goes to ``sink`` (a float32 leaf of the
+    rows' shape, one element of storage): autograd itself records the rows' gradient in
+    ``sink.grad``, with no hook and no Python side effect in backward, so ``torch.compile``
+    traces a whole training step (forward, backward, ``head.step()``) as one graph."""
+
+    @staticmethod
+    def forward(ctx, weight, centres, sink):
+        return weight.index_select(0, centres)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, grad.to(torch.float32)
 
 
 class _Hyperparameter:
@@ -141,9 +160,19 @@ class PartialMarginHead(nn.Module):
     ``process_group`` (a ``torch.distributed`` group): the centres are sharded
     across its ranks and the constructor returns a
     :class:`simcore.ShardedPartialMarginHead` (docs/distributed.md).
+
+    ``validate``: how the forward checks values that live on the device (label range,
+    ``sampled=`` ids, per-row margins), :func:`simcore.margin.checks.value_check`:
+    ``"first"`` (default) reads them on the host for CPU tensors and, for CUDA tensors,
+    on the first call per input shape, then checks them on the device with
+    ``torch._assert_async`` (no synchronisation); ``"always"`` reads them on every call
+    (one synchronisation each on CUDA); ``"never"`` skips them. Types, shapes and
+    devices are checked on every call. A steady-state step of this head on CUDA issues
+    no host synchronisation (docs/margin_softmax.md, "What syncs remain").
     """
 
     _sharded_form = None  # the subclass declared with sharded_form=True (simcore.margin.sharded)
+    _records_with_hook = False  # True: record row gradients with a tensor hook (the sharded head)
 
     def __init_subclass__(cls, *, sharded_form=False, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -159,7 +188,8 @@ class PartialMarginHead(nn.Module):
 
     def __init__(self, num_classes, embedding_dim, *, margin=0.5, scale=64.0, sample_rate=0.1, m1=1.0, m3=0.0,
                  optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                 device=None, dtype=None, process_group=None, loss=None, subcenters=1, filter_threshold=None):
+                 device=None, dtype=None, process_group=None, loss=None, subcenters=1, filter_threshold=None,
+                 validate="first"):
         super().__init__()
         if process_group is not None:  # PartialMarginHead(...) itself dispatches in __new__
             raise ValueError(f"{type(self).__name__} does not shard: use PartialMarginHead(..., process_group=g) "
@@ -168,6 +198,7 @@ class PartialMarginHead(nn.Module):
                          optimizer, loss)
         check_margins(m1, margin, m3, scale)
         check_family(subcenters, filter_threshold)
+        self.validate = check_validate(validate)
         self.loss = loss  # a submodule: its statistics (EMAs) are saved with the head
         self.subcenters, self.filter_threshold = subcenters, filter_threshold
         self.m1, self.margin, self.m3, self.scale, self.sample_rate = m1, margin, m3, scale, sample_rate
@@ -177,10 +208,49 @@ class PartialMarginHead(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
         hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         used = _SGD_KEYS if optimizer == "sgd" else _ADAMW_KEYS
+        # Recorded row gradients: ``_sink.grad`` for the rows ``_sink_ids`` of the latest forward
+        # (the usual case, see _GatherRecorded), plus ``_pieces`` [(centre row ids, float32 rows)]
+        # from hook-recorded passes and earlier passes of an accumulation; ``_pending`` merges them.
+        self._pieces = []
+        self.register_buffer("_sink_ids", torch.empty(0, dtype=torch.int64, device=self.weight.device),
+                             persistent=False)
+        self._make_sink()
         self.row_optimizer = HeadOptimizer(self, {k: v for k, v in hyper.items() if k in used})
         self._unused_hyperparameters = {k: v for k, v in hyper.items() if k not in used}
         self._init_state(num_classes * subcenters)
-        self._pending = []  # [(centre row ids, their float32 gradient rows)] recorded by backward, at most one pair
+
+    def _sink_rows(self):
+        """Rows gathered per step when every step samples ceil(sample_rate·C) classes (static)."""
+        c = self.weight.shape[0] // self.subcenters
+        return min(c, math.ceil(self.sample_rate * c)) * self.subcenters
+
+    def _make_sink(self):
+        """The gradient sink of :class:`_GatherRecorded`: a float32 leaf of the gathered rows' shape
+        backed by one element (no memory beyond its gradient)."""
+        rows, d = self._sink_rows(), self.weight.shape[1]  # (the sharded head: its own shard's rows)
+        self._sink = torch.zeros((), dtype=torch.float32, device=self.weight.device).expand(rows, d)
+        self._sink.requires_grad_(True)
+        self._sink_params = [self._sink]
+        if hasattr(self, "row_optimizer"):
+            self.row_optimizer.param_groups[0]["params"] = self._sink_params
+        if self._sink_ids.shape != (rows,) or self._sink_ids.device != self.weight.device:
+            self._sink_ids = torch.zeros(rows, dtype=torch.int64, device=self.weight.device)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the sink follows the weight
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_sink") and (self._sink.device != self.weight.device):
+            self._discard_sink()
+            self._make_sink()
+        return out
+
+    def _discard_sink(self):
+        self._sink.grad = None
+
+    @property
+    def _pending(self):
+        """The recorded gradient as [(centre row ids, float32 rows)] (at most one pair: duplicate
+        rows of several backward passes summed)."""
+        return self._consolidate()
 
     lr = _Hyperparameter()
     momentum = _Hyperparameter()
@@ -207,14 +277,15 @@ class PartialMarginHead(nn.Module):
         ``sampled``: use these sorted unique class ids (they must include every
         label) instead of drawing them."""
         w = self.weight
-        check_inputs(embeddings, labels, w, self.sample_rate, None, "mean", subcenters=self.subcenters)
+        check_inputs(embeddings, labels, w, self.sample_rate, None, "mean", subcenters=self.subcenters,
+                     validate=self.validate)
         num_samples = math.ceil(self.sample_rate * self.num_classes)
         if sampled is not None:
-            check_sampled(sampled, labels, self.num_classes)
+            check_sampled(sampled, labels, self.num_classes, validate=self.validate)
         elif num_samples >= self.num_classes:
             sampled = torch.arange(self.num_classes, device=labels.device)
-        else:
-            sampled = sample_classes(labels, self.num_classes, num_samples, generator)
+        else:  # the labels are checked above
+            sampled = sample_classes(labels, self.num_classes, num_samples, generator, validate="never")
         rows = self.gathered_rows(sampled)
         target = torch.searchsorted(sampled, labels)
         loss = self._margin_loss(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device))
@@ -224,32 +295,63 @@ class PartialMarginHead(nn.Module):
         """The centre rows of ``classes`` (their K sub-centres each), gathered; in training with
         gradients on, their gradient is recorded for :meth:`step`."""
         centres = centre_ids(classes, self.subcenters)
-        rows = self.weight.index_select(0, centres)
-        if torch.is_grad_enabled() and self.training:
+        if not (torch.is_grad_enabled() and self.training):
+            return self.weight.index_select(0, centres)
+        sink = self._sink
+        if (self._records_with_hook or centres.shape != self._sink_ids.shape
+                or sink.device != self.weight.device):
+            # a size other than the static one (more labels than sampled classes, a caller's
+            # `sampled`, the sharded head): the gradient is recorded by a hook, as before issue 14
+            rows = self.weight.index_select(0, centres)
             rows.requires_grad_(True)
             rows.register_hook(lambda g: self._record(centres, g))
-        return rows
+            return rows
+        if sink.grad is not None:  # an earlier backward pass not yet applied: keep its rows aside
+            self._pieces.append((self._sink_ids.clone(), sink.grad))
+            sink.grad = None
+        self._sink_ids.copy_(centres)
+        if not self._pieces:
+            self.row_optimizer.param_groups[0]["params"] = self._sink_params
+        else:
+            self._publish([g for _, g in self._pieces] + [None])
+        return _GatherRecorded.apply(self.weight, centres, sink)
+
+    def _consolidate(self):
+        """The recorded gradient as [(centre row ids, float32 rows)], at most one pair. The usual
+        case (one backward pass since the last step) is the sink's gradient as it is; several
+        pieces (gradients of several backward passes accumulated before ``step()``) are merged
+        into one with a unique over their ids (data-dependent: a synchronisation on CUDA)."""
+        sink = self._sink
+        if sink.grad is not None and not self._pieces:
+            return [(self._sink_ids, sink.grad)]
+        if sink.grad is not None:
+            self._pieces.append((self._sink_ids.clone(), sink.grad))
+            sink.grad = None
+        if len(self._pieces) > 1:
+            ids = torch.cat([i for i, _ in self._pieces])
+            rows = torch.cat([g for _, g in self._pieces])
+            centres, inverse = torch.unique(ids, return_inverse=True)
+            grad = rows.new_zeros(centres.numel(), rows.shape[1]).index_add_(0, inverse, rows)
+            self._pieces[:] = [(centres, grad)]
+            self._publish([grad])
+        return list(self._pieces)
 
     def _record(self, centres, grad):
         """Add one backward pass's gradient of rows ``centres`` to the recorded one, and show it
         to ``row_optimizer`` (GradScaler reads it there)."""
-        grad = grad.detach().to(torch.float32)
-        if self._pending:  # several backward passes before step(): sum duplicate rows
-            ids, old = self._pending[0]
-            centres, inverse = torch.unique(torch.cat([ids, centres]), return_inverse=True)
-            grad = old.new_zeros(centres.numel(), old.shape[1]).index_add_(0, inverse, torch.cat([old, grad]))
-        self._pending[:] = [(centres, grad)]
-        self._publish([grad])
+        self._pieces.append((centres, grad.detach().to(torch.float32)))
+        self._publish([self._consolidate()[0][1]])
 
     def _publish(self, grads):
-        self.row_optimizer.param_groups[0]["params"] = [_stand_in(g) for g in grads]
+        """Show ``grads`` to ``row_optimizer``; None stands for the sink (its gradient to come)."""
+        self.row_optimizer.param_groups[0]["params"] = [self._sink if g is None else _stand_in(g) for g in grads]
 
     def _margin_loss(self, embeddings, target, rows, sampled):
         """Mean loss of the head's variant on the gathered centre rows."""
         spec, margins, reg = self.loss_spec(embeddings,
                                             lambda: target_cosines(embeddings, target, rows, self.subcenters))
         rm = None if margins is None else per_row_margins(*margins, embeddings.shape[0], embeddings.device,
-                                                          margin_dtype(embeddings))
+                                                          margin_dtype(embeddings), validate=self.validate)
         loss = sampled_margin_loss(embeddings, target, rows, sampled, spec, "mean", rm)
         return loss if reg is None else loss + reg.mean().to(loss.dtype)
 
@@ -267,12 +369,14 @@ class PartialMarginHead(nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the recorded centre gradients (and any parameter gradients)."""
         super().zero_grad(set_to_none)
-        self._pending.clear()
+        self._pieces.clear()
+        self._discard_sink()
 
     def discard_recorded_gradients(self):
         """Forget the recorded centre gradients only."""
-        self._pending.clear()
-        self._publish([])
+        self._pieces.clear()
+        self._discard_sink()
+        self.row_optimizer.param_groups[0]["params"] = self._sink_params
 
     def step(self):
         """Apply the recorded gradients to the sampled rows only; returns the updated row ids.
@@ -286,7 +390,8 @@ class PartialMarginHead(nn.Module):
         norm as a tensor (no host synchronisation). Under AMP, ``scaler.unscale_(head.row_optimizer)``
         first."""
         norm_type = float(norm_type)
-        grad = self._pending[0][1] if self._pending else self.weight.new_zeros(0, dtype=torch.float32)
+        pending = self._pending
+        grad = pending[0][1] if pending else self.weight.new_zeros(0, dtype=torch.float32)
         total = self._global_norm(torch.linalg.vector_norm(grad, norm_type), norm_type)
         grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
@@ -298,9 +403,10 @@ class PartialMarginHead(nn.Module):
     def _apply_recorded(self, grad_scale=None, found_inf=None):
         """The update of the recorded rows; ``grad_scale``: the loss scale still in the gradient;
         ``found_inf``: a tensor, > 0 means keep rows and state as they are (GradScaler's skip)."""
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return None
-        idx, grad = self._pending[0]
+        idx, grad = pending[0]
         self.discard_recorded_gradients()
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device)
@@ -360,7 +466,8 @@ class PartialMarginHead(nn.Module):
             buf = getattr(self, name, None)
             if buf is not None:
                 setattr(self, name, torch.cat([buf, buf.new_zeros((n,) + buf.shape[1:])]))
-        self._pending.clear()
+        self._pieces.clear()
+        self._make_sink()
         return torch.arange(old, old + n // self.subcenters, device=self.weight.device)
 
     @staticmethod

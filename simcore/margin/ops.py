@@ -6,6 +6,12 @@ gradients computed in the same pass (backward only scales them);
 with the upstream per-row gradients as row weights. Both have fake
 implementations, so ``torch.compile`` traces through them.
 
+Scalars that change between steps (CurricularFace's t, a scheduled Cam-Softmax
+exponent) travel as the ops' ``dyn`` tensor, not in the ``spec`` list of floats:
+a float in ``spec`` is a constant of a traced graph (a new value recompiles it),
+a tensor is an input. The op reads ``dyn`` on the host: free for CPU tensors, one
+synchronisation for CUDA tensors (the kernels take their parameters by value).
+
 The engine's options (:class:`simcore.margin.engine.EngineOptions`) travel as the
 ops' ``engine`` argument: read once when the loss is called, they also govern a
 backward that autograd runs on another thread.
@@ -15,6 +21,7 @@ compiled ops for float32/float16/bfloat16, the float64 reference otherwise.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,7 +33,8 @@ from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_opt
 from simcore.margin.gemm import use_bf16_gemms
 from simcore.reference.margin_softmax import margin_softmax_loss
 
-__all__ = ["REDUCTION_CODES", "reduce_rows", "scaled_by_upstream", "sampled_margin_loss"]
+__all__ = ["REDUCTION_CODES", "reduce_rows", "scaled_by_upstream", "split_dynamic", "host_spec",
+           "sampled_margin_loss"]
 
 REDUCTION_CODES = {name: code for code, name in enumerate(REDUCTIONS)}  # mean 0, sum 1, none 2
 _NONE = REDUCTION_CODES["none"]
@@ -63,6 +71,37 @@ def _weight_grad_buffer(weight, rows):
     return torch.zeros_like(weight, memory_format=torch.contiguous_format)
 
 
+def split_dynamic(spec):
+    """(spec with floats only, ``dyn`` or None): a :class:`MarginSpec` whose ``cam_power`` or
+    ``curricular_t`` is a tensor (a module's state) keeps a placeholder that switches the variant
+    on (cam_power 1, curricular_t 0), and ``dyn`` = float64 (cam_power, curricular_t), NaN where
+    the spec's own float applies."""
+    cam, t = spec.cam_power, spec.curricular_t
+    cam_dyn, t_dyn = isinstance(cam, torch.Tensor), isinstance(t, torch.Tensor)
+    if not (cam_dyn or t_dyn):
+        return spec, None
+    ref = cam if cam_dyn else t
+    nan = torch.full((), math.nan, dtype=torch.float64, device=ref.device)
+    dyn = torch.stack([cam.detach().to(torch.float64).reshape(()) if cam_dyn else nan,
+                       t.detach().to(torch.float64).reshape(()) if t_dyn else nan])
+    return spec._replace(cam_power=1.0 if cam_dyn else cam, curricular_t=0.0 if t_dyn else t), dyn
+
+
+def host_spec(spec):
+    """``spec`` with its tensor fields read as floats (one synchronisation each on an accelerator)."""
+    return spec._replace(**{k: float(getattr(spec, k)) for k in ("cam_power", "curricular_t")
+                            if isinstance(getattr(spec, k), torch.Tensor)})
+
+
+def _with_dynamic(sp, dyn):
+    """The op's MarginSpec with ``dyn``'s values in place of the placeholders."""
+    if dyn is None:
+        return sp
+    cam, t = dyn.tolist()  # a CPU tensor: no synchronisation; CUDA: one (documented)
+    return sp._replace(cam_power=sp.cam_power if math.isnan(cam) else cam,
+                       curricular_t=sp.curricular_t if math.isnan(t) else t)
+
+
 def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, bf16, engine):
     """The per-row losses, and (gx, gw, gm) of Σ_i row_weight_i·loss_i (empty tensors where not needed)."""
     need_gx, need_gw, need_gm = need
@@ -79,19 +118,22 @@ def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, b
 @torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], spec: list[float], subcenters: int, reduction: int, need_gx: bool,
-            need_gw: bool, need_gm: bool, bf16: bool,
-            engine: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward)."""
+            need_gw: bool, need_gm: bool, bf16: bool, engine: str,
+            dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward).
+    ``dyn``: see :func:`split_dynamic`."""
     grads = reduction != _NONE and (need_gx or need_gw or need_gm)
     need = (grads and need_gx, grads and need_gw, grads and need_gm)
     rw = _row_weight(x.shape[0], reduction, x.device) if grads else None
     loss_rows, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
-                                        MarginSpec.from_list(spec, subcenters), rw, need, bf16, engine)
+                                        _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn), rw, need, bf16,
+                                        engine)
     return reduce_rows(loss_rows, reduction), gx, gw, gm
 
 
 @_fwd_op.register_fake
-def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16, engine):
+def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16, engine,
+      dyn=None):
     grads = reduction != _NONE and (need_gx or need_gw or need_gm)
     loss = x.new_empty((x.shape[0],) if reduction == _NONE else (), dtype=torch.float32)
     gx = x.new_empty(x.shape) if grads and need_gx else x.new_empty(0)
@@ -103,16 +145,18 @@ def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need
 @torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
 def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: list[float], subcenters: int,
-            need_gx: bool, need_gw: bool, need_gm: bool, bf16: bool,
-            engine: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_gx: bool, need_gw: bool, need_gm: bool, bf16: bool, engine: str,
+            dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
-    _, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins, MarginSpec.from_list(spec, subcenters),
+    _, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
+                                _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn),
                                 grad_rows.float().contiguous(), (need_gx, need_gw, need_gm), bf16, engine)
     return gx, gw, gm
 
 
 @_bwd_op.register_fake
-def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm, bf16, engine):
+def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm, bf16, engine,
+      dyn=None):
     return (x.new_empty(x.shape) if need_gx else x.new_empty(0),
             weight.new_empty(weight.shape) if need_gw else weight.new_empty(0),
             torch.empty_like(row_margins) if need_gm else x.new_empty(0))
@@ -120,14 +164,15 @@ def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need
 
 def _setup_context(ctx, inputs, output):
     x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16, engine = \
-        inputs
+        inputs[:13]
+    dyn = inputs[13] if len(inputs) > 13 else None
     _, gx, gw, gm = output
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
     ctx.consumed = False
     ctx.spec, ctx.subcenters, ctx.engine = spec, subcenters, engine
     ctx.reduction, ctx.needs, ctx.bf16 = reduction, (need_gx, need_gw, need_gm), bf16
     if reduction == _NONE:
-        ctx.save_for_backward(x, labels, weight, sampled, row_margins)
+        ctx.save_for_backward(x, labels, weight, sampled, row_margins, dyn)
     else:
         ctx.save_for_backward(gx, gw, gm)
 
@@ -135,11 +180,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _gx, _gw, _gm):
     need_gx, need_gw, need_gm = ctx.needs
     if grad_loss is None:
-        return (None,) * 13
+        return (None,) * 14
     if ctx.reduction == _NONE:
-        x, labels, weight, sampled, row_margins = ctx.saved_tensors
+        x, labels, weight, sampled, row_margins, dyn = ctx.saved_tensors
         gx, gw, gm = _bwd_op(x, labels, weight, sampled, row_margins, grad_loss, ctx.spec, ctx.subcenters,
-                             need_gx, need_gw, need_gm, ctx.bf16, ctx.engine)
+                             need_gx, need_gw, need_gm, ctx.bf16, ctx.engine, dyn)
     else:
         gx, gw, gm = ctx.saved_tensors
         if ctx.consumed and not torch.compiler.is_compiling():
@@ -151,7 +196,7 @@ def _backward(ctx, grad_loss, _gx, _gw, _gm):
         gx = scaled_by_upstream(gx, grad_loss) if need_gx else None
         gw = scaled_by_upstream(gw, grad_loss) if need_gw else None
         gm = scaled_by_upstream(gm, grad_loss) if need_gm else None
-    return (gx if need_gx else None, None, gw if need_gw else None, None, gm if need_gm else None) + (None,) * 8
+    return (gx if need_gx else None, None, gw if need_gw else None, None, gm if need_gm else None) + (None,) * 9
 
 
 torch.library.register_autograd("simcore::margin_softmax_fwd", _backward, setup_context=_setup_context)
@@ -165,9 +210,11 @@ def _engine_op_arg() -> str:
 def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, row_margins=None):
     """The loss over the classes ``sampled``: compiled ops (float32/float16/bfloat16) or the
     float64 reference (float64 inputs, or the reference backend). ``row_margins`` (B, 3)
-    per-row (m1, m2, m3) overrides the spec's scalars. Arguments are checked by the caller."""
+    per-row (m1, m2, m3) overrides the spec's scalars; the spec's ``cam_power`` and
+    ``curricular_t`` may be 0-d tensors (:func:`split_dynamic`). Arguments are checked by the caller."""
     if (embeddings.dtype == torch.float64 or weight.dtype == torch.float64
             or not dispatch.use_compiled(embeddings.device)):
+        spec = host_spec(spec)
         m = (spec.m1, spec.m2, spec.m3) if row_margins is None else row_margins.to(embeddings.dtype).unbind(1)
         with torch.autocast(embeddings.device.type, enabled=False):
             return margin_softmax_loss(embeddings, labels, weight, sampled, m1=m[0], m2=m[1], m3=m[2],
@@ -178,9 +225,10 @@ def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, ro
     need_gm = grad and row_margins is not None and row_margins.requires_grad
     if row_margins is not None:
         row_margins = row_margins.float()
+    spec, dyn = split_dynamic(spec)
     loss, _, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, row_margins,
                             spec.as_list(), spec.subcenters, REDUCTION_CODES[reduction],
                             grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm,
                             use_bf16_gemms(embeddings, weight, current_engine_options().bf16_gemms),
-                            _engine_op_arg())
+                            _engine_op_arg(), dyn)
     return loss

@@ -13,12 +13,13 @@ import torch
 
 from simcore import dispatch
 from simcore.dispatch import tensor_arg
+from simcore.margin.checks import check_label_range, check_validate, value_check
 
 __all__ = ["sample_classes", "check_sampled"]
 
 
 def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Optional[torch.Generator] = None, *, validate="first") -> torch.Tensor:
     """Sorted int64 class ids: every class in ``labels``, plus negatives drawn
     uniformly without replacement up to ``num_samples`` ids in total (exactly the
     positives when they alone reach ``num_samples``). Deterministic for a given
@@ -30,6 +31,16 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     a C/8-byte bitmap, O(k + C/64) for k negatives (C in the millions is fine); the
     ids are then moved to ``labels.device``. Reference backend: rejection sampling in
     torch, O(k log k).
+
+    Accelerator labels (CUDA), when the result's size is static (``labels.numel() <=
+    num_samples < num_classes``, the usual Partial FC case): sampled on the labels'
+    device without a host synchronisation, eagerly and traced alike: one uniform
+    float64 key per class, −1 for the labels' classes, the ``num_samples`` smallest
+    keys (``torch.topk``), sorted; O(C) work on the device. Use a ``generator`` on the
+    labels' device (or None): a CPU generator's keys are copied over. Otherwise (more
+    labels than ``num_samples``: a data-dependent size) the host path above runs, with
+    its synchronisations. ``validate``: the label-range check, as in
+    :func:`simcore.margin.checks.value_check`.
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -38,6 +49,10 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     for name, v in (("num_classes", num_classes), ("num_samples", num_samples)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    validate = check_validate(validate)
+    if labels.device.type != "cpu" and labels.numel() <= num_samples < num_classes:
+        check_label_range(labels, num_classes, validate)
+        return sample_on_device(labels, num_classes, num_samples, generator)
     gdev = generator.device if generator is not None else torch.device("cpu")
     if torch.compiler.is_compiling() and dispatch.use_compiled(torch.device("cpu")):
         # The number of positives is unknown when tracing: draw num_samples random words (at least
@@ -65,6 +80,18 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
     shift = positives - torch.arange(p, device=labels.device)
     negatives = ranks + torch.searchsorted(shift, ranks, right=True)
     return torch.sort(torch.cat([positives, negatives])).values
+
+
+def sample_on_device(labels, num_classes, num_samples, generator=None):
+    """``num_samples`` sorted class ids on ``labels.device``: every label's class plus uniform
+    negatives without replacement, with no host synchronisation (static shapes only). Needs
+    ``labels.numel() <= num_samples <= num_classes`` and labels in range (checked by the caller:
+    an out-of-range label is an index error on the device)."""
+    dev = labels.device
+    gdev = dev if generator is None else generator.device
+    keys = torch.rand(num_classes, dtype=torch.float64, device=gdev, generator=generator).to(dev)
+    keys.index_fill_(0, labels, -1.0)  # every positive ranks first; ties among keys have probability ~2^-53
+    return torch.sort(torch.topk(keys, num_samples, largest=False, sorted=False).indices).values
 
 
 @torch.library.custom_op("simcore::sample_classes", mutates_args=())
@@ -131,15 +158,29 @@ def _distinct_uniform(k, n, generator, device):
     return uniq[torch.argsort(first)[:k]]
 
 
-def check_sampled(sampled, labels, num_classes):
+def check_sampled(sampled, labels, num_classes, validate="first"):
     """Raise unless ``sampled`` is a 1-D int64 tensor of strictly increasing class ids
-    in [0, num_classes) on ``labels.device`` that contains every label."""
+    in [0, num_classes) on ``labels.device`` that contains every label. Type, shape and
+    device are checked on every call; the ids' values as ``validate`` says
+    (:func:`simcore.margin.checks.value_check`)."""
     if not isinstance(sampled, torch.Tensor) or sampled.dtype != torch.int64 or sampled.dim() != 1:
         raise TypeError("sampled must be a 1-D int64 tensor of class ids")
     if sampled.device != labels.device:
         raise ValueError(f"sampled is on {sampled.device} but labels on {labels.device}")
     if sampled.numel() == 0:
         raise ValueError("sampled is empty")
+    how = value_check(check_validate(validate), labels.device,
+                      ("sampled", num_classes, tuple(sampled.shape), tuple(labels.shape), labels.device))
+    if how is None:
+        return
+    if how == "device":
+        ok = (sampled[1:] > sampled[:-1]).all() & (sampled[0] >= 0) & (sampled[-1] < num_classes)
+        if labels.numel():
+            col = torch.searchsorted(sampled, labels).clamp_(max=sampled.numel() - 1)
+            ok = ok & (sampled[col] == labels).all()
+        torch._assert_async(ok, f"simcore: sampled must be strictly increasing ids in [0, {num_classes}) "
+                                "containing every label")
+        return
     if sampled.numel() > 1 and not bool((sampled[1:] > sampled[:-1]).all()):
         raise ValueError("sampled must be strictly increasing (sorted, no duplicates)")
     if int(sampled[0]) < 0 or int(sampled[-1]) >= num_classes:

@@ -195,6 +195,10 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
     exactly ∂L/∂(its embeddings).
     """
 
+    # the rows sampled on a shard vary per step and rank: recorded by a tensor hook (with the all-reduce
+    # of the overflow flag, below), not by the single-process head's static-size gradient sink
+    _records_with_hook = True
+
     def __init__(self, num_classes, embedding_dim, *, process_group=None, grad_reduction="mean", **kwargs):
         if process_group is None:
             raise ValueError("ShardedPartialMarginHead needs a process_group (e.g. torch.distributed.group.WORLD)")
@@ -335,14 +339,16 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
         local_labels = lab[own] - start
         if sampled is not None:
             sampled = sampled.to(dev)
-            check_sampled(sampled, lab, self.num_classes)  # same inputs on every rank: same outcome
+            # same inputs on every rank: same outcome (validate="never" skips it on every rank alike)
+            check_sampled(sampled, lab, self.num_classes, validate=self.validate)
             local = sampled[(sampled >= start) & (sampled < end)] - start
         else:
             k = math.ceil(self.sample_rate * c_local)
             if k >= c_local:
                 local = torch.arange(c_local, device=dev)
             else:
-                local = sample_classes(local_labels, c_local, k, generator).to(dev)
+                # the labels' range was checked on every rank in the metadata exchange
+                local = sample_classes(local_labels, c_local, k, generator, validate="never").to(dev)
         tcol = torch.full((lab.shape[0],), -1, dtype=torch.int64, device=dev)
         if local.numel():
             tcol[own] = torch.searchsorted(local, local_labels)
@@ -356,7 +362,7 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
             return found[0]
 
         spec, margins, reg = self.loss_spec(xg, target_cos)
-        rm = None if margins is None else per_row_margins(*margins, xg.shape[0], dev)
+        rm = None if margins is None else per_row_margins(*margins, xg.shape[0], dev, validate=self.validate)
         tcos = target_cos() if spec.curricular_t is not None else None
         need_gx = torch.is_grad_enabled() and xg.requires_grad
         need_gm = torch.is_grad_enabled() and rm is not None and rm.requires_grad
