@@ -5,8 +5,10 @@ Two spawned worlds (gloo, CPU): world size 2 (local batches 7 + 5) and world siz
 its results; the parent compares them with the single-process head on the global
 batch with the same sampled classes (rel. error 1e-5, float32). The world-size-2
 run saves a checkpoint that the world-size-4 run and the parent (world size 1)
-reload. Hangs fail: a 60 s process-group timeout in the workers and a deadline on
-the spawn in the parent.
+reload. Growing the sharded head (drip training) moves rows between shards; it is
+compared with the single-process head's grow on the same centres and state. Hangs
+fail: a 60 s process-group timeout in the workers and a deadline on the spawn in
+the parent.
 """
 import datetime
 import math
@@ -26,6 +28,9 @@ SIZES = {2: [7, 5], 4: [4, 0, 3, 5]}
 N = 12
 TOL = 1e-5
 DEADLINE_S = 240
+GROW_N = 7                   # classes appended by grow(): 60 -> 67 moves every shard boundary at world size 4
+GROW = ["D", "V_sub"]        # AdamW (exp_avg, exp_avg_sq, row_step); momentum SGD with 3 sub-centres
+STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -65,6 +70,28 @@ def _k(name):
 
 def _weight(inp, name):
     return inp["W3"] if _k(name) == 3 else inp["W"]
+
+
+def _set_state(head, inp, name, lo, hi):
+    """Centres and non-zero optimizer state: rows [lo, hi) of the global ones in ``inp``."""
+    head.weight.data.copy_(_weight(inp, name)[lo:hi])
+    for key in STATE:
+        buf = getattr(head, key, None)
+        if buf is not None:
+            buf.copy_((inp["RS"] if key == "row_step" else inp["ST_" + key])[lo:hi])
+
+
+def _grow_and_step(head, inp, name, x, y):
+    """grow() by GROW_N classes, then one training step over classes old and new: the state
+    right after grow, the loss and the state after the step."""
+    ids = head.grow(inp["G"][:GROW_N * _k(name)])
+    after = {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
+    loss = head(x, y, sampled=inp["SG"])
+    head.zero_grad()
+    loss.backward()
+    head.step()
+    stepped = {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)}
+    return dict(ids=ids, grown=after, loss=loss.detach(), stepped=stepped, num_classes=head.num_classes)
 
 
 def _grab_error(fn):
@@ -142,6 +169,14 @@ def _worker(rank, tmp, ws):
             again.load_state_dict(new.state_dict())
             out["E_roundtrip"] = again.weight.detach().clone()
 
+        # G: grow (a collective): the rows move to their new shards, the new rows' state is zero
+        for name in GROW:
+            k = _k(name)
+            head = simcore.PartialMarginHead(C, D, process_group=grp, **_head_kwargs(name))
+            s, e = head.shard
+            _set_state(head, inp, name, s * k, e * k)
+            out["G_" + name] = dict(_grow_and_step(head, inp, name, inp["X"][sl], inp["YG"][sl]), shard=head.shard)
+
         # F: bad input raises on every rank, and the group stays usable afterwards
         head = simcore.PartialMarginHead(C, D, process_group=grp, **_head_kwargs("A"))
         head.weight.data.copy_(inp["W"][slice(*head.shard)])
@@ -161,7 +196,10 @@ def _worker(rank, tmp, ws):
                                                  sampled=inp["SA"]))
         out["F_f64"] = _grab_error(lambda: head(x.double() if rank == 0 else x, y, sampled=inp["SA"]))
         out["F_empty"] = _grab_error(lambda: head(x[:0], y[:0]))
-        out["F_grow"] = _grab_error(lambda: head.grow(torch.zeros(1, D)))
+        out["F_grow"] = _grab_error(lambda: head.grow(torch.zeros(1 if rank == 0 else 2, D)))
+        out["F_grow_values"] = _grab_error(lambda: head.grow(torch.full((2, D), float(rank == 1))))
+        out["F_grow_nan"] = _grab_error(lambda: head.grow(torch.full((2, D), math.nan if rank == ws - 1 else 0.0)))
+        out["F_grow_classes"] = head.num_classes
         out["F_small"] = _grab_error(lambda: simcore.PartialMarginHead(ws - 1, D, process_group=grp))
         out["F_after"] = head(x, y, sampled=inp["SA"]).detach()
         torch.save(out, os.path.join(tmp, f"out{ws}_{rank}.pt"))
@@ -210,6 +248,13 @@ def _single_ddp_run(inp):
     return res
 
 
+def _single_grow(inp, name):
+    k = _k(name)
+    head = simcore.PartialMarginHead(C, D, **_head_kwargs(name))
+    _set_state(head, inp, name, 0, C * k)
+    return _grow_and_step(head, inp, name, inp["X"], inp["YG"])
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     seed = int(os.environ.get("SIMCORE_TEST_SEED", random.SystemRandom().randrange(2**31)))
@@ -223,11 +268,17 @@ def world(tmp_path_factory):
            "Z": torch.randn(N, DIN, generator=gen),
            "SA": _with_positives(y, 15, gen),
            "SB": torch.unique(torch.cat([yb, torch.randperm(C // 2, generator=gen)[:5]])),  # classes < C/2 only
-           "SD1": _with_positives(y, 10, gen), "SD2": _with_positives(y, 20, gen)}
+           "SD1": _with_positives(y, 10, gen), "SD2": _with_positives(y, 20, gen),
+           "G": torch.randn(3 * GROW_N, D, generator=gen), "RS": torch.randint(1, 9, (3 * C,), generator=gen),
+           **{"ST_" + k: torch.rand(3 * C, D, generator=gen) for k in STATE[:3]}}
+    inp["YG"] = torch.cat([torch.randint(C + GROW_N, (N - 3,), generator=gen), torch.arange(C, C + 3)])
+    g_extra = torch.randperm(C + GROW_N, generator=gen)[:12]
+    inp["SG"] = torch.unique(torch.cat([inp["YG"], g_extra]))
     assert not bool(torch.isin(inp["Y"], inp["SB"]).all())  # SB lacks labels of Y (for F_missing)
     torch.save(inp, tmp / "inputs.pt")
     expect = {"A": _single("A", inp, y, inp["SA"]), "A2": _single("A2", inp, y, None),
               "B": _single("B", inp, yb, inp["SB"]), "D": _single_ddp_run(inp),
+              **{"G_" + name: _single_grow(inp, name) for name in GROW},
               **{name: _single(name, inp, y, inp["SA"], X_SCALE) for name in VARIANTS}}
     outs = {ws: _spawn(ws, tmp) for ws in (2, 4)}  # 4 after 2: it loads 2's checkpoint
     return inp, expect, outs, tmp
@@ -324,6 +375,30 @@ def test_ddp_backbone_and_head_steps_match_single_process(world, ws):
         assert torch.equal(d["state"]["row_step"], exp["state"]["row_step"][s:e])
 
 
+@WS
+@pytest.mark.parametrize("name", GROW)
+def test_grow_moves_rows_like_the_single_process_grow(world, ws, name):
+    """grow() on every rank with the same centres: each rank's centres and optimizer state are
+    exactly the single-process grown head's rows of its new shard (the new rows' state zero),
+    and one step over old and new classes afterwards matches the single process to 1e-5."""
+    inp, expect, outs, _ = world
+    exp, k = expect["G_" + name], _k(name)
+    for rank, o in enumerate(outs[ws]):
+        g = o["G_" + name]
+        s, e = shard_bounds(C + GROW_N, ws, rank)
+        assert g["shard"] == (s, e) and g["num_classes"] == C + GROW_N
+        assert torch.equal(g["ids"], exp["ids"]) and g["ids"].tolist() == list(range(C, C + GROW_N))
+        for key, v in exp["grown"].items():
+            if not key.startswith("loss."):
+                assert torch.equal(g["grown"][key], v[s * k:e * k]), key
+        assert rel_err(g["loss"], exp["loss"]) <= TOL
+        for key, v in exp["stepped"].items():
+            if key == "row_step":
+                assert torch.equal(g["stepped"][key], v[s * k:e * k])
+            elif not key.startswith("loss."):
+                assert rel_err(g["stepped"][key], v[s * k:e * k]) <= TOL, key
+
+
 def test_checkpoint_reshards_from_2_to_4_and_1(world):
     inp, expect, outs, tmp = world
     saved = [torch.load(tmp / f"ckpt{r}.pt") for r in range(2)]
@@ -378,7 +453,13 @@ def test_bad_input_raises_on_every_rank(world, ws):
         else:
             assert o["F_f64"].startswith("ValueError") and "rank(s) [0]" in o["F_f64"]
         assert o["F_empty"].startswith("ValueError") and "empty global batch" in o["F_empty"]
-        assert o["F_grow"].startswith("NotImplementedError") and "load_resharded" in o["F_grow"]
+        assert o["F_grow"].startswith("ValueError") and "different numbers of new centre rows [1" in o["F_grow"]
+        assert o["F_grow_values"].startswith("ValueError") and "differ across ranks" in o["F_grow_values"]
+        if rank == ws - 1:
+            assert o["F_grow_nan"].startswith("ValueError") and "NaN or Inf" in o["F_grow_nan"]
+        else:
+            assert o["F_grow_nan"].startswith("ValueError") and f"rank(s) [{ws - 1}]" in o["F_grow_nan"]
+        assert o["F_grow_classes"] == C                    # nothing grew
         assert o["F_small"].startswith("ValueError") and "at least the world size" in o["F_small"]
         # the group is still in step after the errors
         assert rel_err(o["F_after"], expect["A"]["loss"]) <= TOL

@@ -220,9 +220,14 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
         self.shard = (start, end)
         self._global_classes = num_classes
         self.grad_reduction = grad_reduction
-        cfg = (num_classes, embedding_dim, self.m1, self.margin, self.m3, self.scale, self.sample_rate,
-               self.optimizer, world, self.subcenters, self.filter_threshold, repr(self.loss))
-        self._config_crc = zlib.crc32(repr(cfg).encode())
+        self._config_crc = self._config_checksum()
+
+    def _config_checksum(self):
+        """A checksum of the arguments that must be identical on every rank (checked in every forward)."""
+        cfg = (self._global_classes, self.weight.shape[1], self.m1, self.margin, self.m3, self.scale,
+               self.sample_rate, self.optimizer, self.world_size, self.subcenters, self.filter_threshold,
+               repr(self.loss))
+        return zlib.crc32(repr(cfg).encode())
 
     @property
     def num_classes(self) -> int:
@@ -414,9 +419,77 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
         dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=self.process_group)
         return powered.pow(1.0 / norm_type)
 
-    def grow(self, new_centres):
-        raise NotImplementedError("grow() is not supported on a sharded head: grow a single-process head, save "
-                                  "it and load it with simcore.load_resharded (docs/distributed.md)")
+    @torch.no_grad()
+    def grow(self, new_centres: torch.Tensor) -> torch.Tensor:
+        """Append classes whose centres are ``new_centres`` ((n·K, D), K sub-centres per class,
+        class-major), a collective: call it on every rank with the *same* tensor (a checksum is
+        compared). The global class count becomes C + n, so :func:`shard_bounds` moves: each rank
+        sends the rows (centres and optimizer state) it no longer owns to their new rank with one
+        all-to-all per buffer, and keeps the new classes that fall in its new block; their optimizer
+        state starts at zero. The result equals growing a single-process head and sharding it.
+        Bad input (a rank's malformed or non-finite tensor, different row counts or values across
+        ranks) raises on every rank before any row moves. Returns the new global class ids."""
+        k, d = self.subcenters, self.weight.shape[1]
+        where = f"simcore sharded head grow (rank {self.rank} of {self.world_size})"
+        problem = None
+        if not isinstance(new_centres, torch.Tensor) or new_centres.dim() != 2 or new_centres.shape[1] != d \
+                or not new_centres.dtype.is_floating_point or new_centres.shape[0] % k:
+            rows = "n" if k == 1 else f"n·{k}"
+            problem = f"new_centres must be a ({rows}, {d}) floating-point tensor"
+        elif not bool(torch.isfinite(new_centres).all()):
+            problem = "new_centres holds NaN or Inf"
+        meta = torch.zeros(3, dtype=torch.int64)
+        if problem is None:
+            host = new_centres.detach().to("cpu", torch.float32).contiguous()
+            meta[1], meta[2] = host.shape[0], zlib.crc32(host.numpy())
+        else:
+            meta[0] = 1
+        dev = self.weight.device
+        gathered = torch.empty(self.world_size * 3, dtype=torch.int64, device=dev)
+        dist.all_gather_into_tensor(gathered, meta.to(dev), group=self.process_group)
+        g = gathered.cpu().view(self.world_size, 3)
+        bad = g[:, 0].nonzero().flatten().tolist()
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        if bad:
+            raise ValueError(f"{where}: rank(s) {bad} passed invalid new_centres (see the error on those ranks)")
+        if len(set(g[:, 1].tolist())) != 1:
+            raise ValueError(f"{where}: the ranks passed different numbers of new centre rows {g[:, 1].tolist()}: "
+                             "grow is a collective, pass the same (n·K, D) tensor on every rank")
+        if len(set(g[:, 2].tolist())) != 1:
+            raise ValueError(f"{where}: new_centres differ across ranks (checksums differ): pass the same tensor on "
+                             "every rank (compute it identically, e.g. on the CPU, or broadcast rank 0's)")
+        old, n = self._global_classes, host.shape[0] // k
+        new = old + n
+        world, me = self.world_size, self.rank
+        ob = [shard_bounds(old, world, q) for q in range(world)]
+        nb = [shard_bounds(new, world, q) for q in range(world)]
+        send = [max(0, min(ob[me][1], nb[q][1]) - max(ob[me][0], nb[q][0])) * k for q in range(world)]
+        recv = [max(0, min(ob[q][1], nb[me][1]) - max(ob[q][0], nb[me][0])) * k for q in range(world)]
+        a, b = max(nb[me][0], old), nb[me][1]          # the new classes this rank now owns
+        fresh = host[(a - old) * k:(b - old) * k] if a < b else host[:0]
+
+        def moved(buf):
+            """This rank's rows of ``buf`` in the new layout (old classes only), via one all-to-all."""
+            src = buf.to(torch.float32) if buf.dtype in (torch.float16, torch.bfloat16) else buf
+            out = src.new_empty((sum(recv),) + tuple(buf.shape[1:]))
+            dist.all_to_all_single(out, src.contiguous(), recv, send, group=self.process_group)
+            return out.to(buf.dtype)
+
+        weight = torch.cat([moved(self.weight.detach()), fresh.to(device=dev, dtype=self.weight.dtype)])
+        states = {}
+        for name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step"):
+            buf = getattr(self, name, None)
+            if buf is not None:
+                states[name] = torch.cat([moved(buf), buf.new_zeros((fresh.shape[0],) + tuple(buf.shape[1:]))])
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        for name, buf in states.items():
+            setattr(self, name, buf)
+        self._global_classes, self.shard = new, nb[me]
+        self._config_crc = self._config_checksum()
+        self._pieces.clear()
+        self._make_sink()
+        return torch.arange(old, new, device=dev)
 
     # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self):
