@@ -152,7 +152,10 @@ def test_bad_settings_are_clear_errors(folder, tmp_path):
         T.TrainConfig(images="x", output="y", drip="5,abc").normalised()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WORLD_SIZE", "2")
-        with pytest.raises(T.TrainSetupError, match="torchrun.*not supported yet"):
+        for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(k, raising=False)
+        with pytest.raises(T.TrainSetupError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: "
+                                                    "start the ranks with torchrun"):
             T.train(config(folder, tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()

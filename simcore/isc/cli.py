@@ -304,8 +304,11 @@ def cmd_train(a):
     except _user_errors() as e:
         raise CLIError(str(e)) from None
     except SimulatedFailure as e:          # the test hook: an interrupted run, not a user error
-        print(f"simcore train: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"simcore train: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0") or 0) != 0:   # under torchrun: rank 0 reports for the run
+        return 0
     summary = {"output": r.output, "checkpoint": r.checkpoint, "steps": len(r.losses),
                "final_loss": r.stages[-1]["final_loss"] if r.stages else None,
                "images_per_second": r.images_per_second, "stages": r.stages,

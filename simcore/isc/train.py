@@ -36,10 +36,12 @@ augmented copy of each validation image searched among the clean ones, at each s
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -48,13 +50,14 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import simcore
 from simcore.isc import augment as A
 from simcore.isc import data as Dt
 from simcore.isc.backbones import backbone_spec, build_backbone
 from simcore.isc.descriptors import match as match_descriptors
-from simcore.isc.embed import CHECKPOINT_FORMAT, autocast_context, embed_dataset, load_checkpoint
+from simcore.isc.embed import CHECKPOINT_FORMAT, CheckpointError, autocast_context, embed_dataset, load_checkpoint
 from simcore.isc.metrics import evaluate
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "FAIL_AFTER_STEP_ENV", "SimulatedFailure",
@@ -207,9 +210,10 @@ def resolve_device(name):
     return name
 
 
-def _make_head(c: TrainConfig, num_classes: int, device):
+def _make_head(c: TrainConfig, num_classes: int, device, process_group=None):
+    """The run's head; with ``process_group`` the class-sharded one (this rank's block of classes)."""
     scale = c.scale if c.scale is not None else (20.0 if c.loss == "cam" else 40.0)
-    kw = dict(sample_rate=c.sample_rate, subcenters=c.subcenters, device=device,
+    kw = dict(sample_rate=c.sample_rate, subcenters=c.subcenters, device=device, process_group=process_group,
               optimizer="adamw" if c.optimizer == "adam" else "sgd",
               lr=c.head_lr if c.head_lr is not None else c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     if c.loss == "arcface":
@@ -238,6 +242,131 @@ def _lr_factor(step, steps, warmup):
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+class _Dist:
+    """This process's place in a ``torchrun`` world: the process group (WORLD), rank, world size,
+    its device, and whether ``train`` created the group (and so destroys it at the end)."""
+
+    def __init__(self, rank, world, local_rank, device, created):
+        self.rank, self.world, self.local_rank, self.device, self.created = rank, world, local_rank, device, created
+        self.group = dist.group.WORLD
+        # collectives of small host values run on the backend's device (NCCL: this rank's GPU)
+        self.comm = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def gather_ints(self, values):
+        """(world, len(values)) int64 on the host: every rank's ``values``."""
+        t = torch.tensor(values, dtype=torch.int64, device=self.comm)
+        out = torch.empty(self.world * t.numel(), dtype=torch.int64, device=self.comm)
+        dist.all_gather_into_tensor(out, t, group=self.group)
+        return out.cpu().view(self.world, t.numel())
+
+    def agree(self, error, what):
+        """A collective: raise on every rank if any rank has an ``error`` (its own error there, a
+        TrainSetupError naming the failed ranks elsewhere), so that no rank waits for another forever."""
+        failed = self.gather_ints([int(error is not None)])[:, 0].nonzero().flatten().tolist()
+        if error is not None:
+            raise error
+        if failed:
+            raise TrainSetupError(f"rank(s) {failed} failed to {what} (see the error on those ranks)")
+
+    def gather_rows(self, local, n, dim):
+        """The (n, dim) float32 rows of items 0..n-1 when rank r holds items r, r+R, r+2R, ... (``local``)."""
+        per = -(-n // self.world)
+        buf = torch.zeros(per, dim, dtype=torch.float32, device=self.comm)
+        if local.numel():
+            buf[:local.shape[0]] = local.to(self.comm, torch.float32)
+        out = torch.empty(self.world * per, dim, dtype=torch.float32, device=self.comm)
+        dist.all_gather_into_tensor(out, buf, group=self.group)
+        out = out.cpu().view(self.world, per, dim)
+        rows = torch.empty(n, dim)
+        for q in range(self.world):
+            rows[q::self.world] = out[q, :len(range(q, n, self.world))]
+        return rows
+
+
+def _init_distributed(device_name):
+    """None in one process; under ``torchrun`` (WORLD_SIZE > 1, or a process group the caller
+    initialised) the rank's _Dist: gloo on the CPU, NCCL on CUDA with ``cuda:LOCAL_RANK``."""
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world == 1:
+            return None
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        device = resolve_device(device_name)
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(device)
+        return _Dist(dist.get_rank(), world, local, device, created=False)
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        raise TrainSetupError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a whole number") from None
+    if world <= 1:
+        return None
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise TrainSetupError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks with torchrun "
+                              "(docs/train.md, 'Several GPUs')")
+    if not dist.is_available():
+        raise TrainSetupError("this torch has no torch.distributed: train in one process")
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = resolve_device(device_name)
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(minutes=30))
+    return _Dist(dist.get_rank(), dist.get_world_size(), local, device, created=True)
+
+
+#: A head shard file of a checkpoint written by several ranks.
+SHARD_FORMAT = "simcore.isc.train.head-shard/1"
+_SHARD_NAME = re.compile(r"^head-stage(\d+)-step(\d+)\.rank(\d+)-of-(\d+)\.pt$")
+
+
+def _shard_names(tag, world):
+    return [f"head-{tag}.rank{q}-of-{world}.pt" for q in range(world)]
+
+
+def _collect_shards(folder, keep_tag):
+    """Delete head shard files of superseded mid-stage checkpoints (stage-end ones stay: stage<k>.pt
+    and final.pt name them), and the shards of an interrupted checkpoint that never got its last.pt."""
+    for name in os.listdir(folder):
+        m = _SHARD_NAME.match(name)
+        if m and int(m.group(2)) != 0 and f"stage{m.group(1)}-step{m.group(2)}" != keep_tag:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+
+
+def _load_head_state(head, ckpt, path, rank, world):
+    """Load a checkpoint's head into ``head`` (single-process or sharded, at any world size);
+    returns the RNG states this rank should continue with (None: reseed the class sampling)."""
+    shards = ckpt.get("head_shards")
+    saved_world = int(ckpt.get("world_size", 1))
+    if not shards:
+        if world > 1:
+            simcore.load_resharded(head, [ckpt["head"]])
+        else:
+            head.load_state_dict(ckpt["head"])
+        return ckpt["rng"] if saved_world == world else None
+    folder = os.path.dirname(os.path.abspath(path))
+    loaded = []
+    for name in shards:
+        f = os.path.join(folder, name)
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{path}: its head shard {f} is missing (a checkpoint of {saved_world} ranks is "
+                                  "last.pt plus one head-*.rank<r>-of-<R>.pt file per rank, in the same folder)")
+        try:
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - truncated or foreign files
+            raise CheckpointError(f"{f}: not a readable head shard ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict) or sd.get("format") != SHARD_FORMAT or sd.get("tag") != ckpt.get("head_tag"):
+            raise CheckpointError(f"{f}: not the head shard of {path} (format or checkpoint tag differ)")
+        loaded.append(sd)
+    simcore.load_resharded(head, [sd["head"] for sd in loaded])
+    return loaded[rank]["rng"] if saved_world == world else None
 
 
 def _atomic_save(obj, path):
@@ -374,107 +503,176 @@ def _validate(model, val, c, device, loader_args):
 def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
     """Run (or resume) a training run; returns a ``TrainResult`` (figures also in RUN_DIR/log.jsonl).
 
-    ``log_fn``: where one-line messages go (default: stderr)."""
+    Under ``torchrun`` (WORLD_SIZE > 1, or with a process group the caller initialised) every rank
+    calls it: DDP on the backbone, the class-sharded head, rank r's share of each global batch
+    (docs/train.md, "Several GPUs"). ``log_fn``: where one-line messages go (default: stderr; rank 0 only)."""
     c = config.normalised()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise TrainSetupError(f"simcore train runs in one process; under torchrun (WORLD_SIZE="
-                              f"{os.environ['WORLD_SIZE']}) each rank would train its own copy. Data-parallel "
-                              "training is not supported yet (docs/train.md, 'Several GPUs')")
-    say = log_fn or (lambda msg: print(f"[simcore train] {msg}", file=sys.stderr, flush=True))
-    device = resolve_device(c.device)
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    os.makedirs(c.output, exist_ok=True)
-    if not c.resume and os.path.exists(os.path.join(c.output, "last.pt")):
-        raise TrainSetupError(f"{c.output} already holds a run (last.pt): continue it with --resume "
-                              f"{os.path.join(c.output, 'last.pt')}, or train into another folder")
+    dd = _init_distributed(c.device)
+    try:
+        return _train(c, dd, log_fn)
+    finally:
+        if dd is not None and dd.created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
+    rank, world = (dd.rank, dd.world) if dd is not None else (0, 1)
+    lead = rank == 0
+    group = dd.group if dd is not None else None
+    say = (log_fn or (lambda msg: print(f"[simcore train] {msg}", file=sys.stderr, flush=True))) if lead \
+        else (lambda msg: None)
+    device = dd.device if dd is not None else resolve_device(c.device)
     fail_after = os.environ.get(FAIL_AFTER_STEP_ENV)
     fail_after = int(fail_after) if fail_after else None
-
-    # ---------------------------------------------------------------- data
-    images = Dt.load_image_set(c.images, labels=c.labels, strict=c.strict, workers=max(c.workers, 1), log=say)
-    num_classes = images.num_classes
-    counts = _stage_counts(c.drip, num_classes)
-    order = _class_order(num_classes, c.seed)                 # head class k = dataset class order[k]
-    head_label = torch.empty(num_classes, dtype=torch.int64)
-    head_label[order] = torch.arange(num_classes)
-    labels = head_label[torch.as_tensor(images.labels)]       # per image: its class's id in the head
-    augment = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
-    dataset = Dt.ImageDataset(images.paths, labels.tolist(), c.image_size, augment, strict=c.strict)
-    switch = _Switch()
-    loader = Dt.make_loader(dataset, switch, workers=c.workers, device=device)
-    embed_kw = dict(batch_size=max(c.batch_size), device=device, precision=c.precision)
-    say(f"{len(images.paths)} images, {num_classes} classes ({'one per image' if c.labels == 'image' else 'one per sub-folder'})"
-        f"{f', {len(images.skipped)} unreadable files skipped' if images.skipped else ''}; "
-        f"stages: {counts} classes; device {device}, {c.workers} workers")
-    val = None
-    if c.val_dir is not None:
-        val = Dt.load_image_set(c.val_dir, strict=c.strict, log=say)
-        if len(val.paths) > c.val_max:
-            val = Dt.ImageSet(val.root, val.paths[:c.val_max], val.labels[:c.val_max], val.class_names[:c.val_max],
-                              val.skipped)
-        val_ds = Dt.ImageDataset(val.paths, val.labels, c.image_size, augment, strict=c.strict)
-        val_args = {"dataset": val_ds, "kw": dict(embed_kw, workers=c.workers)}
-
-    # ---------------------------------------------------------------- model, head, optimizers
-    spec = backbone_spec(c.backbone, c.dim, c.image_size, pretrained=c.pretrained, widths=c.widths, depth=c.depth)
-    torch.manual_seed(c.seed)
-    model = build_backbone(spec, pretrained=c.pretrained and not c.resume).to(device)  # a resume loads its own
-    head_gen = torch.Generator(device=device).manual_seed(Dt.sample_seed(c.seed, 0x5A3))
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=c.precision == "fp16")
     stage, step, global_step, log_offset, stage_losses, stage_done = 0, 0, 0, None, [], []
-    ckpt = None
-    if c.resume:
-        ckpt = load_checkpoint(c.resume)
-        old = ckpt["config"]
-        diff = [f"{k} ({old.get(k)!r} -> {getattr(c, k)!r})" for k in _RESUME_FIELDS
-                if _jsonable(old.get(k)) != _jsonable(getattr(c, k))]
-        if diff:
-            raise TrainSetupError(f"{c.resume}: the run was made with other settings: {', '.join(diff)}")
-        if ckpt["num_images"] != len(images.paths) or ckpt["num_classes"] != num_classes:
-            raise TrainSetupError(f"{c.resume}: the run had {ckpt['num_images']} images in {ckpt['num_classes']} classes, "
-                             f"{c.images} now holds {len(images.paths)} in {num_classes}")
-        model.load_state_dict(ckpt["model"])
-        head = _make_head(c, ckpt["head_classes"], device)
-        head.load_state_dict(ckpt["head"])
-        stage, step, global_step = ckpt["stage"], ckpt["step"], ckpt["global_step"]
-        log_offset, stage_losses, stage_done = ckpt["log_offset"], list(ckpt["stage_losses"]), list(ckpt["stages"])
-        say(f"resuming {c.resume}: stage {stage + 1}/{len(counts)}, step {step}, global step {global_step}")
-    else:
-        head = None
-    log = _Log(os.path.join(c.output, "log.jsonl"), truncate_to=log_offset)
+    ckpt, head, resume_rng = None, None, None
+    setup_error = None
+    try:  # under torchrun, every rank's setup error is raised on every rank (dd.agree below)
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        os.makedirs(c.output, exist_ok=True)
+        if not c.resume and os.path.exists(os.path.join(c.output, "last.pt")):
+            raise TrainSetupError(f"{c.output} already holds a run (last.pt): continue it with --resume "
+                                  f"{os.path.join(c.output, 'last.pt')}, or train into another folder")
+
+        # ------------------------------------------------------------ data
+        images = Dt.load_image_set(c.images, labels=c.labels, strict=c.strict, workers=max(c.workers, 1), log=say)
+        num_classes = images.num_classes
+        counts = _stage_counts(c.drip, num_classes)
+        order = _class_order(num_classes, c.seed)                 # head class k = dataset class order[k]
+        head_label = torch.empty(num_classes, dtype=torch.int64)
+        head_label[order] = torch.arange(num_classes)
+        labels = head_label[torch.as_tensor(images.labels)]       # per image: its class's id in the head
+        if world > 1:
+            if counts[0] < world:
+                raise TrainSetupError(f"{world} ranks shard the head's classes: the first drip stage needs at least "
+                                      f"{world} classes, got {counts[0]}")
+            short = [(k + 1, min(bs, int((labels < n).sum()))) for k, (n, bs) in enumerate(zip(counts, c.batch_size))
+                     if min(bs, int((labels < n).sum())) < world]
+            if short:
+                raise TrainSetupError(f"stage {short[0][0]}: a global batch of {short[0][1]} cannot be split between "
+                                      f"{world} ranks (--batch-size is the global batch)")
+        augment = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
+        dataset = Dt.ImageDataset(images.paths, labels.tolist(), c.image_size, augment, strict=c.strict)
+        switch = _Switch()
+        loader = Dt.make_loader(dataset, switch, workers=c.workers, device=device)
+        embed_kw = dict(batch_size=max(c.batch_size), device=device, precision=c.precision)
+        say(f"{len(images.paths)} images, {num_classes} classes ({'one per image' if c.labels == 'image' else 'one per sub-folder'})"
+            f"{f', {len(images.skipped)} unreadable files skipped' if images.skipped else ''}; "
+            f"stages: {counts} classes; device {device}, {c.workers} workers"
+            + (f"; {world} ranks (torchrun, {dist.get_backend()})" if world > 1 else ""))
+        val = None
+        if c.val_dir is not None and lead:
+            val = Dt.load_image_set(c.val_dir, strict=c.strict, log=say)
+            if len(val.paths) > c.val_max:
+                val = Dt.ImageSet(val.root, val.paths[:c.val_max], val.labels[:c.val_max],
+                                  val.class_names[:c.val_max], val.skipped)
+            val_ds = Dt.ImageDataset(val.paths, val.labels, c.image_size, augment, strict=c.strict)
+            val_args = {"dataset": val_ds, "kw": dict(embed_kw, workers=c.workers)}
+
+        # ------------------------------------------------------------ model, head, optimizers
+        spec = backbone_spec(c.backbone, c.dim, c.image_size, pretrained=c.pretrained, widths=c.widths,
+                             depth=c.depth)
+        torch.manual_seed(c.seed)
+        model = build_backbone(spec, pretrained=c.pretrained and not c.resume).to(device)  # a resume loads its own
+        # class sampling: one generator per rank (the sharded head draws each shard's negatives with it)
+        head_seed = Dt.sample_seed(c.seed, 0x5A3) if world == 1 else Dt.sample_seed(c.seed, 0x5A3, rank, world)
+        head_gen = torch.Generator(device=device).manual_seed(head_seed)
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=c.precision == "fp16")
+        if c.resume:
+            ckpt = load_checkpoint(c.resume)
+            old = ckpt["config"]
+            diff = [f"{k} ({old.get(k)!r} -> {getattr(c, k)!r})" for k in _RESUME_FIELDS
+                    if _jsonable(old.get(k)) != _jsonable(getattr(c, k))]
+            if diff:
+                raise TrainSetupError(f"{c.resume}: the run was made with other settings: {', '.join(diff)}")
+            if ckpt["num_images"] != len(images.paths) or ckpt["num_classes"] != num_classes:
+                raise TrainSetupError(f"{c.resume}: the run had {ckpt['num_images']} images in {ckpt['num_classes']} "
+                                      f"classes, {c.images} now holds {len(images.paths)} in {num_classes}")
+            model.load_state_dict(ckpt["model"])
+            head = _make_head(c, ckpt["head_classes"], device, group)
+            resume_rng = _load_head_state(head, ckpt, c.resume, rank, world)
+            stage, step, global_step = ckpt["stage"], ckpt["step"], ckpt["global_step"]
+            log_offset, stage_losses, stage_done = ckpt["log_offset"], list(ckpt["stage_losses"]), list(ckpt["stages"])
+            saved_world = int(ckpt.get("world_size", 1))
+            say(f"resuming {c.resume}: stage {stage + 1}/{len(counts)}, step {step}, global step {global_step}"
+                + (f" (saved by {saved_world} rank(s), now {world}: the head is resharded and the class sampling "
+                   "reseeded)" if saved_world != world else ""))
+    except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+        setup_error = e
+    if dd is not None:
+        dd.agree(setup_error, "set up the run")
+    elif setup_error is not None:
+        raise setup_error
+
+    log = _Log(os.path.join(c.output, "log.jsonl"), truncate_to=log_offset) if lead else _NullLog()
+    train_model = model
+    if dd is not None:  # DDP broadcasts rank 0's weights and buffers; checkpoints hold the plain model's
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
     opt = _make_optimizer(c, model)
     if ckpt is not None:
         if ckpt["optimizer"] is not None:
             opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_states(ckpt["rng"], head_gen)
+        _set_rng_states(resume_rng if resume_rng is not None else ckpt["rng"], head_gen)
+        if resume_rng is None:  # another world size: each rank's class sampling continues from a fresh seed
+            head_gen.manual_seed(Dt.sample_seed(c.seed, 0x5A3, rank, world, global_step))
     if ckpt is None:
         log.write(event="start", config=_jsonable(dataclasses.asdict(c)), images=len(images.paths),
-                  classes=num_classes, skipped_files=len(images.skipped), device=device)
+                  classes=num_classes, skipped_files=len(images.skipped), device=device, world_size=world)
 
     result = TrainResult(c.output, os.path.join(c.output, "last.pt"), skipped_files=len(images.skipped))
     result.stages = list(stage_done)
     bar = None
-    if c.progress:
+    if c.progress and lead:
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(c.steps), initial=sum(c.steps[:stage]) + step, desc="train", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
 
-    def checkpoint(path, next_stage, next_step):
-        state = {
-            "format": CHECKPOINT_FORMAT, "config": _jsonable(dataclasses.asdict(c)), "backbone": spec,
-            "model": model.state_dict(), "head": head.state_dict(), "head_classes": head.num_classes,
-            "optimizer": opt.state_dict() if next_step > 0 else None,   # a new stage starts a fresh optimizer
-            "scaler": scaler.state_dict(), "rng": _rng_states(head_gen, device),
-            "stage": next_stage, "step": next_step, "global_step": global_step, "stage_losses": stage_losses,
-            "stages": result.stages, "num_images": len(images.paths), "num_classes": num_classes,
-            "class_order": order, "log_offset": None, "simcore": simcore.__version__,
-        }
-        log.write(event="checkpoint", path=os.path.basename(path), stage=next_stage, step=next_step,
-                  global_step=global_step)
-        state["log_offset"] = log.tell()
-        _atomic_save(state, path)
+    def checkpoint(path, next_stage, next_step, copy_to=None):
+        """Every rank calls it. One process: ``path`` holds everything. Several ranks: each rank
+        writes its head shard (and its RNG states), then rank 0 writes ``path`` (the model, the
+        optimizers, rank 0's RNG states, the shard names); a shard's name carries the checkpoint's
+        (stage, step), so ``path`` never names shards of another moment. Each file is atomic."""
+        tag = f"stage{next_stage}-step{next_step}"
+        shards = _shard_names(tag, world) if dd is not None else None
+        if dd is not None:
+            error = None
+            try:
+                _atomic_save({"format": SHARD_FORMAT, "tag": tag, "rank": rank, "world_size": world,
+                              "global_step": global_step, "head": head.state_dict(),
+                              "rng": _rng_states(head_gen, device)}, os.path.join(c.output, shards[rank]))
+            except Exception as e:  # noqa: BLE001 - raised on every rank by agree
+                error = e
+            dd.agree(error, "write its head shard")
+        error = None
+        if lead:
+            try:
+                state = {
+                    "format": CHECKPOINT_FORMAT, "config": _jsonable(dataclasses.asdict(c)), "backbone": spec,
+                    "model": model.state_dict(), "head": head.state_dict() if dd is None else None,
+                    "head_classes": head.num_classes, "world_size": world, "head_shards": shards, "head_tag": tag,
+                    "optimizer": opt.state_dict() if next_step > 0 else None,  # a new stage starts a fresh one
+                    "scaler": scaler.state_dict(), "rng": _rng_states(head_gen, device),
+                    "stage": next_stage, "step": next_step, "global_step": global_step,
+                    "stage_losses": stage_losses, "stages": result.stages, "num_images": len(images.paths),
+                    "num_classes": num_classes, "class_order": order, "log_offset": None,
+                    "simcore": simcore.__version__,
+                }
+                log.write(event="checkpoint", path=os.path.basename(path), stage=next_stage, step=next_step,
+                          global_step=global_step)
+                state["log_offset"] = log.tell()
+                _atomic_save(state, path)
+                if copy_to is not None:
+                    _atomic_copy(path, copy_to)
+                _collect_shards(c.output, tag)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if dd is not None:
+            dd.agree(error, "write the checkpoint")
+        elif error is not None:
+            raise error
 
     seen_images, train_seconds = 0, 0.0
     try:
@@ -488,7 +686,12 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
                 centre_items = [(i, -1) for i in new] + [(i, Dt.sample_seed(c.seed, stage, 0xCE47, i, v))
                                                          for v in range(c.views) for i in new]
                 t0 = time.perf_counter()
-                emb = embed_dataset(model, dataset, centre_items, loader=loader, switch=switch, **embed_kw)
+                if dd is None:
+                    emb = embed_dataset(model, dataset, centre_items, loader=loader, switch=switch, **embed_kw)
+                else:  # each rank embeds every world-th item; all-gathered in item order
+                    mine = embed_dataset(model, dataset, centre_items[rank::world], loader=loader, switch=switch,
+                                         **embed_kw)
+                    emb = dd.gather_rows(mine, len(centre_items), c.dim)
                 groups = labels[torch.tensor([i for i, _ in centre_items])] - have
                 centres = simcore.PartialMarginHead.centres_from_embeddings(emb, groups)
                 if c.subcenters > 1:   # K copies per class, slightly apart so that each can become dominant
@@ -497,11 +700,12 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
                     centres = centres + 1e-2 * torch.randn(centres.shape, generator=g)
                 centres = centres.to(device)
                 if head is None:
-                    head = _make_head(c, n_cls, device)
+                    head = _make_head(c, n_cls, device, group)
+                    lo, hi = getattr(head, "shard", (0, n_cls))
                     with torch.no_grad():
-                        head.weight.copy_(centres.to(head.weight.dtype))
+                        head.weight.copy_(centres[lo * c.subcenters:hi * c.subcenters].to(head.weight.dtype))
                 else:
-                    head.grow(centres)
+                    head.grow(centres)   # sharded: a collective, the rows move to the new shard bounds
                 opt = _make_optimizer(c, model)
                 stage_losses = []
                 log.write(event="stage_start", stage=stage, classes=n_cls, new_classes=n_cls - have,
@@ -510,38 +714,44 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
                 say(f"stage {stage + 1}/{len(counts)}: {n_cls} classes ({n_cls - have} new, centres from "
                     f"{len(centre_items)} embeddings), batch {bs}, up to {max_steps} steps")
             switch.inner = Dt.StageBatchSampler(items, bs, seed=c.seed, stage=stage, start=step,
-                                                steps=max_steps - step)
-            model.train()
+                                                steps=max_steps - step, rank=rank, world_size=world)
+            train_model.train()
             head.train()
             base_head_lr = c.head_lr if c.head_lr is not None else c.lr
             t_last = time.perf_counter()
             stopped = False
             for x, y, _, ok in loader:
                 f = _lr_factor(step, max_steps, c.warmup)
-                for group in opt.param_groups:
-                    group["lr"] = c.lr * f
+                for pg in opt.param_groups:
+                    pg["lr"] = c.lr * f
                 head.lr = base_head_lr * f
                 dropped = int((~ok).sum())
                 if dropped:
-                    result.dropped_samples += dropped
                     x, y = x[ok], y[ok]
+                rows = int(x.shape[0])
+                if dd is not None:  # the global batch; a step runs only when every rank has rows
+                    g = dd.gather_ints([rows, dropped])
+                    rows, dropped, run_step = int(g[:, 0].sum()), int(g[:, 1].sum()), bool(g[:, 0].min() > 0)
+                else:
+                    run_step = rows > 0
+                result.dropped_samples += dropped
                 loss_value = float("nan")
-                if x.shape[0]:
+                if run_step:
                     x = x.to(device, non_blocking=True).float().div_(255)
                     y = y.to(device, non_blocking=True)
                     with autocast_context(device, c.precision):
-                        loss = head(model(x), y, generator=head_gen)
+                        loss = head(train_model(x), y, generator=head_gen)
                     opt.zero_grad(set_to_none=True)
                     head.zero_grad()
                     scaler.scale(loss).backward()
                     scaler.step(opt)
                     scaler.step(head.row_optimizer)
                     scaler.update()
-                    loss_value = float(loss.detach())
+                    loss_value = float(loss.detach())   # the global batch's mean: the same on every rank
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
-                ips = x.shape[0] / dt if dt > 0 else 0.0
-                seen_images += int(x.shape[0])
+                ips = rows / dt if dt > 0 else 0.0
+                seen_images += rows
                 train_seconds += dt
                 step += 1
                 global_step += 1
@@ -549,7 +759,7 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
                 result.losses.append(loss_value)
                 log.write(event="step", stage=stage, step=step, global_step=global_step, loss=loss_value,
                           lr=c.lr * f, head_lr=base_head_lr * f, images_per_second=round(ips, 2), classes=n_cls,
-                          batch=int(x.shape[0]), dropped=dropped)
+                          batch=rows, dropped=dropped)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(stage=f"{stage + 1}/{len(counts)}", loss=f"{loss_value:.3f}",
@@ -557,6 +767,8 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
                 window = stage_losses[-c.stop_window:]
                 stopped = (c.stop_loss is not None and len(window) == c.stop_window
                            and sum(window) / c.stop_window < c.stop_loss)
+                if dd is not None and c.stop_loss is not None:   # one decision for every rank
+                    stopped = bool(dd.gather_ints([int(stopped)])[0, 0])
                 if step < max_steps and not stopped and c.checkpoint_every and global_step % c.checkpoint_every == 0:
                     checkpoint(result.checkpoint, stage, step)
                 if fail_after is not None and global_step == fail_after and (step < max_steps and not stopped):
@@ -569,7 +781,7 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
             summary = {"stage": stage, "classes": n_cls, "steps": step,
                        "final_loss": sum(finite[-c.stop_window:]) / max(1, len(finite[-c.stop_window:])),
                        "stopped_early": bool(stopped)}
-            if val is not None:
+            if val is not None:   # rank 0 only, on the plain model
                 v = _validate(model, val, c, device, val_args)
                 summary["val"] = v
                 result.val.append(dict(v, stage=stage))
@@ -579,8 +791,7 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
             result.stages.append(summary)
             log.write(event="stage_end", global_step=global_step, **summary)
             stage, step = stage + 1, 0
-            checkpoint(result.checkpoint, stage, 0)
-            _atomic_copy(result.checkpoint, os.path.join(c.output, f"stage{stage}.pt"))
+            checkpoint(result.checkpoint, stage, 0, copy_to=os.path.join(c.output, f"stage{stage}.pt"))
             if fail_after is not None and global_step == fail_after and stage < len(counts):
                 raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
                                        f"{global_step}; continue with --resume {result.checkpoint}")
@@ -589,12 +800,26 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
             bar.close()
         log.close()
     result.images_per_second = seen_images / train_seconds if train_seconds else 0.0
-    _atomic_copy(result.checkpoint, os.path.join(c.output, "final.pt"))  # only a finished run has one
-    if c.plot:
-        problem = _plot(os.path.join(c.output, "log.jsonl"), os.path.join(c.output, "loss.png"))
-        say(problem or f"loss curve: {os.path.join(c.output, 'loss.png')}")
+    if lead:
+        _atomic_copy(result.checkpoint, os.path.join(c.output, "final.pt"))  # only a finished run has one
+        if c.plot:
+            problem = _plot(os.path.join(c.output, "log.jsonl"), os.path.join(c.output, "loss.png"))
+            say(problem or f"loss curve: {os.path.join(c.output, 'loss.png')}")
     say(f"done: {global_step} steps, {result.images_per_second:.1f} images/s; checkpoint {result.checkpoint}")
     return result
+
+
+class _NullLog:
+    """The log of ranks other than 0 (rank 0 writes RUN_DIR/log.jsonl)."""
+
+    def write(self, **record):
+        pass
+
+    def tell(self):
+        return None
+
+    def close(self):
+        pass
 
 
 def _atomic_copy(src, dst):
