@@ -61,6 +61,14 @@ def _losses(run_dir):
         return [r["loss"] for r in map(json.loads, f) if r["event"] == "step"]
 
 
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - recorded for the parent
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _worker(rank, tmp, folder):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -68,7 +76,10 @@ def _worker(rank, tmp, folder):
                             timeout=datetime.timedelta(seconds=60))
     try:
         T.build_backbone = _no_batchnorm
-        out = {"a": T.train(_config(folder, os.path.join(tmp, "a")), log_fn=lambda m: None).losses}
+        out = {"few_classes": _error(lambda: T.train(_config(folder, os.path.join(tmp, "x"), drip=(1, "ALL")))),
+               "rank1_bad": _error(lambda: T.train(_config(folder if rank == 0 else os.path.join(tmp, "nope"),
+                                                           os.path.join(tmp, "y")), log_fn=lambda m: None))}
+        out["a"] = T.train(_config(folder, os.path.join(tmp, "a")), log_fn=lambda m: None).losses
         os.environ[T.FAIL_AFTER_STEP_ENV] = str(FAIL_AT)
         try:
             T.train(_config(folder, os.path.join(tmp, "b")), log_fn=lambda m: None)
@@ -126,6 +137,16 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(runs):
     assert rel_err(ha["weight"], h1["weight"]) <= TOL
     assert torch.equal(ha["row_step"], h1["row_step"])  # every row stepped as often (grown at stage 2)
     assert outs[0]["group_kept"]
+
+
+def test_setup_errors_raise_on_every_rank(runs):
+    """A setting that cannot work, and an error on one rank only: every rank raises (none waits
+    for the others in a collective), and the same world trains afterwards."""
+    _, outs, _ = runs
+    for o in outs:
+        assert o["few_classes"].startswith("TrainSetupError") and "at least 2 classes, got 1" in o["few_classes"]
+    assert outs[1]["rank1_bad"].startswith("NoImagesError") and "nope" in outs[1]["rank1_bad"]
+    assert outs[0]["rank1_bad"] == "TrainSetupError: rank(s) [1] failed to set up the run (see the error on those ranks)"
 
 
 def test_checkpoint_files_per_rank(runs):

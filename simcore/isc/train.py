@@ -28,6 +28,15 @@ augmentation are functions of (seed, stage, step, slot) (``StageBatchSampler``),
 ``resume=RUN_DIR/last.pt`` continues bit for bit where the run stopped, with any number of
 workers.
 
+Several processes (``torchrun``, docs/train.md "Several GPUs"): WORLD_SIZE > 1 (or a process
+group the caller initialised) makes every rank train together: gloo on the CPU, NCCL on
+``cuda:LOCAL_RANK``; DDP on the backbone, the class-sharded head (``process_group=``), rank r takes
+the slots j ≡ r (mod R) of each global batch, samples its shard's negatives with its own generator,
+embeds every R-th new-centre image (all-gathered, so every rank computes the same centres, then
+``head.grow`` moves rows between shards). Rank 0 logs, validates and writes ``last.pt``; each rank
+writes its head shard ``head-stage<s>-step<k>.rank<r>-of-<R>.pt``, which ``last.pt`` names; a
+resume at another world size reshards the head with ``simcore.load_resharded``.
+
 Feedback: a tqdm bar (loss, images/s, ETA), ``RUN_DIR/log.jsonl`` (one JSON object per step:
 loss, learning rates, images/s, stage, classes; and stage, validation and checkpoint events),
 ``RUN_DIR/loss.png`` with ``plot=True``, and with ``val_dir`` the µAP and recall@P90 of one
