@@ -30,6 +30,8 @@ cosine    simcore.cosine_topk, Q queries (float32) against an N x D database (fl
           (database, queries and results once) at the copy rate; "tile GEMMs" times
           simcore's own tile schedule with the selection left out. Correctness: the
           exact top-k (indices and scores) of a sample of queries recomputed in float64.
+          Small batches (Q = 1, 16, 64, float16): the (row, segment) block path
+          against one block per row, identical results required.
 
 Every measurement: fresh random (never zero) inputs, warm-up, then repeats interleaved
 between the implementations of a group, median; CUDA events on a GPU, a host clock on a
@@ -548,6 +550,46 @@ def time_cosine(res, timer, device, gen, sz, dtype, faiss_mod, large=True):
     free_memory(device)
 
 
+def time_cosine_small(res, timer, device, gen, sz):
+    """Small batches (Q <= 64: tiles of at most 64 query rows, csrc/cuda/cosine_topk.cu): the
+    (row, segment) blocks + merge against one block per row (tiled_search.SPLIT_SMALL_TILES off).
+    Both must return identical scores and indices; the rows give the speed-up."""
+    import simcore
+    from simcore.search import tiled_search
+    N, D, k = sz["cos_N"], sz["cos_D"], sz["cos_k"]
+    db = randn((N, D), torch.float16, device, gen)
+    for Q in (1, 16, 64):
+        q = randn((Q, D), torch.float32, device, gen)
+        out = {}
+
+        def run(split):
+            def f():
+                saved = tiled_search.SPLIT_SMALL_TILES
+                tiled_search.SPLIT_SMALL_TILES = split
+                try:
+                    out[split] = simcore.cosine_topk(q, db, k)
+                finally:
+                    tiled_search.SPLIT_SMALL_TILES = saved
+            return f
+
+        med, _ = timer.group({"split": run(True), "one block per row": run(False)}, 1, sz["cos_repeat"])
+        same = torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+        size = f"Q={Q} N={_n(N)} D={D} k={k}"
+        res.check(f"cosine_topk small batch {size}: split path == one-block path", same,
+                  "scores and indices bit for bit" if same else "results differ")
+        ok, _ = check_topk_sample(res, f"cosine_topk small batch {size} exact vs float64", out[True][0],
+                                  out[True][1], q, db, k, TOPK_SCORE_TOL[torch.float16])
+        one = med["one block per row"]
+        res.row(section="cosine", impl="simcore.cosine_topk, one block per row", dtype="float16", size=size, ms=one,
+                vs_peer=1.0)
+        res.row(section="cosine", impl="simcore.cosine_topk, (row, segment) blocks", dtype="float16", size=size,
+                ms=med["split"], vs_peer=med["split"] / one, check="exact" if ok and same else "FAIL")
+        res.targets.append((f"cosine fp16 Q={Q}: split path no slower than one block per row (time ratio <= 1.0)",
+                            med["split"] / one, 1.0, "le"))
+    del db
+    free_memory(device)
+
+
 # ----------------------------------------------------------------------------- report
 def device_info(device):
     import simcore
@@ -697,6 +739,7 @@ def main(argv=None):
             dt = DTYPES[name]
             section(f"cosine {name}", lambda dt=dt: time_cosine(res, timer, device, gen, sz, dt, faiss_mod,
                                                                  large=not args.no_large_k and dt == torch.float16))
+        section("cosine small batches", lambda: time_cosine_small(res, timer, device, gen, sz))
     if args.out:
         try:
             write_outputs(res, info, seed, args.out)

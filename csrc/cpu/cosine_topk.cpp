@@ -91,6 +91,8 @@ void check_update_args(const TopkUpdateArgs& a) {
   const int64_t min_slack = dev == Device::CUDA ? kTopkMinSlack : 1;
   SIMCORE_CHECK(cap >= a.k + min_slack || (a.n_total >= 0 && cap > a.n_total),
                 "reservoir capacity ", cap, " is too small for k=", a.k);
+  if (a.has_workspace)
+    a.workspace.expect_dtype(DType::Float32).expect_ndim(1).expect_contiguous().expect_device(dev, di);
   if (a.rescore) {
     expect_vector(a.slack, nb, DType::Float32, dev, di);
     expect_vector(a.query_slack, qb, DType::Float32, dev, di);
