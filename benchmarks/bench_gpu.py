@@ -19,7 +19,7 @@ arcface   simcore.arcface_partial, forward + backward, B x D embeddings against 
           above what was allocated before the step, minus the two gradients
           (x.grad, weight.grad) that every implementation must return. Correctness:
           loss and both gradients against a float64 reference at a size where float64
-          fits, relative error ||out - ref|| / ||ref||, float32 <= 1e-5, half <= 1e-2,
+          fits, relative error ||out - ref|| / ||ref||, float32 <= 1e-5, float16 <= 2.5e-3, bfloat16 <= 1e-2,
           NaN fails; the plain float32 reference's own error is printed beside it.
 cosine    simcore.cosine_topk, Q queries (float32) against an N x D database (float16
           first; bfloat16 and float32 too), k and a large k. peer: torch.topk over
@@ -68,7 +68,9 @@ SMALL = dict(gemm_n=256, copy_bytes=8 << 20,
              cos_dtypes=("float16", "bfloat16", "float32"), peer_scores_bytes=16 << 20,
              warmup=1, repeat=3, cos_repeat=2, cos_repeat_slow=1)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ARC_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# float16: float16 GEMM operands with a scaled gradient block (docs/margin_softmax.md, "fp16 and bf16
+# numerics"): 2.5e-3 as in tests/test_margin_softmax.py
+ARC_TOL = {torch.float32: 1e-5, torch.float16: 2.5e-3, torch.bfloat16: 1e-2}
 TOPK_SCORE_TOL = {torch.float32: 1e-5, torch.float16: 2e-6, torch.bfloat16: 2e-6}  # half: exact float32 rescoring
 MB = 2.0 ** 20
 
@@ -346,6 +348,9 @@ def time_arcface(res, timer, device, gen, sz, dtype, errs, tol):
             if mem["reference"] > 0:
                 res.targets.append((f"arcface bf16 {size}: peak extra memory <= 5% of the reference's",
                                     mem["simcore"] / mem["reference"], 0.05, "le"))
+        if dtype == torch.float16:  # float16 GEMM operands; one more pass per block than bf16 (the scale's max)
+            res.targets.append((f"arcface fp16 {size}: time <= 1.35x the 3 float16 GEMMs", med["simcore"] / med["floor"],
+                                1.35, "le"))
         return
     res.note(f"arcface {name}: did not fit at any size tried")
 
