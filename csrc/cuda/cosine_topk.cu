@@ -18,11 +18,11 @@
 //    simcore/search/error_bounds.py assumes;
 //  - small tiles (qb <= kTopkSplitMaxRows query rows, with a workspace from
 //    Python): one block per query row would leave most SMs idle, so the scan
-//    is split in two launches. score_segments_kernel runs one block per
+//    is split in two launches. update_kernel_score_segments runs one block per
 //    (row, 256-column segment): nominate against the row's threshold at the
 //    start of the tile, rescore, apply the exclusions, and write the segment's
 //    exact scores (-inf where nothing passes) and its count of survivors.
-//    merge_segments_kernel then walks each row's segments in order with one
+//    update_kernel_merge_segments then walks each row's segments in order with one
 //    block per row exactly as the one-launch kernel walks its chunks (same
 //    chunk boundaries, same threshold tests, same appends and compactions),
 //    skipping segments without survivors. Thresholds only rise, so "passed at
@@ -359,7 +359,7 @@ __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t 
 
 // Small tiles, launch 1 of 2: block (segment, row) scores columns
 // [segment * kThreads, + kThreads) of tile row `row` against the row's threshold at the
-// tile's start (merge_segments_kernel raises it only afterwards, on the same stream), and
+// tile's start (update_kernel_merge_segments raises it only afterwards, on the same stream), and
 // writes each column's exact score where it passes, -inf elsewhere (a passing score is
 // > threshold >= -inf, so -inf never marks a survivor), and the segment's survivor count.
 template <class S, class B, bool Rescore>
