@@ -462,6 +462,15 @@ def test_kernel_rechecks_its_arguments():
         call(count=torch.full((Q,), cap + 1, dtype=torch.int64))
     with pytest.raises(ValueError):
         call(rescore=True, block=torch.zeros(nb, D + 1))
+    # the CUDA small-tile workspace (checked on both devices, used on CUDA): float32, 1-d, its own memory
+    with_ws = lambda ws: ext.cosine_topk_update(*[A(args[n]) for n in args], *ints.values(), 0, 0.0, A(ws))  # noqa: E731
+    with_ws(torch.zeros(Q * (nb + 1)))
+    with pytest.raises(TypeError, match="float32"):
+        with_ws(torch.zeros(Q * (nb + 1), dtype=torch.float64))
+    with pytest.raises(ValueError, match="overlap"):
+        with_ws(args["scores"].view(-1))
+    with pytest.raises(ValueError, match="overlap"):
+        with_ws(args["reservoir"].view(-1).view(torch.float32))
 
 
 def test_kernel_with_poisoned_state(generator):
