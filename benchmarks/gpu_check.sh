@@ -175,15 +175,17 @@ fi
 
 # ---------------------------------------------------------------- 5. compute-sanitizer
 # memcheck over a subset of the CUDA tests; racecheck (shared-memory hazards) and synccheck
-# (barrier misuse) over cosine_topk's update kernel at small sizes: the tile scan, the
-# block-wide prefix sums, the radix select and the compaction, float32 and rescored half.
+# (barrier misuse) over cosine_topk's update kernels at small sizes: the tile scan, the
+# block-wide prefix sums, the warp-per-candidate rescoring, the radix select and the compaction,
+# float32 and rescored half; Q = 5 takes the small-tile path (update_kernel_score_segments +
+# update_kernel_merge_segments), Q = 80 the one-block-per-row update_kernel.
 SAN_TMP=$(mktemp -d)
 cat >"$SAN_TMP/topk_small.py" <<'EOF'
 import torch, simcore
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for N, k, block in ((3000, 20, 1000), (3000, 600, 1500)):  # several compactions per query
-        q, db = torch.randn(5, 32, generator=g), torch.randn(N, 32, generator=g).to(dtype)
+    for Q, N, k, block in ((5, 3000, 20, 1000), (5, 3000, 600, 1500), (80, 3000, 600, 1500)):  # several compactions per query
+        q, db = torch.randn(Q, 40, generator=g), torch.randn(N, 40, generator=g).to(dtype)
         s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k, block_size=block)
         s_cpu, i_cpu = simcore.cosine_topk(q, db, k)
         assert (i.cpu() == i_cpu).float().mean() >= 0.99 and (s.cpu() - s_cpu).abs().max() < 1e-5

@@ -162,19 +162,20 @@ def _margin_call(kernel, dtypes, device=None):
 
 
 @pytest.mark.parametrize("kernel,dtypes", [
-    ("normalize_rows", dict(src=s, out=o)) for s in (F32, F16, BF16) for o in (F32, BF16)] + [
-    ("project_rows", dict(v=v, out=o)) for v in (F32, BF16) for o in (F32, F16, BF16)] + [
+    ("normalize_rows", dict(src=s, out=o)) for s in (F32, F16, BF16) for o in (F32, F16, BF16)] + [
+    ("project_rows", dict(v=v, out=o)) for v in (F32, F16, BF16) for o in (F32, F16, BF16)] + [
     ("lse_block", dict(cos=F32)), ("grad_block", dict(cos=F32))])
 def test_margin_kernels_take_the_dtypes_python_passes(kernel, dtypes):
-    """Inputs and gradients float32/float16/bfloat16, GEMM operands float32/bfloat16, cosine blocks float32."""
+    """Inputs, gradients and GEMM operands float32/float16/bfloat16 (float16 operands since issue 14:
+    EngineOptions.lowp_gemms), cosine blocks float32."""
     out = _margin_call(kernel, dtypes)
     assert torch.isfinite(out.float()).all()
 
 
 @pytest.mark.parametrize("kernel,dtypes,message", [
     ("normalize_rows", dict(src=F64), "src must be float32, float16 or bfloat16, got float64"),
-    ("normalize_rows", dict(out=F16), "out must be float32 or bfloat16 .*, got float16"),
-    ("project_rows", dict(v=F16), "v must be float32 or bfloat16 .*, got float16"),
+    ("normalize_rows", dict(out=F64), "out must be float32, bfloat16 or float16 .*, got float64"),
+    ("project_rows", dict(v=F64), "v must be float32, bfloat16 or float16 .*, got float64"),
     ("project_rows", dict(out=F64), "out must be float32, float16 or bfloat16, got float64"),
     ("lse_block", dict(cos=F16), "cos must be float32, got float16"),
     ("lse_block", dict(cos=BF16), "cos must be float32, got bfloat16"),

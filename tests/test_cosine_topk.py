@@ -462,6 +462,15 @@ def test_kernel_rechecks_its_arguments():
         call(count=torch.full((Q,), cap + 1, dtype=torch.int64))
     with pytest.raises(ValueError):
         call(rescore=True, block=torch.zeros(nb, D + 1))
+    # the CUDA small-tile workspace (checked on both devices, used on CUDA): float32, 1-d, its own memory
+    with_ws = lambda ws: ext.cosine_topk_update(*[A(args[n]) for n in args], *ints.values(), 0, 0.0, A(ws))  # noqa: E731
+    with_ws(torch.zeros(Q * (nb + 1)))
+    with pytest.raises(TypeError, match="float32"):
+        with_ws(torch.zeros(Q * (nb + 1), dtype=torch.float64))
+    with pytest.raises(ValueError, match="overlap"):
+        with_ws(args["scores"].view(-1))
+    with pytest.raises(ValueError, match="overlap"):
+        with_ws(args["reservoir"].view(-1).view(torch.float32))
 
 
 def test_kernel_with_poisoned_state(generator):
@@ -729,6 +738,31 @@ def test_exact_gemm_settings_are_forced_and_restored():
     finally:
         for n, v in zip(names, saved):
             setattr(m, n, v)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+@pytest.mark.parametrize("Q,k,D", [(1, 10, 96), (40, 300, 33), (64, 1000, 256), (65, 50, 96)])
+def test_cuda_small_tiles_split_equals_one_block(dtype, Q, k, D, generator, monkeypatch):
+    """Tiles of at most 64 query rows are scanned by one thread block per (row, 256-column segment)
+    and then merged per row (csrc/cuda/cosine_topk.cu); with SPLIT_SMALL_TILES off, by one block
+    per row. Both rescore with the same warp dot and merge the same chunks with the same thresholds,
+    so scores and indices must be identical bit for bit, compactions and exclusions included
+    (Q = 65: a tile above the limit takes the one-block path either way). D = 33 and 96 leave
+    partial warps in the rescoring dot."""
+    N, block = 5000, 1500  # several tiles per query; k = 1000 compacts several times per tile
+    q = torch.randn(Q, D, generator=generator)
+    db = (torch.randn(N, D, generator=generator) * (torch.rand(N, 1, generator=generator) * 3 + 0.1)).to(dtype)
+    db[7::500] = db[3]  # exact duplicates: ties broken by the lower index
+    excl = torch.stack([torch.randint(0, Q, (60,), generator=generator), torch.randint(0, N, (60,), generator=generator)], 1)
+    qc, dbc = q.cuda(), db.cuda()
+    split = simcore.cosine_topk(qc, dbc, k, exclude=excl, block_size=block)
+    monkeypatch.setattr(tiled_search, "SPLIT_SMALL_TILES", False)
+    one = simcore.cosine_topk(qc, dbc, k, exclude=excl, block_size=block)
+    assert torch.equal(split[1], one[1]) and torch.equal(split[0], one[0])
+    s_cpu, i_cpu = simcore.cosine_topk(q, db, k, exclude=excl)
+    assert (split[1].cpu() == i_cpu).float().mean() >= 0.99  # rescoring dots sum in another order on the CPU
+    assert (split[0].cpu() - s_cpu).abs().max() < 1e-5
 
 
 @cuda

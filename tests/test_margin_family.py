@@ -67,14 +67,14 @@ def test_float32_kernel_matches_float64_reference(name, subcenters, filter_thres
             assert rel_err(out, r64) <= max(F32_TOL, 2 * rel_err(r32, r64)), (name, rel_err(out, r64))
 
 
-def _clear_winners(x, y, w, k, gap=2e-3):
-    """x, rounded to bfloat16, with each row moved toward its best target sub-centre until it
+def _clear_winners(x, y, w, k, gap=2e-3, dtype=torch.bfloat16):
+    """x, rounded to ``dtype``, with each row moved toward its best target sub-centre until it
     leads the others by more than ``gap``: bfloat16 operands move cosines by ~1e-4, and a
     near-tie may then hand the target's gradient to another centre (the max is discontinuous)."""
     wn = torch.nn.functional.normalize(w.double(), dim=1)[centre_ids(y, k)].view(len(y), k, -1)
     rows = torch.arange(len(y))
     for _ in range(20):
-        xb = x.bfloat16()
+        xb = x.to(dtype)
         cos = torch.bmm(wn, torch.nn.functional.normalize(xb.double(), dim=1).unsqueeze(2)).squeeze(2)
         top = cos.topk(min(k, 2), dim=1)
         close = (top.values[:, 0] - top.values[:, -1] < gap) if k > 1 else torch.zeros(len(y), dtype=torch.bool)
@@ -90,7 +90,7 @@ def _clear_winners(x, y, w, k, gap=2e-3):
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
 def test_bf16_gemms_match_float64_reference(name, subcenters, blocked, generator, engine_opts):
     """The CUDA path for bfloat16 inputs (bfloat16 GEMM operands), run on CPU: half tolerance."""
-    engine_opts(bf16_gemms="always")
+    engine_opts(lowp_gemms="always")
     if blocked:
         engine_opts(**BLOCKED)
     fn, kw = _variants()[name]
@@ -106,6 +106,31 @@ def test_bf16_gemms_match_float64_reference(name, subcenters, blocked, generator
         ref = _run(fn, x, y, w, torch.float64, reduction, **kw2)
         for out, r64 in zip(got, ref):
             assert torch.isfinite(out).all() and rel_err(out, r64) <= 1e-2, (name, rel_err(out, r64))
+
+
+FP16_TOL = 2.5e-3  # tests/test_margin_softmax.py: float16 operands, 3 more significand bits than bfloat16
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+@pytest.mark.parametrize("subcenters", [1, 3])
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_fp16_gemms_match_float64_reference(name, subcenters, blocked, generator, engine_opts):
+    """The CUDA path for float16 inputs (float16 GEMM operands, the gradient block scaled into
+    float16's range), run on CPU, with float16 embeddings and weight."""
+    engine_opts(lowp_gemms="always")
+    if blocked:
+        engine_opts(**BLOCKED)
+    fn, kw = _variants()[name]
+    for reduction in ("mean", "none"):
+        b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 128, 700
+        x, y, w = _inputs(generator, b, d, c, subcenters)
+        w = w.half()
+        x = _clear_winners(x, y, w, subcenters, gap=5e-4, dtype=torch.float16)
+        kw2 = dict(kw, subcenters=subcenters, sample_rate=1.0)
+        got = _run(fn, x, y, w, torch.float16, reduction, **kw2)
+        ref = _run(fn, x, y, w, torch.float64, reduction, **kw2)
+        for out, r64 in zip(got, ref):
+            assert torch.isfinite(out).all() and rel_err(out, r64) <= FP16_TOL, (name, rel_err(out, r64))
 
 
 def _ref32(fn, x, y, w, reduction, kw):

@@ -10,7 +10,8 @@ from simcore import dispatch
 from simcore.dispatch import tensor_arg
 from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, engine_options,
                                    fused_margin_softmax, plan_block)
-from simcore.margin.gemm import onednn_linear, use_bf16_gemms
+from simcore.margin import engine as engine_module
+from simcore.margin.gemm import fp16_block_scale, gemm_operand_dtype, onednn_linear, use_bf16_gemms
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
 from conftest import BLOCKED, backend, cuda, kernel_params, poisoned, rel_err
 
@@ -103,7 +104,7 @@ def test_half_inputs_against_float64(xdtype, wdtype, generator):
 def bf16_gemms(engine_opts):
     """The CUDA path for bfloat16 inputs, on CPU: operands rounded to bfloat16, products
     formed in float32 (exact for bfloat16 values), so only the summation order differs."""
-    engine_opts(bf16_gemms="always")
+    engine_opts(lowp_gemms="always")
 
 
 @pytest.mark.parametrize("variant", list(MARGINS))
@@ -129,7 +130,7 @@ def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, 
         assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
         for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
             assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2, rel_err(out, ref)
-        with engine_options(bf16_gemms="never"):  # float32 operands: the same sample, other rounding
+        with engine_options(lowp_gemms="never"):  # float32 operands: the same sample, other rounding
             gx32 = run()[2]
         # the gradient, not the loss: a mean loss near 44 can round to the same float32 (seed 104)
         assert not torch.equal(gx.float(), gx32.float())
@@ -158,10 +159,10 @@ def test_bf16_gemms_extreme_angles(bf16_gemms, generator):
 def test_bf16_gemm_policy():
     x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
     xb, wb, xh = x32.bfloat16(), w32.bfloat16(), x32.half()
-    assert current_engine_options().bf16_gemms == "cuda"
+    assert current_engine_options().lowp_gemms == "cuda"
     assert not use_bf16_gemms(xb, wb, "cuda")  # the default: CPU tensors keep float32 operands
     assert use_bf16_gemms(xb, wb, "always") and use_bf16_gemms(xb, w32, "always") and use_bf16_gemms(x32, wb, "always")
-    assert not use_bf16_gemms(x32, w32, "always") and not use_bf16_gemms(xh, w32.half(), "always")  # float16: float32
+    assert not use_bf16_gemms(x32, w32, "always") and not use_bf16_gemms(xh, w32.half(), "always")  # float16: not bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert use_bf16_gemms(x32, w32, "always")
     with torch.autocast("cpu", dtype=torch.float16):
@@ -190,6 +191,210 @@ def test_bf16_gemms_under_compile_and_autocast(bf16_gemms, generator):
     torch.testing.assert_close(gw, w.grad)
     emb = lin(inp).bfloat16().detach()  # what autocast fed the loss
     assert rel_err(eager, margin_softmax_loss(emb.double(), y, w.detach().double(), torch.arange(300))) <= 1e-2
+
+
+# --------------------------------------------------------------------------- float16 GEMM operands
+# The CUDA path for float16 inputs (docs/margin_softmax.md, "fp16 and bf16 numerics"): the normalised
+# rows in float16 (11-bit significands, values in [-1, 1]), the gradient block G scaled by a power of
+# two into float16's range (fp16_block_scale) and scaled back exactly after each GEMM. On CPU
+# (lowp_gemms="always") the products of float16 values are formed exactly in float32, so only the
+# summation order differs from cuBLAS. Tolerance: float16 operands move cos θ by ~2^-12·√2/√d
+# (4e-5 at d = 64), which the scale 64 amplifies in the softmax; over 1,200 runs of
+# test_fp16_gemms_match_float64's shapes the worst was 8.9e-4 (float16 gradients, rounded by 2^-11
+# on output too), against ~6e-3 for bfloat16 operands and 1e-6 for float32
+# (benchmarks/lowp_gemm_accuracy.py).
+FP16_TOL = 2.5e-3
+
+
+@pytest.fixture
+def fp16_gemms(engine_opts):
+    engine_opts(lowp_gemms="always")
+
+
+@pytest.mark.parametrize("variant", list(MARGINS))
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.float16, torch.float16), (torch.float16, torch.float32),
+                                           (torch.float32, torch.float16)])
+def test_fp16_gemms_match_float64(variant, blocked, xdtype, wdtype, fp16_gemms, generator, engine_opts):
+    if blocked:
+        engine_opts(**BLOCKED)
+    for reduction in ("mean", "none"):
+        b = int(torch.randint(8, 60, (1,), generator=generator))
+        d = int(torch.randint(64, 256, (1,), generator=generator))
+        c = int(torch.randint(300, 2000, (1,), generator=generator))
+        x = (torch.randn(b, d, generator=generator) * 2).to(xdtype)
+        w = torch.randn(c, d, generator=generator).to(wdtype)
+        y = _labels(b, c, generator, duplicates=True)
+        g = torch.rand(b, generator=generator) if reduction == "none" else None
+        run = lambda: _kernel(x, y, w, MARGINS[variant], reduction, g, sample_rate=0.5,  # noqa: E731
+                              generator=torch.Generator().manual_seed(5))
+        loss, sampled, gx, gw = run()
+        assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
+        for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
+            assert torch.isfinite(out).all() and rel_err(out, ref) <= FP16_TOL, rel_err(out, ref)
+        with engine_options(lowp_gemms="never"):  # float32 operands: the same sample, other rounding
+            gx32 = run()[2]
+        assert not torch.equal(gx.float(), gx32.float())
+
+
+def _engine_grads(x, y, w, row_weight, gemm_dtype, options=EngineOptions()):
+    """Engine-level loss and float32 gradients of Σ row_weight·loss (every class sampled)."""
+    gx, gw = torch.empty_like(x), torch.empty_like(w)
+    loss, _ = fused_margin_softmax(x, y, w, torch.arange(len(w)), MarginSpec(), row_weight=row_weight, grad_x=gx,
+                                   grad_w=gw, gemm_dtype=gemm_dtype, options=options)
+    return loss, gx, gw
+
+
+def _engine_reference(x, y, w, row_weight):
+    m1, m2, m3, s = MarginSpec()[:4]
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    loss = margin_softmax_loss(xd, y, wd, torch.arange(len(w)), m1=m1, m2=m2, m3=m3, scale=s, reduction="none")
+    return (loss.detach(),) + torch.autograd.grad(loss, (xd, wd), row_weight.double())
+
+
+# Row weights that put G outside float16's range without the block scale: 2^16 (GradScaler's
+# initial scale reaching reduction="none" as upstream gradients) overflows s·(softmax − one-hot)
+# past 65504; 1e-7 (a mean over a very large global batch) leaves all of G subnormal (< 6.1e-5).
+ROW_WEIGHTS = {"gradscaler": 65536.0, "tiny": 1e-7, "mean": 1.0 / 40}
+
+
+@pytest.mark.parametrize("weight_name", list(ROW_WEIGHTS))
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_fp16_gradient_block_scaling(weight_name, blocked, generator, monkeypatch):
+    """G far outside float16's range still gives float16-accurate gradients; with the block scale
+    disabled (the mutation: scale 1) the same inputs overflow to inf or underflow to garbage."""
+    b, d, c = 40, 128, 900
+    x = (torch.randn(b, d, generator=generator) * 4).half().float()
+    w = torch.randn(c, d, generator=generator).half().float()
+    y = _labels(b, c, generator)
+    rw = torch.full((b,), ROW_WEIGHTS[weight_name]) * (0.5 + torch.rand(b, generator=generator))
+    options = EngineOptions(**BLOCKED) if blocked else EngineOptions()
+    ref = _engine_reference(x, y, w, rw)
+    got = _engine_grads(x, y, w, rw, torch.float16, options)
+    for out, r in zip(got, ref):
+        assert rel_err(out, r) <= FP16_TOL, rel_err(out, r)
+    one = torch.ones(())
+    monkeypatch.setattr(engine_module, "fp16_block_scale", lambda g: (one, one))
+    broken = _engine_grads(x, y, w, rw, torch.float16, options)
+    errs = [rel_err(out, r) for out, r in zip(broken[1:], ref[1:])]
+    if weight_name == "mean":  # inside float16's range: the scale changes nothing material
+        assert max(errs) <= FP16_TOL
+    elif weight_name == "tiny":  # G ~ 6e-6 and below: a few subnormal ulps each (measured ~1e-2)
+        assert min(errs) > 2 * FP16_TOL, errs
+    else:  # overflow to inf
+        assert min(errs) == math.inf, errs
+
+
+def test_fp16_block_scale():
+    """Powers of two with scale·max|G| in [2^14, 2^15) and scale·inverse == 1 exactly."""
+    for top in (0.0, 1e-30, 3e-9, 1.0, 16384.0, 32767.0, 65504.0, 1e6, 1e30):
+        block = torch.tensor([[top, -0.5 * top], [0.25 * top, 0.0]])
+        scale, inverse = fp16_block_scale(block)
+        assert scale.dtype == inverse.dtype == torch.float32 and scale.dim() == 0
+        assert torch.frexp(scale).mantissa.item() == 0.5 and scale.item() * inverse.item() == 1.0
+        if top > 0:
+            assert 2.0 ** 14 <= top * scale.item() < 2.0 ** 15
+            assert torch.isfinite((block * scale).half()).all()
+    for bad in (math.inf, math.nan):  # propagate: inf or NaN gradients, as for float32 operands
+        scale, _ = fp16_block_scale(torch.tensor([1.0, bad]))
+        assert torch.isfinite(scale) and not torch.isfinite((torch.tensor([bad]) * scale).half()).any()
+
+
+def test_fp16_gemms_extreme_angles(fp16_gemms, generator):
+    m1, m2, m3, s = MARGINS["arcface"]
+    ts = theta_star(m1, m2)
+    # float16 operands move cos θ by ~2^-12·√2/√d: θ is resolved away from 0 and π, where dψ/dcos θ
+    # (up to ~5e3 at θ = SIN_EPS) makes G span the widest range
+    well = [0.1, 0.3, 1.0, ts - 0.05, ts + 0.05, math.pi - 0.1]
+    edge = [0.0, 1e-6, 1e-2, math.pi - 1e-3, math.pi]
+    x, y, w = _at_angles(well + edge, 256, 50, generator)
+    x, w = x.half(), w.half()
+    g = torch.ones(len(y)) * 1024  # a GradScaler-sized upstream gradient: s·dψ·g overflows unscaled float16
+    loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], "none", g, sample_rate=1.0)
+    rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], "none", g)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert rel_err(loss, rl) <= FP16_TOL
+    n = len(well)
+    assert rel_err(gx[:n], rgx[:n]) <= FP16_TOL
+    bound = 1024 * s * m1 * 1.01 / x.float().norm(dim=1, keepdim=True)
+    assert (gx[n:].float().norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
+
+
+def test_fp16_large_and_small_norm_rows(fp16_gemms, generator):
+    """float16 rows whose squares overflow float16 (elements ~300) or underflow it (~2e-4): the
+    norms are accumulated in double, so the normalised float16 operands are as for norm-1 rows."""
+    b, d, c = 24, 128, 400
+    x = torch.randn(b, d, generator=generator)
+    x = (x / x.norm(dim=1, keepdim=True) * math.sqrt(d) * torch.tensor([300.0, 2e-4, 3.0]).repeat(8)[:, None]).half()
+    # squared in float16: the large rows' squares overflow, most of the small rows' flush to zero
+    assert torch.isinf(x[0::3] ** 2).any(1).all() and ((x[1::3] ** 2) == 0).float().mean() > 0.5
+    w = (torch.randn(c, d, generator=generator) * 500).half()
+    y = _labels(b, c, generator)
+    # "sum": the 300-element rows' gradients (∝ 1/‖x‖) stay normal float16 numbers
+    loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], "sum", sample_rate=1.0)
+    rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], "sum")
+    assert rel_err(loss, rl) <= FP16_TOL and rel_err(gw, rgw) <= FP16_TOL
+    for group in range(3):  # each norm group on its own: their gradients differ by 1e6 in size
+        assert rel_err(gx[group::3], rgx[group::3]) <= FP16_TOL, group
+
+
+def test_lowp_gemm_policy():
+    x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
+    xb, wb, xh, wh = x32.bfloat16(), w32.bfloat16(), x32.half(), w32.half()
+    for policy in ("cuda", "never"):  # CPU tensors: float32 unless "always"
+        assert all(gemm_operand_dtype(a, b, policy) == torch.float32 for a in (x32, xb, xh) for b in (w32, wb, wh))
+    f = lambda a, b: gemm_operand_dtype(a, b, "always")  # noqa: E731
+    assert f(xh, wh) == f(xh, w32) == f(x32, wh) == torch.float16
+    assert f(xb, wh) == f(xh, wb) == f(xb, w32) == torch.bfloat16  # mixed: bfloat16's range wins
+    assert f(x32, w32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert f(x32, w32) == torch.float16 and f(x32, wb) == torch.bfloat16
+        assert gemm_operand_dtype(x32, w32, "never") == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert f(x32, w32) == torch.bfloat16 and f(xh, w32) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.float16, enabled=False):
+        assert f(x32, w32) == torch.float32
+    # the former option name still works, stored as lowp_gemms
+    opts = EngineOptions(bf16_gemms="always")
+    assert opts.lowp_gemms == "always" and opts.bf16_gemms is None and opts == EngineOptions(lowp_gemms="always")
+    with engine_options(bf16_gemms="never"):
+        assert current_engine_options().lowp_gemms == "never"
+        with engine_options(lowp_gemms="always"):
+            assert current_engine_options().lowp_gemms == "always"
+    assert EngineOptions.from_op_arg(opts.to_op_arg()) == opts
+
+
+def test_fp16_gemms_under_compile_and_autocast(fp16_gemms, generator, monkeypatch):
+    """fp16 autocast (InsightFace's default) takes the float16 GEMM path, traced or eager."""
+    seen = []
+    real = engine_module._BlockEngine.__init__
+
+    def spy(self, *args):
+        real(self, *args)
+        seen.append(self.operand_dtype)
+
+    monkeypatch.setattr(engine_module._BlockEngine, "__init__", spy)
+    lin = torch.nn.Linear(16, 64)
+    w = torch.randn(300, 64, generator=generator, requires_grad=True)
+    inp = torch.randn(12, 16, generator=generator)
+    y = torch.randint(300, (12,), generator=generator)
+
+    def f(inp, y, w):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return simcore.arcface_partial(lin(inp), y, w, sample_rate=1.0)
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(inp, y, w)
+    loss.backward()
+    gw = w.grad.clone()
+    w.grad = None
+    eager = f(inp, y, w)
+    eager.backward()
+    assert seen and set(seen) == {torch.float16}
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(gw, w.grad)
+    emb = lin(inp).half().detach()  # what autocast fed the loss
+    assert rel_err(eager, margin_softmax_loss(emb.double(), y, w.detach().double(), torch.arange(300))) <= FP16_TOL
 
 
 def _at_angles(thetas, d, c, gen):
@@ -279,16 +484,16 @@ def test_outputs_fully_written_poisoned(generator):
     w = torch.randn(c, d, generator=generator)
     y = _labels(b, c, generator)
     sampled = simcore.sample_classes(y, c, 120, generator)
-    for options, bf16 in ((EngineOptions(), False), (EngineOptions(**BLOCKED), False), (EngineOptions(), True),
-                          (EngineOptions(**BLOCKED), True)):
+    for options, gemm_dtype in ((o, t) for o in (EngineOptions(), EngineOptions(**BLOCKED))
+                                for t in (torch.float32, torch.bfloat16, torch.float16)):
         gx = poisoned((b, d))
         gw = poisoned((c, d))
         g_rows = poisoned((len(sampled), d))
         rw = torch.full((b,), 1.0 / b)
         loss, _ = fused_margin_softmax(x, y, w, sampled, MarginSpec(), row_weight=rw, grad_x=gx, grad_w=gw,
-                                       bf16=bf16, options=options)
+                                       gemm_dtype=gemm_dtype, options=options)
         fused_margin_softmax(x, torch.searchsorted(sampled, y), w[sampled], torch.arange(len(sampled)), MarginSpec(),
-                             row_weight=rw, grad_w=g_rows, bf16=bf16, options=options)
+                             row_weight=rw, grad_w=g_rows, gemm_dtype=gemm_dtype, options=options)
         mask = torch.zeros(c, dtype=torch.bool)
         mask[sampled] = True
         assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
@@ -600,9 +805,10 @@ def test_cuda_matches_reference(dtype, blocked, D, generator, engine_opts):
     loss, s = simcore.arcface_partial(xc, y.cuda(), wc, sample_rate=0.5, return_sampled=True)
     loss.backward()
     rl, rgx, rgw = _reference(x, y, w, s.cpu(), MARGINS["arcface"], "mean")
-    # bfloat16 runs its GEMMs on bfloat16 operands; float16 on float32 ones (EngineOptions.bf16_gemms)
-    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3 if dtype == torch.float16 else 1e-5
-    assert rel_err(loss.cpu(), rl) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    # half inputs run their GEMMs on half operands (EngineOptions.lowp_gemms): bfloat16 on bfloat16,
+    # float16 on float16 with the gradient block scaled into its range
+    tol = 1e-2 if dtype == torch.bfloat16 else FP16_TOL if dtype == torch.float16 else 1e-5
+    assert rel_err(loss.cpu(), rl) <= (1e-5 if dtype == torch.float32 else tol)
     assert rel_err(xc.grad.cpu(), rgx) <= tol and rel_err(wc.grad.cpu(), rgw) <= tol
 
 

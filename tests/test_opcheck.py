@@ -43,12 +43,12 @@ def margin_inputs(subcenters, per_row_margins, dtype=torch.float32):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("subcenters", [1, 3])
 @pytest.mark.parametrize("per_row_margins", [False, True])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_margin_softmax_fwd(reduction, subcenters, per_row_margins, bf16, seed):
+@pytest.mark.parametrize("gemm_dtype", ["float32", "bfloat16", "float16"])
+def test_margin_softmax_fwd(reduction, subcenters, per_row_margins, gemm_dtype, seed):
     x, labels, weight, sampled, margins = margin_inputs(subcenters, per_row_margins)
     spec = MarginSpec(subcenters=subcenters).as_list()
     opcheck(ops._fwd_op, (x, labels, weight, sampled, margins, spec, subcenters, ops.REDUCTION_CODES[reduction],
-                          True, True, per_row_margins, bf16, ENGINE))
+                          True, True, per_row_margins, gemm_dtype, ENGINE))
 
 
 @pytest.mark.parametrize("spec", [MarginSpec(m1=1.0, m2=0.0, m3=0.35, scale=30.0),       # CosFace
@@ -59,7 +59,7 @@ def test_margin_softmax_fwd(reduction, subcenters, per_row_margins, bf16, seed):
 def test_margin_softmax_fwd_family(spec, reduction, seed):
     x, labels, weight, sampled, _ = margin_inputs(1, False)
     opcheck(ops._fwd_op, (x, labels, weight, sampled, None, spec.as_list(), 1, ops.REDUCTION_CODES[reduction],
-                          True, True, False, False, ENGINE))
+                          True, True, False, "float32", ENGINE))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -71,7 +71,7 @@ def test_margin_softmax_fwd_dynamic_scalars(reduction, seed):
                  MarginSpec(cam_power=torch.tensor(2.0, dtype=torch.float64))):
         static, dyn = ops.split_dynamic(spec)
         args = (x, labels, weight, sampled, None, static.as_list(), 1, ops.REDUCTION_CODES[reduction],
-                True, True, False, False, ENGINE)
+                True, True, False, "float32", ENGINE)
         opcheck(ops._fwd_op, args + (dyn,))
         got = ops._fwd_op(*args, dyn)[0]
         want = ops._fwd_op(*args[:5], ops.host_spec(spec).as_list(), *args[6:])[0]
@@ -85,19 +85,19 @@ def test_margin_softmax_fwd_half_and_partial_grads(dtype, needs, seed):
     x.requires_grad_(needs[0])
     weight.requires_grad_(needs[1])
     opcheck(ops._fwd_op, (x, labels, weight, sampled, None, MarginSpec().as_list(), 1, ops.REDUCTION_CODES["sum"],
-                          needs[0], needs[1], False, False, ENGINE))
+                          needs[0], needs[1], False, "float32", ENGINE))
 
 
 @pytest.mark.parametrize("subcenters", [1, 2])
 @pytest.mark.parametrize("per_row_margins", [False, True])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_margin_softmax_bwd(subcenters, per_row_margins, bf16, seed):
+@pytest.mark.parametrize("gemm_dtype", ["float32", "bfloat16", "float16"])
+def test_margin_softmax_bwd(subcenters, per_row_margins, gemm_dtype, seed):
     # The backward op has no autograd of its own (no double backward): inputs without grad.
     x, labels, weight, sampled, margins = (t.detach() if t is not None else None
                                            for t in margin_inputs(subcenters, per_row_margins))
     grad_rows = torch.randn(B)
     opcheck(ops._bwd_op, (x, labels, weight, sampled, margins, grad_rows, MarginSpec(subcenters=subcenters).as_list(),
-                          subcenters, True, True, per_row_margins, bf16, ENGINE))
+                          subcenters, True, True, per_row_margins, gemm_dtype, ENGINE))
 
 
 def exclusions(q, n):
@@ -156,14 +156,15 @@ def test_sample_classes_compiles_fullgraph(seed):
 
 @cuda
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_ops_on_cuda(reduction, seed):
+@pytest.mark.parametrize("gemm_dtype", ["float32", "bfloat16", "float16"])
+def test_ops_on_cuda(reduction, gemm_dtype, seed):
     """The same checks with CUDA tensors (fake kernels must give CUDA outputs)."""
     x, labels, weight, sampled, margins = (t.detach().cuda().requires_grad_(t.requires_grad) if t is not None else None
                                            for t in margin_inputs(2, True))
     opcheck(ops._fwd_op, (x, labels, weight, sampled, margins, MarginSpec(subcenters=2).as_list(), 2,
-                          ops.REDUCTION_CODES[reduction], True, True, True, False, ENGINE))
+                          ops.REDUCTION_CODES[reduction], True, True, True, gemm_dtype, ENGINE))
     opcheck(ops._bwd_op, (x.detach(), labels, weight.detach(), sampled, margins.detach(), torch.randn(B, device="cuda"),
-                          MarginSpec(subcenters=2).as_list(), 2, True, True, True, False, ENGINE))
+                          MarginSpec(subcenters=2).as_list(), 2, True, True, True, gemm_dtype, ENGINE))
     database = torch.randn(40, D, device="cuda", dtype=torch.float16)
     opcheck(topk_module._cosine_topk_op, (database[:5].clone(), database, 6, False, None, True, 0))
     opcheck(sampling._sample_classes_op, (torch.randint(0, 1000, (40,), device="cuda"),

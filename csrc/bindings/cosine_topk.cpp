@@ -36,8 +36,12 @@ void update_tile(const py::handle& scores, const py::handle& scale, const py::ha
                  const py::handle& queries, const py::handle& query_slack, const py::handle& block,
                  const py::handle& excl_offsets, const py::handle& excl_index, const py::handle& reservoir,
                  const py::handle& count, const py::handle& threshold, int64_t q_begin, int64_t db_base, int64_t k,
-                 int64_t n_total, bool rescore, int num_threads, uint64_t stream, double slack_rel) {
+                 int64_t n_total, bool rescore, int num_threads, uint64_t stream, double slack_rel,
+                 const py::handle& workspace) {
   TopkUpdateArgs a;
+  const auto ws = optional_tensor(workspace, "workspace");
+  a.has_workspace = ws.has_value();
+  if (a.has_workspace) a.workspace = *ws;
   a.scores = tensor_from_py(scores, "scores");
   a.scale = tensor_from_py(scale, "scale");
   a.slack = tensor_from_py(slack, "slack");
@@ -73,12 +77,16 @@ void bind_cosine_topk(py::module_& m) {
         py::arg("block"), py::arg("exclude_offsets"), py::arg("exclude_index"), py::arg("reservoir"),
         py::arg("count"), py::arg("threshold"), py::arg("q_begin"), py::arg("db_base"), py::arg("k"),
         py::arg("n_total"), py::arg("rescore"), py::arg("num_threads"), py::arg("stream") = 0,
-        py::arg("slack_rel") = 0.0,
-        "Per tile: threshold scan (+ exact rescoring), exclusion, merge into the running top-k reservoirs.");
+        py::arg("slack_rel") = 0.0, py::arg("workspace") = py::none(),
+        "Per tile: threshold scan (+ exact rescoring), exclusion, merge into the running top-k reservoirs. "
+        "`workspace` (CUDA, optional): float32 scratch of topk_split_workspace(qb, nb) elements for tiles of "
+        "at most COSINE_TOPK_SPLIT_MAX_ROWS query rows, scanned by (row, segment) blocks.");
 
   m.def("cpu_has_fast_bf16", &cpu::has_fast_bf16,
         "True when the CPU has AVX-512 BF16 (cosine_topk nominates float32 candidates with bfloat16 GEMMs).");
   m.attr("COSINE_TOPK_MIN_SLACK") = kTopkMinSlack;  // CUDA; the CPU needs 1
+  m.attr("COSINE_TOPK_SPLIT_MAX_ROWS") = kTopkSplitMaxRows;  // CUDA small tiles
+  m.attr("COSINE_TOPK_SEGMENT") = kTopkSegment;
 }
 
 }  // namespace simcore

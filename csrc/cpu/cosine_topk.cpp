@@ -91,6 +91,16 @@ void check_update_args(const TopkUpdateArgs& a) {
   const int64_t min_slack = dev == Device::CUDA ? kTopkMinSlack : 1;
   SIMCORE_CHECK(cap >= a.k + min_slack || (a.n_total >= 0 && cap > a.n_total),
                 "reservoir capacity ", cap, " is too small for k=", a.k);
+  if (a.has_workspace) {
+    a.workspace.expect_dtype(DType::Float32).expect_ndim(1).expect_contiguous().expect_device(dev, di);
+    // the CUDA small-tile kernels write it while reading (or, later, writing) every other tensor
+    for (const TensorView* t : {&a.scores, &a.scale, &a.excl_offsets, &a.excl_index, &a.reservoir, &a.count,
+                                &a.threshold})
+      SIMCORE_CHECK(!overlap(a.workspace, *t), "workspace must not overlap the other tensors");
+    if (a.rescore)
+      for (const TensorView* t : {&a.slack, &a.queries, &a.query_slack, &a.block})
+        SIMCORE_CHECK(!overlap(a.workspace, *t), "workspace must not overlap the other tensors");
+  }
   if (a.rescore) {
     expect_vector(a.slack, nb, DType::Float32, dev, di);
     expect_vector(a.query_slack, qb, DType::Float32, dev, di);

@@ -82,7 +82,21 @@ struct TopkUpdateArgs {
   // Rescoring nominates row j when !(v + m_q * slack_j + slack_rel * |v| <= thr),
   // v = scores * scale_j: slack_rel bounds the rounding of the GEMM's output.
   double slack_rel = 0.0;
+  // CUDA, tiles of at most kTopkSplitMaxRows query rows: float32 scratch of at least
+  // topk_split_workspace(qb, nb) elements (allocated by torch), which lets the scan
+  // run one thread block per (row, segment). Optional; the CPU ignores it.
+  TensorView workspace;
+  bool has_workspace = false;
 };
+
+// CUDA small tiles (see cuda/cosine_topk.cu): tiles of up to this many query rows
+// are scanned by (row, kTopkSegment-column segment) blocks when a workspace is given.
+constexpr int64_t kTopkSplitMaxRows = 64;
+constexpr int64_t kTopkSegment = 256;
+// Elements of that workspace: qb x nb float32 scores, then qb x ceil(nb / segment) int32 counts.
+inline int64_t topk_split_workspace(int64_t qb, int64_t nb) {
+  return qb * nb + qb * ((nb + kTopkSegment - 1) / kTopkSegment);
+}
 
 // Absolute part of the candidate slack of an approximate (half) GEMM, added
 // to slack_factor * ||d_j|| before scaling. The relative bound fails near

@@ -42,9 +42,9 @@ namespace {
 // What the compiled path reads (embeddings, weights) and writes (their gradients);
 // float64 goes to the reference implementation in Python.
 bool is_input_dtype(DType t) { return t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16; }
-// The normalised rows handed to the GEMMs (simcore/margin/functional.py: float32, or
-// bfloat16 under BF16_GEMMS); the cosine blocks the GEMMs return are float32.
-bool is_operand_dtype(DType t) { return t == DType::Float32 || t == DType::BFloat16; }
+// The normalised rows handed to the GEMMs (simcore/margin/engine.py: float32, or bfloat16 /
+// float16 under EngineOptions.lowp_gemms); the cosine blocks the GEMMs return are float32.
+bool is_operand_dtype(DType t) { return t == DType::Float32 || t == DType::BFloat16 || t == DType::Float16; }
 
 void expect_vector(const TensorView& t, DType dtype, int64_t n, const TensorView& like) {
   t.expect_dtype(dtype).expect_ndim(1).expect_size(0, n).expect_contiguous().expect_device(like.device,
@@ -65,7 +65,7 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
   SIMCORE_CHECK_TYPE(is_input_dtype(src.dtype), "src must be float32, float16 or bfloat16, got ",
                      dtype_name(src.dtype));
   expect_matrix(out, src);
-  SIMCORE_CHECK_TYPE(is_operand_dtype(out.dtype), "out must be float32 or bfloat16 (a GEMM operand), got ",
+  SIMCORE_CHECK_TYPE(is_operand_dtype(out.dtype), "out must be float32, bfloat16 or float16 (a GEMM operand), got ",
                      dtype_name(out.dtype));
   const int64_t n = out.size(0);
   out.expect_size(1, src.size(1));
@@ -125,7 +125,7 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   u.expect_dtype(DType::Float32);
   const int64_t n = u.size(0), d = u.size(1);
   expect_matrix(v, u);
-  SIMCORE_CHECK_TYPE(is_operand_dtype(v.dtype), "v must be float32 or bfloat16 (a GEMM operand), got ",
+  SIMCORE_CHECK_TYPE(is_operand_dtype(v.dtype), "v must be float32, bfloat16 or float16 (a GEMM operand), got ",
                      dtype_name(v.dtype));
   v.expect_size(0, n).expect_size(1, d);
   expect_vector(norms, DType::Float32, n, u);
@@ -440,6 +440,7 @@ void dispatch_operand_dtype(DType t, const F& f) {
   switch (t) {
     case DType::Float32: f(float{}); break;
     case DType::BFloat16: f(BFloat16{}); break;
+    case DType::Float16: f(Float16{}); break;
     default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
   }
 }

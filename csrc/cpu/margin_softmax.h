@@ -5,7 +5,7 @@
 // (csrc/cpu/margin_softmax.cpp) and CUDA (csrc/cuda/margin_softmax.cu):
 //
 //   normalize_rows  gather rows of x or W (optionally by index), convert to the
-//                   GEMM operand dtype (float32 or bfloat16), divide by
+//                   GEMM operand dtype (float32, bfloat16 or float16), divide by
 //                   max(‖row‖, eps), keep the norms
 //   targets         label -> column in the sorted sampled set (range-checked)
 //   lse_block       a float32 block of cosines -> margin on the target, online log-sum-exp

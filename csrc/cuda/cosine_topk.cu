@@ -9,6 +9,25 @@
 //    chunks of blockDim elements; candidates (score > threshold) are appended
 //    in index order with a block-wide prefix sum, so a reservoir stays sorted
 //    by database index;
+//  - half tiles: a chunk's nominees (candidates by the error bound) are listed
+//    in shared memory and rescored one warp per nominee: the lanes read the
+//    database row and the query with coalesced strided loads, accumulate in
+//    float32 (fmaf) and reduce by a fixed shuffle tree (warp_dot), so a
+//    nominee's exact score has the same bits in every launch and on both paths
+//    below; any float32 summation order is within the bound gamma_D that
+//    simcore/search/error_bounds.py assumes;
+//  - small tiles (qb <= kTopkSplitMaxRows query rows, with a workspace from
+//    Python): one block per query row would leave most SMs idle, so the scan
+//    is split in two launches. update_kernel_score_segments runs one block per
+//    (row, 256-column segment): nominate against the row's threshold at the
+//    start of the tile, rescore, apply the exclusions, and write the segment's
+//    exact scores (-inf where nothing passes) and its count of survivors.
+//    update_kernel_merge_segments then walks each row's segments in order with one
+//    block per row exactly as the one-launch kernel walks its chunks (same
+//    chunk boundaries, same threshold tests, same appends and compactions),
+//    skipping segments without survivors. Thresholds only rise, so "passed at
+//    the tile's threshold and beats the current one" is the one-launch test:
+//    both paths leave identical reservoirs;
 //  - when a chunk would overflow the reservoir, the block compacts it to its k
 //    best entries: an MSB radix select (4 passes of 8 bits over the
 //    order-preserving float key) finds the k-th best score T; a stable
@@ -32,6 +51,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 static_assert(kThreads <= kTopkMinSlack, "a compaction must leave room for one chunk");
+static_assert(kThreads == kTopkSegment, "a workspace segment is one chunk of one thread block");
 
 __device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
@@ -79,6 +99,8 @@ __global__ void prepare_kernel(const T* __restrict__ block, int64_t nb, int64_t 
 // ---------------------------------------------------------------- update
 struct Shared {
   int warp_sums[kWarps + 1];
+  int nominee[kThreads];     // rescoring: chunk slots of this chunk's nominees, in slot order
+  float rescored[kThreads];  // rescoring: exact score per chunk slot (read only at nominated slots)
   unsigned hist[256];
   float thr;
   long long cnt;
@@ -191,6 +213,116 @@ __device__ __forceinline__ bool nominated(float approx, float bound, float thr) 
   return !isfinite(approx) || !(approx + bound <= thr);
 }
 
+// Exact float32 dot q . d over D entries, one warp: lane l accumulates entries
+// l, l + 32, ... with fmaf (coalesced loads), then a fixed shuffle tree sums the
+// lanes into lane 0 (the only lane whose result is used). Every lane of the warp
+// must call it (full-mask shuffles): callers loop warp-uniformly.
+template <class B>
+__device__ __forceinline__ float warp_dot(const float* __restrict__ q, const B* __restrict__ d, int64_t D, int lane) {
+  float acc = 0.f;
+  for (int64_t i = lane; i < D; i += 32) acc = fmaf(q[i], load_f(d, i), acc);
+  for (int o = 16; o > 0; o /= 2) acc += __shfl_down_sync(0xffffffffu, acc, o);
+  return acc;
+}
+
+// Scores column j = c0 + threadIdx.x of one tile row against `thr` (the threshold at
+// the chunk's start); returns whether it passes (exact > thr and not excluded) and
+// its exact score in *exact. Called by every thread of the block with the same c0
+// (it holds barriers when Rescore); threads with j >= nb take part and pass nothing.
+template <class S, class B, bool Rescore>
+__device__ int score_chunk(const S* __restrict__ srow, int64_t c0, int64_t nb, const float* __restrict__ scale,
+                           const float* __restrict__ slack, float qn, const float* __restrict__ qrow,
+                           const B* __restrict__ block, int64_t bs, int64_t D, float slack_rel, float thr,
+                           const int64_t* __restrict__ eidx, int64_t e0, int64_t e1, int64_t db_base, Shared& sh,
+                           float* exact_out) {
+  const int64_t j = c0 + threadIdx.x;
+  float approx = 0.f;
+  int cand = 0;
+  if (j < nb) {
+    approx = load_f(srow, j) * scale[j];
+    cand = Rescore ? nominated(approx, qn * slack[j] + slack_rel * fabsf(approx), thr) : approx > thr;
+  }
+  float exact = approx;
+  if (Rescore) {
+    // __syncthreads_or is block-uniform, so the barriers inside are reached by every thread or none.
+    if (__syncthreads_or(cand)) {
+      int total;
+      const int pos = block_scan(cand, sh, &total);  // ends with a barrier
+      if (cand) sh.nominee[pos] = threadIdx.x;
+      __syncthreads();                                // nominee[0, total) written
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      // t and total are the same in all lanes of a warp: the shuffles see full warps
+      for (int t = warp; t < total; t += kWarps) {
+        const int slot = sh.nominee[t];
+        const int64_t jj = c0 + slot;  // < nb: only threads with j < nb nominate
+        const float dot = warp_dot(qrow, block + jj * bs, D, lane);
+        if (lane == 0) sh.rescored[slot] = dot * scale[jj];
+      }
+      __syncthreads();  // rescored[] written; the next chunk writes nominee/rescored only after its own barriers
+      if (cand) exact = sh.rescored[threadIdx.x];
+    }
+  }
+  int pass = 0;
+  if (cand && exact > thr) {
+    const int64_t idx = db_base + j;
+    int64_t lo = e0, hi = e1;  // binary search for idx among the exclusions
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (eidx[mid] < idx) lo = mid + 1; else hi = mid;
+    }
+    pass = !(lo < e1 && eidx[lo] == idx);
+  }
+  *exact_out = exact;
+  return pass;
+}
+
+// Appends the chunk's passing entries (exact score, database index idx) to the
+// reservoir e in index order, compacting it to its k best first when they would not
+// fit. Called by every thread with sh.cnt, sh.thr current; `pass` must already hold
+// exact > sh.thr (and the exclusions). Ends with a barrier.
+__device__ void append_chunk(TopkEntry* e, int pass, float exact, int64_t idx, int64_t cap, int64_t k, Shared& sh) {
+  int total;
+  int pos = block_scan(pass, sh, &total);
+  if (sh.cnt + total > cap && sh.cnt > k) {  // uniform: shared values
+    const float t = compact(e, sh.cnt, k, sh);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      sh.thr = t;
+      sh.cnt = k;
+    }
+    __syncthreads();
+    pass = pass && exact > sh.thr;
+    pos = block_scan(pass, sh, &total);
+  }
+  const long long at = sh.cnt + pos;
+  if (pass && at < cap) {
+    e[at].score = exact;
+    e[at].pad = 0;
+    e[at].index = idx;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) sh.cnt = sh.cnt + total > cap ? cap : sh.cnt + total;
+  __syncthreads();
+}
+
+// The query's exclusions [e0, e1), clamped into [0, E] (values validated in Python).
+__device__ __forceinline__ void exclusion_range(const int64_t* eoff, int64_t q, int64_t E, int64_t* e0, int64_t* e1) {
+  int64_t a = eoff[q], b = eoff[q + 1];
+  a = a < 0 ? 0 : (a > E ? E : a);
+  b = b < a ? a : (b > E ? E : b);
+  *e0 = a;
+  *e1 = b;
+}
+
+__device__ __forceinline__ void load_state(Shared& sh, const long long* count, const float* threshold, int64_t q,
+                                           int64_t cap) {
+  if (threadIdx.x == 0) {
+    sh.thr = threshold[q];
+    long long c = count[q];
+    sh.cnt = (c < 0 || c > cap) ? cap : c;  // never index outside the reservoir
+  }
+}
+
 template <class S, class B, bool Rescore>
 __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t nb,
                               const float* __restrict__ scale, const float* __restrict__ slack,
@@ -204,70 +336,77 @@ __global__ void update_kernel(const S* __restrict__ scores, int64_t ss, int64_t 
   const int64_t r = blockIdx.x;
   const int64_t q = q_begin + r;
   TopkEntry* e = reservoir + q * cap;
-  if (threadIdx.x == 0) {
-    sh.thr = threshold[q];
-    long long c = count[q];
-    sh.cnt = (c < 0 || c > cap) ? cap : c;  // never index outside the reservoir
-  }
-  // Exclusions of this query, clamped into [0, E] (values validated in Python).
-  int64_t e0 = eoff[q], e1 = eoff[q + 1];
-  e0 = e0 < 0 ? 0 : (e0 > E ? E : e0);
-  e1 = e1 < e0 ? e0 : (e1 > E ? E : e1);
+  load_state(sh, count, threshold, q, cap);
+  int64_t e0, e1;
+  exclusion_range(eoff, q, E, &e0, &e1);
   const S* srow = scores + r * ss;
   const float qn = Rescore ? qslack[r] : 0.f;
   const float* qrow = Rescore ? queries + r * qs : nullptr;
   __syncthreads();
   for (int64_t c0 = 0; c0 < nb; c0 += blockDim.x) {
-    const int64_t j = c0 + threadIdx.x;
-    const float thr = sh.thr;
-    float exact = 0.f;
-    int pass = 0;
-    if (j < nb) {
-      const float approx = load_f(srow, j) * scale[j];
-      const bool cand = Rescore ? nominated(approx, qn * slack[j] + slack_rel * fabsf(approx), thr) : approx > thr;
-      if (cand) {
-        exact = approx;
-        if (Rescore) {
-          const B* drow = block + j * bs;
-          float acc = 0.f;
-          for (int64_t i = 0; i < D; ++i) acc = fmaf(qrow[i], load_f(drow, i), acc);
-          exact = acc * scale[j];
-        }
-        if (exact > thr) {
-          const int64_t idx = db_base + j;
-          int64_t lo = e0, hi = e1;  // binary search for idx among the exclusions
-          while (lo < hi) {
-            const int64_t mid = (lo + hi) / 2;
-            if (eidx[mid] < idx) lo = mid + 1; else hi = mid;
-          }
-          pass = !(lo < e1 && eidx[lo] == idx);
-        }
-      }
-    }
+    float exact;
+    const int pass = score_chunk<S, B, Rescore>(srow, c0, nb, scale, slack, qn, qrow, block, bs, D, slack_rel, sh.thr,
+                                                eidx, e0, e1, db_base, sh, &exact);
     // Once the threshold has warmed up most chunks have no survivor: one barrier, then the next chunk.
     if (!__syncthreads_or(pass)) continue;
-    int total;
-    int pos = block_scan(pass, sh, &total);
-    if (sh.cnt + total > cap && sh.cnt > k) {  // uniform: shared values
-      const float t = compact(e, sh.cnt, k, sh);
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        sh.thr = t;
-        sh.cnt = k;
-      }
-      __syncthreads();
-      pass = pass && exact > sh.thr;
-      pos = block_scan(pass, sh, &total);
-    }
-    const long long at = sh.cnt + pos;
-    if (pass && at < cap) {
-      e[at].score = exact;
-      e[at].pad = 0;
-      e[at].index = db_base + j;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) sh.cnt = sh.cnt + total > cap ? cap : sh.cnt + total;
-    __syncthreads();
+    append_chunk(e, pass, exact, db_base + c0 + threadIdx.x, cap, k, sh);
+  }
+  if (threadIdx.x == 0) {
+    count[q] = sh.cnt;
+    threshold[q] = sh.thr;
+  }
+}
+
+// Small tiles, launch 1 of 2: block (segment, row) scores columns
+// [segment * kThreads, + kThreads) of tile row `row` against the row's threshold at the
+// tile's start (update_kernel_merge_segments raises it only afterwards, on the same stream), and
+// writes each column's exact score where it passes, -inf elsewhere (a passing score is
+// > threshold >= -inf, so -inf never marks a survivor), and the segment's survivor count.
+template <class S, class B, bool Rescore>
+__global__ void update_kernel_score_segments(
+    const S* __restrict__ scores, int64_t ss, int64_t nb, const float* __restrict__ scale,
+    const float* __restrict__ slack, const float* __restrict__ queries, int64_t qs, const float* __restrict__ qslack,
+    const B* __restrict__ block, int64_t bs, int64_t D, const int64_t* __restrict__ eoff,
+    const int64_t* __restrict__ eidx, int64_t E, const float* __restrict__ threshold, int64_t q_begin,
+    int64_t db_base, float slack_rel, float* __restrict__ seg_scores, int* __restrict__ seg_count, int64_t nseg) {
+  __shared__ Shared sh;
+  const int64_t seg = blockIdx.x, r = blockIdx.y;
+  const int64_t q = q_begin + r;
+  int64_t e0, e1;
+  exclusion_range(eoff, q, E, &e0, &e1);
+  const float thr = threshold[q];  // the same value in every thread: control flow stays uniform
+  const int64_t c0 = seg * kThreads;
+  const float qn = Rescore ? qslack[r] : 0.f;
+  const float* qrow = Rescore ? queries + r * qs : nullptr;
+  float exact;
+  const int pass = score_chunk<S, B, Rescore>(scores + r * ss, c0, nb, scale, slack, qn, qrow, block, bs, D,
+                                              slack_rel, thr, eidx, e0, e1, db_base, sh, &exact);
+  const int64_t j = c0 + threadIdx.x;
+  if (j < nb) seg_scores[r * nb + j] = pass ? exact : -INFINITY;
+  const int n = __syncthreads_count(pass);
+  if (threadIdx.x == 0) seg_count[r * nseg + seg] = n;
+}
+
+// Small tiles, launch 2 of 2: one block per tile row walks its segments in index order
+// and merges the survivors as update_kernel merges its chunks. seg_count is read by
+// every thread (the same value), so skipping a segment is block-uniform.
+__global__ void update_kernel_merge_segments(const float* __restrict__ seg_scores, const int* __restrict__ seg_count,
+                                             int64_t nb, int64_t nseg, TopkEntry* __restrict__ reservoir, int64_t cap,
+                                             long long* __restrict__ count, float* __restrict__ threshold,
+                                             int64_t q_begin, int64_t db_base, int64_t k) {
+  __shared__ Shared sh;
+  const int64_t r = blockIdx.x;
+  const int64_t q = q_begin + r;
+  TopkEntry* e = reservoir + q * cap;
+  load_state(sh, count, threshold, q, cap);
+  __syncthreads();
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    if (seg_count[r * nseg + seg] == 0) continue;
+    const int64_t j = seg * kThreads + threadIdx.x;
+    const float v = j < nb ? seg_scores[r * nb + j] : -INFINITY;
+    const int pass = v > sh.thr;  // sh.thr >= the tile's threshold: v passed it, and beats the current one
+    if (!__syncthreads_or(pass)) continue;
+    append_chunk(e, pass, v, db_base + j, cap, k, sh);
   }
   if (threadIdx.x == 0) {
     count[q] = sh.cnt;
@@ -279,11 +418,34 @@ template <class S, class B, bool Rescore>
 void launch_update(const TopkUpdateArgs& a, cudaStream_t stream) {
   const int64_t qb = a.scores.size(0), nb = a.scores.size(1);
   if (qb == 0 || nb == 0) return;
+  const S* scores = a.scores.ptr<S>();
+  const float* slack = Rescore ? a.slack.ptr<float>() : nullptr;
+  const float* queries = Rescore ? a.queries.ptr<float>() : nullptr;
+  const int64_t qs = Rescore ? a.queries.stride(0) : 0;
+  const float* qslack = Rescore ? a.query_slack.ptr<float>() : nullptr;
+  const B* block = Rescore ? a.block.ptr<B>() : nullptr;
+  const int64_t bs = Rescore ? a.block.stride(0) : 0, D = Rescore ? a.block.size(1) : 0;
+  const int64_t nseg = (nb + kThreads - 1) / kThreads;
+  if (a.has_workspace && qb <= kTopkSplitMaxRows) {  // small tile: (row, segment) blocks, then a merge
+    SIMCORE_CHECK(a.workspace.numel() >= topk_split_workspace(qb, nb), "cosine_topk workspace holds ",
+                  a.workspace.numel(), " floats, the tile needs ", topk_split_workspace(qb, nb));
+    SIMCORE_CHECK(nseg <= 2147483647LL, "too many column segments in one tile");
+    float* seg_scores = a.workspace.ptr<float>();
+    int* seg_count = reinterpret_cast<int*>(seg_scores + qb * nb);  // 4-byte slots after the scores
+    update_kernel_score_segments<S, B, Rescore>
+        <<<dim3(static_cast<unsigned>(nseg), static_cast<unsigned>(qb)), kThreads, 0, stream>>>(
+            scores, a.scores.stride(0), nb, a.scale.ptr<float>(), slack, queries, qs, qslack, block, bs, D,
+            a.excl_offsets.ptr<int64_t>(), a.excl_index.ptr<int64_t>(), a.excl_index.size(0), a.threshold.ptr<float>(),
+            a.q_begin, a.db_base, static_cast<float>(a.slack_rel), seg_scores, seg_count, nseg);
+    check(cudaGetLastError(), "cosine_topk_update segment kernel launch");
+    update_kernel_merge_segments<<<static_cast<unsigned>(qb), kThreads, 0, stream>>>(
+        seg_scores, seg_count, nb, nseg, a.reservoir.ptr<TopkEntry>(), a.reservoir.size(1), a.count.ptr<long long>(),
+        a.threshold.ptr<float>(), a.q_begin, a.db_base, a.k);
+    check(cudaGetLastError(), "cosine_topk_update merge kernel launch");
+    return;
+  }
   update_kernel<S, B, Rescore><<<static_cast<unsigned>(qb), kThreads, 0, stream>>>(
-      a.scores.ptr<S>(), a.scores.stride(0), nb, a.scale.ptr<float>(),
-      Rescore ? a.slack.ptr<float>() : nullptr, Rescore ? a.queries.ptr<float>() : nullptr,
-      Rescore ? a.queries.stride(0) : 0, Rescore ? a.query_slack.ptr<float>() : nullptr,
-      Rescore ? a.block.ptr<B>() : nullptr, Rescore ? a.block.stride(0) : 0, Rescore ? a.block.size(1) : 0,
+      scores, a.scores.stride(0), nb, a.scale.ptr<float>(), slack, queries, qs, qslack, block, bs, D,
       a.excl_offsets.ptr<int64_t>(), a.excl_index.ptr<int64_t>(), a.excl_index.size(0),
       a.reservoir.ptr<TopkEntry>(), a.reservoir.size(1), a.count.ptr<long long>(), a.threshold.ptr<float>(),
       a.q_begin, a.db_base, a.k, static_cast<float>(a.slack_rel));

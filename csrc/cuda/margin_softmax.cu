@@ -255,6 +255,7 @@ void dispatch_operand_dtype(DType t, const F& f) {
   switch (t) {
     case DType::Float32: f(static_cast<float*>(nullptr)); break;
     case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
     default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
   }
 }

@@ -6,7 +6,7 @@ Python code; only the epilogue kernels in ``simcore._C`` differ by device:
 
 * ``ms_normalize_rows`` gathers the sampled centres of one class block (by index),
   L2-normalises them and writes them in the GEMM operand dtype (float32, or
-  bfloat16 under ``bf16_gemms``); the embeddings likewise, once.
+  bfloat16 / float16 under ``lowp_gemms``); the embeddings likewise, once.
 * torch's GEMM (oneDNN/MKL on CPU, cuBLAS on CUDA; :mod:`simcore.margin.gemm`)
   forms the block of cosines.
 * pass 1, ``ms_lse_block``: the margin on the target column, and the block merged
@@ -41,7 +41,7 @@ import torch
 
 from simcore import dispatch
 from simcore.dispatch import tensor_arg
-from simcore.margin.gemm import BF16_POLICIES, CPU_GEMMS, mm_f32, onednn_linear
+from simcore.margin.gemm import CPU_GEMMS, LOWP_POLICIES, fp16_block_scale, mm_f32, onednn_linear
 from simcore.reference.margin_softmax import SIN_EPS, margin_param_grads
 
 __all__ = ["EngineOptions", "engine_options", "current_engine_options", "plan_block", "MarginSpec", "centre_ids",
@@ -57,10 +57,14 @@ _F32 = torch.float32
 class EngineOptions:
     """How the engine runs; none of it changes the loss beyond float rounding.
 
-    bf16_gemms: "cuda" (default) bfloat16 GEMM operands on CUDA when the embeddings or
-        the weight are bfloat16 or autocast to bfloat16 is on; "always" the same rule on
-        every device (CPU forms the products in float32, exact for bfloat16 values, so it
-        reproduces the CUDA numerics: the tests use it); "never" float32 operands.
+    lowp_gemms: "cuda" (default) half GEMM operands on CUDA (float32 accumulation and
+        output): bfloat16 when the embeddings or the weight are bfloat16 or autocast to
+        bfloat16 is on, else float16 when they are float16 or autocast to float16 is on
+        (:func:`simcore.margin.gemm.gemm_operand_dtype`); "always" the same rule on every
+        device (CPU forms the products in float32, exact for half values, so it reproduces
+        the CUDA numerics: the tests use it); "never" float32 operands.
+    bf16_gemms: the former name of ``lowp_gemms`` (same values), accepted when given; it is
+        stored as ``lowp_gemms`` and reads back None.
     cpu_gemm: "auto" (default) oneDNN for the CPU's cosines and ∂L/∂x̂ on x86-64 where it
         passes a probe; "torch" torch.mm (MKL) for every GEMM.
     workspace_bytes: one block holds every sampled class when its (B × S·K) float32
@@ -73,16 +77,22 @@ class EngineOptions:
     block_classes: classes per block, overriding the byte budgets (None: planned from
         them); tests force the class-blocked two-pass path with small blocks.
     """
-    bf16_gemms: str = "cuda"
+    lowp_gemms: str = "cuda"
     cpu_gemm: str = "auto"
     workspace_bytes: int = 32 << 20
     cpu_block_bytes: int = 24 << 20
     cuda_block_bytes: int = 64 << 20
     block_classes: Optional[int] = None
+    bf16_gemms: Optional[str] = None
 
     def __post_init__(self):
-        if self.bf16_gemms not in BF16_POLICIES:
-            raise ValueError(f"bf16_gemms must be one of {BF16_POLICIES}, got {self.bf16_gemms!r}")
+        if self.bf16_gemms is not None:  # the former name: stored as lowp_gemms
+            if self.bf16_gemms not in LOWP_POLICIES:
+                raise ValueError(f"bf16_gemms must be one of {LOWP_POLICIES}, got {self.bf16_gemms!r}")
+            object.__setattr__(self, "lowp_gemms", self.bf16_gemms)
+            object.__setattr__(self, "bf16_gemms", None)
+        if self.lowp_gemms not in LOWP_POLICIES:
+            raise ValueError(f"lowp_gemms must be one of {LOWP_POLICIES}, got {self.lowp_gemms!r}")
         if self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"cpu_gemm must be one of {CPU_GEMMS}, got {self.cpu_gemm!r}")
         for name in ("workspace_bytes", "cpu_block_bytes", "cuda_block_bytes"):
@@ -118,7 +128,7 @@ def engine_options(**changes):
     """Run the ``with`` block with these :class:`EngineOptions` fields changed (the others
     as they are now); yields the options in force. Nests; per thread and asyncio task::
 
-        with simcore.margin.engine.engine_options(bf16_gemms="always", block_classes=256):
+        with simcore.margin.engine.engine_options(lowp_gemms="always", block_classes=256):
             loss = simcore.arcface_partial(x, y, w)
     """
     token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **changes))
@@ -216,7 +226,7 @@ class _BlockEngine:
     """One call of the fused routine: the block plan, the normalised embeddings and the
     block buffers that pass 1 and pass 2 share. Call under no_grad with autocast off."""
 
-    def __init__(self, x, weight, sampled, spec, row_margins, bf16, options):
+    def __init__(self, x, weight, sampled, spec, row_margins, gemm_dtype, options):
         self.ext = dispatch.extension()
         self.device = dev = x.device
         self.executor = dispatch.num_threads() if dev.type == "cpu" else dispatch.cuda_stream(dev)
@@ -226,11 +236,12 @@ class _BlockEngine:
         self.block = plan_block(self.batch, self.num_sampled, self.k, dev.type, options)
         self.resident = self.block >= self.num_sampled  # one block: pass 2 reuses pass 1's cosines
         self.kept = None  # that block, between the passes
-        self.gbuf = None  # bf16: the gradient block rounded for the two GEMMs (pass 2)
+        self.gbuf = None  # half operands: the gradient block rounded for the two GEMMs (pass 2)
+        self.ginv = None  # float16: 1/scale of the current gradient block (a 0-dim tensor), else None
         self.params = spec.kernel_params()
-        self.bf16 = bf16
-        self.operand_dtype = torch.bfloat16 if bf16 else _F32
-        self.linear = None if bf16 else onednn_linear(dev, options.cpu_gemm)
+        self.operand_dtype = gemm_dtype
+        self.lowp = gemm_dtype != _F32
+        self.linear = None if self.lowp else onednn_linear(dev, options.cpu_gemm)
         self.row_margins = row_margins  # held: a packed tensor_arg does not keep its tensor alive
         self.row_margins_arg = None if row_margins is None else tensor_arg(row_margins)
         self.xh = torch.empty(self.batch, self.dim, dtype=self.operand_dtype, device=dev)
@@ -326,8 +337,8 @@ class _BlockEngine:
         scratch = None
         if grad_w is not None and not in_place:
             scratch = torch.empty(self.block * self.k * self.dim, dtype=_F32, device=self.device)
-        if self.bf16:
-            self.gbuf = torch.empty(self.batch * self.block * self.k, dtype=torch.bfloat16, device=self.device)
+        if self.lowp:
+            self.gbuf = torch.empty(self.batch * self.block * self.k, dtype=self.operand_dtype, device=self.device)
         gxh = None  # ∂L/∂x̂, float32
         for start in range(0, self.num_sampled, self.block):
             blk = self.kept if self.resident else self.load_block(start)
@@ -352,7 +363,13 @@ class _BlockEngine:
             g = blk.centre_cos
             self.ext.ms_subcenter_expand(tensor_arg(blk.cos), tensor_arg(self._winners(blk.cos.shape[1])), self.k,
                                          tensor_arg(g), self.executor)
-        if self.bf16:
+        if self.operand_dtype == torch.float16:
+            # G spans more than float16's range (1/B row weights times tiny softmax values; s·dψ/dcos θ
+            # up to ~1e4): scaled by a power of two so that max|G| is in [2^14, 2^15), rounded once,
+            # and each GEMM's float32 result is scaled back exactly (docs/margin_softmax.md)
+            scale, self.ginv = fp16_block_scale(g)
+            g = torch.mul(g, scale, out=self.gbuf[:g.numel()].view(g.shape))
+        elif self.lowp:  # bfloat16 has float32's exponent range: rounded as it is
             g = self.gbuf[:g.numel()].view(g.shape).copy_(g)
         return g
 
@@ -362,10 +379,19 @@ class _BlockEngine:
             part = self.linear(g, normed.t(), None, "none", [], "")
             return part if gxh is None else gxh.add_(part)
         if gxh is None:
-            return mm_f32(g, normed)
-        if self.bf16:
+            part = mm_f32(g, normed)
+            return part if self.ginv is None else part.mul_(self.ginv)
+        if self.ginv is not None:
+            return gxh.addcmul_(mm_f32(g, normed), self.ginv)
+        if self.lowp:
             return gxh.add_(mm_f32(g, normed))
         return gxh.addmm_(g, normed)
+
+    def _grad_w_product(self, g, u):
+        """u = Gᵀ·X̂ (float32), the float16 block's scale undone."""
+        mm_f32(g.t(), self.xh, out=u)
+        if self.ginv is not None:
+            u.mul_(self.ginv)
 
     def _write_grad_w(self, grad_w, g, blk, scratch):
         """∂L/∂ŵ = Gᵀ·X̂ for the block's rows, projected and written into their rows of ``grad_w``
@@ -373,18 +399,19 @@ class _BlockEngine:
         nr = blk.normed.shape[0]
         if scratch is None:
             u = grad_w[blk.start * self.k:blk.start * self.k + nr]
-            mm_f32(g.t(), self.xh, out=u)
+            self._grad_w_product(g, u)
             self.ext.ms_project_rows(tensor_arg(u), tensor_arg(blk.normed), tensor_arg(blk.norms), tensor_arg(u),
                                      None, NORM_EPS, self.executor)
         else:
             u = scratch[:nr * self.dim].view(nr, self.dim)
-            mm_f32(g.t(), self.xh, out=u)
+            self._grad_w_product(g, u)
             self.ext.ms_project_rows(tensor_arg(u), tensor_arg(blk.normed), tensor_arg(blk.norms),
                                      tensor_arg(grad_w), tensor_arg(blk.rows), NORM_EPS, self.executor)
 
 
 def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, row_weight=None, grad_x=None,
-                         grad_w=None, bf16=False, options=None, target_col=None, target_cos=None, combine=None):
+                         grad_w=None, gemm_dtype=None, bf16=False, options=None, target_col=None, target_cos=None,
+                         combine=None):
     """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``,
     and the target cosines (B,) (NaN unless the variant needs them).
 
@@ -392,8 +419,11 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
     (m1, m2, m3). With ``row_weight`` (B,) float32 the gradients of
     Σ_i row_weight_i·loss_i are written into ``grad_x`` (B, D) and/or ``grad_w``
     (C·K, D): the rows of the sampled classes' centres, the rest untouched. Either
-    may be None. ``bf16``: the normalised rows and the gradient blocks are rounded to
-    bfloat16 for the GEMMs (float32 accumulation; the epilogues stay float32).
+    may be None. ``gemm_dtype``: the GEMM operand dtype (float32, bfloat16 or float16;
+    :func:`simcore.margin.gemm.gemm_operand_dtype` picks it): the normalised rows and the
+    gradient blocks are rounded to it for the GEMMs (float32 accumulation; the epilogues
+    stay float32; a float16 gradient block is scaled by a power of two first). ``bf16=True``
+    is ``gemm_dtype=torch.bfloat16`` (the former argument); neither: float32.
     ``options``: an :class:`EngineOptions` (default: :func:`current_engine_options`).
 
     Class-sharded use (:mod:`simcore.margin.sharded`): ``target_col`` (B,) int64 gives
@@ -404,8 +434,12 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
     ``target_cos`` gives every row's target cosine (CurricularFace needs it first).
     """
     options = current_engine_options() if options is None else options
+    if gemm_dtype is None:
+        gemm_dtype = torch.bfloat16 if bf16 else _F32
+    if gemm_dtype not in (_F32, torch.bfloat16, torch.float16):
+        raise ValueError(f"gemm_dtype must be float32, bfloat16 or float16, got {gemm_dtype}")
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        engine = _BlockEngine(x, weight, sampled, spec, row_margins, bf16, options)
+        engine = _BlockEngine(x, weight, sampled, spec, row_margins, gemm_dtype, options)
         tcol = engine.target_columns(labels) if target_col is None else target_col
         tcos = engine.target_cosines(labels, target_cos)
         run_max, run_sum, target_logit = engine.log_sum_exp(tcol, tcos)

@@ -1,8 +1,10 @@
 """The GEMMs of the fused margin-softmax engine: which operand dtype, which CPU library.
 
-* :func:`use_bf16_gemms` — the bfloat16-operand policy (``EngineOptions.bf16_gemms``):
-  bfloat16 operands, float32 accumulation and output.
-* :func:`mm_f32` — a·b with float32 accumulation and output for either operand dtype.
+* :func:`gemm_operand_dtype` — the low-precision operand policy (``EngineOptions.lowp_gemms``):
+  bfloat16 or float16 operands, float32 accumulation and output.
+* :func:`use_bf16_gemms` — whether that policy picks bfloat16 (kept for callers of the bf16-only API).
+* :func:`mm_f32` — a·b with float32 accumulation and output for any of the three operand dtypes.
+* :func:`fp16_block_scale` — the power-of-two scale that puts a gradient block into float16's range.
 * :func:`onednn_linear` — torch's oneDNN matmul for the CPU's cosines and ∂L/∂x̂
   (``EngineOptions.cpu_gemm``), or None for ``torch.mm``.
 """
@@ -13,39 +15,75 @@ import platform
 
 import torch
 
-__all__ = ["BF16_POLICIES", "CPU_GEMMS", "use_bf16_gemms", "mm_f32", "onednn_linear"]
+__all__ = ["LOWP_POLICIES", "BF16_POLICIES", "CPU_GEMMS", "FP16_TOP_EXPONENT", "gemm_operand_dtype",
+           "use_bf16_gemms", "mm_f32", "fp16_block_scale", "onednn_linear"]
 
-# "cuda": bfloat16 operands on CUDA devices only; "always": on every device (CPU forms the products
-# in float32, exact for bfloat16 values, so it reproduces the CUDA numerics); "never": float32 operands.
-BF16_POLICIES = ("cuda", "always", "never")
+# "cuda": half operands on CUDA devices only; "always": on every device (CPU forms the products
+# in float32, exact for bfloat16 and float16 values, so it reproduces the CUDA numerics); "never":
+# float32 operands.
+LOWP_POLICIES = ("cuda", "always", "never")
+BF16_POLICIES = LOWP_POLICIES  # the option's former name (bf16_gemms) takes the same values
 # "auto": oneDNN on x86-64 where it passes a probe; "torch": torch.mm (MKL) always.
 CPU_GEMMS = ("auto", "torch")
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (recent torch)
+_HALF = (torch.bfloat16, torch.float16)
+# A float16 gradient block is scaled by 2^k so that its largest |value| lies in [2^14, 2^15):
+# float16's largest finite value is 65504 < 2^16, and values from 65520 up round to inf.
+FP16_TOP_EXPONENT = 15
+_MAX_SHIFT = 126  # |k| <= 126: 2^k and 2^-k are normal float32 numbers, so both rescalings are exact
+
+
+def gemm_operand_dtype(embeddings, weight, policy):
+    """The engine's GEMM operand dtype under ``policy`` (float32 accumulation and output always):
+    bfloat16 when the embeddings or the weight are bfloat16 or autocast to bfloat16 is on;
+    else float16 when they are float16 or autocast to float16 is on; else float32. Mixed
+    bfloat16/float16 inputs take bfloat16 (the wider range). On CPU only with ``"always"``."""
+    dev = embeddings.device
+    if policy == "never" or (policy == "cuda" and dev.type != "cuda") or not _MM_OUT_DTYPE:
+        return torch.float32
+    dtypes = (embeddings.dtype, weight.dtype)
+    if torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) in _HALF:
+        dtypes += (torch.get_autocast_dtype(dev.type),)
+    for half in _HALF:
+        if half in dtypes:
+            return half
+    return torch.float32
 
 
 def use_bf16_gemms(embeddings, weight, policy):
-    """Whether the engine runs its three GEMMs on bfloat16 operands under ``policy``: when
-    the embeddings or the weight are bfloat16 or autocast to bfloat16 is on. float16 inputs
-    keep float32 operands: s·(softmax − one-hot) blocks underflow and overflow float16's
-    range without loss scaling."""
-    dev = embeddings.device
-    if policy == "never" or (policy == "cuda" and dev.type != "cuda") or not _MM_OUT_DTYPE:
-        return False
-    if torch.bfloat16 in (embeddings.dtype, weight.dtype):
-        return True
-    return torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) == torch.bfloat16
+    """Whether :func:`gemm_operand_dtype` picks bfloat16 operands."""
+    return gemm_operand_dtype(embeddings, weight, policy) == torch.bfloat16
 
 
 def mm_f32(a, b, out=None):
-    """a·b with float32 accumulation and output. bfloat16 operands go to cuBLAS as such;
-    on CPU their products are formed in float32 (exact for bfloat16 values)."""
-    if a.dtype == torch.bfloat16:
+    """a·b with float32 accumulation and output. bfloat16 and float16 operands go to cuBLAS as
+    such; on CPU their products are formed in float32 (exact: 8- and 11-bit significands
+    multiply into at most 22 bits, within float32's 24)."""
+    if a.dtype in _HALF:
         if a.is_cuda:
             if out is None:
                 return torch.mm(a, b, out_dtype=torch.float32)
             return torch.mm(a, b, out_dtype=torch.float32, out=out)
         a, b = a.float(), b.float()
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
+def fp16_block_scale(block):
+    """(scale, inverse) as 0-dim float32 tensors on the block's device, both powers of two:
+    ``scale·max|block|`` lies in [2^14, 2^15), inside float16's range (no host sync).
+
+    A float16 gradient GEMM then runs on ``(scale·G)`` and its float32 result times
+    ``inverse`` is exact (powers of two, |k| <= 126). Scaled, G keeps float16's 11-bit
+    significand down to 2^-29 of its largest entry (the normal range) and loses entries below
+    ~2^-40 of it; unscaled, a 1/B row weight times a softmax value underflows float16 and
+    dψ/dcos θ·s can overflow it. A zero block gets 2^15; an inf or NaN entry stays inf or NaN."""
+    amax = torch.linalg.vector_norm(block, ord=float("inf"))
+    _, exponent = torch.frexp(amax)  # amax = m·2^e, m in [0.5, 1): scaled max = m·2^15
+    shift = (FP16_TOP_EXPONENT - exponent).clamp_(-_MAX_SHIFT, _MAX_SHIFT).to(torch.int32)
+    # exact powers of two from their float32 bit patterns (exp2/pow need not be exact on every device)
+    scale = ((shift + 127) << 23).view(torch.float32)
+    inverse = ((127 - shift) << 23).view(torch.float32)
+    return scale, inverse
 
 
 @functools.lru_cache(maxsize=None)

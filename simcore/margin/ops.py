@@ -30,7 +30,7 @@ from simcore import dispatch
 from simcore.margin.checks import REDUCTIONS
 from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, fused_margin_softmax,
                                    margin_grad)
-from simcore.margin.gemm import use_bf16_gemms
+from simcore.margin.gemm import gemm_operand_dtype
 from simcore.reference.margin_softmax import margin_softmax_loss
 
 __all__ = ["REDUCTION_CODES", "reduce_rows", "scaled_by_upstream", "split_dynamic", "host_spec",
@@ -102,14 +102,19 @@ def _with_dynamic(sp, dyn):
                        curricular_t=sp.curricular_t if math.isnan(t) else t)
 
 
-def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, bf16, engine):
+_GEMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ops' gemm_dtype
+_GEMM_NAMES = {dtype: name for name, dtype in _GEMM_DTYPES.items()}
+
+
+def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, gemm_dtype, engine):
     """The per-row losses, and (gx, gw, gm) of Σ_i row_weight_i·loss_i (empty tensors where not needed)."""
     need_gx, need_gw, need_gm = need
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
     gw = _weight_grad_buffer(weight, sampled.numel() * sp.subcenters) if need_gw else weight.new_empty(0)
     loss_rows, tcos = fused_margin_softmax(x, labels, weight, sampled, sp, row_margins=row_margins,
                                            row_weight=row_weight, grad_x=gx if need_gx else None,
-                                           grad_w=gw if need_gw else None, bf16=bf16,
+                                           grad_w=gw if need_gw else None,
+                                           gemm_dtype=_GEMM_DTYPES[gemm_dtype],
                                            options=EngineOptions.from_op_arg(engine))
     gm = margin_grad(loss_rows, tcos, row_margins, sp.scale, row_weight) if need_gm else x.new_empty(0)
     return loss_rows, gx, gw, gm
@@ -118,7 +123,7 @@ def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, b
 @torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], spec: list[float], subcenters: int, reduction: int, need_gx: bool,
-            need_gw: bool, need_gm: bool, bf16: bool, engine: str,
+            need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str,
             dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward).
     ``dyn``: see :func:`split_dynamic`."""
@@ -126,13 +131,13 @@ def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled
     need = (grads and need_gx, grads and need_gw, grads and need_gm)
     rw = _row_weight(x.shape[0], reduction, x.device) if grads else None
     loss_rows, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
-                                        _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn), rw, need, bf16,
+                                        _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn), rw, need, gemm_dtype,
                                         engine)
     return reduce_rows(loss_rows, reduction), gx, gw, gm
 
 
 @_fwd_op.register_fake
-def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16, engine,
+def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, gemm_dtype, engine,
       dyn=None):
     grads = reduction != _NONE and (need_gx or need_gw or need_gm)
     loss = x.new_empty((x.shape[0],) if reduction == _NONE else (), dtype=torch.float32)
@@ -145,17 +150,17 @@ def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need
 @torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
 def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: list[float], subcenters: int,
-            need_gx: bool, need_gw: bool, need_gm: bool, bf16: bool, engine: str,
+            need_gx: bool, need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str,
             dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
     _, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
                                 _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn),
-                                grad_rows.float().contiguous(), (need_gx, need_gw, need_gm), bf16, engine)
+                                grad_rows.float().contiguous(), (need_gx, need_gw, need_gm), gemm_dtype, engine)
     return gx, gw, gm
 
 
 @_bwd_op.register_fake
-def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm, bf16, engine,
+def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm, gemm_dtype, engine,
       dyn=None):
     return (x.new_empty(x.shape) if need_gx else x.new_empty(0),
             weight.new_empty(weight.shape) if need_gw else weight.new_empty(0),
@@ -163,14 +168,14 @@ def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need
 
 
 def _setup_context(ctx, inputs, output):
-    x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, bf16, engine = \
-        inputs[:13]
+    x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, gemm_dtype, \
+        engine = inputs[:13]
     dyn = inputs[13] if len(inputs) > 13 else None
     _, gx, gw, gm = output
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
     ctx.consumed = False
     ctx.spec, ctx.subcenters, ctx.engine = spec, subcenters, engine
-    ctx.reduction, ctx.needs, ctx.bf16 = reduction, (need_gx, need_gw, need_gm), bf16
+    ctx.reduction, ctx.needs, ctx.gemm_dtype = reduction, (need_gx, need_gw, need_gm), gemm_dtype
     if reduction == _NONE:
         ctx.save_for_backward(x, labels, weight, sampled, row_margins, dyn)
     else:
@@ -184,7 +189,7 @@ def _backward(ctx, grad_loss, _gx, _gw, _gm):
     if ctx.reduction == _NONE:
         x, labels, weight, sampled, row_margins, dyn = ctx.saved_tensors
         gx, gw, gm = _bwd_op(x, labels, weight, sampled, row_margins, grad_loss, ctx.spec, ctx.subcenters,
-                             need_gx, need_gw, need_gm, ctx.bf16, ctx.engine, dyn)
+                             need_gx, need_gw, need_gm, ctx.gemm_dtype, ctx.engine, dyn)
     else:
         gx, gw, gm = ctx.saved_tensors
         if ctx.consumed and not torch.compiler.is_compiling():
@@ -205,6 +210,11 @@ torch.library.register_autograd("simcore::margin_softmax_fwd", _backward, setup_
 @torch.compiler.assume_constant_result  # torch.compile cannot trace json: the string is a graph constant
 def _engine_op_arg() -> str:
     return current_engine_options().to_op_arg()
+
+
+def _gemm_op_arg(embeddings, weight) -> str:
+    """The GEMM operand dtype (:func:`gemm_operand_dtype`) as the ops' ``gemm_dtype`` string."""
+    return _GEMM_NAMES[gemm_operand_dtype(embeddings, weight, current_engine_options().lowp_gemms)]
 
 
 def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, row_margins=None):
@@ -229,6 +239,5 @@ def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, ro
     loss, _, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, row_margins,
                             spec.as_list(), spec.subcenters, REDUCTION_CODES[reduction],
                             grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm,
-                            use_bf16_gemms(embeddings, weight, current_engine_options().bf16_gemms),
-                            _engine_op_arg(), dyn)
+                            _gemm_op_arg(embeddings, weight), _engine_op_arg(), dyn)
     return loss

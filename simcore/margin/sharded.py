@@ -49,7 +49,7 @@ import torch.distributed as dist
 from simcore import dispatch
 from simcore.margin.checks import per_row_margins
 from simcore.margin.engine import current_engine_options, fused_margin_softmax, margin_grad, target_cosines
-from simcore.margin.gemm import use_bf16_gemms
+from simcore.margin.gemm import gemm_operand_dtype
 from simcore.margin.head import PartialMarginHead
 from simcore.margin.ops import scaled_by_upstream
 from simcore.margin.sampling import check_sampled, sample_classes
@@ -150,7 +150,7 @@ class _ShardLoss(torch.autograd.Function):
                 row_margins=None if row_margins is None else row_margins.detach(), target_cos=target_cos,
                 row_weight=row_weight if grads else None, grad_x=gx, grad_w=gw, target_col=tcol,
                 combine=lambda m, su, t: _combine(m, su, t, tcol, group),
-                bf16=use_bf16_gemms(xg, rows, current_engine_options().bf16_gemms))
+                gemm_dtype=gemm_operand_dtype(xg, rows, current_engine_options().lowp_gemms))
         gm = None
         if need_gm:
             gm = margin_grad(loss_rows, torch.where(tcol >= 0, tcos, torch.zeros_like(tcos)), row_margins.detach(),

@@ -25,6 +25,9 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 # busy machine); 1024 x 8192 float32 scores = 32 MB, the only O(block^2) buffer.
 DEFAULT_DB_BLOCK = {"cpu": 8192, "cuda": 16384}        # database rows per tile
 DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}  # scores per tile (query rows = this / rows)
+# CUDA: scan tiles of at most COSINE_TOPK_SPLIT_MAX_ROWS query rows with (row, segment) thread blocks
+# (False: one block per row, as larger tiles; the results are identical, tests and benchmarks compare)
+SPLIT_SMALL_TILES = True
 
 
 def tile_shape(device, n_queries, block_size=None):
@@ -110,6 +113,16 @@ class TileScan:
         self.block_rows, self.query_rows = tile_shape(device, Q, block_size)
         self.nthreads = dispatch.num_threads()
         self.stream = dispatch.cuda_stream(device) if device.type == "cuda" else 0
+        # CUDA tiles of few query rows (at most COSINE_TOPK_SPLIT_MAX_ROWS) are scanned by one thread
+        # block per (row, 256-column segment) instead of one per row, through this scratch:
+        # the segments' scores and survivor counts (csrc/cuda/cosine_topk.cu)
+        self.workspace_arg = None
+        if device.type == "cuda" and SPLIT_SMALL_TILES and self.query_rows <= ext.COSINE_TOPK_SPLIT_MAX_ROWS:
+            seg = ext.COSINE_TOPK_SEGMENT
+            nseg = -(-self.block_rows // seg)
+            self.workspace = torch.empty(self.query_rows * (self.block_rows + nseg), dtype=torch.float32,
+                                         device=device)
+            self.workspace_arg = dispatch.tensor_arg(self.workspace)
         A = dispatch.tensor_arg  # packed once: these tensors live (and stay put) for the whole search
         self._state_args = (A(self.ex_off), A(self.ex_idx), A(self.reservoir), A(self.count), A(self.threshold))
         self._gemm_dtypes = {}  # database dtype -> tile GEMM dtype
@@ -130,7 +143,7 @@ class TileScan:
             torch.mm(qg[q0:q1], gemm_block.T, out=out)
             ext.cosine_topk_update(A(out), scale_arg, slack_arg, A(self.queries[q0:q1]), A(query_slack[q0:q1]),
                                    block_arg, *self._state_args, q0, row0, self.k, n_rows, rescore,
-                                   self.nthreads, self.stream, slack_rel)
+                                   self.nthreads, self.stream, slack_rel, self.workspace_arg)
 
     def _prepare(self, block, row0):
         """Run the prepare kernel on a block (scales, slack, NaN/Inf check into ``status``,
