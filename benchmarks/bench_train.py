@@ -348,7 +348,7 @@ def _derived():
             rows = math.ceil((0.1 if "0.1" in s else 1.0) * c) * D * 4
             step = r.get(f"step_{s}")
             out.append(f"  memory {s}: held {h['state'] / mb:.0f} MB (predicted C·D·4·(1+{states}) = {pred / mb:.0f} MB)"
-                       f" + head-step peak {h['peak'] / mb:.1f} MB = {h["peak"] / rows:.2f}x its rows "
+                       f" + head-step peak {h['peak'] / mb:.1f} MB = {h['peak'] / rows:.2f}x its rows "
                        f"(S·D·4 = {rows / mb:.1f} MB)"
                        + (f"; whole step peak {step['peak'] / mb:.0f} MB" if step else ""))
         if "step_trivial" in r:
