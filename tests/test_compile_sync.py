@@ -244,13 +244,13 @@ def test_sample_classes_op_still_used_for_data_dependent_sizes(dynamo):
 
 # --------------------------------------------------------------------------- CUDA
 @cuda
-@pytest.mark.parametrize("name", ["arcface", "adaface", "magface"])
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "cam_schedule", "adaface", "magface"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_steady_state_steps_issue_no_sync_on_cuda(name, optimizer):
-    """Eager steps after the first (validate="first" reads the labels once per shape) under
-    set_sync_debug_mode("error"): any synchronising call raises. CurricularFace's t and a
-    scheduled Cam-Softmax c are read on the host by the kernels (one sync per step; see
-    docs/margin_softmax.md, "What syncs remain")."""
+    """Eager steps after the first (validate="first" reads the labels, and CurricularFace's t or
+    the scheduled Cam-Softmax exponent, once per shape) under set_sync_debug_mode("error"): any
+    synchronising call raises. The block kernels read t and the exponent from device memory
+    (the ops' dyn tensor; docs/margin_softmax.md, "What syncs remain")."""
     backbone, head = _model(name, optimizer)
     backbone, head = backbone.cuda(), head.cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -376,7 +376,181 @@ def test_compile_with_per_row_margins(generator):
     torch.testing.assert_close(gx, ex)
 
 
+# --------------------------------------------------------------------------- dynamic scalars (dyn)
+# CurricularFace's t and a scheduled Cam-Softmax exponent reach the block kernels as the float64
+# tensor dyn = (cam_power, curricular_t) (engine.split_dynamic), read where it lives: on CUDA from
+# device memory, so a step needs no host read.
+_DYN_SPECS = {
+    "curricular": (MarginSpec(m2=0.5, scale=32.0, curricular_t=0.37), "curricular_t"),
+    "curricular_filter": (MarginSpec(m2=0.4, scale=32.0, filter_threshold=0.3, curricular_t=-0.21), "curricular_t"),
+    "cam": (MarginSpec(scale=20.0, cam_power=cam_power(math.pi / 3)), "cam_power"),
+    "cam_wide": (MarginSpec(scale=20.0, cam_power=cam_power(2.0)), "cam_power"),
+}
+
+
+@pytest.mark.parametrize("name", list(_DYN_SPECS))
+@pytest.mark.parametrize("subcenters", [1, 3])
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+@pytest.mark.parametrize("how", ["tensor_in_spec", "dyn_argument"])
+def test_dynamic_scalars_match_the_float_path_bit_for_bit(name, subcenters, blocked, how, generator):
+    """The same loss and gradients, bit for bit, whether t / cam_power is a float in the spec or a
+    (float32 or float64) tensor read by the kernels (CPU)."""
+    spec, field = _DYN_SPECS[name]
+    spec = spec._replace(subcenters=subcenters)
+    b, d, c = 23, 16, 300
+    x, y, w = _inputs(generator, b, d, c, subcenters)
+    sampled = torch.sort(torch.cat([torch.unique(y), torch.randperm(c, generator=generator)[:150]])).values.unique()
+    opts = EngineOptions(block_classes=64) if blocked else EngineOptions()
+    rw = torch.rand(b, generator=generator)
+
+    def run(sp, dyn=None):
+        gx, gw = poisoned((b, d)), torch.zeros(c * subcenters, d)
+        loss, tcos = fused_margin_softmax(x, y, w, sampled, sp, row_weight=rw, grad_x=gx, grad_w=gw, options=opts,
+                                          dyn=dyn)
+        return loss, tcos, gx, gw
+
+    want = run(spec)
+    value = getattr(spec, field)
+    for dtype in (torch.float64, torch.float32):
+        v = torch.tensor(value, dtype=dtype)
+        if dtype == torch.float32:  # the float path with the value the tensor holds
+            want = run(spec._replace(**{field: float(v)}))
+        dyn_spec = spec._replace(**{field: v})
+        if how == "tensor_in_spec":
+            got = run(dyn_spec)
+        else:
+            static, dyn = simcore.margin.engine.split_dynamic(dyn_spec)
+            assert getattr(static, field) == (1.0 if field == "cam_power" else 0.0)  # the placeholder
+            got = run(static, dyn)
+        for g, e in zip(got, want):
+            assert torch.equal(g, e) or (torch.isnan(g).equal(torch.isnan(e)) and torch.equal(g.nan_to_num(),
+                                                                                               e.nan_to_num()))
+
+
+def test_dynamic_scalars_through_the_modules_match_the_functionals(generator):
+    """CurricularFace (t a buffer) and a scheduled CamSoftmax through the head's compiled ops give what
+    the functionals give with the same values as floats, for reduction mean and none (the
+    recomputing backward reads dyn again)."""
+    x, y, w = _inputs(generator, 12, 8, 40, 1)
+    mod = simcore.CurricularFace(margin=0.5, scale=16.0).eval()
+    mod.t.fill_(0.25)
+    cam = simcore.CamSoftmax(scale=16.0, schedule=simcore.CamSchedule(start=2.0, end=1.2, rate=0.1)).eval()
+    cam.step.fill_(3)
+    c3 = float(simcore.CamSchedule(start=2.0, end=1.2, rate=0.1)(3))
+    for module, fn, kw in ((mod, simcore.curricularface_partial, dict(margin=0.5, scale=16.0, t=0.25)),
+                           (cam, simcore.cam_softmax_partial, dict(c=c3, scale=16.0))):
+        for reduction in ("mean", "none"):
+            a = _run(module, x, y, w, torch.float32, reduction, sample_rate=1.0)
+            b = _run(fn, x, y, w, torch.float32, reduction, sample_rate=1.0, **kw)
+            for g, e in zip(a, b):
+                torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_dyn_boundary_checks():
+    """The block kernels check dyn (float64, 2 values, contiguous, on cos's device) and its values."""
+    ext, t = dispatch.extension(), tensor_arg
+    cos, tcol = torch.rand(2, 3) * 2 - 1, torch.zeros(2, dtype=torch.int64)
+    vecs = [torch.zeros(2) for _ in range(4)]
+    p = MarginSpec(curricular_t=0.0).kernel_params()
+    keep = []
+
+    def calls(dyn):
+        g = cos.clone()  # grad_block writes in place
+        return (lambda: ext.ms_lse_block(t(cos), t(tcol), 0, p, None, *map(t, vecs), 1, dyn=dyn),
+                lambda: ext.ms_grad_block(t(g), t(tcol), 0, p, None, *map(t, vecs[:3]), 1, dyn=dyn))
+
+    def packed(tensor, **changes):  # the tensor kept alive: a packed tensor_arg does not hold it
+        keep.append(tensor)
+        f = list(t(tensor))
+        for k, v in changes.items():
+            f[dict(device=4, device_index=5)[k]] = v
+        return tuple(f)
+
+    cases = [
+        (packed(torch.zeros(2)), TypeError, "dyn must be float64"),
+        (packed(torch.zeros(2, dtype=torch.int64)), TypeError, "dyn must be float64"),
+        (packed(torch.zeros(3, dtype=torch.float64)), ValueError, "dyn must hold 2 values"),
+        (packed(torch.zeros(1, 2, dtype=torch.float64)), ValueError, "dyn must hold 2 values"),
+        (packed(torch.zeros((), dtype=torch.float64)), ValueError, "dyn must hold 2 values"),
+        (packed(torch.zeros(4, dtype=torch.float64)[::2]), ValueError, "dyn must be contiguous"),
+        (packed(torch.zeros(2, dtype=torch.float64), device="cuda", device_index=0), ValueError,
+         "dyn is on the wrong device"),
+        (packed(torch.tensor([-1.0, math.nan], dtype=torch.float64)), ValueError,
+         "cam_power must be a finite number >= 0"),
+        (packed(torch.tensor([math.inf, math.nan], dtype=torch.float64)), ValueError, "cam_power must be a finite"),
+        (packed(torch.tensor([math.nan, math.inf], dtype=torch.float64)), ValueError, "curricular_t must be finite"),
+    ]
+    for dyn, err, msg in cases:
+        for call in calls(dyn):
+            with pytest.raises(err, match=msg):
+                call()
+    for dyn in (None, packed(torch.tensor([math.nan, math.nan], dtype=torch.float64)),
+                packed(torch.tensor([2.0, -0.3], dtype=torch.float64))):  # fine
+        for call in calls(dyn):
+            call()
+    with pytest.raises(ValueError, match="dyn given with tensor fields"):
+        x, y, w = torch.randn(2, 4), torch.tensor([0, 1]), torch.randn(3, 4)
+        fused_margin_softmax(x, y, w, torch.arange(3), MarginSpec(curricular_t=torch.tensor(0.1)),
+                             dyn=torch.tensor([math.nan, 0.1], dtype=torch.float64))
+
+
+def test_bad_dynamic_values_are_caught(monkeypatch):
+    """A module's t / exponent out of range: ValueError on the host check, RuntimeError from the
+    device-side assertion (torch._assert_async on CPU), and with validate="never" the CPU kernel's
+    own check (a NaN state reaches it as +inf: never silently the placeholder)."""
+    from simcore.margin import checks
+    x, y = torch.randn(6, 8), torch.tensor([0, 3, 3, 7, 9, 1])
+    for bad in (math.nan, math.inf):
+        for how, err in (("host", ValueError), ("device", RuntimeError)):
+            with monkeypatch.context() as m:
+                m.setattr(checks, "value_check", lambda validate, device, sig, how=how: how)
+                head = simcore.PartialMarginHead(10, 8, sample_rate=1.0, loss=simcore.CurricularFace())
+                head.loss.t.fill_(bad)
+                with pytest.raises(err, match="curricular_t must be a finite number"):
+                    head(x, y)
+                head = simcore.PartialMarginHead(10, 8, sample_rate=1.0,
+                                                 loss=simcore.CamSoftmax(schedule=simcore.CamSchedule()))
+                monkeypatch.setattr(head.loss.schedule, "power_at",
+                                    lambda step, bad=bad: torch.tensor(-bad if bad == math.inf else bad,
+                                                                       dtype=torch.float64))
+                with pytest.raises(err, match="cam_power must be a finite number >= 0"):
+                    head(x, y)
+        head = simcore.PartialMarginHead(10, 8, sample_rate=1.0, loss=simcore.CurricularFace(), validate="never")
+        head.loss.t.fill_(bad)
+        with pytest.raises(ValueError, match="curricular_t must be finite, got inf"):
+            head(x, y)
+
+
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+@cuda
+@pytest.mark.parametrize("name", list(_DYN_SPECS))
+def test_cuda_kernels_read_dyn_from_device_memory(name, generator):
+    """CUDA: dyn read by the kernels gives what the floats give (same kernels, so bit for bit), and a
+    bad value that validate="never" lets through gives NaN (never undefined behaviour)."""
+    spec, field = _DYN_SPECS[name]
+    b, d, c = 19, 16, 300
+    x, y, w = (t.cuda() for t in _inputs(generator, b, d, c, 1))
+    sampled = torch.arange(c, device="cuda")
+    rw = torch.full((b,), 1.0 / b, device="cuda")
+
+    def run(sp):
+        gx, gw = torch.empty(b, d, device="cuda"), torch.empty(c, d, device="cuda")
+        loss, _ = fused_margin_softmax(x, y, w, sampled, sp, row_weight=rw, grad_x=gx, grad_w=gw,
+                                       options=EngineOptions(block_classes=128))
+        return loss, gx, gw
+
+    want = run(spec)
+    got = run(spec._replace(**{field: torch.tensor(getattr(spec, field), dtype=torch.float64, device="cuda")}))
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+    for bad in (math.nan, math.inf, -1.0):
+        if bad == -1.0 and field == "curricular_t":
+            continue  # any finite t is valid
+        got = run(spec._replace(**{field: torch.tensor(bad, device="cuda")}))
+        for g in got:
+            assert torch.isnan(g).all()
+
+
 @cuda
 @pytest.mark.parametrize("name", list(_variants()))
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])

@@ -70,8 +70,9 @@ void targets(py::handle labels_, py::handle sampled_, int64_t num_classes, py::h
 
 void lse_block(py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
                py::handle run_max_, py::handle run_sum_, py::handle target_cos_, py::handle target_logit_,
-               int64_t exec) {
+               int64_t exec, py::handle dyn_) {
   const TensorView cos = tensor_from_py(cos_, "cos");
+  const auto dyn = optional_tensor(dyn_, "dyn");
   const TensorView target_col = tensor_from_py(target_col_, "target_col");
   const auto row_margins = optional_tensor(row_margins_, "row_margins");
   const TensorView run_max = tensor_from_py(run_max_, "run_max");
@@ -79,21 +80,22 @@ void lse_block(py::handle cos_, py::handle target_col_, int64_t col0, py::handle
   const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
   const TensorView target_logit = tensor_from_py(target_logit_, "target_logit");
   const MarginParams p = params(params_);
-  run_on_device(SIMCORE_KERNEL(lse_block), cos, exec_args(exec), cos, target_col, col0, p, ptr(row_margins), run_max,
-                run_sum, target_cos, target_logit);
+  run_on_device(SIMCORE_KERNEL(lse_block), cos, exec_args(exec), cos, target_col, col0, p, ptr(dyn),
+                ptr(row_margins), run_max, run_sum, target_cos, target_logit);
 }
 
 void grad_block(py::handle cos_, py::handle target_col_, int64_t col0, py::handle params_, py::handle row_margins_,
-                py::handle lse_, py::handle row_weight_, py::handle target_cos_, int64_t exec) {
+                py::handle lse_, py::handle row_weight_, py::handle target_cos_, int64_t exec, py::handle dyn_) {
   const TensorView cos = tensor_from_py(cos_, "cos");
+  const auto dyn = optional_tensor(dyn_, "dyn");
   const TensorView target_col = tensor_from_py(target_col_, "target_col");
   const auto row_margins = optional_tensor(row_margins_, "row_margins");
   const TensorView lse = tensor_from_py(lse_, "lse");
   const TensorView row_weight = tensor_from_py(row_weight_, "row_weight");
   const TensorView target_cos = tensor_from_py(target_cos_, "target_cos");
   const MarginParams p = params(params_);
-  run_on_device(SIMCORE_KERNEL(grad_block), cos, exec_args(exec), cos, target_col, col0, p, ptr(row_margins), lse,
-                row_weight, target_cos);
+  run_on_device(SIMCORE_KERNEL(grad_block), cos, exec_args(exec), cos, target_col, col0, p, ptr(dyn),
+                ptr(row_margins), lse, row_weight, target_cos);
 }
 
 void subcenter_max(py::handle cos_k_, int64_t k, py::handle out_, py::handle argmax_, int64_t exec) {
@@ -140,10 +142,19 @@ void bind_margin_softmax(py::module_& m) {
   m.def("ms_targets", &targets,
         "out[i] = position of labels[i] in the sorted sampled class ids (labels range-checked)", py::arg("labels"),
         py::arg("sampled"), py::arg("num_classes"), py::arg("out"), py::arg("exec"));
+  // dyn: optional float64 (cam_power, curricular_t), NaN where params' own value applies
+  // (simcore/margin/engine.py:split_dynamic); read where it lives (no host read on CUDA)
   m.def("ms_lse_block", &lse_block,
-        "margin on the target column, then merge the block's log-sum-exp into (run_max, run_sum)");
+        "margin on the target column, then merge the block's log-sum-exp into (run_max, run_sum); "
+        "dyn: optional float64 (cam_power, curricular_t) replacing params' values where not NaN",
+        py::arg("cos"), py::arg("target_col"), py::arg("col0"), py::arg("params"), py::arg("row_margins"),
+        py::arg("run_max"), py::arg("run_sum"), py::arg("target_cos"), py::arg("target_logit"), py::arg("exec"),
+        py::arg("dyn") = py::none());
   m.def("ms_grad_block", &grad_block,
-        "in place: cos -> row_weight·(softmax − one-hot)·dlogit/dcos (dψ/dcos·s on the target column)");
+        "in place: cos -> row_weight·(softmax − one-hot)·dlogit/dcos (dψ/dcos·s on the target column); "
+        "dyn: as ms_lse_block's",
+        py::arg("cos"), py::arg("target_col"), py::arg("col0"), py::arg("params"), py::arg("row_margins"),
+        py::arg("lse"), py::arg("row_weight"), py::arg("target_cos"), py::arg("exec"), py::arg("dyn") = py::none());
   m.def("ms_subcenter_max", &subcenter_max,
         "out[i, j] = max_k cos_k[i, j*K + k]; argmax[i, j] = the first k attaining it");
   m.def("ms_subcenter_expand", &subcenter_expand, "out[i, j*K + argmax[i, j]] = grad[i, j], 0 elsewhere");

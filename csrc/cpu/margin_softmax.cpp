@@ -99,10 +99,21 @@ static void expect_row_margins(const TensorView* row_margins, int64_t b, const T
       .expect_device(like.device, like.device_index);
 }
 
-void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* row_margins,
-               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
-               const TensorView& target_logit) {
+// The dynamic scalars (cam_power, curricular_t): float64, 2 elements, on cos's device.
+static void expect_dyn(const TensorView* dyn, const TensorView& like) {
+  if (!dyn) return;
+  SIMCORE_CHECK_TYPE(dyn->dtype == DType::Float64, "dyn must be float64 (cam_power, curricular_t), got ",
+                     dtype_name(dyn->dtype));
+  SIMCORE_CHECK(dyn->ndim == 1 && dyn->size(0) == 2, "dyn must hold 2 values (cam_power, curricular_t) in one "
+                "dimension, got ", dyn->ndim, " dimension(s) of ", dyn->numel(), " value(s)");
+  dyn->expect_contiguous().expect_device(like.device, like.device_index);
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* dyn,
+               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
+               const TensorView& target_cos, const TensorView& target_logit) {
   const int64_t b = expect_cos_block(cos, target_col, col0);
+  expect_dyn(dyn, cos);
   expect_row_margins(row_margins, b, cos);
   expect_vector(run_max, DType::Float32, b, cos);
   expect_vector(run_sum, DType::Float32, b, cos);
@@ -110,9 +121,11 @@ void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0
   expect_vector(target_logit, DType::Float32, b, cos);
 }
 
-void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* row_margins,
-                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos) {
+void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* dyn,
+                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
+                const TensorView& target_cos) {
   const int64_t b = expect_cos_block(cos, target_col, col0);
+  expect_dyn(dyn, cos);
   expect_row_margins(row_margins, b, cos);
   expect_vector(lse, DType::Float32, b, cos);
   expect_vector(row_weight, DType::Float32, b, cos);
@@ -503,24 +516,35 @@ static const float* checked_row_margins(const TensorView* row_margins) {
   return rm;
 }
 
-void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
-               const TensorView& target_cos, const TensorView& target_logit, int num_threads) {
-  ms_check::lse_block(cos, target_col, col0, row_margins, run_max, run_sum, target_cos, target_logit);
-  cos.expect_device(Device::CPU, 0);
+// p with dyn's values in place (host memory here), checked as the scalars are.
+static MarginParams with_dynamic(const MarginParams& p, const TensorView* dyn) {
   check_margin_params(p);
+  if (!dyn) return p;
+  MarginParams q = p;
+  const double* v = dyn->ptr<double>();
+  if (!apply_dynamic(q, v[0], v[1])) check_margin_params(q);  // raises, naming the value
+  return q;
+}
+
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
+               const TensorView* dyn, const TensorView* row_margins, const TensorView& run_max,
+               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit,
+               int num_threads) {
+  ms_check::lse_block(cos, target_col, col0, dyn, row_margins, run_max, run_sum, target_cos, target_logit);
+  cos.expect_device(Device::CPU, 0);
+  const MarginParams q = with_dynamic(p, dyn);
   const float* rm = checked_row_margins(row_margins);
-  lse_block_impl(cos, target_col, col0, p, rm, run_max, run_sum, target_cos, target_logit, num_threads);
+  lse_block_impl(cos, target_col, col0, q, rm, run_max, run_sum, target_cos, target_logit, num_threads);
 }
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
-                const TensorView& target_cos, int num_threads) {
-  ms_check::grad_block(cos, target_col, col0, row_margins, lse, row_weight, target_cos);
+                const TensorView* dyn, const TensorView* row_margins, const TensorView& lse,
+                const TensorView& row_weight, const TensorView& target_cos, int num_threads) {
+  ms_check::grad_block(cos, target_col, col0, dyn, row_margins, lse, row_weight, target_cos);
   cos.expect_device(Device::CPU, 0);
-  check_margin_params(p);
+  const MarginParams q = with_dynamic(p, dyn);
   const float* rm = checked_row_margins(row_margins);
-  grad_block_impl(cos, target_col, col0, p, rm, lse, row_weight, target_cos, num_threads);
+  grad_block_impl(cos, target_col, col0, q, rm, lse, row_weight, target_cos, num_threads);
 }
 
 void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,

@@ -57,6 +57,22 @@ struct MarginParams {
 
 void check_margin_params(const MarginParams& p);
 
+// The scalars that change between steps (CurricularFace's t, a scheduled Cam-Softmax
+// exponent) may come from a float64 tensor `dyn` = (cam_power, curricular_t) instead of
+// p (simcore/margin/engine.py: split_dynamic): a value that is not NaN replaces p's. p's
+// switches stay as they are (cam_power > 0, curricular): the caller passes placeholders
+// that keep the variant on. The kernels read dyn where it lives (host memory on CPU,
+// device memory on CUDA), so a CUDA step needs no host read. Returns false when the
+// resulting values break check_margin_params' rules (cam_power finite >= 0,
+// curricular_t finite); the CPU entry points then raise, the CUDA kernels poison the
+// rows they compute (scale NaN: a NaN loss and gradient, never undefined behaviour).
+SIMCORE_HD inline bool apply_dynamic(MarginParams& p, double cam_power, double curricular_t) {
+  if (cam_power == cam_power) p.cam_power = cam_power;
+  if (curricular_t == curricular_t) p.curricular_t = curricular_t;
+  // finite: x − x is 0 for finite x, NaN for ±inf and NaN
+  return p.cam_power - p.cam_power == 0.0 && p.cam_power >= 0.0 && p.curricular_t - p.curricular_t == 0.0;
+}
+
 // ψ and dψ/dcos θ of the combined margin at the target cosine c, in double.
 // Beyond θ* the slope is 1, below −m2/m1 it is 0. NaN in, NaN out.
 SIMCORE_HD inline void margin_psi(double c, double m1, double m2, double m3, double sin_eps, double* psi,
@@ -119,11 +135,13 @@ namespace ms_check {
 void normalize_rows(const TensorView& src, const TensorView* index, const TensorView& out,
                     const TensorView& norms);
 void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out);
-void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* row_margins,
-               const TensorView& run_max, const TensorView& run_sum, const TensorView& target_cos,
-               const TensorView& target_logit);
-void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* row_margins,
-                const TensorView& lse, const TensorView& row_weight, const TensorView& target_cos);
+// dyn (optional, both): float64, 2 elements, contiguous, on cos's device.
+void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* dyn,
+               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
+               const TensorView& target_cos, const TensorView& target_logit);
+void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const TensorView* dyn,
+                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
+                const TensorView& target_cos);
 void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax);
 void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out);
 void project_rows(const TensorView& u, const TensorView& v, const TensorView& norms, const TensorView& out,
@@ -136,12 +154,14 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
                     const TensorView& norms, double eps, int num_threads);
 void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out,
              int num_threads);
+// dyn: see apply_dynamic (read on the host here; out-of-range values raise).
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
-               const TensorView& target_cos, const TensorView& target_logit, int num_threads);
+               const TensorView* dyn, const TensorView* row_margins, const TensorView& run_max,
+               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit,
+               int num_threads);
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
-                const TensorView& target_cos, int num_threads);
+                const TensorView* dyn, const TensorView* row_margins, const TensorView& lse,
+                const TensorView& row_weight, const TensorView& target_cos, int num_threads);
 // Sub-centre ArcFace: out[i, j] = max_k cos_k[i, j·K + k], argmax[i, j] = the first k
 // attaining it (uint8, K <= 255; NaN wins). expand writes grad[i, j] to column
 // j·K + argmax[i, j] of out and 0 to the other K − 1.

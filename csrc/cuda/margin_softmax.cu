@@ -119,11 +119,21 @@ __device__ inline NegativeLogit row_negatives(const MarginParams& p, const float
                        static_cast<float>(p.curricular_t)};
 }
 
+// p with the dynamic scalars read from device memory (dyn: float64 (cam_power, curricular_t),
+// NaN where p's own value applies; null: none). Out-of-range values (a bad value that
+// validate="never" let through) poison the block: scale NaN makes every logit, the
+// loss and the gradient NaN, and nothing else depends on them.
+__device__ __forceinline__ void load_dynamic(MarginParams& p, const double* dyn) {
+  if (dyn == nullptr) return;
+  if (!apply_dynamic(p, __ldg(dyn), __ldg(dyn + 1))) p.scale = NAN;
+}
+
 __global__ void lse_block_kernel(const float* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
-                                 MarginParams p, const float* rm, float* run_max, float* run_sum, float* target_cos,
-                                 float* target_logit) {
+                                 MarginParams p, const double* dyn, const float* rm, float* run_max, float* run_sum,
+                                 float* target_cos, float* target_logit) {
   __shared__ float shared[32];
   __shared__ float tz_shared;
+  load_dynamic(p, dyn);  // every thread: two cached loads of one 16-byte line
   const int64_t i = blockIdx.x;
   const float* a = cos + i * lda;
   const bool has = target_col[i] >= col0 && target_col[i] - col0 < n;  // no overflow for any value
@@ -166,8 +176,9 @@ __global__ void lse_block_kernel(const float* cos, int64_t lda, int64_t n, const
 }
 
 __global__ void grad_block_kernel(float* cos, int64_t lda, int64_t n, const int64_t* target_col, int64_t col0,
-                                  MarginParams p, const float* rm, const float* lse, const float* row_weight,
-                                  const float* target_cos) {
+                                  MarginParams p, const double* dyn, const float* rm, const float* lse,
+                                  const float* row_weight, const float* target_cos) {
+  load_dynamic(p, dyn);
   const int64_t i = blockIdx.x;
   float* a = cos + i * lda;
   const int64_t t = (target_col[i] >= col0 && target_col[i] - col0 < n) ? target_col[i] - col0 : -1;
@@ -306,30 +317,31 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
 }
 
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
-               const TensorView& target_cos, const TensorView& target_logit, uint64_t stream) {
-  ms_check::lse_block(cos, target_col, col0, row_margins, run_max, run_sum, target_cos, target_logit);
+               const TensorView* dyn, const TensorView* row_margins, const TensorView& run_max,
+               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit,
+               uint64_t stream) {
+  ms_check::lse_block(cos, target_col, col0, dyn, row_margins, run_max, run_sum, target_cos, target_logit);
   expect_cuda(cos);
-  check_margin_params(p);
+  check_margin_params(p);  // dyn's values are checked in Python (torch._assert_async) and poison in the kernel
   if (cos.size(0) == 0) return;
   lse_block_kernel<<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
       cos.ptr<float>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
-      row_margins ? row_margins->ptr<float>() : nullptr, run_max.ptr<float>(), run_sum.ptr<float>(),
-      target_cos.ptr<float>(), target_logit.ptr<float>());
+      dyn ? dyn->ptr<double>() : nullptr, row_margins ? row_margins->ptr<float>() : nullptr, run_max.ptr<float>(),
+      run_sum.ptr<float>(), target_cos.ptr<float>(), target_logit.ptr<float>());
   check(cudaGetLastError(), "simcore margin_softmax lse_block launch");
 }
 
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
-                const TensorView& target_cos, uint64_t stream) {
-  ms_check::grad_block(cos, target_col, col0, row_margins, lse, row_weight, target_cos);
+                const TensorView* dyn, const TensorView* row_margins, const TensorView& lse,
+                const TensorView& row_weight, const TensorView& target_cos, uint64_t stream) {
+  ms_check::grad_block(cos, target_col, col0, dyn, row_margins, lse, row_weight, target_cos);
   expect_cuda(cos);
-  check_margin_params(p);
+  check_margin_params(p);  // as lse_block
   if (cos.size(0) == 0) return;
   grad_block_kernel<<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
       cos.ptr<float>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
-      row_margins ? row_margins->ptr<float>() : nullptr, lse.ptr<float>(), row_weight.ptr<float>(),
-      target_cos.ptr<float>());
+      dyn ? dyn->ptr<double>() : nullptr, row_margins ? row_margins->ptr<float>() : nullptr, lse.ptr<float>(),
+      row_weight.ptr<float>(), target_cos.ptr<float>());
   check(cudaGetLastError(), "simcore margin_softmax grad_block launch");
 }
 

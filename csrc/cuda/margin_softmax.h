@@ -16,12 +16,14 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
                     const TensorView& norms, double eps, uint64_t stream);
 void targets(const TensorView& labels, const TensorView& sampled, int64_t num_classes, const TensorView& out,
              uint64_t stream);
+// dyn: see apply_dynamic (read by the kernels from device memory: no host read).
 void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-               const TensorView* row_margins, const TensorView& run_max, const TensorView& run_sum,
-               const TensorView& target_cos, const TensorView& target_logit, uint64_t stream);
+               const TensorView* dyn, const TensorView* row_margins, const TensorView& run_max,
+               const TensorView& run_sum, const TensorView& target_cos, const TensorView& target_logit,
+               uint64_t stream);
 void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col0, const MarginParams& p,
-                const TensorView* row_margins, const TensorView& lse, const TensorView& row_weight,
-                const TensorView& target_cos, uint64_t stream);
+                const TensorView* dyn, const TensorView* row_margins, const TensorView& lse,
+                const TensorView& row_weight, const TensorView& target_cos, uint64_t stream);
 void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, const TensorView& argmax,
                    uint64_t stream);
 void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t k, const TensorView& out,

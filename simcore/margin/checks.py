@@ -4,9 +4,9 @@ Every public entry point checks its arguments here before any kernel runs, so ba
 input raises a ``TypeError`` / ``ValueError`` naming the argument (the C++ kernels
 check again at their boundary).
 
-Checks of *values* (label range, per-row margin range, a caller's ``sampled`` ids)
-need the values on the host: one device-to-host synchronisation each on an
-accelerator. :func:`value_check` decides, per call, how they run (the ``validate=``
+Checks of *values* (label range, per-row margin range, a caller's ``sampled`` ids,
+a loss module's tensor t / Cam-Softmax exponent) need the values on the host: one
+device-to-host synchronisation each on an accelerator. :func:`value_check` decides, per call, how they run (the ``validate=``
 argument of the losses and heads, docs/margin_softmax.md "What syncs remain"):
 
 * ``"first"`` (default): on the host (a readable ``ValueError``) for CPU tensors on
@@ -30,7 +30,8 @@ import math
 import torch
 
 __all__ = ["REDUCTIONS", "FLOAT_DTYPES", "VALIDATE_MODES", "check_inputs", "check_margins", "check_family",
-           "check_validate", "value_check", "check_label_range", "per_row_margins", "margin_dtype"]
+           "check_validate", "value_check", "check_label_range", "check_dynamic_scalars", "per_row_margins",
+           "margin_dtype"]
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -164,6 +165,29 @@ def check_label_range(labels, num_classes, validate):
     lo, hi = torch.aminmax(labels)
     if lo.item() < 0 or hi.item() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo.item()}, {hi.item()}]")
+
+
+def check_dynamic_scalars(cam_power, curricular_t, validate):
+    """A module's state that reaches the kernels as a tensor (simcore.margin.engine.split_dynamic):
+    ``cam_power`` finite and >= 0, ``curricular_t`` finite (floats and None are left alone: the
+    kernels' boundary checks them), as ``validate`` says (:func:`value_check`). The CPU kernels
+    check these values again; the CUDA kernels read them from device memory and give a NaN loss
+    for a value out of range (``validate="never"``)."""
+    for name, v, need in (("cam_power", cam_power, "a finite number >= 0"), ("curricular_t", curricular_t,
+                                                                            "a finite number")):
+        if not isinstance(v, torch.Tensor):
+            continue
+        how = value_check(validate, v.device, (name,) + _signature(v))
+        if how is None:
+            continue
+        d = v.detach()
+        ok = torch.isfinite(d).all()
+        if name == "cam_power":
+            ok = ok & (d >= 0).all()
+        if how == "device":
+            torch._assert_async(ok, f"simcore: {name} must be {need}")
+        elif not ok.item():
+            raise ValueError(f"{name} must be {need}, got {d.tolist()}")
 
 
 def margin_dtype(embeddings):

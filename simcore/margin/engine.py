@@ -44,8 +44,8 @@ from simcore.dispatch import tensor_arg
 from simcore.margin.gemm import CPU_GEMMS, LOWP_POLICIES, fp16_block_scale, mm_f32, onednn_linear
 from simcore.reference.margin_softmax import SIN_EPS, margin_param_grads
 
-__all__ = ["EngineOptions", "engine_options", "current_engine_options", "plan_block", "MarginSpec", "centre_ids",
-           "target_cosines", "margin_grad", "fused_margin_softmax", "NORM_EPS", "MIN_BLOCK_CLASSES"]
+__all__ = ["EngineOptions", "engine_options", "current_engine_options", "plan_block", "MarginSpec", "split_dynamic",
+           "centre_ids", "target_cosines", "margin_grad", "fused_margin_softmax", "NORM_EPS", "MIN_BLOCK_CLASSES"]
 
 NORM_EPS = 1e-12  # as F.normalize: rows are divided by max(‖row‖, NORM_EPS)
 MIN_BLOCK_CLASSES = 256  # a streamed block never holds fewer classes (GEMM efficiency)
@@ -187,6 +187,28 @@ class MarginSpec(NamedTuple):
         return MarginSpec(*v[:6], None if math.isnan(v[6]) else v[6], int(subcenters))
 
 
+def split_dynamic(spec):
+    """(spec with floats only, ``dyn`` or None): a :class:`MarginSpec` whose ``cam_power`` or
+    ``curricular_t`` is a tensor (a module's state) keeps a placeholder that switches the variant
+    on (cam_power 1, curricular_t 0), and ``dyn`` = float64 (cam_power, curricular_t), NaN where
+    the spec's own float applies. The kernels read ``dyn`` where it lives (device memory on CUDA:
+    no host read). A NaN in a tensor field becomes +inf in ``dyn`` (NaN there would mean "the
+    placeholder applies"): out of range, so the CPU kernels raise and the CUDA kernels give NaN."""
+    cam, t = spec.cam_power, spec.curricular_t
+    cam_dyn, t_dyn = isinstance(cam, torch.Tensor), isinstance(t, torch.Tensor)
+    if not (cam_dyn or t_dyn):
+        return spec, None
+    ref = cam if cam_dyn else t
+    nan = torch.full((), math.nan, dtype=torch.float64, device=ref.device)
+
+    def value(v):
+        v = v.detach().to(torch.float64).reshape(())
+        return torch.where(torch.isnan(v), math.inf, v)
+
+    dyn = torch.stack([value(cam) if cam_dyn else nan, value(t) if t_dyn else nan])
+    return spec._replace(cam_power=1.0 if cam_dyn else cam, curricular_t=0.0 if t_dyn else t), dyn
+
+
 def centre_ids(classes, k):
     """Rows of ``weight`` holding the K sub-centres of each class, class-major."""
     if k == 1:
@@ -226,7 +248,7 @@ class _BlockEngine:
     """One call of the fused routine: the block plan, the normalised embeddings and the
     block buffers that pass 1 and pass 2 share. Call under no_grad with autocast off."""
 
-    def __init__(self, x, weight, sampled, spec, row_margins, gemm_dtype, options):
+    def __init__(self, x, weight, sampled, spec, row_margins, gemm_dtype, options, dyn=None):
         self.ext = dispatch.extension()
         self.device = dev = x.device
         self.executor = dispatch.num_threads() if dev.type == "cpu" else dispatch.cuda_stream(dev)
@@ -244,6 +266,8 @@ class _BlockEngine:
         self.linear = None if self.lowp else onednn_linear(dev, options.cpu_gemm)
         self.row_margins = row_margins  # held: a packed tensor_arg does not keep its tensor alive
         self.row_margins_arg = None if row_margins is None else tensor_arg(row_margins)
+        self.dyn = dyn  # held, as row_margins: the kernels read it (split_dynamic)
+        self.dyn_arg = None if dyn is None else tensor_arg(dyn)
         self.xh = torch.empty(self.batch, self.dim, dtype=self.operand_dtype, device=dev)
         self.xn = torch.empty(self.batch, dtype=_F32, device=dev)
         self.ext.ms_normalize_rows(tensor_arg(x), None, tensor_arg(self.xh), tensor_arg(self.xn), NORM_EPS,
@@ -320,7 +344,7 @@ class _BlockEngine:
             blk = self.load_block(start)
             self.ext.ms_lse_block(tensor_arg(blk.cos), tensor_arg(target_col), start, self.params,
                                   self.row_margins_arg, tensor_arg(run_max), tensor_arg(run_sum),
-                                  tensor_arg(target_cos), tensor_arg(target_logit), self.executor)
+                                  tensor_arg(target_cos), tensor_arg(target_logit), self.executor, dyn=self.dyn_arg)
             if self.resident:
                 self.kept = blk
             del blk  # streamed: one block alive at a time, so the next one reuses its memory
@@ -357,7 +381,7 @@ class _BlockEngine:
         """The block's G, as the two gradient GEMMs' operand."""
         self.ext.ms_grad_block(tensor_arg(blk.cos), tensor_arg(target_col), blk.start, self.params,
                                self.row_margins_arg, tensor_arg(lse), tensor_arg(row_weight), tensor_arg(target_cos),
-                               self.executor)
+                               self.executor, dyn=self.dyn_arg)
         g = blk.cos
         if self.k > 1:  # each class's gradient goes to its winning centre
             g = blk.centre_cos
@@ -411,7 +435,7 @@ class _BlockEngine:
 
 def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, row_weight=None, grad_x=None,
                          grad_w=None, gemm_dtype=None, bf16=False, options=None, target_col=None, target_cos=None,
-                         combine=None):
+                         combine=None, dyn=None):
     """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``,
     and the target cosines (B,) (NaN unless the variant needs them).
 
@@ -426,6 +450,12 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
     is ``gemm_dtype=torch.bfloat16`` (the former argument); neither: float32.
     ``options``: an :class:`EngineOptions` (default: :func:`current_engine_options`).
 
+    Dynamic scalars: ``spec.cam_power`` / ``spec.curricular_t`` may be 0-d tensors (split here
+    by :func:`split_dynamic`), or ``spec`` holds floats only and ``dyn`` is the float64
+    (cam_power, curricular_t) tensor that :func:`split_dynamic` made, NaN where ``spec``'s
+    float applies. The kernels read it on its device: no host read on CUDA. ``dyn`` is moved
+    to ``x``'s device when it lives elsewhere.
+
     Class-sharded use (:mod:`simcore.margin.sharded`): ``target_col`` (B,) int64 gives
     each row's column in ``sampled`` directly, −1 where the target class lives on
     another shard (``labels`` is then ignored); ``combine(run_max, run_sum,
@@ -438,8 +468,15 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
         gemm_dtype = torch.bfloat16 if bf16 else _F32
     if gemm_dtype not in (_F32, torch.bfloat16, torch.float16):
         raise ValueError(f"gemm_dtype must be float32, bfloat16 or float16, got {gemm_dtype}")
+    spec, spec_dyn = split_dynamic(spec)
+    if spec_dyn is not None:
+        if dyn is not None:
+            raise ValueError("fused_margin_softmax: dyn given with tensor fields in spec (give one or the other)")
+        dyn = spec_dyn
+    if dyn is not None and dyn.device != x.device:
+        dyn = dyn.to(x.device)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        engine = _BlockEngine(x, weight, sampled, spec, row_margins, gemm_dtype, options)
+        engine = _BlockEngine(x, weight, sampled, spec, row_margins, gemm_dtype, options, dyn)
         tcol = engine.target_columns(labels) if target_col is None else target_col
         tcos = engine.target_cosines(labels, target_cos)
         run_max, run_sum, target_logit = engine.log_sum_exp(tcol, tcos)

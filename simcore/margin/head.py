@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from simcore.margin.checks import (FLOAT_DTYPES, check_family, check_inputs, check_margins, check_validate,
-                                   margin_dtype, per_row_margins)
+from simcore.margin.checks import (FLOAT_DTYPES, check_dynamic_scalars, check_family, check_inputs, check_margins,
+                                   check_validate, margin_dtype, per_row_margins)
 from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
 from simcore.margin.ops import sampled_margin_loss
 from simcore.margin.sampling import check_sampled, sample_classes
@@ -162,7 +162,8 @@ class PartialMarginHead(nn.Module):
     :class:`simcore.ShardedPartialMarginHead` (docs/distributed.md).
 
     ``validate``: how the forward checks values that live on the device (label range,
-    ``sampled=`` ids, per-row margins), :func:`simcore.margin.checks.value_check`:
+    ``sampled=`` ids, per-row margins, CurricularFace's t, a scheduled Cam-Softmax
+    exponent), :func:`simcore.margin.checks.value_check`:
     ``"first"`` (default) reads them on the host for CPU tensors and, for CUDA tensors,
     on the first call per input shape, then checks them on the device with
     ``torch._assert_async`` (no synchronisation); ``"always"`` reads them on every call
@@ -364,6 +365,8 @@ class PartialMarginHead(nn.Module):
         if self.loss is None:
             return MarginSpec(self.m1, self.margin, self.m3, self.scale, **family), None, None
         fields, margins, reg = self.loss.kernel_args(embeddings, target_cos)
+        # tensor state (CurricularFace's t, a scheduled Cam-Softmax exponent) reaches the kernels unread
+        check_dynamic_scalars(fields.get("cam_power"), fields.get("curricular_t"), self.validate)
         return MarginSpec(**fields, **family), margins, reg
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -9,8 +9,8 @@ implementations, so ``torch.compile`` traces through them.
 Scalars that change between steps (CurricularFace's t, a scheduled Cam-Softmax
 exponent) travel as the ops' ``dyn`` tensor, not in the ``spec`` list of floats:
 a float in ``spec`` is a constant of a traced graph (a new value recompiles it),
-a tensor is an input. The op reads ``dyn`` on the host: free for CPU tensors, one
-synchronisation for CUDA tensors (the kernels take their parameters by value).
+a tensor is an input. The kernels read ``dyn`` where it lives (device memory on CUDA): no
+host read, so no synchronisation.
 
 The engine's options (:class:`simcore.margin.engine.EngineOptions`) travel as the
 ops' ``engine`` argument: read once when the loss is called, they also govern a
@@ -21,7 +21,6 @@ compiled ops for float32/float16/bfloat16, the float64 reference otherwise.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from simcore import dispatch
 from simcore.margin.checks import REDUCTIONS
 from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, fused_margin_softmax,
-                                   margin_grad)
+                                   margin_grad, split_dynamic)
 from simcore.margin.gemm import gemm_operand_dtype
 from simcore.reference.margin_softmax import margin_softmax_loss
 
@@ -71,43 +70,19 @@ def _weight_grad_buffer(weight, rows):
     return torch.zeros_like(weight, memory_format=torch.contiguous_format)
 
 
-def split_dynamic(spec):
-    """(spec with floats only, ``dyn`` or None): a :class:`MarginSpec` whose ``cam_power`` or
-    ``curricular_t`` is a tensor (a module's state) keeps a placeholder that switches the variant
-    on (cam_power 1, curricular_t 0), and ``dyn`` = float64 (cam_power, curricular_t), NaN where
-    the spec's own float applies."""
-    cam, t = spec.cam_power, spec.curricular_t
-    cam_dyn, t_dyn = isinstance(cam, torch.Tensor), isinstance(t, torch.Tensor)
-    if not (cam_dyn or t_dyn):
-        return spec, None
-    ref = cam if cam_dyn else t
-    nan = torch.full((), math.nan, dtype=torch.float64, device=ref.device)
-    dyn = torch.stack([cam.detach().to(torch.float64).reshape(()) if cam_dyn else nan,
-                       t.detach().to(torch.float64).reshape(()) if t_dyn else nan])
-    return spec._replace(cam_power=1.0 if cam_dyn else cam, curricular_t=0.0 if t_dyn else t), dyn
-
-
 def host_spec(spec):
     """``spec`` with its tensor fields read as floats (one synchronisation each on an accelerator)."""
     return spec._replace(**{k: float(getattr(spec, k)) for k in ("cam_power", "curricular_t")
                             if isinstance(getattr(spec, k), torch.Tensor)})
 
 
-def _with_dynamic(sp, dyn):
-    """The op's MarginSpec with ``dyn``'s values in place of the placeholders."""
-    if dyn is None:
-        return sp
-    cam, t = dyn.tolist()  # a CPU tensor: no synchronisation; CUDA: one (documented)
-    return sp._replace(cam_power=sp.cam_power if math.isnan(cam) else cam,
-                       curricular_t=sp.curricular_t if math.isnan(t) else t)
-
-
 _GEMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ops' gemm_dtype
 _GEMM_NAMES = {dtype: name for name, dtype in _GEMM_DTYPES.items()}
 
 
-def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, gemm_dtype, engine):
-    """The per-row losses, and (gx, gw, gm) of Σ_i row_weight_i·loss_i (empty tensors where not needed)."""
+def _run_engine(x, labels, weight, sampled, row_margins, sp, dyn, row_weight, need, gemm_dtype, engine):
+    """The per-row losses, and (gx, gw, gm) of Σ_i row_weight_i·loss_i (empty tensors where not needed).
+    ``dyn``: :func:`split_dynamic`'s tensor (or None), read by the kernels on its device."""
     need_gx, need_gw, need_gm = need
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
     gw = _weight_grad_buffer(weight, sampled.numel() * sp.subcenters) if need_gw else weight.new_empty(0)
@@ -115,7 +90,7 @@ def _run_engine(x, labels, weight, sampled, row_margins, sp, row_weight, need, g
                                            row_weight=row_weight, grad_x=gx if need_gx else None,
                                            grad_w=gw if need_gw else None,
                                            gemm_dtype=_GEMM_DTYPES[gemm_dtype],
-                                           options=EngineOptions.from_op_arg(engine))
+                                           options=EngineOptions.from_op_arg(engine), dyn=dyn)
     gm = margin_grad(loss_rows, tcos, row_margins, sp.scale, row_weight) if need_gm else x.new_empty(0)
     return loss_rows, gx, gw, gm
 
@@ -131,8 +106,7 @@ def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled
     need = (grads and need_gx, grads and need_gw, grads and need_gm)
     rw = _row_weight(x.shape[0], reduction, x.device) if grads else None
     loss_rows, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
-                                        _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn), rw, need, gemm_dtype,
-                                        engine)
+                                        MarginSpec.from_list(spec, subcenters), dyn, rw, need, gemm_dtype, engine)
     return reduce_rows(loss_rows, reduction), gx, gw, gm
 
 
@@ -153,8 +127,7 @@ def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled
             need_gx: bool, need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str,
             dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
-    _, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
-                                _with_dynamic(MarginSpec.from_list(spec, subcenters), dyn),
+    _, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins, MarginSpec.from_list(spec, subcenters), dyn,
                                 grad_rows.float().contiguous(), (need_gx, need_gw, need_gm), gemm_dtype, engine)
     return gx, gw, gm
 
@@ -236,6 +209,8 @@ def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, ro
     if row_margins is not None:
         row_margins = row_margins.float()
     spec, dyn = split_dynamic(spec)
+    if dyn is not None and dyn.device != embeddings.device:  # a module's state elsewhere: 16 bytes copied
+        dyn = dyn.to(embeddings.device)
     loss, _, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, row_margins,
                             spec.as_list(), spec.subcenters, REDUCTION_CODES[reduction],
                             grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm,
