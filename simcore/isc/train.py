@@ -5,7 +5,8 @@
 
 Every image is its own class (or, with ``labels="folder"``, every sub-folder); positives are
 augmented copies (:mod:`simcore.isc.augment`, made per sample in DataLoader workers,
-:mod:`simcore.isc.data`). The head is :class:`simcore.PartialMarginHead` (its own sparse row
+:mod:`simcore.isc.data`, or with ``augment_on="device"`` batched on the training device, the workers
+only decoding). The head is :class:`simcore.PartialMarginHead` (its own sparse row
 optimizer; ``arcface``, ``cosface``, ``adaface``, ``magface``, ``curricularface`` or ``cam``),
 the backbone a ``simcore.isc.backbones`` model with Adam or SGD, linear warm-up then cosine
 decay per stage.
@@ -39,7 +40,8 @@ resume at another world size reshards the head with ``simcore.load_resharded``.
 
 Feedback: a tqdm bar (loss, images/s, ETA), ``RUN_DIR/log.jsonl`` (one JSON object per step:
 loss, learning rates, images/s, stage, classes; and stage, validation and checkpoint events),
-``RUN_DIR/loss.png`` with ``plot=True``, and with ``val_dir`` the µAP and recall@P90 of one
+``RUN_DIR/loss.png`` with ``plot=True``, TensorBoard events in ``RUN_DIR/tb`` with ``tensorboard=True``
+(where the tensorboard package is installed; rank 0), and with ``val_dir`` the µAP and recall@P90 of one
 augmented copy of each validation image searched among the clean ones, at each stage end.
 """
 from __future__ import annotations
