@@ -118,3 +118,37 @@ def test_tensorboard_event_files(folder, tmp_path):
     ev.Reload()
     assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3]
     assert {"train/lr", "train/images_per_second", "val/micro_ap"} <= set(ev.Tags()["scalars"])
+
+
+def _ddp_worker(rank, tmp, folder):
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(3, 3), checkpoint_every=2, augment_on="device")
+    try:
+        out = {"a": T.train(config(folder, os.path.join(tmp, "a"), **kw), log_fn=lambda m: None).losses}
+        os.environ[T.FAIL_AFTER_STEP_ENV] = "5"
+        try:
+            T.train(config(folder, os.path.join(tmp, "b"), **kw), log_fn=lambda m: None)
+        except T.SimulatedFailure:
+            out["b_failed"] = True
+        del os.environ[T.FAIL_AFTER_STEP_ENV]
+        out["b"] = T.train(config(folder, os.path.join(tmp, "b"), resume=os.path.join(tmp, "b", "last.pt"), **kw),
+                           log_fn=lambda m: None).losses
+        torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_device_mode_under_two_ranks_resumes(folder, tmp_path):
+    """2 gloo ranks: each augments its share of the global batch in the loop; the ranks agree on the
+    loss, and an interrupted run resumes onto the uninterrupted one's losses."""
+    from conftest import spawn_ranks
+    spawn_ranks(_ddp_worker, 2, tmp_path, args=(str(folder),), deadline_s=240)
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    assert outs[0]["a"] == outs[1]["a"] and all(o.get("b_failed") for o in outs)
+    assert outs[0]["b"] == outs[0]["a"][4:]            # resumed after global step 4
+    assert all(torch.isfinite(torch.tensor(outs[0]["a"])))
