@@ -11,6 +11,12 @@ Every transform has the signature ``t(images, intensity=1.0, *, generator=None)`
 - ``generator``: a ``torch.Generator`` (or an int seed) drawing every random
   parameter, so a seed reproduces the output exactly.
 
+Tensors may live on any device (CPU or CUDA): the output stays there. Random
+parameters are drawn on the CPU from ``generator`` and moved to the images'
+device, so a seed draws the same edit on every device (the pixels agree up to
+float rounding); the Pillow-drawn transforms copy the images that draw them to
+the CPU and back.
+
 Transforms keep the image size: geometric edits that change it (crops, pads,
 frames, picture-in-picture) are rescaled back to the input size, as a model
 resizes its input anyway. Geometry, colour and blur run batched on tensors
@@ -65,6 +71,12 @@ def _generator(generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(generator))
 
 
+def _on(t, x):
+    """``t`` on ``x``'s device (a no-op on the CPU). Random parameters are drawn on the CPU with the
+    CPU generator, then moved: a seed gives the same parameters on every device."""
+    return t.to(x.device)
+
+
 def _uniform(g, n, lo=0.0, hi=1.0):
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
@@ -88,7 +100,7 @@ def to_pil(x: torch.Tensor):
 
 
 def _intensity(intensity, n) -> torch.Tensor:
-    t = torch.as_tensor(intensity, dtype=torch.float32).flatten()
+    t = torch.as_tensor(intensity, dtype=torch.float32).flatten().cpu()
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
@@ -193,13 +205,13 @@ def _rescale(x, inten, g):
 @_batched
 def _hflip(x, inten, g):
     """Horizontal flip (binary: applied where intensity > 0)."""
-    return torch.where((inten > 0)[:, None, None, None], x.flip(3), x)
+    return torch.where(_on(inten > 0, x)[:, None, None, None], x.flip(3), x)
 
 
 @_batched
 def _vflip(x, inten, g):
     """Vertical flip (binary: applied where intensity > 0)."""
-    return torch.where((inten > 0)[:, None, None, None], x.flip(2), x)
+    return torch.where(_on(inten > 0, x)[:, None, None, None], x.flip(2), x)
 
 
 def _fill_colours(g, n):
@@ -210,10 +222,10 @@ def _warp(x, M, fill):
     """Warp with per-image 3x3 homographies; outside pixels get the per-image fill colour."""
     K = _kornia()
     n, _, H, W = x.shape
-    ones = torch.ones(n, 1, H, W)
-    warped = K.geometry.transform.warp_perspective(torch.cat([x, ones], 1), M, (H, W), align_corners=True)
+    ones = torch.ones(n, 1, H, W, device=x.device)
+    warped = K.geometry.transform.warp_perspective(torch.cat([x, ones], 1), _on(M, x), (H, W), align_corners=True)
     img, mask = warped[:, :3], warped[:, 3:].clamp(0, 1)
-    return img + (1 - mask) * fill[:, :, None, None]
+    return img + (1 - mask) * _on(fill, x)[:, :, None, None]
 
 
 @_batched
@@ -227,7 +239,7 @@ def _rotate(x, inten, g):
     A = K.geometry.transform.get_rotation_matrix2d(centre, angle, torch.ones(n, 2))
     M = torch.cat([A, torch.tensor([0.0, 0.0, 1.0]).expand(n, 1, 3)], 1)
     out = _warp(x, M, fill)
-    return torch.where((inten > 0)[:, None, None, None], out, x)
+    return torch.where(_on(inten > 0, x)[:, None, None, None], out, x)
 
 
 @_batched
@@ -240,7 +252,7 @@ def _perspective(x, inten, g):
     dst = src + jitter * torch.tensor([W, H], dtype=torch.float32)
     M = K.geometry.transform.get_perspective_transform(src, dst)
     out = _warp(x, M, _fill_colours(g, n))
-    return torch.where((inten > 0)[:, None, None, None], out, x)
+    return torch.where(_on(inten > 0, x)[:, None, None, None], out, x)
 
 
 @_batched
@@ -255,7 +267,7 @@ def _pad(x, inten, g):
         left, r = round(float(sides[i, 2]) * W), round(float(sides[i, 3]) * W)
         if t == b == left == r == 0:
             continue
-        canvas = fill[i][:, None, None].expand(3, H + t + b, W + left + r).clone()
+        canvas = _on(fill[i], x)[:, None, None].expand(3, H + t + b, W + left + r).clone()
         canvas[:, t:t + H, left:left + W] = x[i]
         out[i] = _resize(canvas[None], (H, W))[0]
     return out
@@ -272,17 +284,17 @@ def _color_jitter(x, inten, g):
     c = 1 + _signs(g, n) * _uniform(g, n) * 0.6 * inten
     s = 1 + _signs(g, n) * _uniform(g, n) * 0.6 * inten
     h = _signs(g, n) * _uniform(g, n) * 0.4 * math.pi * inten
-    x = K.enhance.adjust_brightness(x, b)
-    x = K.enhance.adjust_contrast(x, c)
-    x = K.enhance.adjust_saturation(x, s)
-    return K.enhance.adjust_hue(x, h)
+    x = K.enhance.adjust_brightness(x, _on(b, x))
+    x = K.enhance.adjust_contrast(x, _on(c, x))
+    x = K.enhance.adjust_saturation(x, _on(s, x))
+    return K.enhance.adjust_hue(x, _on(h, x))
 
 
 @_batched
 def _grayscale(x, inten, g):
     """Blend towards grayscale: (1 − intensity)·x + intensity·gray(x)."""
     gray = _kornia().color.rgb_to_grayscale(x).expand_as(x)
-    w = inten[:, None, None, None]
+    w = _on(inten, x)[:, None, None, None]
     return (1 - w) * x + w * gray
 
 
@@ -291,7 +303,8 @@ def _gaussian(x, sigma):
     smax = float(sigma.max())
     k = int(2 * math.ceil(3 * smax) + 1)
     k = max(3, min(k, 2 * (min(x.shape[-2:]) // 2) - 1))
-    return K.filters.gaussian_blur2d(x, (k, k), torch.stack([sigma, sigma], 1), border_type="reflect")
+    return K.filters.gaussian_blur2d(x, (k, k), _on(torch.stack([sigma, sigma], 1), x),
+                                     border_type="reflect")
 
 
 @_batched
@@ -300,14 +313,14 @@ def _blur(x, inten, g):
     H, W = x.shape[-2:]
     sigma = (inten * 0.04 * min(H, W)).clamp_min(1e-3)
     out = _gaussian(x, sigma)
-    return torch.where((inten > 0)[:, None, None, None], out, x)
+    return torch.where(_on(inten > 0, x)[:, None, None, None], out, x)
 
 
 @_batched
 def _sharpen(x, inten, g):
     """Unsharp mask: x + 3·intensity·(x − blur(x)), blur σ = 1 px."""
     soft = _gaussian(x, torch.ones(x.shape[0]))
-    return x + 3 * inten[:, None, None, None] * (x - soft)
+    return x + 3 * _on(inten, x)[:, None, None, None] * (x - soft)
 
 
 @_batched
@@ -319,7 +332,7 @@ def _pixelize(x, inten, g):
     for b in block.unique().tolist():
         if b <= 1:
             continue
-        idx = (block == b).nonzero().squeeze(1)
+        idx = _on((block == b).nonzero().squeeze(1), x)
         small = F.interpolate(x[idx], size=(max(1, H // b), max(1, W // b)), mode="area")
         out[idx] = F.interpolate(small, size=(H, W), mode="nearest")
     return out
@@ -328,7 +341,7 @@ def _pixelize(x, inten, g):
 @_batched
 def _noise(x, inten, g):
     """Additive Gaussian noise, σ = 0.15·intensity."""
-    return x + torch.randn(x.shape, generator=g) * 0.15 * inten[:, None, None, None]
+    return x + _on(torch.randn(x.shape, generator=g), x) * 0.15 * _on(inten, x)[:, None, None, None]
 
 
 @_batched
@@ -340,7 +353,7 @@ def _pixel_shuffle(x, inten, g):
     dx = ((torch.rand(n, H, W, generator=g) * 2 - 1) * r[:, None, None]).round().long()
     yy = (torch.arange(H)[None, :, None] + dy).clamp(0, H - 1)
     xx = (torch.arange(W)[None, None, :] + dx).clamp(0, W - 1)
-    flat = (yy * W + xx).view(n, 1, H * W).expand(n, 3, H * W)
+    flat = _on((yy * W + xx).view(n, 1, H * W), x).expand(n, 3, H * W)
     return x.reshape(n, 3, H * W).gather(2, flat).view(n, 3, H, W)
 
 
@@ -353,11 +366,12 @@ def _per_image_pil(x, inten, fn):
     if not todo:
         return out
     # One conversion for the batch (numpy: cheaper than many small torch ops).
-    arr = (x[todo].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    # Pillow draws on the CPU: a CUDA batch's drawn images go there and back.
+    arr = (x[todo].clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     res = np.empty_like(arr)
     for j, i in enumerate(todo):
         res[j] = np.asarray(fn(Image.fromarray(arr[j], "RGB"), float(inten[i]), i).convert("RGB"))
-    out[todo] = torch.from_numpy(res).permute(0, 3, 1, 2).float() / 255
+    out[todo] = _on(torch.from_numpy(res).permute(0, 3, 1, 2).float() / 255, x)
     return out
 
 
@@ -471,17 +485,17 @@ def _others(x, g, others):
             o = torch.stack([to_tensor(im) if not isinstance(im, torch.Tensor) else im for im in o])
         if o.dtype == torch.uint8:
             o = o.float() / 255
-        o = o.float()
+        o = _on(o.float(), x)
         if o.dim() == 3:
             o = o[None]
         pick = torch.randint(0, o.shape[0], (n,), generator=g)
-        o = o[pick]
+        o = o[_on(pick, x)]
         if o.shape[-2:] != x.shape[-2:]:
             o = _resize(o, tuple(x.shape[-2:]))
         return o
     if n > 1:
         return x.roll(1, 0)
-    return _resize(torch.rand(1, 3, 8, 8, generator=g), tuple(x.shape[-2:]))
+    return _resize(_on(torch.rand(1, 3, 8, 8, generator=g), x), tuple(x.shape[-2:]))
 
 
 @_batched
@@ -664,7 +678,7 @@ class RandomAugment:
                 idx = [i for i in range(n) if len(plan[i]) > step and plan[i][step] == j]
                 if not idx:
                     continue
-                idx_t = torch.tensor(idx)
+                idx_t = torch.tensor(idx, device=x.device)
                 inten = _uniform(g, len(idx), *self.intensity)
                 x[idx_t] = TRANSFORMS[name](x[idx_t], inten, generator=g, **extra(name))
         x = x.clamp(0, 1)

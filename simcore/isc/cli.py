@@ -292,9 +292,9 @@ def cmd_train(a):
         stop_loss=a.stop, stop_window=a.stop_window, precision=a.precision, loss=a.loss, margin=a.margin,
         scale=a.scale, sample_rate=a.sample_rate, subcenters=a.subcenters, lr=a.lr, head_lr=a.head_lr,
         optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay, warmup=a.warmup, views=a.views,
-        seed=a.seed, workers=a.workers, device=a.device, threads=a.threads, checkpoint_every=a.checkpoint_every,
-        resume=a.resume, val_dir=a.val_dir, val_max=a.val_max, plot=a.plot, strict=a.strict,
-        progress=(not a.no_progress) and sys.stderr.isatty())
+        seed=a.seed, workers=a.workers, augment_on=a.augment_on, device=a.device, threads=a.threads,
+        checkpoint_every=a.checkpoint_every, resume=a.resume, val_dir=a.val_dir, val_max=a.val_max, plot=a.plot, tensorboard=a.tensorboard,
+        strict=a.strict, progress=(not a.no_progress) and sys.stderr.isatty())
     try:
         cfg.normalised()
     except ValueError as e:
@@ -438,6 +438,9 @@ def build_parser():
     t.add_argument("--views", type=int, default=4, help="augmented copies per image for new centres (default 4)")
     t.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentations and init (default 0)")
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    t.add_argument("--augment-on", choices=("workers", "device"), default="workers",
+                   help="where the training copies are made: per sample in the DataLoader workers (default), or "
+                        "batched on the training device, the workers then only decoding")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     t.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -446,6 +449,8 @@ def build_parser():
     t.add_argument("--val-dir", help="validation images: µAP of augmented copies against them at each stage end")
     t.add_argument("--val-max", type=int, default=500, help="at most this many validation images (default 500)")
     t.add_argument("--plot", action="store_true", help="save the loss curve to RUN_DIR/loss.png (needs matplotlib)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard events in RUN_DIR/tb (needs tensorboard; without it a note, training goes on)")
     t.add_argument("--strict", action="store_true", help="unreadable image files are an error (default: skipped)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print a JSON summary at the end")

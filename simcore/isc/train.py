@@ -5,7 +5,8 @@
 
 Every image is its own class (or, with ``labels="folder"``, every sub-folder); positives are
 augmented copies (:mod:`simcore.isc.augment`, made per sample in DataLoader workers,
-:mod:`simcore.isc.data`). The head is :class:`simcore.PartialMarginHead` (its own sparse row
+:mod:`simcore.isc.data`, or with ``augment_on="device"`` batched on the training device, the workers
+only decoding). The head is :class:`simcore.PartialMarginHead` (its own sparse row
 optimizer; ``arcface``, ``cosface``, ``adaface``, ``magface``, ``curricularface`` or ``cam``),
 the backbone a ``simcore.isc.backbones`` model with Adam or SGD, linear warm-up then cosine
 decay per stage.
@@ -39,7 +40,8 @@ resume at another world size reshards the head with ``simcore.load_resharded``.
 
 Feedback: a tqdm bar (loss, images/s, ETA), ``RUN_DIR/log.jsonl`` (one JSON object per step:
 loss, learning rates, images/s, stage, classes; and stage, validation and checkpoint events),
-``RUN_DIR/loss.png`` with ``plot=True``, and with ``val_dir`` the µAP and recall@P90 of one
+``RUN_DIR/loss.png`` with ``plot=True``, TensorBoard events in ``RUN_DIR/tb`` with ``tensorboard=True``
+(where the tensorboard package is installed; rank 0), and with ``val_dir`` the µAP and recall@P90 of one
 augmented copy of each validation image searched among the clean ones, at each stage end.
 """
 from __future__ import annotations
@@ -69,8 +71,8 @@ from simcore.isc.descriptors import match as match_descriptors
 from simcore.isc.embed import CHECKPOINT_FORMAT, CheckpointError, autocast_context, embed_dataset, load_checkpoint
 from simcore.isc.metrics import evaluate
 
-__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "FAIL_AFTER_STEP_ENV", "SimulatedFailure",
-           "TrainSetupError"]
+__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "AUGMENT_ON", "FAIL_AFTER_STEP_ENV",
+           "SimulatedFailure", "TrainSetupError"]
 
 #: The ``--loss`` choices.
 LOSSES = ("arcface", "cosface", "adaface", "magface", "curricularface", "cam")
@@ -94,7 +96,14 @@ class SimulatedFailure(RuntimeError):
 # frequency, plot, device - may change between the interrupted run and its resumption).
 _RESUME_FIELDS = ("backbone", "dim", "image_size", "labels", "drip", "batch_size", "steps", "stop_loss",
                   "stop_window", "precision", "loss", "margin", "scale", "sample_rate", "subcenters", "lr",
-                  "head_lr", "optimizer", "momentum", "weight_decay", "warmup", "views", "seed", "widths", "depth")
+                  "head_lr", "optimizer", "momentum", "weight_decay", "warmup", "views", "seed", "widths", "depth",
+                  "augment_on")
+# What a checkpoint written before a field existed ran with.
+_RESUME_DEFAULTS = {"augment_on": "workers"}
+
+#: The ``--augment-on`` choices: the training copies are made per sample in the DataLoader workers, or
+#: batched on the training device (the workers then only decode and resize).
+AUGMENT_ON = ("workers", "device")
 
 
 @dataclass
@@ -129,6 +138,7 @@ class TrainConfig:
     views: int = 4                                # augmented copies per image for new class centres
     seed: int = 0
     workers: int = 0                              # DataLoader worker processes
+    augment_on: str = "workers"                   # workers: per sample in the DataLoader | device: batched there
     device: str = "auto"                          # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None                 # torch intra-op threads in the main process
     checkpoint_every: int = 0                     # steps; 0: at stage ends only
@@ -136,6 +146,7 @@ class TrainConfig:
     val_dir: Optional[str] = None
     val_max: int = 500                            # at most this many validation images
     plot: bool = False
+    tensorboard: bool = False                     # RUN_DIR/tb event files (needs the tensorboard package)
     strict: bool = False                          # unreadable image files are an error, not skipped
     progress: bool = True
 
@@ -160,6 +171,8 @@ class TrainConfig:
             raise TrainSetupError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
         if c.optimizer not in ("adam", "sgd"):
             raise TrainSetupError(f"optimizer must be adam or sgd, got {c.optimizer!r}")
+        if c.augment_on not in AUGMENT_ON:
+            raise TrainSetupError(f"augment_on must be workers or device, got {c.augment_on!r}")
         if c.labels not in ("image", "folder"):
             raise TrainSetupError(f"labels must be 'image' or 'folder', got {c.labels!r}")
         for name in ("dim", "image_size", "stop_window", "subcenters"):
@@ -509,6 +522,33 @@ def _validate(model, val, c, device, loader_args):
             "recall_at_rank1": metrics.recall_at_rank1, "images": n}
 
 
+def _training_inputs(x, augment_on, augment, device, seed_key):
+    """The model's input for a training batch of the loader's uint8 images (B, 3, S, S): float32 in
+    [0, 1] on ``device``. ``"workers"``: the workers already made the augmented copies. ``"device"``:
+    the workers decoded the clean images; ``augment`` makes the copies here, batched on the device,
+    every random parameter drawn by one CPU generator seeded with ``sample_seed(*seed_key)`` (run seed,
+    stage, step, tag, rank, world size): a function of the step alone, so a resume is bit for bit."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment_on == "device":
+        x = augment(x, generator=torch.Generator().manual_seed(Dt.sample_seed(*seed_key)))
+    return x
+
+
+#: The note for ``tensorboard=True`` without the tensorboard package.
+TENSORBOARD_MISSING = "--tensorboard: the tensorboard package is not installed (pip install tensorboard): " \
+                      "no TensorBoard events, training goes on"
+
+
+def _tensorboard_writer(folder, purge_step):
+    """(SummaryWriter on ``folder``, None), or (None, the note) when tensorboard cannot be imported.
+    ``purge_step``: a resume hides the events of the interrupted run from that step on."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None, TENSORBOARD_MISSING
+    return SummaryWriter(folder, purge_step=purge_step), None
+
+
 def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
     """Run (or resume) a training run; returns a ``TrainResult`` (figures also in RUN_DIR/log.jsonl).
 
@@ -568,7 +608,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
         embed_kw = dict(batch_size=max(c.batch_size), device=device, precision=c.precision)
         say(f"{len(images.paths)} images, {num_classes} classes ({'one per image' if c.labels == 'image' else 'one per sub-folder'})"
             f"{f', {len(images.skipped)} unreadable files skipped' if images.skipped else ''}; "
-            f"stages: {counts} classes; device {device}, {c.workers} workers"
+            f"stages: {counts} classes; device {device}, {c.workers} workers, augmenting "
+            f"{'batched on the device' if c.augment_on == 'device' else 'per sample in the workers'}"
             + (f"; {world} ranks (torchrun, {dist.get_backend()})" if world > 1 else ""))
         val = None
         if c.val_dir is not None and lead:
@@ -591,8 +632,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
         if c.resume:
             ckpt = load_checkpoint(c.resume)
             old = ckpt["config"]
-            diff = [f"{k} ({old.get(k)!r} -> {getattr(c, k)!r})" for k in _RESUME_FIELDS
-                    if _jsonable(old.get(k)) != _jsonable(getattr(c, k))]
+            diff = [f"{k} ({old.get(k, _RESUME_DEFAULTS.get(k))!r} -> {getattr(c, k)!r})" for k in _RESUME_FIELDS
+                    if _jsonable(old.get(k, _RESUME_DEFAULTS.get(k))) != _jsonable(getattr(c, k))]
             if diff:
                 raise TrainSetupError(f"{c.resume}: the run was made with other settings: {', '.join(diff)}")
             if ckpt["num_images"] != len(images.paths) or ckpt["num_classes"] != num_classes:
@@ -615,6 +656,12 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
         raise setup_error
 
     log = _Log(os.path.join(c.output, "log.jsonl"), truncate_to=log_offset) if lead else _NullLog()
+    tb = None
+    if c.tensorboard and lead:   # rank 0 only, like log.jsonl
+        tb, note = _tensorboard_writer(os.path.join(c.output, "tb"), global_step + 1 if ckpt is not None else None)
+        if note:
+            say(note)
+            log.write(event="note", message=note)
     train_model = model
     if dd is not None:  # DDP broadcasts rank 0's weights and buffers; checkpoints hold the plain model's
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -672,6 +719,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 log.write(event="checkpoint", path=os.path.basename(path), stage=next_stage, step=next_step,
                           global_step=global_step)
                 state["log_offset"] = log.tell()
+                if tb is not None:
+                    tb.flush()
                 _atomic_save(state, path)
                 if copy_to is not None:
                     _atomic_copy(path, copy_to)
@@ -723,7 +772,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 say(f"stage {stage + 1}/{len(counts)}: {n_cls} classes ({n_cls - have} new, centres from "
                     f"{len(centre_items)} embeddings), batch {bs}, up to {max_steps} steps")
             switch.inner = Dt.StageBatchSampler(items, bs, seed=c.seed, stage=stage, start=step,
-                                                steps=max_steps - step, rank=rank, world_size=world)
+                                                steps=max_steps - step, rank=rank, world_size=world,
+                                                augment=c.augment_on == "workers")
             train_model.train()
             head.train()
             base_head_lr = c.head_lr if c.head_lr is not None else c.lr
@@ -746,7 +796,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 result.dropped_samples += dropped
                 loss_value = float("nan")
                 if run_step:
-                    x = x.to(device, non_blocking=True).float().div_(255)
+                    x = _training_inputs(x, c.augment_on, augment, device,
+                                         (c.seed, stage, step, 0xDE7, rank, world))
                     y = y.to(device, non_blocking=True)
                     with autocast_context(device, c.precision):
                         loss = head(train_model(x), y, generator=head_gen)
@@ -769,6 +820,10 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 log.write(event="step", stage=stage, step=step, global_step=global_step, loss=loss_value,
                           lr=c.lr * f, head_lr=base_head_lr * f, images_per_second=round(ips, 2), classes=n_cls,
                           batch=rows, dropped=dropped)
+                if tb is not None:
+                    for key, value in (("loss", loss_value), ("lr", c.lr * f), ("head_lr", base_head_lr * f),
+                                       ("images_per_second", ips), ("classes", n_cls)):
+                        tb.add_scalar(f"train/{key}", value, global_step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(stage=f"{stage + 1}/{len(counts)}", loss=f"{loss_value:.3f}",
@@ -795,6 +850,9 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 summary["val"] = v
                 result.val.append(dict(v, stage=stage))
                 log.write(event="val", stage=stage, global_step=global_step, **v)
+                if tb is not None:
+                    for key in ("micro_ap", "recall_at_p90", "recall_at_rank1"):
+                        tb.add_scalar(f"val/{key}", v[key], global_step)
                 say(f"stage {stage + 1} validation: µAP {v['micro_ap']:.4f}, recall@P90 {v['recall_at_p90']:.4f} "
                     f"({v['images']} images)")
             result.stages.append(summary)
@@ -807,6 +865,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
     finally:
         if bar is not None:
             bar.close()
+        if tb is not None:
+            tb.close()
         log.close()
     result.images_per_second = seen_images / train_seconds if train_seconds else 0.0
     if lead:

@@ -1,0 +1,154 @@
+"""simcore.isc.train: the training copies made batched on the device (``augment_on="device"``; here the
+device is the CPU), against the per-sample worker path; and TensorBoard event files (``tensorboard=True``)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("PIL.Image")
+pytest.importorskip("kornia")
+from test_data import write_photos  # noqa: E402
+from test_train import TINY, steps_of  # noqa: E402
+
+from simcore.isc import augment as A  # noqa: E402
+from simcore.isc import data as Dt  # noqa: E402
+from simcore.isc import train as T  # noqa: E402
+from simcore.isc.embed import load_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    write_photos(root, 12, size=40)
+    return root
+
+
+def config(folder, out, **kw):
+    return T.TrainConfig(images=str(folder), output=str(out), **{**TINY, **kw})
+
+
+def test_both_modes_give_the_model_the_same_kind_of_batch(folder):
+    aug = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=T.TRAIN_OPS_WEIGHTS)
+    ds = Dt.ImageDataset(Dt.list_images(folder), list(range(12)), 32, aug)
+    sampler = Dt.StageBatchSampler(range(12), 6, seed=0, stage=0)
+    clean = Dt.StageBatchSampler(range(12), 6, seed=0, stage=0, augment=False)
+    xw = Dt.collate([ds[it] for it in sampler.batch(0)])[0]
+    xd = Dt.collate([ds[it] for it in clean.batch(0)])[0]
+    assert xw.dtype == xd.dtype == torch.uint8 and xw.shape == xd.shape == (6, 3, 32, 32)
+    key = (0, 0, 0, 0xDE7, 0, 1)
+    a = T._training_inputs(xw, "workers", aug, "cpu", key)
+    b = T._training_inputs(xd, "device", aug, "cpu", key)
+    assert a.shape == b.shape == (6, 3, 32, 32) and a.dtype == b.dtype == torch.float32
+    assert 0 <= b.min() and b.max() <= 1 and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(b, T._training_inputs(xd, "device", aug, "cpu", key))          # seeded by the key
+    assert not torch.equal(b, T._training_inputs(xd, "device", aug, "cpu", (0, 0, 1, 0xDE7, 0, 1)))
+    assert ((b - xd.float() / 255).abs().flatten(1).mean(1) > 1e-4).all()            # every image edited
+
+
+def test_device_mode_trains_and_augments_batched(folder, tmp_path, monkeypatch):
+    calls = []
+    real = A.RandomAugment.__call__
+
+    def spy(self, images, **kw):
+        calls.append(tuple(images.shape))
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(A.RandomAugment, "__call__", spy)
+    r = T.train(config(folder, tmp_path, steps=30, batch_size=12, precision="bf16", scale=16.0, margin=0.2,
+                       augment_on="device"), log_fn=lambda m: None)
+    assert all(torch.isfinite(torch.tensor(r.losses)))
+    first, last = sum(r.losses[:5]) / 5, sum(r.losses[-5:]) / 5
+    assert last < first, (first, last)
+    assert calls.count((12, 3, 32, 32)) == 30            # one batched call per step (centre views: one image each)
+    assert json.loads(open(tmp_path / "log.jsonl").readline())["config"]["augment_on"] == "device"
+
+
+def test_device_mode_resumes_bit_for_bit(folder, tmp_path, monkeypatch):
+    kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(4, 5), checkpoint_every=3, warmup=2, augment_on="device")
+    T.train(config(folder, tmp_path / "a", **kw), log_fn=lambda m: None)
+    monkeypatch.setenv(T.FAIL_AFTER_STEP_ENV, "7")
+    with pytest.raises(RuntimeError, match="simulated failure after step 7"):
+        T.train(config(folder, tmp_path / "b", **kw), log_fn=lambda m: None)
+    monkeypatch.delenv(T.FAIL_AFTER_STEP_ENV)
+    resumed = T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), workers=2, **kw),
+                      log_fn=lambda m: None)
+    assert len(resumed.losses) == 3
+    a, b = steps_of(tmp_path / "a"), steps_of(tmp_path / "b")
+    assert [r["global_step"] for r in b] == list(range(1, 10))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    ca, cb = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for part in ("model", "head"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    # the mode shapes the samples: a resume keeps it
+    with pytest.raises(ValueError, match=r"augment_on \('device' -> 'workers'\)"):
+        T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"),
+                       **dict(kw, augment_on="workers")), log_fn=lambda m: None)
+
+
+def test_the_modes_differ_and_bad_values_are_refused(folder, tmp_path):
+    w = T.train(config(folder, tmp_path / "w", steps=2, batch_size=4), log_fn=lambda m: None)
+    d = T.train(config(folder, tmp_path / "d", steps=2, batch_size=4, augment_on="device"), log_fn=lambda m: None)
+    assert w.losses[0] != d.losses[0]                    # other copies (the same data order and init)
+    with pytest.raises(ValueError, match="augment_on must be workers or device, got 'gpu'"):
+        config(folder, tmp_path / "x", augment_on="gpu").normalised()
+
+
+def test_tensorboard_missing_is_a_note_and_training_goes_on(folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)       # as if tensorboard were absent
+    msgs = []
+    r = T.train(config(folder, tmp_path, steps=2, batch_size=4, tensorboard=True), log_fn=msgs.append)
+    assert len(r.losses) == 2
+    assert [m for m in msgs if m.startswith("--tensorboard")] == [T.TENSORBOARD_MISSING]
+    notes = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"note"' in line]
+    assert [n["message"] for n in notes] == [T.TENSORBOARD_MISSING]
+    assert not os.path.exists(tmp_path / "tb")
+
+
+def test_tensorboard_event_files(folder, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    T.train(config(folder, tmp_path, steps=3, batch_size=4, tensorboard=True, val_dir=str(folder), val_max=4),
+            log_fn=lambda m: None)
+    files = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
+    assert files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "tb"))
+    ev.Reload()
+    assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3]
+    assert {"train/lr", "train/images_per_second", "val/micro_ap"} <= set(ev.Tags()["scalars"])
+
+
+def _ddp_worker(rank, tmp, folder):
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(3, 3), checkpoint_every=2, augment_on="device")
+    try:
+        out = {"a": T.train(config(folder, os.path.join(tmp, "a"), **kw), log_fn=lambda m: None).losses}
+        os.environ[T.FAIL_AFTER_STEP_ENV] = "5"
+        try:
+            T.train(config(folder, os.path.join(tmp, "b"), **kw), log_fn=lambda m: None)
+        except T.SimulatedFailure:
+            out["b_failed"] = True
+        del os.environ[T.FAIL_AFTER_STEP_ENV]
+        out["b"] = T.train(config(folder, os.path.join(tmp, "b"), resume=os.path.join(tmp, "b", "last.pt"), **kw),
+                           log_fn=lambda m: None).losses
+        torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_device_mode_under_two_ranks_resumes(folder, tmp_path):
+    """2 gloo ranks: each augments its share of the global batch in the loop; the ranks agree on the
+    loss, and an interrupted run resumes onto the uninterrupted one's losses."""
+    from conftest import spawn_ranks
+    spawn_ranks(_ddp_worker, 2, tmp_path, args=(str(folder),), deadline_s=240)
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    assert outs[0]["a"] == outs[1]["a"] and all(o.get("b_failed") for o in outs)
+    assert outs[0]["b"] == outs[0]["a"][4:]            # resumed after global step 4
+    assert all(torch.isfinite(torch.tensor(outs[0]["a"])))
