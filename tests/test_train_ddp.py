@@ -197,6 +197,13 @@ def _doc_commands():
     return [line for b in blocks for line in b.splitlines() if line.strip()]
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_the_documented_torchrun_command_and_embed(tmp_path, capsys, monkeypatch):
     """docs/train.md's torchrun line as written (2 CPU processes, gloo), then `simcore embed` on
     the 2-rank run's checkpoint."""
@@ -213,7 +220,8 @@ def test_the_documented_torchrun_command_and_embed(tmp_path, capsys, monkeypatch
     shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m simcore.isc.cli \"$@\"\n")
     shim.chmod(0o755)
     env = subprocess_env(PATH=f"{shim.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}"
-                              f"{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+                              f"{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+                         PET_MASTER_PORT=str(_free_port()))  # torchrun's --master-port; not its busy default 29500
     out = subprocess.run(lines[0], shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.count("stage 2: 24 classes") == 1, out.stdout     # rank 0 reports, once
