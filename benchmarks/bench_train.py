@@ -81,7 +81,7 @@ def _pick_backbone():
         import timm  # noqa: F401
         return "resnet18", ""
     except Exception as e:  # noqa: BLE001 - ImportError, or torchvision failing inside timm
-        return "smallcnn", f"timm not importable ({type(e).__name__}: {e}); fallback: simcore.isc.training.SmallCNN"
+        return "smallcnn", f"timm not importable ({type(e).__name__}: {e}); fallback: simcore.isc.backbones.SmallCNN"
 
 
 BACKBONE, BACKBONE_NOTE = _pick_backbone()

@@ -80,18 +80,55 @@ def test_quick_demo_runs_end_to_end_and_its_files_feed_the_cli(tmp_path):
             assert 0.0 <= row[key] <= 1.0 and math.isfinite(row[key])
     assert res["train_steps"] > 0 and res["train_images_per_second"] > 0
     assert res["copies"] == res["references"] and res["queries"] > res["copies"]
+    assert [s["classes"] for s in res["train_stages"]] == [60, 120]          # two drip stages
+    assert "drip 60 -> 120 classes" in text
+
+    # The files the steps handed each other: the benchmark as images, the training run, the descriptors
+    # (with the training set's), one predictions file per row.
+    assert len(list((out / "images" / "references").glob("R*.png"))) == res["references"]
+    assert len(list((out / "images" / "queries").glob("Q*.png"))) == res["queries"]
+    assert len(list((out / "images" / "training").glob("T*.png"))) == res["training_images"]
+    assert (out / "run" / "final.pt").is_file() and (out / "run" / "log.jsonl").is_file()
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == \
+        sorted(f"{k}.csv" for k in ("raw_pixels", "trained", "pca", "score", "negative", "shift"))
 
     # The demo's own files through `simcore match` and `simcore eval`.
     from simcore.isc.cli import main
-    assert main(["match", str(out / "descriptors.h5"), "--train", str(out / "train.npy"), "--normalize", "negative",
-                 "-o", str(tmp_path / "pred.csv")]) == 0
-    assert main(["eval", str(tmp_path / "pred.csv"), str(out / "ground_truth.csv"), "--json"]) == 0
+    assert main(["match", str(out / "descriptors.h5"), "--train", str(out / "descriptors.h5"), "--normalize",
+                 "negative", "-o", str(tmp_path / "pred.csv")]) == 0
+    assert main(["eval", str(tmp_path / "pred.csv"), str(out / "images" / "ground_truth.csv"), "--json"]) == 0
     # Plain matching reproduces the demo's "trained CNN" row.
     assert main(["match", str(out / "descriptors.h5"), "-o", str(tmp_path / "plain.csv")]) == 0
     from simcore.isc.metrics import evaluate, read_ground_truth, read_predictions
-    m = evaluate(read_predictions(tmp_path / "plain.csv"), read_ground_truth(out / "ground_truth.csv"))
+    gt = read_ground_truth(out / "images" / "ground_truth.csv")
     trained = next(r for r in res["rows"] if r["descriptors"].startswith("trained CNN"))
-    assert m.micro_ap == pytest.approx(trained["micro_ap"], abs=1e-3)
+    assert evaluate(read_predictions(tmp_path / "plain.csv"), gt).micro_ap == trained["micro_ap"]
+    neg = next(r for r in res["rows"] if r["descriptors"].startswith("+ negative"))
+    assert evaluate(read_predictions(tmp_path / "pred.csv"), gt).micro_ap == neg["micro_ap"]
+
+
+def test_the_benchmark_files_hold_its_pixels(tmp_path):
+    """PNG is lossless: decoding the files gives the benchmark's tensors back, bit for bit."""
+    from simcore.isc.data import decode_image, load_image_set
+    from simcore.isc.demo import build_benchmark, write_benchmark
+    from simcore.isc.metrics import read_ground_truth
+    bench = build_benchmark(1, max_references=6, max_training=9)
+    folders = write_benchmark(bench, tmp_path)
+    for role, x in (("references", bench.references), ("queries", bench.queries), ("training", bench.training)):
+        s = load_image_set(folders[role])
+        assert len(s.paths) == x.shape[0]
+        assert torch.equal(torch.stack([decode_image(p, x.shape[-1]) for p in s.paths]), x), role
+    assert s.ids()[0] == "T00000"
+    assert read_ground_truth(folders["ground_truth"]) == bench.ground_truth
+
+
+def test_bad_training_settings_fail_at_once(tmp_path):
+    r = console_script("demo", "--quick", "--steps", "1,2,3", cwd=tmp_path)
+    assert r.returncode == 2 and "steps has 3 values for 2 drip stages" in r.stderr, r.stderr
+    assert "[demo]" not in r.stdout                     # nothing was built
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    r = console_script("demo", "--quick", "--out", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a demo's files" in r.stderr, r.stderr
 
 
 def test_benchmark_construction_is_seeded_and_disjoint():

@@ -1,7 +1,7 @@
 """Backbones for copy-detection descriptors, by name.
 
-- ``"smallcnn"``: :class:`simcore.isc.training.SmallCNN` (in-house, CPU-friendly; the tests' and
-  the demo's model).
+- ``"smallcnn"``: :class:`SmallCNN` (in-house, CPU-friendly: stages of 3x3 convolutions, GeM, a
+  linear layer; the tests' and the demo's model).
 - any other name: a `timm <https://github.com/huggingface/pytorch-image-models>`_ model
   (``timm.create_model(name, pretrained=..., num_classes=0, global_pool="")``, its feature map)
   followed by GeM pooling (p = 3, fixed, as the 2nd-place ISC 2021 team) and a linear layer to
@@ -18,21 +18,68 @@ inference. ``build_backbone(spec)`` rebuilds one from the ``spec`` dict stored i
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import os
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from simcore.isc.training import GeM, SmallCNN
-
-__all__ = ["TimmBackbone", "build_backbone", "backbone_spec", "BackboneError"]
+__all__ = ["GeM", "SmallCNN", "TimmBackbone", "build_backbone", "backbone_spec", "BackboneError"]
 
 
 class BackboneError(ValueError):
     """An unknown backbone name or a missing optional dependency."""
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (p = 3 as the 2nd-place team used)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p, self.eps = p, eps
+
+    def forward(self, x):
+        return x.clamp_min(self.eps).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+
+
+def _block(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """A small CPU-friendly CNN: stages of 3x3 convolutions (the first of each with stride 2), GeM pooling,
+    a linear projection. ``input_size`` resizes the input first (area averaging); ``standardize``
+    removes each image's channel means and scales it to unit standard deviation (invariance to brightness
+    and contrast for free), else ImageNet statistics are used. ``forward`` returns unnormalised embeddings
+    (the margin loss normalises them)."""
+
+    def __init__(self, embedding_dim: int = 128, widths: Sequence[int] = (32, 64, 128, 256), depth: int = 1,
+                 input_size: Optional[int] = None, standardize: bool = True):
+        super().__init__()
+        self.input_size, self.standardize = input_size, standardize
+        layers, cin = [], 3
+        for w in widths:
+            layers.append(_block(cin, w, 2))
+            layers += [_block(w, w, 1) for _ in range(depth - 1)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.pool = GeM()
+        self.fc = nn.Linear(cin, embedding_dim)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+        if self.standardize:      # per image: channel means removed, unit overall std (brightness/contrast-free)
+            x = x - x.mean((2, 3), keepdim=True)
+            x = x / (x.std((1, 2, 3), keepdim=True) + 1e-2)
+        else:
+            x = (x - self.mean) / self.std
+        return self.fc(self.pool(self.features(x)))
 
 
 def _timm():

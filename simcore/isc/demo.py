@@ -1,6 +1,7 @@
-"""A small copy-detection benchmark on real photographs, end to end, on the CPU.
+"""A small copy-detection benchmark on real photographs, end to end, on the CPU, through the
+same code as ``simcore train`` / ``embed`` / ``match`` / ``eval``.
 
-    simcore demo [--seed 0] [--steps N] [--threads T] [--out DIR] [--json] [--quick]
+    simcore demo [--seed 0] [--steps S[,S]] [--batch-size B[,B]] [--threads T] [--out DIR] [--json] [--quick]
 
 (``python -m simcore.isc.demo`` is the same, for a source checkout with an in-place build.)
 The first line of the output names the implementation that runs simcore's ops,
@@ -17,11 +18,18 @@ The first line of the output names the implementation that runs simcore's ops,
 2. Queries: one augmented copy of every reference (``simcore.isc.augment``, a
    random composition of 1-3 transforms) and three augmented copies of every
    distractor cell. The ground truth pairs each copy with its reference.
-3. A small CNN is trained from scratch with ``simcore.arcface_partial``
-   (every training cell its own class, positives = augmented copies).
-4. The table: µAP and recall@P90 of raw pixels (16x16 thumbnails), of the
-   trained descriptors, of trained descriptors with PCA whitening and with
-   each of the three external-set normalisations, and the training throughput.
+3. The benchmark is written as PNG files (lossless: the files hold the benchmark's
+   pixels) with ``ground_truth.csv``, into ``--out DIR`` or a temporary folder.
+4. ``simcore.isc.train.train`` (``simcore train``) trains a SmallCNN from scratch on the
+   training folder: every training image its own class, augmented copies as positives,
+   a ``simcore.PartialMarginHead`` ArcFace head, two drip stages (200 classes, then all).
+5. ``simcore.isc.embed`` (``simcore embed --flip``) writes the descriptors of the query,
+   reference and training folders to ``descriptors.h5``; 16x16 thumbnails of the same
+   files go to ``raw_pixels.h5``.
+6. ``simcore.isc.commands.match_files`` / ``evaluate_files`` (``simcore match`` / ``simcore
+   eval``) give each row of the table: µAP and recall@P90 of raw pixels, of the trained
+   descriptors, with PCA whitening and with each of the three external-set normalisations;
+   then the training throughput.
 
 The query transformations come from the same family as the training ones
 (different seeds, different images): that flatters learned descriptors more
@@ -30,9 +38,11 @@ than the real challenge does, where the query edits were partly manual.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -41,9 +51,11 @@ import torch
 
 import simcore
 from simcore.isc import augment as A
+from simcore.isc import data as Dt
 from simcore.isc import descriptors as D
-from simcore.isc.metrics import evaluate, write_predictions
-from simcore.isc.training import SmallCNN, TrainStats, embed, train_arcface
+from simcore.isc.commands import evaluate_files, match_files
+from simcore.isc.embed import embed_folders, write_descriptors
+from simcore.isc.train import TrainConfig, TrainSetupError, train
 
 #: Photographs shipped inside the scikit-image wheel (no pooch download) and scikit-learn, in three
 #: disjoint groups: references, distractors (queries that match nothing) and the external training set.
@@ -164,107 +176,134 @@ def raw_pixels(images, thumb=16):
     return D.l2_normalize(x - x.mean(1, keepdim=True))
 
 
-def score(queries, references, bench, *, k=10, metric="ip", train=None, score_norm=None):
-    m = D.match(queries, references, k=k, metric=metric, train=train, score_norm=score_norm)
-    return evaluate(m.to_triples(bench.query_ids, bench.reference_ids), bench.ground_truth), m
+def _save_png(x, path):
+    from PIL import Image
+    Image.fromarray(x.permute(1, 2, 0).contiguous().numpy()).save(path, compress_level=1)
 
 
-TRAIN_OPS_WEIGHTS = {"overlay_text": 0.5, "screenshot": 0.5, "meme": 0.5}
-
-
-def run(seed=0, *, steps=1600, train_seconds=None, batch_size=128, embedding_dim=128,
-        widths=(32, 64, 128, 256), depth=1, input_size=32, lr=3e-3, head_lr=3e-2, margin=0.2, scale=30.0,
-        max_references=None, max_training=None, train_scales=TRAIN_SCALES, per_photo=TRAIN_PER_PHOTO,
-        out=None, progress=True, quiet=False):
-    """Build the benchmark, train, evaluate; returns a dict with the table rows and training figures."""
-    torch.manual_seed(seed)
-    t_start = time.perf_counter()
-    bench = build_benchmark(seed, max_references=max_references, max_training=max_training, train_scales=train_scales,
-                            per_photo=per_photo)
-    t_built = time.perf_counter()
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    log(f"[demo] {bench.references.shape[0]} references, {bench.queries.shape[0]} queries "
-        f"({sum(1 for _, r in bench.ground_truth if r)} copies), {bench.training.shape[0]} training images "
-        f"(built in {t_built - t_start:.1f} s)")
-
-    g = torch.Generator().manual_seed(seed + 1)
-    model = SmallCNN(embedding_dim, widths=widths, depth=depth, input_size=input_size)
-    weight = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(bench.training.shape[0], embedding_dim,
-                                                                          generator=g), dim=1))
-    train_aug = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
-    stats = TrainStats()
-    if train_seconds is not None:
-        # A time budget: estimate the step count from a short timed run (not reproducible across machines).
-        probe = 5
-        train_arcface(model, bench.training, weight, steps=probe, batch_size=batch_size, augment=train_aug,
-                      lr=lr, head_lr=head_lr, margin=margin, scale=scale, generator=g, stats=stats, warmup=probe)
-        per_step = (stats.seconds + stats.augment_seconds) / probe
-        steps = int(max(1, (train_seconds - per_step * probe) / per_step))
-    log(f"[demo] training {steps} steps of {batch_size} images")
-    train_arcface(model, bench.training, weight, steps=steps, batch_size=batch_size, augment=train_aug,
-                  lr=lr, head_lr=head_lr, margin=margin, scale=scale, generator=g, stats=stats, progress=progress,
-                  warmup=min(50, steps // 10))
-
-    q_emb, r_emb, t_emb = (embed(model, x, flip=True) for x in (bench.queries, bench.references, bench.training))
-    rows = []
-
-    def add(name, metrics):
-        rows.append({"descriptors": name, "micro_ap": metrics.micro_ap, "recall_at_p90": metrics.recall_at_p90,
-                     "recall_at_rank1": metrics.recall_at_rank1, "recall_at_rank10": metrics.recall_at_rank10})
-
-    add("raw pixels (16x16)", score(raw_pixels(bench.queries), raw_pixels(bench.references), bench)[0])
-    add("trained CNN (flip-symmetrised)", score(q_emb, r_emb, bench)[0])
-    pca = D.PCAWhitening(min(embedding_dim, 64 if bench.training.shape[0] > 128 else bench.training.shape[0] // 2))
-    pca.fit(t_emb)
-    add(f"+ PCA whitening ({pca.components.shape[1]}d, fit on training)",
-        score(pca.transform(q_emb), pca.transform(r_emb), bench)[0])
-    n = min(10, t_emb.shape[0])
-    add("+ score normalisation (beta=2, n=10)",
-        score(q_emb, r_emb, bench, train=t_emb, score_norm={"beta": 2.0, "n": n})[0])
-    k_neg = min(10, t_emb.shape[0])
-    add("+ negative-embedding subtraction (beta=0.35, k=10)",
-        score(D.negative_embedding_subtraction(q_emb, t_emb, k=k_neg),
-              D.negative_embedding_subtraction(r_emb, t_emb, k=k_neg), bench)[0])
-    k_shift = min(100, t_emb.shape[0])
-    add("+ query shift (K=100, top-3, 1.8*sqrt(c), L2 scores)",
-        score(D.query_shift(q_emb, t_emb, k=k_shift), r_emb, bench, metric="l2")[0])
-
-    result = {
-        "seed": seed, "rows": rows,
-        "references": int(bench.references.shape[0]), "queries": int(bench.queries.shape[0]),
-        "copies": sum(1 for _, r in bench.ground_truth if r), "training_images": int(bench.training.shape[0]),
-        "train_steps": stats.steps, "train_images_seen": stats.images,
-        "train_seconds": stats.seconds, "augment_seconds": stats.augment_seconds,
-        "train_images_per_second": stats.images_per_second,
-        "end_to_end_images_per_second": stats.end_to_end_images_per_second,
-        "final_loss": float(np.mean(stats.losses[-20:])) if stats.losses else float("nan"),
-        "threads": torch.get_num_threads(), "total_seconds": time.perf_counter() - t_start,
-    }
-    if out is not None:
-        write_outputs(out, bench, q_emb, r_emb, t_emb, result)
-    return result
-
-
-def write_outputs(out, bench, q_emb, r_emb, t_emb, result):
-    """The demo's files, for ``simcore match`` / ``simcore eval``: descriptors.h5 (challenge layout),
-    train.npy, ground_truth.csv, results.json."""
-    import h5py
-    os.makedirs(out, exist_ok=True)
-    with h5py.File(os.path.join(out, "descriptors.h5"), "w") as f:
-        f.create_dataset("query", data=q_emb.numpy().astype(np.float32))
-        f.create_dataset("reference", data=r_emb.numpy().astype(np.float32))
-        f.create_dataset("query_ids", data=np.array(bench.query_ids, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("reference_ids", data=np.array(bench.reference_ids, dtype=object),
-                         dtype=h5py.string_dtype())
-    np.save(os.path.join(out, "train.npy"), t_emb.numpy().astype(np.float32))
-    with open(os.path.join(out, "ground_truth.csv"), "w") as f:
+def write_benchmark(bench, folder):
+    """The benchmark as files: ``references/R*.png``, ``queries/Q*.png``, ``training/T*.png`` (lossless,
+    so the pixels are the benchmark's own) and ``ground_truth.csv``. Returns {role: folder}."""
+    folders = {}
+    for role, images, ids in (("references", bench.references, bench.reference_ids),
+                              ("queries", bench.queries, bench.query_ids),
+                              ("training", bench.training, [f"T{i:05d}" for i in range(bench.training.shape[0])])):
+        folders[role] = os.path.join(folder, role)
+        os.makedirs(folders[role], exist_ok=True)
+        for x, name in zip(images, ids):
+            _save_png(x, os.path.join(folders[role], f"{name}.png"))
+    folders["ground_truth"] = os.path.join(folder, "ground_truth.csv")
+    with open(folders["ground_truth"], "w") as f:
         f.write("query_id,reference_id\n")
         for q, r in bench.ground_truth:
             f.write(f"{q},{r}\n")
-    m = D.match(q_emb, r_emb, k=10)
-    write_predictions(os.path.join(out, "predictions.csv"), m.to_triples(bench.query_ids, bench.reference_ids))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    return folders
+
+
+def raw_pixel_descriptors(folders, size):
+    """16x16 thumbnails (mean-removed, L2) of the query and reference files, as ``embed_folders`` returns them."""
+    out = {}
+    for role, key in (("query", "queries"), ("reference", "references")):
+        s = Dt.load_image_set(folders[key])
+        x = torch.stack([Dt.decode_image(p, size) for p in s.paths])
+        out[role], out[f"{role}_ids"] = raw_pixels(x).numpy().astype(np.float32), s.ids()
+    return out
+
+
+#: The demo's training: ``simcore train`` settings (docs/train.md) on the training cells.
+TRAIN_DEFAULTS = dict(drip=(200, "ALL"), steps=(250, 750), batch_size=(64,), dim=128, widths=(32, 64, 128, 256),
+                      image_size=32, lr=3e-3, head_lr=3e-2, margin=0.2, scale=30.0, sample_rate=1.0, warmup=30,
+                      views=4, workers=1)
+
+
+def run(seed=0, *, max_references=None, max_training=None, train_scales=TRAIN_SCALES, per_photo=TRAIN_PER_PHOTO,
+        out=None, progress=True, quiet=False, **train_settings):
+    """Build the benchmark, write it as image files, then ``simcore train`` -> ``simcore embed`` ->
+    ``simcore match`` -> ``simcore eval`` through their Python functions; returns a dict with the table
+    rows and training figures. ``train_settings`` override ``TRAIN_DEFAULTS`` (``TrainConfig`` fields)."""
+    unknown = set(train_settings) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown training settings {sorted(unknown)} (known: {sorted(TRAIN_DEFAULTS)})")
+    settings = dict(TRAIN_DEFAULTS, **train_settings)
+    TrainConfig(images="", output="", **settings).normalised()   # bad settings fail before any work
+    if out is not None and any(os.path.exists(os.path.join(out, d)) for d in ("images", "run")):
+        raise TrainSetupError(f"{out} already holds a demo's files (images/, run/): give another --out folder "
+                              "or remove it")
+    t_start = time.perf_counter()
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="simcore-demo-"))
+        else:
+            folder = out
+            os.makedirs(folder, exist_ok=True)
+        bench = build_benchmark(seed, max_references=max_references, max_training=max_training,
+                                train_scales=train_scales, per_photo=per_photo)
+        folders = write_benchmark(bench, os.path.join(folder, "images"))
+        size = int(bench.references.shape[-1])
+        t_built = time.perf_counter()
+        log(f"[demo] {bench.references.shape[0]} references, {bench.queries.shape[0]} queries "
+            f"({sum(1 for _, r in bench.ground_truth if r)} copies), {bench.training.shape[0]} training images "
+            f"(built and written to {os.path.join(folder, 'images')} in {t_built - t_start:.1f} s)")
+
+        # simcore train: every training cell its own class, drip training, a PartialMarginHead.
+        run_dir = os.path.join(folder, "run")
+        config = TrainConfig(images=folders["training"], output=run_dir, backbone="smallcnn", seed=seed,
+                             progress=progress, **settings)
+        trained = train(config, log_fn=lambda msg: log(f"[demo] train: {msg}"))
+
+        # simcore embed: flip test-time augmentation; the training descriptors go into the same file.
+        embedded = embed_folders([os.path.join(run_dir, "final.pt")], query=folders["queries"],
+                                 reference=folders["references"], train=folders["training"], flip=True,
+                                 batch_size=256)
+        descriptors = os.path.join(folder, "descriptors.h5")
+        write_descriptors(descriptors, embedded)
+        raw = os.path.join(folder, "raw_pixels.h5")
+        write_descriptors(raw, raw_pixel_descriptors(folders, size))
+
+        # simcore match + simcore eval, one predictions file per row.
+        n_train = embedded["train"].shape[0]
+        pca_dim = min(int(embedded["train"].shape[1]), 64 if n_train > 128 else n_train // 2)
+        table = [
+            ("raw pixels (16x16)", "raw_pixels", dict(descriptors=raw)),
+            ("trained CNN (flip-symmetrised)", "trained", dict(descriptors=descriptors)),
+            (f"+ PCA whitening ({pca_dim}d, fit on training)", "pca",
+             dict(descriptors=descriptors, train=descriptors, pca=pca_dim)),
+            ("+ score normalisation (beta=2, n=10)", "score",
+             dict(descriptors=descriptors, train=descriptors, normalize="score", neighbors=min(10, n_train))),
+            ("+ negative-embedding subtraction (beta=0.35, k=10)", "negative",
+             dict(descriptors=descriptors, train=descriptors, normalize="negative", neighbors=min(10, n_train))),
+            ("+ query shift (K=100, top-3, 1.8*sqrt(c), L2 scores)", "shift",
+             dict(descriptors=descriptors, train=descriptors, normalize="shift", neighbors=min(100, n_train))),
+        ]
+        os.makedirs(os.path.join(folder, "predictions"), exist_ok=True)
+        rows = []
+        for name, key, match_args in table:
+            predictions = os.path.join(folder, "predictions", f"{key}.csv")
+            match_files(output=predictions, **match_args)
+            m = evaluate_files(predictions, folders["ground_truth"])
+            rows.append({"descriptors": name, "micro_ap": m.micro_ap, "recall_at_p90": m.recall_at_p90,
+                         "recall_at_rank1": m.recall_at_rank1, "recall_at_rank10": m.recall_at_rank10})
+
+        steps = [s["steps"] for s in trained.stages]
+        images_seen = sum(s["steps"] * min(b, s["classes"])            # a stage's batch holds at most its classes
+                          for s, b in zip(trained.stages, config.normalised().batch_size))
+        result = {
+            "seed": seed, "rows": rows,
+            "references": int(bench.references.shape[0]), "queries": int(bench.queries.shape[0]),
+            "copies": sum(1 for _, r in bench.ground_truth if r), "training_images": int(bench.training.shape[0]),
+            "train_stages": [{"classes": s["classes"], "steps": s["steps"], "final_loss": s["final_loss"]}
+                             for s in trained.stages],
+            "train_steps": sum(steps), "train_images_seen": images_seen,
+            "train_images_per_second": trained.images_per_second,
+            "train_workers": config.workers,
+            "final_loss": trained.stages[-1]["final_loss"] if trained.stages else float("nan"),
+            "threads": torch.get_num_threads(), "total_seconds": time.perf_counter() - t_start,
+        }
+        if out is not None:
+            with open(os.path.join(folder, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+    return result
 
 
 def format_table(result) -> str:
@@ -277,30 +316,33 @@ def format_table(result) -> str:
     lines.append("")
     lines.append(f"benchmark: {result['references']} references, {result['queries']} queries "
                  f"({result['copies']} copies), {result['training_images']} training images (classes)")
-    lines.append(f"training: {result['train_steps']} steps, {result['train_images_seen']} images, "
-                 f"{result['train_images_per_second']:.0f} images/s forward+backward "
-                 f"({result['end_to_end_images_per_second']:.0f} images/s with augmentation), "
-                 f"{result['threads']} threads; final loss {result['final_loss']:.3f}; "
-                 f"total {result['total_seconds']:.0f} s")
+    stages = " + ".join(f"{s['steps']}" for s in result["train_stages"])
+    classes = " -> ".join(f"{s['classes']}" for s in result["train_stages"])
+    lines.append(f"training: drip {classes} classes, {stages} steps, {result['train_images_seen']} images, "
+                 f"{result['train_images_per_second']:.0f} images/s (augmentation in {result['train_workers']} "
+                 f"worker{'s' if result['train_workers'] != 1 else ''}), {result['threads']} threads; "
+                 f"final loss {result['final_loss']:.3f}; total {result['total_seconds']:.0f} s")
     return "\n".join(lines)
 
 
 #: ``--quick``: a tiny configuration (seconds), for smoke and determinism tests.
-QUICK = dict(max_references=40, max_training=120, widths=(16, 32, 64, 64), embedding_dim=32, batch_size=32, steps=20)
+QUICK = dict(max_references=40, max_training=120, widths=(16, 32, 64, 64), dim=32, drip=(60, "ALL"),
+             batch_size=(32,), steps=(10, 10), views=1, workers=0)
 
 
 def main(argv=None, prog="python -m simcore.isc.demo"):
     """The demo's command line (``simcore demo`` hands its arguments here)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1600,
-                   help="training steps (default 1600; about 3-4 minutes on 2 idle CPU cores); reproducible for a seed")
-    p.add_argument("--train-seconds", type=float, default=None,
-                   help="train for about this many seconds instead of --steps (the step count then depends on "
-                        "the machine's speed, so the numbers are not reproducible across machines)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--out", default=None, help="write descriptors.h5, train.npy, ground_truth.csv, predictions.csv, "
-                   "results.json here")
+    steps = ",".join(map(str, TRAIN_DEFAULTS["steps"]))
+    p.add_argument("--steps", default=None, metavar="S[,S...]",
+                   help=f"training steps per drip stage, or one for all (default {steps}; about 3-4 minutes on "
+                        "2 idle CPU cores); reproducible for a seed")
+    p.add_argument("--batch-size", default=None, metavar="B[,B...]",
+                   help=f"per drip stage, or one for all (default {TRAIN_DEFAULTS['batch_size'][0]})")
+    p.add_argument("--out", default=None, help="keep the demo's files here: images/ (the benchmark as PNG files "
+                   "and ground_truth.csv), run/ (the training run), descriptors.h5, raw_pixels.h5, "
+                   "predictions/*.csv, results.json (default: a temporary folder, removed at the end)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds; for smoke tests)")
     p.add_argument("--threads", type=int, default=None,
@@ -313,11 +355,18 @@ def main(argv=None, prog="python -m simcore.isc.demo"):
     print(simcore.implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
-    kwargs = dict(seed=a.seed, steps=a.steps, train_seconds=a.train_seconds, batch_size=a.batch_size, out=a.out,
-                  progress=not a.no_progress and sys.stderr.isatty(), quiet=a.json)
+    kwargs = dict(seed=a.seed, out=a.out, progress=not a.no_progress and sys.stderr.isatty(), quiet=a.json)
     if a.quick:
-        kwargs.update(QUICK, batch_size=min(a.batch_size, QUICK["batch_size"]), steps=min(a.steps, QUICK["steps"]))
-    result = run(**kwargs)
+        kwargs.update(QUICK)
+    if a.steps is not None:
+        kwargs["steps"] = a.steps
+    if a.batch_size is not None:
+        kwargs["batch_size"] = a.batch_size
+    try:
+        result = run(**kwargs)
+    except TrainSetupError as e:            # e.g. --steps with another number of values than drip stages
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2) if a.json else format_table(result))
     return 0
 
