@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from simcore.isc.commands import CLIError, evaluate_files, match_files
