@@ -9,24 +9,12 @@ import torch
 
 pytest.importorskip("PIL.Image")
 pytest.importorskip("kornia")
-from test_data import write_photos  # noqa: E402
-from test_train import TINY, steps_of  # noqa: E402
+from test_train import config, folder, steps_of  # noqa: E402,F401  (folder: the module's image fixture)
 
 from simcore.isc import augment as A  # noqa: E402
 from simcore.isc import data as Dt  # noqa: E402
 from simcore.isc import train as T  # noqa: E402
 from simcore.isc.embed import load_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    write_photos(root, 12, size=40)
-    return root
-
-
-def config(folder, out, **kw):
-    return T.TrainConfig(images=str(folder), output=str(out), **{**TINY, **kw})
 
 
 def test_both_modes_give_the_model_the_same_kind_of_batch(folder):
