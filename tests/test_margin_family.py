@@ -68,21 +68,35 @@ def test_float32_kernel_matches_float64_reference(name, subcenters, filter_thres
 
 
 def _clear_winners(x, y, w, k, gap=2e-3, dtype=torch.bfloat16):
-    """x, rounded to ``dtype``, with each row moved toward its best target sub-centre until it
-    leads the others by more than ``gap``: bfloat16 operands move cosines by ~1e-4, and a
-    near-tie may then hand the target's gradient to another centre (the max is discontinuous)."""
-    wn = torch.nn.functional.normalize(w.double(), dim=1)[centre_ids(y, k)].view(len(y), k, -1)
+    """(x, w) rounded to ``dtype`` such that, for every row, each class's best sub-centre leads
+    that class's others by more than ``gap``: half operands move cosines by ~1e-4, and a near-tie
+    would hand the class's gradient to another centre (the max over sub-centres is
+    discontinuous). Target near-ties move the row toward its leading target centre; non-target
+    near-ties (about 2 % of (row, class) pairs at gap 2e-3: they gave errors up to 1.5e-2 in 1 of
+    150 bfloat16 runs) move that class's leading centre toward the row, a step small enough
+    (1 % of its norm) that it rarely makes a new near-tie elsewhere."""
+    if k == 1:
+        return x.to(dtype), w
     rows = torch.arange(len(y))
-    for _ in range(20):
+    target = torch.zeros(len(y), w.shape[0] // k, dtype=torch.bool)
+    target[rows, y] = True
+    for _ in range(50):
         xb = x.to(dtype)
-        cos = torch.bmm(wn, torch.nn.functional.normalize(xb.double(), dim=1).unsqueeze(2)).squeeze(2)
-        top = cos.topk(min(k, 2), dim=1)
-        close = (top.values[:, 0] - top.values[:, -1] < gap) if k > 1 else torch.zeros(len(y), dtype=torch.bool)
+        xn = torch.nn.functional.normalize(xb.double(), dim=1)
+        wn = torch.nn.functional.normalize(w.double(), dim=1).view(-1, k, w.shape[1])
+        top = torch.einsum("ckd,bd->bck", wn, xn).topk(2, dim=2)
+        close = top.values[..., 0] - top.values[..., 1] < gap              # (rows, classes)
         if not close.any():
-            return xb
-        lead = wn[rows, top.indices[:, 0]].float()
-        x = torch.where(close[:, None], x + 0.05 * x.norm(dim=1, keepdim=True) * lead, x)
-    raise AssertionError("could not separate the target sub-centres")
+            return xb, w
+        lead_t = wn[y, top.indices[rows, y, 0]].float()                       # rows' leading target centres
+        x = torch.where(close[rows, y][:, None], x + 0.05 * x.norm(dim=1, keepdim=True) * lead_t, x)
+        i, j = (close & ~target).nonzero(as_tuple=True)
+        if len(i):
+            lead = j * k + top.indices[i, j, 0]
+            w32 = w.float()
+            w32.index_add_(0, lead, 0.01 * w32[lead].norm(dim=1, keepdim=True) * xn[i].float())
+            w = w32.to(w.dtype)
+    raise AssertionError("could not separate the sub-centres")
 
 
 @pytest.mark.parametrize("name", list(_variants()))
@@ -100,7 +114,7 @@ def test_bf16_gemms_match_float64_reference(name, subcenters, blocked, generator
         b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 128, 700
         x, y, w = _inputs(generator, b, d, c, subcenters)
         w = w.bfloat16()
-        x = _clear_winners(x, y, w, subcenters)
+        x, w = _clear_winners(x, y, w, subcenters)
         kw2 = dict(kw, subcenters=subcenters, sample_rate=1.0)
         got = _run(fn, x, y, w, torch.bfloat16, reduction, **kw2)
         ref = _run(fn, x, y, w, torch.float64, reduction, **kw2)
@@ -125,7 +139,7 @@ def test_fp16_gemms_match_float64_reference(name, subcenters, blocked, generator
         b, d, c = int(torch.randint(8, 40, (1,), generator=generator)), 128, 700
         x, y, w = _inputs(generator, b, d, c, subcenters)
         w = w.half()
-        x = _clear_winners(x, y, w, subcenters, gap=5e-4, dtype=torch.float16)
+        x, w = _clear_winners(x, y, w, subcenters, gap=5e-4, dtype=torch.float16)
         kw2 = dict(kw, subcenters=subcenters, sample_rate=1.0)
         got = _run(fn, x, y, w, torch.float16, reduction, **kw2)
         ref = _run(fn, x, y, w, torch.float64, reduction, **kw2)
@@ -568,7 +582,7 @@ def test_cuda_matches_float64_reference(name, blocked, dtype, generator, engine_
         x[:4] *= 200.0
         w[:6] *= 300.0
     w = w.to(dtype)
-    x = _clear_winners(x, y, w, 3) if half else x  # bfloat16 values: exact in float16 as well
+    x, w = _clear_winners(x, y, w, 3) if half else (x, w)  # bfloat16 values: exact in float16 as well
     kw = dict(kw, subcenters=3, sample_rate=1.0)
     kw = kw if half else dict(kw, filter_threshold=0.3)  # a discontinuity half operands may cross
     xc, wc = x.cuda().to(dtype).requires_grad_(), w.cuda().requires_grad_()
