@@ -99,26 +99,43 @@ def test_half_inputs_against_float64(xdtype, wdtype, generator):
     assert rel_err(gw, rgw) <= tol
 
 
-# --------------------------------------------------------------------------- bfloat16 GEMM operands
+# --------------------------------------------------------------------------- half (bfloat16, float16) GEMM operands
 @pytest.fixture
-def bf16_gemms(engine_opts):
-    """The CUDA path for bfloat16 inputs, on CPU: operands rounded to bfloat16, products
-    formed in float32 (exact for bfloat16 values), so only the summation order differs."""
+def lowp_gemms(engine_opts):
+    """The CUDA path for bfloat16/float16 inputs, on CPU: operands rounded to the half dtype,
+    products formed in float32 (exact for half values), so only the summation order differs."""
     engine_opts(lowp_gemms="always")
+
+
+# The CUDA path for float16 inputs (docs/margin_softmax.md, "fp16 and bf16 numerics"): the normalised
+# rows in float16 (11-bit significands, values in [-1, 1]), the gradient block G scaled by a power of
+# two into float16's range (fp16_block_scale) and scaled back exactly after each GEMM. On CPU
+# (lowp_gemms="always") the products of float16 values are formed exactly in float32, so only the
+# summation order differs from cuBLAS. Tolerance: float16 operands move cos θ by ~2^-12·√2/√d
+# (4e-5 at d = 64), which the scale 64 amplifies in the softmax; over 1,200 runs of
+# test_half_gemms_match_float64's float16 shapes the worst was 8.9e-4 (float16 gradients, rounded by 2^-11
+# on output too), against ~6e-3 for bfloat16 operands and 1e-6 for float32
+# (benchmarks/lowp_gemm_accuracy.py).
+FP16_TOL = 2.5e-3
+# (half dtype, smallest d, tolerance): bfloat16 operands move cos θ by ~2^-9/√d and the scale (64)
+# amplifies that (d from 64 reached 1.02e-2 on gw, seed 18399520), hence d >= 128; float16 from d = 64.
+HALF_GEMMS = {torch.bfloat16: (128, 1e-2), torch.float16: (64, FP16_TOL)}
 
 
 @pytest.mark.parametrize("variant", list(MARGINS))
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
-@pytest.mark.parametrize("xdtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                           (torch.float32, torch.bfloat16)])
-def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, generator, engine_opts):
+@pytest.mark.parametrize("half", list(HALF_GEMMS), ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mix", ["both", "x", "w"])
+def test_half_gemms_match_float64(variant, blocked, half, mix, lowp_gemms, generator, engine_opts):
+    """Half inputs (both, only x, only w): half GEMM operands, against float64 on the same sample."""
+    xdtype = half if mix in ("both", "x") else torch.float32
+    wdtype = half if mix in ("both", "w") else torch.float32
+    d_min, tol = HALF_GEMMS[half]
     if blocked:
         engine_opts(**BLOCKED)
     for reduction in ("mean", "none"):
         b = int(torch.randint(8, 60, (1,), generator=generator))
-        # d >= 128: bfloat16 operands move cos θ by ~2^-9/√d, and the scale (64) amplifies that
-        # (d from 64 reached 1.02e-2 on gw, seed 18399520)
-        d = int(torch.randint(128, 256, (1,), generator=generator))
+        d = int(torch.randint(d_min, 256, (1,), generator=generator))
         c = int(torch.randint(300, 2000, (1,), generator=generator))
         x = (torch.randn(b, d, generator=generator) * 2).to(xdtype)
         w = torch.randn(c, d, generator=generator).to(wdtype)
@@ -129,14 +146,14 @@ def test_bf16_gemms_match_float64(variant, blocked, xdtype, wdtype, bf16_gemms, 
         loss, sampled, gx, gw = run()
         assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
         for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
-            assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2, rel_err(out, ref)
+            assert torch.isfinite(out).all() and rel_err(out, ref) <= tol, rel_err(out, ref)
         with engine_options(lowp_gemms="never"):  # float32 operands: the same sample, other rounding
             gx32 = run()[2]
         # the gradient, not the loss: a mean loss near 44 can round to the same float32 (seed 104)
         assert not torch.equal(gx.float(), gx32.float())
 
 
-def test_bf16_gemms_extreme_angles(bf16_gemms, generator):
+def test_bf16_gemms_extreme_angles(lowp_gemms, generator):
     m1, m2, m3, s = MARGINS["arcface"]
     ts = theta_star(m1, m2)
     # bfloat16 operands move cos θ by ~2^-9/√d, so θ is resolved only away from 0 and π, and
@@ -170,7 +187,7 @@ def test_bf16_gemm_policy():
     assert not use_bf16_gemms(xb, wb, "never")
 
 
-def test_bf16_gemms_under_compile_and_autocast(bf16_gemms, generator):
+def test_bf16_gemms_under_compile_and_autocast(lowp_gemms, generator):
     lin = torch.nn.Linear(16, 32)
     w = torch.randn(300, 32, generator=generator, requires_grad=True)
     inp = torch.randn(12, 16, generator=generator)
@@ -194,47 +211,6 @@ def test_bf16_gemms_under_compile_and_autocast(bf16_gemms, generator):
 
 
 # --------------------------------------------------------------------------- float16 GEMM operands
-# The CUDA path for float16 inputs (docs/margin_softmax.md, "fp16 and bf16 numerics"): the normalised
-# rows in float16 (11-bit significands, values in [-1, 1]), the gradient block G scaled by a power of
-# two into float16's range (fp16_block_scale) and scaled back exactly after each GEMM. On CPU
-# (lowp_gemms="always") the products of float16 values are formed exactly in float32, so only the
-# summation order differs from cuBLAS. Tolerance: float16 operands move cos θ by ~2^-12·√2/√d
-# (4e-5 at d = 64), which the scale 64 amplifies in the softmax; over 1,200 runs of
-# test_fp16_gemms_match_float64's shapes the worst was 8.9e-4 (float16 gradients, rounded by 2^-11
-# on output too), against ~6e-3 for bfloat16 operands and 1e-6 for float32
-# (benchmarks/lowp_gemm_accuracy.py).
-FP16_TOL = 2.5e-3
-
-
-@pytest.fixture
-def fp16_gemms(engine_opts):
-    engine_opts(lowp_gemms="always")
-
-
-@pytest.mark.parametrize("variant", list(MARGINS))
-@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
-@pytest.mark.parametrize("xdtype,wdtype", [(torch.float16, torch.float16), (torch.float16, torch.float32),
-                                           (torch.float32, torch.float16)])
-def test_fp16_gemms_match_float64(variant, blocked, xdtype, wdtype, fp16_gemms, generator, engine_opts):
-    if blocked:
-        engine_opts(**BLOCKED)
-    for reduction in ("mean", "none"):
-        b = int(torch.randint(8, 60, (1,), generator=generator))
-        d = int(torch.randint(64, 256, (1,), generator=generator))
-        c = int(torch.randint(300, 2000, (1,), generator=generator))
-        x = (torch.randn(b, d, generator=generator) * 2).to(xdtype)
-        w = torch.randn(c, d, generator=generator).to(wdtype)
-        y = _labels(b, c, generator, duplicates=True)
-        g = torch.rand(b, generator=generator) if reduction == "none" else None
-        run = lambda: _kernel(x, y, w, MARGINS[variant], reduction, g, sample_rate=0.5,  # noqa: E731
-                              generator=torch.Generator().manual_seed(5))
-        loss, sampled, gx, gw = run()
-        assert loss.dtype == torch.float32 and gx.dtype == xdtype and gw.dtype == wdtype
-        for out, ref in zip((loss, gx, gw), _reference(x, y, w, sampled, MARGINS[variant], reduction, g)):
-            assert torch.isfinite(out).all() and rel_err(out, ref) <= FP16_TOL, rel_err(out, ref)
-        with engine_options(lowp_gemms="never"):  # float32 operands: the same sample, other rounding
-            gx32 = run()[2]
-        assert not torch.equal(gx.float(), gx32.float())
 
 
 def _engine_grads(x, y, w, row_weight, gemm_dtype, options=EngineOptions()):
@@ -300,7 +276,7 @@ def test_fp16_block_scale():
         assert torch.isfinite(scale) and not torch.isfinite((torch.tensor([bad]) * scale).half()).any()
 
 
-def test_fp16_gemms_extreme_angles(fp16_gemms, generator):
+def test_fp16_gemms_extreme_angles(lowp_gemms, generator):
     m1, m2, m3, s = MARGINS["arcface"]
     ts = theta_star(m1, m2)
     # float16 operands move cos θ by ~2^-12·√2/√d: θ is resolved away from 0 and π, where dψ/dcos θ
@@ -320,7 +296,7 @@ def test_fp16_gemms_extreme_angles(fp16_gemms, generator):
     assert (gx[n:].float().norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
 
 
-def test_fp16_large_and_small_norm_rows(fp16_gemms, generator):
+def test_fp16_large_and_small_norm_rows(lowp_gemms, generator):
     """float16 rows whose squares overflow float16 (elements ~300) or underflow it (~2e-4): the
     norms are accumulated in double, so the normalised float16 operands are as for norm-1 rows."""
     b, d, c = 24, 128, 400
@@ -364,7 +340,7 @@ def test_lowp_gemm_policy():
     assert EngineOptions.from_op_arg(opts.to_op_arg()) == opts
 
 
-def test_fp16_gemms_under_compile_and_autocast(fp16_gemms, generator, monkeypatch):
+def test_fp16_gemms_under_compile_and_autocast(lowp_gemms, generator, monkeypatch):
     """fp16 autocast (InsightFace's default) takes the float16 GEMM path, traced or eager."""
     seen = []
     real = engine_module._BlockEngine.__init__
