@@ -180,3 +180,10 @@ def cuda_stream(device: torch.device) -> int:
     if device.type != "cuda" or device.index is None:
         raise ValueError(f"cuda_stream needs a CUDA device with its index (a tensor's .device), got {device}")
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def executor(device: torch.device) -> int:
+    """The ``exec`` argument of the kernels that take one: the CPU thread count
+    (:func:`num_threads`) for CPU tensors, torch's current stream (:func:`cuda_stream`) for CUDA."""
+    device = torch.device(device)
+    return num_threads() if device.type == "cpu" else cuda_stream(device)

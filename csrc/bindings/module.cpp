@@ -92,4 +92,5 @@ PYBIND11_MODULE(_C, m) {
 
   simcore::bind_margin_softmax(m);
   simcore::bind_cosine_topk(m);
+  simcore::bind_row_optimizer(m);
 }

@@ -6,4 +6,5 @@
 namespace simcore {
 void bind_margin_softmax(pybind11::module_& m);
 void bind_cosine_topk(pybind11::module_& m);
+void bind_row_optimizer(pybind11::module_& m);
 }  // namespace simcore

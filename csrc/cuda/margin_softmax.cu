@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <cstdint>
 
+#include "cuda/kernel_util.cuh"
 #include "cuda/margin_softmax.h"
 #include "cuda/runtime.h"
 
@@ -26,14 +27,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void st(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Reductions over the whole block; every thread gets the result. `identity` fills
 // the lanes beyond the number of warps (0 for sums, −inf for max).
@@ -269,12 +262,6 @@ void dispatch_operand_dtype(DType t, const F& f) {
     case DType::Float16: f(static_cast<__half*>(nullptr)); break;
     default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
   }
-}
-
-cudaStream_t as_stream(uint64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream)); }
-
-void expect_cuda(const TensorView& t) {
-  SIMCORE_CHECK(t.device == Device::CUDA, t.name, " must be a CUDA tensor");
 }
 
 int grid(int64_t rows) {

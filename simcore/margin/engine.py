@@ -251,7 +251,7 @@ class _BlockEngine:
     def __init__(self, x, weight, sampled, spec, row_margins, gemm_dtype, options, dyn=None):
         self.ext = dispatch.extension()
         self.device = dev = x.device
-        self.executor = dispatch.num_threads() if dev.type == "cpu" else dispatch.cuda_stream(dev)
+        self.executor = dispatch.executor(dev)
         self.batch, self.dim = x.shape
         self.weight, self.sampled, self.spec = weight, sampled, spec
         self.num_sampled, self.k = sampled.numel(), spec.subcenters

@@ -19,6 +19,7 @@ from simcore.margin.checks import (FLOAT_DTYPES, check_dynamic_scalars, check_fa
                                    check_validate, margin_dtype, per_row_margins)
 from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
 from simcore.margin.ops import sampled_margin_loss
+from simcore.margin.row_optimizer import row_adamw_, row_sgd_
 from simcore.margin.sampling import check_sampled, sample_classes
 
 __all__ = ["PartialMarginHead", "HeadOptimizer"]
@@ -411,45 +412,20 @@ class PartialMarginHead(nn.Module):
             return None
         idx, grad = pending[0]
         self.discard_recorded_gradients()
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device)
-        w = self.weight.index_select(0, idx).float()
-        state = self._sgd_update(idx, w, grad) if self.optimizer == "sgd" else self._adamw_update(idx, w, grad)
-        state["weight"] = w.to(self.weight.dtype)
-        skip = None if found_inf is None else found_inf.to(self.weight.device) > 0
-        for name, rows in state.items():
-            buf = getattr(self, name)
-            if skip is not None:  # the rows as they were (nothing is written before this loop)
-                rows = torch.where(skip, buf.index_select(0, idx), rows)
-            buf.index_copy_(0, idx, rows)
+        # one fused pass over the rows and their state, in place (simcore.margin.row_optimizer)
+        if self.optimizer == "sgd":
+            momentum_buffer = None
+            if self.momentum:
+                if self.momentum_buffer is None:
+                    raise RuntimeError("this head was built with momentum=0 and has no momentum buffer; "
+                                       "build it with the momentum it will use")
+                momentum_buffer = self.momentum_buffer
+            row_sgd_(self.weight, idx, grad, momentum_buffer, grad_scale, found_inf, lr=self.lr,
+                     momentum=self.momentum, weight_decay=self.weight_decay)
+        else:
+            row_adamw_(self.weight, idx, grad, self.exp_avg, self.exp_avg_sq, self.row_step, grad_scale, found_inf,
+                       lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
         return idx
-
-    def _sgd_update(self, idx, w, grad):
-        """PyTorch SGD (L2 weight decay, momentum) on rows ``idx``: ``w`` (their float32 copy) in place;
-        returns {state buffer name: its new rows}."""
-        if self.weight_decay:
-            grad = grad.add(w, alpha=self.weight_decay)
-        state = {}
-        if self.momentum:
-            grad = state["momentum_buffer"] = self.momentum_buffer.index_select(0, idx).mul_(self.momentum).add_(grad)
-        w.add_(grad, alpha=-self.lr)
-        return state
-
-    def _adamw_update(self, idx, w, grad):
-        """AdamW with per-row step counts on rows ``idx``: ``w`` (their float32 copy) in place;
-        returns {state buffer name: its new rows}."""
-        lr, wd = self.lr, self.weight_decay
-        b1, b2 = self.betas
-        step = self.row_step.index_select(0, idx) + 1
-        m = self.exp_avg.index_select(0, idx).mul_(b1).add_(grad, alpha=1 - b1)
-        v = self.exp_avg_sq.index_select(0, idx).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        stepf = step.to(torch.float32).unsqueeze(1)
-        bc1 = 1 - b1 ** stepf
-        bc2 = 1 - b2 ** stepf
-        if wd:
-            w.mul_(1 - lr * wd)
-        w.sub_(lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
-        return {"row_step": step, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
     def grow(self, new_centres: torch.Tensor) -> torch.Tensor:

@@ -6,5 +6,6 @@ instead of the kernels.
 """
 from simcore.reference.cosine_topk import cosine_topk
 from simcore.reference.margin_softmax import SIN_EPS, margin_softmax_loss, margin_target
+from simcore.reference.row_optimizer import row_adamw_, row_sgd_
 
-__all__ = ["cosine_topk", "margin_softmax_loss", "margin_target", "SIN_EPS"]
+__all__ = ["cosine_topk", "margin_softmax_loss", "margin_target", "SIN_EPS", "row_sgd_", "row_adamw_"]

@@ -1,0 +1,34 @@
+// Helpers shared by the CUDA kernel files (nvcc only): float32 loads and round-to-nearest
+// stores of the element types, torch's stream handle, and the device check of an argument.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/tensor_view.h"
+
+namespace simcore {
+namespace cuda {
+
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// torch's current stream, passed from Python as an integer.
+inline cudaStream_t as_stream(uint64_t stream) {
+  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+}
+
+inline void expect_cuda(const TensorView& t) {
+  SIMCORE_CHECK(t.device == Device::CUDA, t.name, " must be a CUDA tensor");
+}
+
+}  // namespace cuda
+}  // namespace simcore
