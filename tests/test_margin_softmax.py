@@ -745,6 +745,31 @@ def test_head_adamw_touches_only_sampled_rows(generator):
     assert (head.row_step[mask] == 1).all() and (head.weight[mask] != before[mask]).any(1).all()
 
 
+@pytest.mark.parametrize("subcenters", [1, 3])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_head_reads_centres_in_place_as_the_gathered_path_does(subcenters, optimizer, generator):
+    """The compiled head reads the sampled centres from ``weight`` and writes their gradient into
+    its sink (no gathered copy); the gathered rows with a hook give the same loss, embedding
+    gradient and step (the path of a non-static sample size and of the sharded head)."""
+    c, d, b = 400, 24, 16
+    heads = [simcore.PartialMarginHead(c, d, sample_rate=0.1, optimizer=optimizer, lr=0.05, subcenters=subcenters)
+             for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    heads[1]._records_with_hook = True  # the gathered path
+    x = torch.randn(b, d, generator=generator)
+    y = torch.randint(c, (b,), generator=generator)
+    out = []
+    for head in heads:
+        xi = x.clone().requires_grad_()
+        loss = head(xi, y, generator=torch.Generator().manual_seed(3))
+        loss.backward()
+        ids = head.step()
+        out.append((loss.detach(), xi.grad, ids, head.weight.detach().clone()))
+    (l0, g0, i0, w0), (l1, g1, i1, w1) = out
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(i0, i1)
+    assert torch.allclose(w0, w1, rtol=0, atol=1e-7)
+
+
 def test_head_grow_and_centres(generator):
     head = simcore.PartialMarginHead(10, 6, sample_rate=0.5)
     emb = torch.randn(15, 6, generator=generator)

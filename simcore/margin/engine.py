@@ -355,9 +355,9 @@ class _BlockEngine:
         in place of the cosines, ∂L/∂x̂ += G·Ŵ, and ∂L/∂ŵ = Gᵀ·X̂ projected into ``grad_w``;
         then the normalisation Jacobian of x̂ into ``grad_x``."""
         # ∂L/∂ŵ goes straight into grad_w (then is projected in place) when its rows are the
-        # blocks' rows in order: every class sampled (the heads pass their gathered rows so).
+        # blocks' rows in order: a compact (S·K, D) grad_w, or every class sampled.
         in_place = (grad_w is not None and grad_w.dtype == _F32 and grad_w.is_contiguous()
-                    and self.num_sampled * self.k == self.weight.shape[0])
+                    and self.num_sampled * self.k == grad_w.shape[0])
         scratch = None
         if grad_w is not None and not in_place:
             scratch = torch.empty(self.block * self.k * self.dim, dtype=_F32, device=self.device)
@@ -441,9 +441,9 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
 
     ``spec`` is a :class:`MarginSpec`; ``row_margins`` (B, 3) float32 per-row
     (m1, m2, m3). With ``row_weight`` (B,) float32 the gradients of
-    Σ_i row_weight_i·loss_i are written into ``grad_x`` (B, D) and/or ``grad_w``
-    (C·K, D): the rows of the sampled classes' centres, the rest untouched. Either
-    may be None. ``gemm_dtype``: the GEMM operand dtype (float32, bfloat16 or float16;
+    Σ_i row_weight_i·loss_i are written into ``grad_x`` (B, D) and/or ``grad_w``:
+    (C·K, D), the rows of the sampled classes' centres (the rest untouched), or compact
+    (S·K, D) float32, the sampled centres' rows in ``sampled`` order. Either may be None. ``gemm_dtype``: the GEMM operand dtype (float32, bfloat16 or float16;
     :func:`simcore.margin.gemm.gemm_operand_dtype` picks it): the normalised rows and the
     gradient blocks are rounded to it for the GEMMs (float32 accumulation; the epilogues
     stay float32; a float16 gradient block is scaled by a power of two first). ``bf16=True``

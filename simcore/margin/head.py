@@ -18,7 +18,7 @@ from torch import nn
 from simcore.margin.checks import (FLOAT_DTYPES, check_dynamic_scalars, check_family, check_inputs, check_margins,
                                    check_validate, margin_dtype, per_row_margins)
 from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
-from simcore.margin.ops import sampled_margin_loss
+from simcore.margin.ops import runs_compiled, sampled_margin_loss
 from simcore.margin.row_optimizer import row_adamw_, row_sgd_
 from simcore.margin.sampling import check_sampled, sample_classes
 
@@ -288,27 +288,32 @@ class PartialMarginHead(nn.Module):
             sampled = torch.arange(self.num_classes, device=labels.device)
         else:  # the labels are checked above
             sampled = sample_classes(labels, self.num_classes, num_samples, generator, validate="never")
-        rows = self.gathered_rows(sampled)
-        target = torch.searchsorted(sampled, labels)
-        loss = self._margin_loss(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device))
+        loss = self._sampled_loss(embeddings, labels, sampled)
         return (loss, sampled) if return_sampled else loss
 
-    def gathered_rows(self, classes):
-        """The centre rows of ``classes`` (their K sub-centres each), gathered; in training with
-        gradients on, their gradient is recorded for :meth:`step`."""
-        centres = centre_ids(classes, self.subcenters)
-        if not (torch.is_grad_enabled() and self.training):
-            return self.weight.index_select(0, centres)
+    def _sampled_loss(self, embeddings, labels, sampled):
+        """The mean loss over the classes ``sampled``. With the compiled ops the engine reads the
+        sampled centres straight from ``weight`` and, in training, writes their gradient rows
+        into the sink: no (S·K, D) copy of the rows is gathered. Otherwise the rows are gathered."""
+        centres = centre_ids(sampled, self.subcenters)
+        recording = torch.is_grad_enabled() and self.training
+        if runs_compiled(embeddings, self.weight) and (not recording or self._static_sink_fits(centres)):
+            sink = self._arm_sink(centres) if recording else None
+            return self._margin_loss(embeddings, labels, self.weight, sampled, row_sink=sink)
+        rows = self.gathered_rows(sampled)
+        target = torch.searchsorted(sampled, labels)
+        return self._margin_loss(embeddings, target, rows, torch.arange(sampled.numel(), device=sampled.device))
+
+    def _static_sink_fits(self, centres):
+        """Whether the gradient sink records these rows (else a tensor hook does)."""
+        return (not self._records_with_hook and centres.shape == self._sink_ids.shape
+                and self._sink.device == self.weight.device)
+
+    def _arm_sink(self, centres):
+        """The sink, set to record the gradient of rows ``centres`` (an earlier backward pass's
+        rows not yet applied are kept aside first)."""
         sink = self._sink
-        if (self._records_with_hook or centres.shape != self._sink_ids.shape
-                or sink.device != self.weight.device):
-            # a size other than the static one (more labels than sampled classes, a caller's
-            # `sampled`, the sharded head): the gradient is recorded by a hook, as before issue 14
-            rows = self.weight.index_select(0, centres)
-            rows.requires_grad_(True)
-            rows.register_hook(lambda g: self._record(centres, g))
-            return rows
-        if sink.grad is not None:  # an earlier backward pass not yet applied: keep its rows aside
+        if sink.grad is not None:
             self._pieces.append((self._sink_ids.clone(), sink.grad))
             sink.grad = None
         self._sink_ids.copy_(centres)
@@ -316,7 +321,22 @@ class PartialMarginHead(nn.Module):
             self.row_optimizer.param_groups[0]["params"] = self._sink_params
         else:
             self._publish([g for _, g in self._pieces] + [None])
-        return _GatherRecorded.apply(self.weight, centres, sink)
+        return sink
+
+    def gathered_rows(self, classes):
+        """The centre rows of ``classes`` (their K sub-centres each), gathered; in training with
+        gradients on, their gradient is recorded for :meth:`step`."""
+        centres = centre_ids(classes, self.subcenters)
+        if not (torch.is_grad_enabled() and self.training):
+            return self.weight.index_select(0, centres)
+        if not self._static_sink_fits(centres):
+            # a size other than the static one (more labels than sampled classes, a caller's
+            # `sampled`, the sharded head): the gradient is recorded by a hook, as before issue 14
+            rows = self.weight.index_select(0, centres)
+            rows.requires_grad_(True)
+            rows.register_hook(lambda g: self._record(centres, g))
+            return rows
+        return _GatherRecorded.apply(self.weight, centres, self._arm_sink(centres))
 
     def _consolidate(self):
         """The recorded gradient as [(centre row ids, float32 rows)], at most one pair. The usual
@@ -348,13 +368,14 @@ class PartialMarginHead(nn.Module):
         """Show ``grads`` to ``row_optimizer``; None stands for the sink (its gradient to come)."""
         self.row_optimizer.param_groups[0]["params"] = [self._sink if g is None else _stand_in(g) for g in grads]
 
-    def _margin_loss(self, embeddings, target, rows, sampled):
-        """Mean loss of the head's variant on the gathered centre rows."""
+    def _margin_loss(self, embeddings, labels, weight, sampled, row_sink=None):
+        """Mean loss of the head's variant over the classes ``sampled`` of ``weight`` (the centres,
+        or gathered rows with ``labels`` their positions); ``row_sink``: see sampled_margin_loss."""
         spec, margins, reg = self.loss_spec(embeddings,
-                                            lambda: target_cosines(embeddings, target, rows, self.subcenters))
+                                            lambda: target_cosines(embeddings, labels, weight, self.subcenters))
         rm = None if margins is None else per_row_margins(*margins, embeddings.shape[0], embeddings.device,
                                                           margin_dtype(embeddings), validate=self.validate)
-        loss = sampled_margin_loss(embeddings, target, rows, sampled, spec, "mean", rm)
+        loss = sampled_margin_loss(embeddings, labels, weight, sampled, spec, "mean", rm, row_sink=row_sink)
         return loss if reg is None else loss + reg.mean().to(loss.dtype)
 
     def loss_spec(self, embeddings, target_cos):

@@ -33,7 +33,7 @@ from simcore.margin.gemm import gemm_operand_dtype
 from simcore.reference.margin_softmax import margin_softmax_loss
 
 __all__ = ["REDUCTION_CODES", "reduce_rows", "scaled_by_upstream", "split_dynamic", "host_spec",
-           "sampled_margin_loss"]
+           "runs_compiled", "sampled_margin_loss"]
 
 REDUCTION_CODES = {name: code for code, name in enumerate(REDUCTIONS)}  # mean 0, sum 1, none 2
 _NONE = REDUCTION_CODES["none"]
@@ -80,12 +80,19 @@ _GEMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 _GEMM_NAMES = {dtype: name for name, dtype in _GEMM_DTYPES.items()}
 
 
-def _run_engine(x, labels, weight, sampled, row_margins, sp, dyn, row_weight, need, gemm_dtype, engine):
+def _run_engine(x, labels, weight, sampled, row_margins, sp, dyn, row_weight, need, gemm_dtype, engine,
+                compact_gw=False):
     """The per-row losses, and (gx, gw, gm) of Σ_i row_weight_i·loss_i (empty tensors where not needed).
-    ``dyn``: :func:`split_dynamic`'s tensor (or None), read by the kernels on its device."""
+    ``dyn``: :func:`split_dynamic`'s tensor (or None), read by the kernels on its device. ``compact_gw``:
+    gw holds the sampled centres' rows only, (S·K, D) float32 in ``sampled`` order (a row sink's gradient)."""
     need_gx, need_gw, need_gm = need
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
-    gw = _weight_grad_buffer(weight, sampled.numel() * sp.subcenters) if need_gw else weight.new_empty(0)
+    if not need_gw:
+        gw = weight.new_empty(0)
+    elif compact_gw:  # every row is written
+        gw = torch.empty(sampled.numel() * sp.subcenters, weight.shape[1], dtype=torch.float32, device=weight.device)
+    else:
+        gw = _weight_grad_buffer(weight, sampled.numel() * sp.subcenters)
     loss_rows, tcos = fused_margin_softmax(x, labels, weight, sampled, sp, row_margins=row_margins,
                                            row_weight=row_weight, grad_x=gx if need_gx else None,
                                            grad_w=gw if need_gw else None,
@@ -98,45 +105,53 @@ def _run_engine(x, labels, weight, sampled, row_margins, sp, dyn, row_weight, ne
 @torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], spec: list[float], subcenters: int, reduction: int, need_gx: bool,
-            need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str,
-            dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str, dyn: Optional[torch.Tensor] = None,
+            row_sink: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward).
-    ``dyn``: see :func:`split_dynamic`."""
+    ``dyn``: see :func:`split_dynamic`. ``row_sink``: a (S·K, D) float32 tensor that receives the
+    centre gradient instead of ``weight``, as the sampled centres' rows only (:func:`sampled_margin_loss`)."""
     grads = reduction != _NONE and (need_gx or need_gw or need_gm)
     need = (grads and need_gx, grads and need_gw, grads and need_gm)
     rw = _row_weight(x.shape[0], reduction, x.device) if grads else None
     loss_rows, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins,
-                                        MarginSpec.from_list(spec, subcenters), dyn, rw, need, gemm_dtype, engine)
+                                        MarginSpec.from_list(spec, subcenters), dyn, rw, need, gemm_dtype, engine,
+                                        compact_gw=row_sink is not None)
     return reduce_rows(loss_rows, reduction), gx, gw, gm
 
 
 @_fwd_op.register_fake
 def _(x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, gemm_dtype, engine,
-      dyn=None):
+      dyn=None, row_sink=None):
     grads = reduction != _NONE and (need_gx or need_gw or need_gm)
     loss = x.new_empty((x.shape[0],) if reduction == _NONE else (), dtype=torch.float32)
     gx = x.new_empty(x.shape) if grads and need_gx else x.new_empty(0)
-    gw = weight.new_empty(weight.shape) if grads and need_gw else weight.new_empty(0)
+    gw = _fake_gw(weight, row_sink) if grads and need_gw else weight.new_empty(0)
     gm = torch.empty_like(row_margins) if grads and need_gm else x.new_empty(0)
     return loss, gx, gw, gm
+
+
+def _fake_gw(weight, row_sink):
+    return weight.new_empty(weight.shape) if row_sink is None else row_sink.new_empty(row_sink.shape)
 
 
 @torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
 def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
             row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: list[float], subcenters: int,
             need_gx: bool, need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str,
-            dyn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dyn: Optional[torch.Tensor] = None,
+            row_sink: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the forward is recomputed."""
     _, gx, gw, gm = _run_engine(x, labels, weight, sampled, row_margins, MarginSpec.from_list(spec, subcenters), dyn,
-                                grad_rows.float().contiguous(), (need_gx, need_gw, need_gm), gemm_dtype, engine)
+                                grad_rows.float().contiguous(), (need_gx, need_gw, need_gm), gemm_dtype, engine,
+                                compact_gw=row_sink is not None)
     return gx, gw, gm
 
 
 @_bwd_op.register_fake
 def _(x, labels, weight, sampled, row_margins, grad_rows, spec, subcenters, need_gx, need_gw, need_gm, gemm_dtype, engine,
-      dyn=None):
+      dyn=None, row_sink=None):
     return (x.new_empty(x.shape) if need_gx else x.new_empty(0),
-            weight.new_empty(weight.shape) if need_gw else weight.new_empty(0),
+            _fake_gw(weight, row_sink) if need_gw else weight.new_empty(0),
             torch.empty_like(row_margins) if need_gm else x.new_empty(0))
 
 
@@ -144,13 +159,15 @@ def _setup_context(ctx, inputs, output):
     x, labels, weight, sampled, row_margins, spec, subcenters, reduction, need_gx, need_gw, need_gm, gemm_dtype, \
         engine = inputs[:13]
     dyn = inputs[13] if len(inputs) > 13 else None
+    row_sink = inputs[14] if len(inputs) > 14 else None
     _, gx, gw, gm = output
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream grads: no (C, D) zeros
     ctx.consumed = False
     ctx.spec, ctx.subcenters, ctx.engine = spec, subcenters, engine
     ctx.reduction, ctx.needs, ctx.gemm_dtype = reduction, (need_gx, need_gw, need_gm), gemm_dtype
+    ctx.to_sink = row_sink is not None
     if reduction == _NONE:
-        ctx.save_for_backward(x, labels, weight, sampled, row_margins, dyn)
+        ctx.save_for_backward(x, labels, weight, sampled, row_margins, dyn, row_sink)
     else:
         ctx.save_for_backward(gx, gw, gm)
 
@@ -158,11 +175,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _gx, _gw, _gm):
     need_gx, need_gw, need_gm = ctx.needs
     if grad_loss is None:
-        return (None,) * 14
+        return (None,) * 15
     if ctx.reduction == _NONE:
-        x, labels, weight, sampled, row_margins, dyn = ctx.saved_tensors
+        x, labels, weight, sampled, row_margins, dyn, row_sink = ctx.saved_tensors
         gx, gw, gm = _bwd_op(x, labels, weight, sampled, row_margins, grad_loss, ctx.spec, ctx.subcenters,
-                             need_gx, need_gw, need_gm, ctx.gemm_dtype, ctx.engine, dyn)
+                             need_gx, need_gw, need_gm, ctx.gemm_dtype, ctx.engine, dyn, row_sink)
     else:
         gx, gw, gm = ctx.saved_tensors
         if ctx.consumed and not torch.compiler.is_compiling():
@@ -174,7 +191,9 @@ def _backward(ctx, grad_loss, _gx, _gw, _gm):
         gx = scaled_by_upstream(gx, grad_loss) if need_gx else None
         gw = scaled_by_upstream(gw, grad_loss) if need_gw else None
         gm = scaled_by_upstream(gm, grad_loss) if need_gm else None
-    return (gx if need_gx else None, None, gw if need_gw else None, None, gm if need_gm else None) + (None,) * 9
+    gw = gw if need_gw else None
+    weight_grad, sink_grad = (None, gw) if ctx.to_sink else (gw, None)
+    return (gx if need_gx else None, None, weight_grad, None, gm if need_gm else None) + (None,) * 9 + (sink_grad,)
 
 
 torch.library.register_autograd("simcore::margin_softmax_fwd", _backward, setup_context=_setup_context)
@@ -190,13 +209,23 @@ def _gemm_op_arg(embeddings, weight) -> str:
     return _GEMM_NAMES[gemm_operand_dtype(embeddings, weight, current_engine_options().lowp_gemms)]
 
 
-def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, row_margins=None):
+def runs_compiled(embeddings, weight) -> bool:
+    """Whether :func:`sampled_margin_loss` runs the compiled ops here (else the float64 reference)."""
+    return (embeddings.dtype != torch.float64 and weight.dtype != torch.float64
+            and dispatch.use_compiled(embeddings.device))
+
+
+def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, row_margins=None, row_sink=None):
     """The loss over the classes ``sampled``: compiled ops (float32/float16/bfloat16) or the
     float64 reference (float64 inputs, or the reference backend). ``row_margins`` (B, 3)
     per-row (m1, m2, m3) overrides the spec's scalars; the spec's ``cam_power`` and
-    ``curricular_t`` may be 0-d tensors (:func:`split_dynamic`). Arguments are checked by the caller."""
-    if (embeddings.dtype == torch.float64 or weight.dtype == torch.float64
-            or not dispatch.use_compiled(embeddings.device)):
+    ``curricular_t`` may be 0-d tensors (:func:`split_dynamic`). ``row_sink`` (compiled ops
+    only, :func:`runs_compiled`): a (S·K, D) float32 leaf that receives the gradient of the
+    sampled centres' rows (in ``sampled`` order) instead of ``weight``, so no (S·K, D) copy of
+    the rows is gathered (PartialMarginHead). Arguments are checked by the caller."""
+    if not runs_compiled(embeddings, weight):
+        if row_sink is not None:
+            raise ValueError("row_sink needs the compiled ops (float32/float16/bfloat16 on a compiled backend)")
         spec = host_spec(spec)
         m = (spec.m1, spec.m2, spec.m3) if row_margins is None else row_margins.to(embeddings.dtype).unbind(1)
         with torch.autocast(embeddings.device.type, enabled=False):
@@ -206,6 +235,7 @@ def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, ro
                                        subcenters=spec.subcenters)
     grad = torch.is_grad_enabled()
     need_gm = grad and row_margins is not None and row_margins.requires_grad
+    need_gw = grad and (weight.requires_grad if row_sink is None else row_sink.requires_grad)
     if row_margins is not None:
         row_margins = row_margins.float()
     spec, dyn = split_dynamic(spec)
@@ -213,6 +243,6 @@ def sampled_margin_loss(embeddings, labels, weight, sampled, spec, reduction, ro
         dyn = dyn.to(embeddings.device)
     loss, _, _, _ = _fwd_op(embeddings.contiguous(), labels.contiguous(), weight, sampled, row_margins,
                             spec.as_list(), spec.subcenters, REDUCTION_CODES[reduction],
-                            grad and embeddings.requires_grad, grad and weight.requires_grad, need_gm,
-                            _gemm_op_arg(embeddings, weight), _engine_op_arg(), dyn)
+                            grad and embeddings.requires_grad, need_gw, need_gm,
+                            _gemm_op_arg(embeddings, weight), _engine_op_arg(), dyn, row_sink)
     return loss
