@@ -7,6 +7,7 @@ backbone is replicated with DDP. The loss printed is the mean over the global
 batch (the same on every rank). Uses gloo on CPU, NCCL when CUDA is available.
 """
 import datetime
+import gc
 import os
 import tempfile
 
@@ -66,6 +67,8 @@ def main():
         assert torch.equal(single.weight[slice(*head.shard)], head.weight.cpu())
         print(f"reloaded {world} shards into a single-process head: {tuple(single.weight.shape)}", flush=True)
     dist.barrier()
+    del head      # free the head (it and its optimizer form a cycle) before the group goes:
+    gc.collect()  # docs/distributed.md, "Ending a run"
     dist.destroy_process_group()
 
 

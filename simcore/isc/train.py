@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -561,6 +562,9 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
         return _train(c, dd, log_fn)
     finally:
         if dd is not None and dd.created and dist.is_initialized():
+            # the head and its optimizer reference each other: free them (and the process group they
+            # hold) now, not in the interpreter's finalisation
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -608,8 +612,9 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
         embed_kw = dict(batch_size=max(c.batch_size), device=device, precision=c.precision)
         say(f"{len(images.paths)} images, {num_classes} classes ({'one per image' if c.labels == 'image' else 'one per sub-folder'})"
             f"{f', {len(images.skipped)} unreadable files skipped' if images.skipped else ''}; "
-            f"stages: {counts} classes; device {device}, {c.workers} workers, augmenting "
-            f"{'batched on the device' if c.augment_on == 'device' else 'per sample in the workers'}"
+            f"stages: {counts} classes; device {device}, "
+            f"{f'{c.workers} loader worker' + 's' * (c.workers > 1) if c.workers else 'loading in the main process'}, "
+            f"augmenting {'batched on the device' if c.augment_on == 'device' else 'per sample while loading'}"
             + (f"; {world} ranks (torchrun, {dist.get_backend()})" if world > 1 else ""))
         val = None
         if c.val_dir is not None and lead:
