@@ -139,7 +139,7 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
 fi
 
 # ---------------------------------------------------------------- 3. CUDA tests
-TEST_FILES="tests/test_build.py tests/test_cuda_runtime.py tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py"
+TEST_FILES="tests/test_build.py tests/test_cuda_runtime.py tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py tests/test_row_optimizer.py"
 TIMEOUT_OPT=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=120"
 t0=$SECONDS
@@ -230,7 +230,7 @@ elif ! command -v compute-sanitizer >/dev/null; then
 else
   # shellcheck disable=SC2086
   sanitize memcheck 60 "$PY" -m pytest -q -p no:cacheprovider -x $TIMEOUT_OPT \
-    tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py \
+    tests/test_cosine_topk.py tests/test_margin_softmax.py tests/test_margin_family.py tests/test_row_optimizer.py \
     -k "cuda and not large_k and not half_database and not near_ties and not streaming and (not float64_reference or arcface or magface) and (not matches_reference or 64)"
   # only simcore's update kernel is instrumented (kns: a substring of its mangled name)
   sanitize racecheck 25 --racecheck-report hazard --kernel-name kns=update_kernel "$PY" "$SAN_TMP/topk_small.py"
