@@ -19,10 +19,6 @@ namespace py = pybind11;
 namespace simcore {
 namespace {
 
-const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
-
-ExecArgs exec_args(int64_t exec) { return ExecArgs{"exec", exec, static_cast<uint64_t>(exec)}; }
-
 // (m1, m2, m3, scale, sin_eps, cam_power, filter_threshold, curricular, curricular_t):
 // simcore/margin/functional.py:MarginSpec.kernel_params builds it.
 MarginParams params(const py::handle& obj) {

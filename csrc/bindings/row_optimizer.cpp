@@ -15,10 +15,6 @@ namespace py = pybind11;
 namespace simcore {
 namespace {
 
-const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
-
-ExecArgs exec_args(int64_t exec) { return ExecArgs{"exec", exec, static_cast<uint64_t>(exec)}; }
-
 void row_sgd(py::handle weight_, py::handle rows_, py::handle grad_, py::handle momentum_buffer_,
              py::handle grad_scale_, py::handle found_inf_, double lr, double momentum, double weight_decay,
              int64_t exec) {

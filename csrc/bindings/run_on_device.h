@@ -41,6 +41,9 @@ struct ExecArgs {
   uint64_t stream;
 };
 
+// The ops' last Python argument `exec`: a thread count for CPU tensors, the stream for CUDA ones.
+inline ExecArgs exec_args(int64_t exec) { return ExecArgs{"exec", exec, static_cast<uint64_t>(exec)}; }
+
 constexpr int64_t kMaxThreads = 4096;
 
 // kernel.cpu(args..., threads) or kernel.cuda(args..., stream) by the device of `on`,

@@ -21,4 +21,7 @@ inline std::optional<TensorView> optional_tensor(const pybind11::handle& obj, co
   return tensor_from_py(obj, name);
 }
 
+// The kernels take optional tensors as pointers: nullptr for None.
+inline const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
+
 }  // namespace simcore

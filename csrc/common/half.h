@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/tensor_view.h"
+
 namespace simcore {
 
 struct BFloat16 { uint16_t bits; };
@@ -77,5 +79,17 @@ template <class T> inline T from_float(float f);
 template <> inline float from_float<float>(float f) { return f; }
 template <> inline BFloat16 from_float<BFloat16>(float f) { return to_bfloat16(f); }
 template <> inline Float16 from_float<Float16>(float f) { return to_float16(f); }
+
+// f(T{}) with T the host element type of a float32, float16 or bfloat16 tensor; `what`
+// names the argument in the error for any other dtype (the callers' checks reject those first).
+template <class F>
+void dispatch_float_dtype(DType t, const char* what, const F& f) {
+  switch (t) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float16: f(Float16{}); break;
+    case DType::BFloat16: f(BFloat16{}); break;
+    default: throw TypeError(detail::concat("unsupported ", what, " dtype ", dtype_name(t)));
+  }
+}
 
 }  // namespace simcore

@@ -8,7 +8,25 @@
 #include <algorithm>
 #include <cstdint>
 
+// Hot loops are compiled for AVX-512, AVX2 and baseline and picked at load time, because the
+// portable build has no -march=native (GCC on x86-64; not under ASan, which rejects ifuncs).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define SIMCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SIMCORE_CLONES
+#endif
+
 namespace simcore {
+
+// Rows per thread so that each thread touches at least kMinBytesPerThread.
+// These kernels run ~1 ms per 10-30 MB on one core; opening a parallel region
+// costs far less on an idle machine, but on a loaded one (this project's shared
+// 2-core CI machines) the region waits for a descheduled thread: up to ~10 ms
+// measured per region. Large problems (millions of classes) still use every thread.
+constexpr int64_t kMinBytesPerThread = int64_t{32} << 20;
+inline int64_t min_rows(int64_t row_bytes) {
+  return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, row_bytes));
+}
 
 // Calls body(begin, end) on contiguous chunks of [0, n), at most num_threads at
 // once. Bodies must not throw: validate before calling.

@@ -16,12 +16,6 @@
 #include "common/half.h"
 #include "common/parallel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define SIMCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SIMCORE_CLONES
-#endif
-
 namespace simcore {
 
 void check_margin_params(const MarginParams& p) {
@@ -196,15 +190,6 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// Rows per thread so that each thread touches at least kMinBytesPerThread.
-// These kernels run ~1 ms per 10-30 MB on one core; opening a parallel region
-// costs far less on an idle machine, but on a loaded one (this project's shared
-// 2-core CI machines) the region waits for a descheduled thread: up to ~10 ms
-// measured per region. Large problems (millions of classes) still use every thread.
-constexpr int64_t kMinBytesPerThread = int64_t{32} << 20;
-inline int64_t min_rows(int64_t row_bytes) {
-  return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, row_bytes));
-}
 
 SIMCORE_CLONES float row_max(const float* a, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
@@ -437,27 +422,6 @@ void project_rows_impl(const TensorView& u, const TensorView& v, const TensorVie
   });
 }
 
-// f(T{}) for the element type of t; ms_check has rejected every other dtype.
-template <class F>
-void dispatch_input_dtype(DType t, const F& f) {
-  switch (t) {
-    case DType::Float32: f(float{}); break;
-    case DType::Float16: f(Float16{}); break;
-    case DType::BFloat16: f(BFloat16{}); break;
-    default: throw TypeError(detail::concat("unsupported dtype ", dtype_name(t)));
-  }
-}
-
-template <class F>
-void dispatch_operand_dtype(DType t, const F& f) {
-  switch (t) {
-    case DType::Float32: f(float{}); break;
-    case DType::BFloat16: f(BFloat16{}); break;
-    case DType::Float16: f(Float16{}); break;
-    default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
-  }
-}
-
 void check_index_range(const int64_t* idx, int64_t n, int64_t limit, const char* what) {
   for (int64_t r = 0; r < n; ++r)
     SIMCORE_CHECK(idx[r] >= 0 && idx[r] < limit, what, " holds ", idx[r], " at position ", r,
@@ -473,8 +437,8 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   const int64_t* idx = index ? index->ptr<int64_t>() : nullptr;
   if (idx) check_index_range(idx, out.size(0), src.size(0), "index");
-  dispatch_input_dtype(src.dtype, [&](auto s) {
-    dispatch_operand_dtype(out.dtype, [&](auto o) {
+  dispatch_float_dtype(src.dtype, "input", [&](auto s) {
+    dispatch_float_dtype(out.dtype, "GEMM operand", [&](auto o) {
       normalize_rows_impl<decltype(s), decltype(o)>(src, idx, out, norms, eps, num_threads);
     });
   });
@@ -590,8 +554,8 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   const int64_t* idx = out_index ? out_index->ptr<int64_t>() : nullptr;
   if (idx) check_index_range(idx, u.size(0), out.size(0), "out_index");
-  dispatch_operand_dtype(v.dtype, [&](auto vt) {
-    dispatch_input_dtype(out.dtype, [&](auto ot) {
+  dispatch_float_dtype(v.dtype, "GEMM operand", [&](auto vt) {
+    dispatch_float_dtype(out.dtype, "input", [&](auto ot) {
       project_rows_impl<decltype(vt), decltype(ot)>(u, v, norms, out, idx, eps, num_threads);
     });
   });

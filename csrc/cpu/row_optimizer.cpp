@@ -10,12 +10,6 @@
 #include "common/half.h"
 #include "common/parallel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define SIMCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SIMCORE_CLONES
-#endif
-
 namespace simcore {
 namespace {
 
@@ -129,10 +123,6 @@ bool step_scale(const TensorView* grad_scale, const TensorView* found_inf, float
   return true;
 }
 
-int64_t min_rows(int64_t row_bytes) {  // as margin_softmax.cpp: >= 32 MB per thread
-  return std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(1, row_bytes));
-}
-
 template <class T>
 SIMCORE_CLONES void sgd_row(T* w, const float* g, float* buf, int64_t d, float scale, float lr, float momentum,
                             float wd) {
@@ -168,16 +158,6 @@ SIMCORE_CLONES void adamw_row(T* w, const float* g, float* m, float* v, int64_t 
   }
 }
 
-template <class F>
-void dispatch_weight_dtype(DType t, const F& f) {
-  switch (t) {
-    case DType::Float32: f(float{}); break;
-    case DType::Float16: f(Float16{}); break;
-    case DType::BFloat16: f(BFloat16{}); break;
-    default: throw TypeError(detail::concat("unsupported weight dtype ", dtype_name(t)));
-  }
-}
-
 }  // namespace
 
 void row_sgd(const TensorView& weight, const TensorView& rows, const TensorView& grad,
@@ -195,7 +175,7 @@ void row_sgd(const TensorView& weight, const TensorView& rows, const TensorView&
   const float* gp = grad.ptr<float>();
   float* bp = momentum_buffer ? momentum_buffer->ptr<float>() : nullptr;
   const int64_t lg = grad.stride(0), lw = weight.stride(0), lb = momentum_buffer ? momentum_buffer->stride(0) : 0;
-  dispatch_weight_dtype(weight.dtype, [&](auto tag) {
+  dispatch_float_dtype(weight.dtype, "weight", [&](auto tag) {
     using T = decltype(tag);
     T* wp = weight.ptr<T>();
     const int64_t row_bytes = d * static_cast<int64_t>(4 + 2 * sizeof(T) + (bp ? 8 : 0));
@@ -223,7 +203,7 @@ void row_adamw(const TensorView& weight, const TensorView& rows, const TensorVie
   float* vp = exp_avg_sq.ptr<float>();
   int64_t* sp = row_step.ptr<int64_t>();
   const int64_t lg = grad.stride(0), lw = weight.stride(0), lm = exp_avg.stride(0), lv = exp_avg_sq.stride(0);
-  dispatch_weight_dtype(weight.dtype, [&](auto tag) {
+  dispatch_float_dtype(weight.dtype, "weight", [&](auto tag) {
     using T = decltype(tag);
     T* wp = weight.ptr<T>();
     const int64_t row_bytes = d * static_cast<int64_t>(4 + 2 * sizeof(T) + 16);

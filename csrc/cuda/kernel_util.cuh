@@ -26,6 +26,18 @@ inline cudaStream_t as_stream(uint64_t stream) {
   return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
 }
 
+// f(static_cast<T*>(nullptr)) with T the device element type of a float32, float16 or bfloat16
+// tensor; `what` names the argument in the error for any other dtype.
+template <class F>
+void dispatch_float_dtype(DType t, const char* what, const F& f) {
+  switch (t) {
+    case DType::Float32: f(static_cast<float*>(nullptr)); break;
+    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
+    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: throw TypeError(detail::concat("unsupported ", what, " dtype ", dtype_name(t)));
+  }
+}
+
 inline void expect_cuda(const TensorView& t) {
   SIMCORE_CHECK(t.device == Device::CUDA, t.name, " must be a CUDA tensor");
 }

@@ -243,27 +243,6 @@ __global__ void project_rows_kernel(const float* u, int64_t lu, const V* v, int6
   }
 }
 
-// f(T*) for the element type of t; ms_check has rejected every other dtype.
-template <class F>
-void dispatch_input_dtype(DType t, const F& f) {
-  switch (t) {
-    case DType::Float32: f(static_cast<float*>(nullptr)); break;
-    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
-    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw TypeError(detail::concat("unsupported dtype ", dtype_name(t)));
-  }
-}
-
-template <class F>
-void dispatch_operand_dtype(DType t, const F& f) {
-  switch (t) {
-    case DType::Float32: f(static_cast<float*>(nullptr)); break;
-    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
-    default: throw TypeError(detail::concat("unsupported GEMM operand dtype ", dtype_name(t)));
-  }
-}
-
 int grid(int64_t rows) {
   SIMCORE_CHECK(rows < (int64_t{1} << 31), "too many rows for one launch: ", rows);
   return static_cast<int>(rows);
@@ -278,8 +257,8 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   const int64_t n = out.size(0);
   if (n == 0) return;
-  dispatch_input_dtype(src.dtype, [&](auto s) {
-    dispatch_operand_dtype(out.dtype, [&](auto o) {
+  dispatch_float_dtype(src.dtype, "input", [&](auto s) {
+    dispatch_float_dtype(out.dtype, "GEMM operand", [&](auto o) {
       using S = std::remove_pointer_t<decltype(s)>;
       using T = std::remove_pointer_t<decltype(o)>;
       normalize_rows_kernel<S, T><<<grid(n), kThreads, 0, as_stream(stream)>>>(
@@ -362,8 +341,8 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
   expect_cuda(u);
   SIMCORE_CHECK(eps > 0, "eps must be positive");
   if (u.size(0) == 0) return;
-  dispatch_operand_dtype(v.dtype, [&](auto vp) {
-    dispatch_input_dtype(out.dtype, [&](auto op) {
+  dispatch_float_dtype(v.dtype, "GEMM operand", [&](auto vp) {
+    dispatch_float_dtype(out.dtype, "input", [&](auto op) {
       using V = std::remove_pointer_t<decltype(vp)>;
       using O = std::remove_pointer_t<decltype(op)>;
       project_rows_kernel<V, O><<<grid(u.size(0)), kThreads, 0, as_stream(stream)>>>(

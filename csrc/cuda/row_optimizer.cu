@@ -87,16 +87,6 @@ __global__ void row_adamw_kernel(T* w, int64_t lw, int64_t num_rows, const int64
   }
 }
 
-template <class F>
-void dispatch_weight_dtype(DType t, const F& f) {
-  switch (t) {
-    case DType::Float32: f(static_cast<float*>(nullptr)); break;
-    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
-    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw TypeError(detail::concat("unsupported weight dtype ", dtype_name(t)));
-  }
-}
-
 int row_blocks(int64_t n) {
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
   SIMCORE_CHECK(blocks < (int64_t{1} << 31), "too many rows for one launch: ", n);
@@ -114,7 +104,7 @@ void row_sgd(const TensorView& weight, const TensorView& rows, const TensorView&
   expect_cuda(weight);
   const int64_t n = rows.size(0), d = weight.size(1);
   if (n == 0 || d == 0) return;
-  dispatch_weight_dtype(weight.dtype, [&](auto tag) {
+  dispatch_float_dtype(weight.dtype, "weight", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     row_sgd_kernel<T><<<row_blocks(n), kThreads, 0, as_stream(stream)>>>(
         weight.ptr<T>(), weight.stride(0), weight.size(0), rows.ptr<int64_t>(), n, grad.ptr<float>(),
@@ -132,7 +122,7 @@ void row_adamw(const TensorView& weight, const TensorView& rows, const TensorVie
   expect_cuda(weight);
   const int64_t n = rows.size(0), d = weight.size(1);
   if (n == 0) return;
-  dispatch_weight_dtype(weight.dtype, [&](auto tag) {
+  dispatch_float_dtype(weight.dtype, "weight", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     row_adamw_kernel<T><<<row_blocks(n), kThreads, 0, as_stream(stream)>>>(
         weight.ptr<T>(), weight.stride(0), weight.size(0), rows.ptr<int64_t>(), n, grad.ptr<float>(),
