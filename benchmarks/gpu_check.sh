@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5 in one call on a GPU machine: build simcore's extension in place against
-# this machine's torch, run the CUDA tests, time everything with
+# this machine's torch, run the CUDA tests, train two tiny `simcore train` runs on the
+# GPU (bf16 and fp16, augmentation on the device), time everything with
 # benchmarks/bench_gpu.py, run compute-sanitizer memcheck over a small subset of
 # the CUDA tests and racecheck + synccheck over the top-k kernels at small sizes
 # (tile scan, radix select, compaction), and print a summary and the benchmark
@@ -156,6 +157,36 @@ elif [ "$rc" -eq 124 ]; then
 else
   fail "tests: FAILED (rc $rc): ${line# } (tests.log)"
 fi
+
+# ---------------------------------------------------------------- 3b. simcore train on the GPU
+# issue 15's GPU path, which no CPU run covers: the DataLoader's pinned memory, augmentation
+# batched on the device, bf16 autocast and fp16 with the GradScaler that also steps the head's
+# fused row optimizer, the CUDA class sampler; two drip stages of 10 steps on 48 random PNGs.
+t0=$SECONDS
+TRAIN_TMP=$(mktemp -d)
+{
+  "$PY" - "$TRAIN_TMP/images" <<'EOF'
+import os, sys
+import numpy as np
+from PIL import Image
+rng = np.random.default_rng(0)
+os.makedirs(sys.argv[1])
+for i in range(48):
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(os.path.join(sys.argv[1], f"im{i:02d}.png"))
+EOF
+  for precision in bf16 fp16; do
+    timeout "$(cap 60)" "$PY" -m simcore.isc.cli train "$TRAIN_TMP/images" -o "$TRAIN_TMP/run-$precision" \
+      --backbone smallcnn --dim 32 --image-size 32 --drip 24,ALL --batch-size 16,16 --steps 10,10 \
+      --sample-rate 0.5 --precision "$precision" --augment-on device --device cuda --workers 2 --no-progress \
+      || echo "simcore train --precision $precision: FAILED"
+  done
+} >>"$OUT/tests.log" 2>&1
+if grep -q "simcore train --precision .*: FAILED" "$OUT/tests.log"; then
+  fail "simcore train on the GPU (bf16, fp16, device augmentation): FAILED (end of tests.log)"
+else
+  note "simcore train on the GPU (bf16, fp16, device augmentation): ok in $((SECONDS - t0)) s"
+fi
+rm -rf "$TRAIN_TMP"
 
 # ---------------------------------------------------------------- 4. benchmark
 t0=$SECONDS
