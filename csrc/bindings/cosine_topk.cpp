@@ -86,7 +86,8 @@ void bind_cosine_topk(py::module_& m) {
         "True when the CPU has AVX-512 BF16 (cosine_topk nominates float32 candidates with bfloat16 GEMMs).");
   m.attr("COSINE_TOPK_MIN_SLACK") = kTopkMinSlack;  // CUDA; the CPU needs 1
   m.attr("COSINE_TOPK_SPLIT_MAX_ROWS") = kTopkSplitMaxRows;  // CUDA small tiles
-  m.attr("COSINE_TOPK_SEGMENT") = kTopkSegment;
+  m.def("cosine_topk_split_workspace", &topk_split_workspace, py::arg("qb"), py::arg("nb"),
+        "float32 elements of cosine_topk_update's workspace for a (qb x nb) CUDA tile");
 }
 
 }  // namespace simcore

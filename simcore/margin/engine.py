@@ -63,8 +63,6 @@ class EngineOptions:
         (:func:`simcore.margin.gemm.gemm_operand_dtype`); "always" the same rule on every
         device (CPU forms the products in float32, exact for half values, so it reproduces
         the CUDA numerics: the tests use it); "never" float32 operands.
-    bf16_gemms: the former name of ``lowp_gemms`` (same values), accepted when given; it is
-        stored as ``lowp_gemms`` and reads back None.
     cpu_gemm: "auto" (default) oneDNN for the CPU's cosines and ∂L/∂x̂ on x86-64 where it
         passes a probe; "torch" torch.mm (MKL) for every GEMM.
     workspace_bytes: one block holds every sampled class when its (B × S·K) float32
@@ -83,14 +81,8 @@ class EngineOptions:
     cpu_block_bytes: int = 24 << 20
     cuda_block_bytes: int = 64 << 20
     block_classes: Optional[int] = None
-    bf16_gemms: Optional[str] = None
 
     def __post_init__(self):
-        if self.bf16_gemms is not None:  # the former name: stored as lowp_gemms
-            if self.bf16_gemms not in LOWP_POLICIES:
-                raise ValueError(f"bf16_gemms must be one of {LOWP_POLICIES}, got {self.bf16_gemms!r}")
-            object.__setattr__(self, "lowp_gemms", self.bf16_gemms)
-            object.__setattr__(self, "bf16_gemms", None)
         if self.lowp_gemms not in LOWP_POLICIES:
             raise ValueError(f"lowp_gemms must be one of {LOWP_POLICIES}, got {self.lowp_gemms!r}")
         if self.cpu_gemm not in CPU_GEMMS:
@@ -434,7 +426,7 @@ class _BlockEngine:
 
 
 def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, row_weight=None, grad_x=None,
-                         grad_w=None, gemm_dtype=None, bf16=False, options=None, target_col=None, target_cos=None,
+                         grad_w=None, gemm_dtype=None, options=None, target_col=None, target_cos=None,
                          combine=None, dyn=None):
     """Per-row losses (float32, shape (B,)) of the margin softmax over ``sampled``,
     and the target cosines (B,) (NaN unless the variant needs them).
@@ -446,8 +438,7 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
     (S·K, D) float32, the sampled centres' rows in ``sampled`` order. Either may be None. ``gemm_dtype``: the GEMM operand dtype (float32, bfloat16 or float16;
     :func:`simcore.margin.gemm.gemm_operand_dtype` picks it): the normalised rows and the
     gradient blocks are rounded to it for the GEMMs (float32 accumulation; the epilogues
-    stay float32; a float16 gradient block is scaled by a power of two first). ``bf16=True``
-    is ``gemm_dtype=torch.bfloat16`` (the former argument); neither: float32.
+    stay float32; a float16 gradient block is scaled by a power of two first); None: float32.
     ``options``: an :class:`EngineOptions` (default: :func:`current_engine_options`).
 
     Dynamic scalars: ``spec.cam_power`` / ``spec.curricular_t`` may be 0-d tensors (split here
@@ -465,7 +456,7 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
     """
     options = current_engine_options() if options is None else options
     if gemm_dtype is None:
-        gemm_dtype = torch.bfloat16 if bf16 else _F32
+        gemm_dtype = _F32
     if gemm_dtype not in (_F32, torch.bfloat16, torch.float16):
         raise ValueError(f"gemm_dtype must be float32, bfloat16 or float16, got {gemm_dtype}")
     spec, spec_dyn = split_dynamic(spec)

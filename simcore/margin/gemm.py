@@ -2,7 +2,6 @@
 
 * :func:`gemm_operand_dtype` — the low-precision operand policy (``EngineOptions.lowp_gemms``):
   bfloat16 or float16 operands, float32 accumulation and output.
-* :func:`use_bf16_gemms` — whether that policy picks bfloat16 (kept for callers of the bf16-only API).
 * :func:`mm_f32` — a·b with float32 accumulation and output for any of the three operand dtypes.
 * :func:`fp16_block_scale` — the power-of-two scale that puts a gradient block into float16's range.
 * :func:`onednn_linear` — torch's oneDNN matmul for the CPU's cosines and ∂L/∂x̂
@@ -15,14 +14,13 @@ import platform
 
 import torch
 
-__all__ = ["LOWP_POLICIES", "BF16_POLICIES", "CPU_GEMMS", "FP16_TOP_EXPONENT", "gemm_operand_dtype",
-           "use_bf16_gemms", "mm_f32", "fp16_block_scale", "onednn_linear"]
+__all__ = ["LOWP_POLICIES", "CPU_GEMMS", "FP16_TOP_EXPONENT", "gemm_operand_dtype", "mm_f32", "fp16_block_scale",
+           "onednn_linear"]
 
 # "cuda": half operands on CUDA devices only; "always": on every device (CPU forms the products
 # in float32, exact for bfloat16 and float16 values, so it reproduces the CUDA numerics); "never":
 # float32 operands.
 LOWP_POLICIES = ("cuda", "always", "never")
-BF16_POLICIES = LOWP_POLICIES  # the option's former name (bf16_gemms) takes the same values
 # "auto": oneDNN on x86-64 where it passes a probe; "torch": torch.mm (MKL) always.
 CPU_GEMMS = ("auto", "torch")
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (recent torch)
@@ -48,11 +46,6 @@ def gemm_operand_dtype(embeddings, weight, policy):
         if half in dtypes:
             return half
     return torch.float32
-
-
-def use_bf16_gemms(embeddings, weight, policy):
-    """Whether :func:`gemm_operand_dtype` picks bfloat16 operands."""
-    return gemm_operand_dtype(embeddings, weight, policy) == torch.bfloat16
 
 
 def mm_f32(a, b, out=None):

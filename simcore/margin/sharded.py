@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist

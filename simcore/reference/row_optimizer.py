@@ -22,9 +22,10 @@ def _write(buffers_and_rows, rows, found_inf):
     """Scatter each buffer's new rows; with ``found_inf`` > 0 the old rows are written back."""
     skip = None if found_inf is None else found_inf.to(rows.device).reshape(()) > 0
     for buf, new in buffers_and_rows:
+        new = new.to(buf.dtype)
         if skip is not None:
-            new = torch.where(skip, buf.index_select(0, rows), new.to(buf.dtype))
-        buf.index_copy_(0, rows, new.to(buf.dtype))
+            new = torch.where(skip, buf.index_select(0, rows), new)
+        buf.index_copy_(0, rows, new)
 
 
 @torch.no_grad()

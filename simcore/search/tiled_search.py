@@ -118,10 +118,8 @@ class TileScan:
         # the segments' scores and survivor counts (csrc/cuda/cosine_topk.cu)
         self.workspace_arg = None
         if device.type == "cuda" and SPLIT_SMALL_TILES and self.query_rows <= ext.COSINE_TOPK_SPLIT_MAX_ROWS:
-            seg = ext.COSINE_TOPK_SEGMENT
-            nseg = -(-self.block_rows // seg)
-            self.workspace = torch.empty(self.query_rows * (self.block_rows + nseg), dtype=torch.float32,
-                                         device=device)
+            self.workspace = torch.empty(ext.cosine_topk_split_workspace(self.query_rows, self.block_rows),
+                                         dtype=torch.float32, device=device)
             self.workspace_arg = dispatch.tensor_arg(self.workspace)
         A = dispatch.tensor_arg  # packed once: these tensors live (and stay put) for the whole search
         self._state_args = (A(self.ex_off), A(self.ex_idx), A(self.reservoir), A(self.count), A(self.threshold))
