@@ -2,14 +2,13 @@
 import pytest
 import torch
 
-A = pytest.importorskip("simcore.isc.augment")
-pytest.importorskip("kornia")
-PIL = pytest.importorskip("PIL.Image")
+import simcore.isc.augment as A
+import PIL.Image as PIL
 
 
 def photo_batch(n=4, size=48):
     """Small crops of a real photograph (smooth regions and edges, unlike noise)."""
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata
     im = torch.from_numpy(skdata.astronaut().copy()).permute(2, 0, 1).float() / 255
     crops = [im[:, 30 + 70 * (i % 6): 30 + 70 * (i % 6) + 96, 100 + 40 * i: 100 + 40 * i + 96] for i in range(n)]
     return torch.nn.functional.interpolate(torch.stack(crops), size=(size, size), mode="area")

@@ -4,9 +4,7 @@ parameters come from the CPU generator), so the outputs agree with the CPU ones 
 import pytest
 import torch
 
-A = pytest.importorskip("simcore.isc.augment")
-pytest.importorskip("kornia")
-pytest.importorskip("PIL.Image")
+import simcore.isc.augment as A
 from conftest import cuda  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import subprocess_env
 
-h5py = pytest.importorskip("h5py")
+import h5py
 
 
 

@@ -345,7 +345,7 @@ def test_rescore_bound_covers_the_bf16_gemm(generator):
 
 
 def test_matches_faiss_flat_ip(generator):
-    faiss = pytest.importorskip("faiss")
+    import faiss
     q, db = torch.randn(50, 64, generator=generator), torch.randn(5000, 64, generator=generator)
     qn, dbn = F.normalize(q, dim=1), F.normalize(db, dim=1)
     index = faiss.IndexFlatIP(64)
@@ -551,7 +551,6 @@ def test_flat_index_rejects_bad_files_and_input(tmp_path, generator):
 
 
 def test_faiss_index(generator):
-    pytest.importorskip("faiss")
     db = torch.randn(3000, 32, generator=generator)
     q = db[:20] + 0.01 * torch.randn(20, 32, generator=generator)
     exact_s, exact_i = simcore.cosine_topk(q, db, 5)

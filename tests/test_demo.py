@@ -6,14 +6,8 @@ import re
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import subprocess_env
-
-pytest.importorskip("kornia")
-pytest.importorskip("skimage")
-pytest.importorskip("sklearn")
-pytest.importorskip("h5py")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILED_LINE = re.compile(r"simcore [0-9][^ ]*: compiled kernels \(simcore\._C, cpu\)")

@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-h5py = pytest.importorskip("h5py")
-PIL = pytest.importorskip("PIL.Image")
-pytest.importorskip("kornia")
-pytest.importorskip("skimage")
+import h5py
 from test_cli import run_inproc  # noqa: E402,F401  (the fixture: simcore.isc.cli.main in-process)
 
 from simcore.isc import train as T  # noqa: E402
@@ -109,7 +106,9 @@ def test_flip_tta_makes_descriptors_flip_invariant(photos, run_dir, tmp_path):
     im.save(tmp_path / "a" / "x.png")
     im.transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "b" / "x.png")
     res = embed_folders([str(run_dir / "last.pt")], query=tmp_path / "a", reference=tmp_path / "b", flip=True)
-    np.testing.assert_allclose(res["query"], res["reference"], atol=2e-3)
+    np.testing.assert_array_equal(res["query"], res["reference"])  # a PNG mirrors exactly
+    plain = embed_folders([str(run_dir / "last.pt")], query=tmp_path / "a", reference=tmp_path / "b", flip=False)
+    assert not np.array_equal(plain["query"], plain["reference"])  # without --flip the mirror differs
 
 
 def test_ensemble_with_pca_and_the_errors(photos, run_dir, tmp_path):

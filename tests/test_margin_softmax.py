@@ -11,7 +11,7 @@ from simcore.dispatch import tensor_arg
 from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, engine_options,
                                    fused_margin_softmax, plan_block)
 from simcore.margin import engine as engine_module
-from simcore.margin.gemm import fp16_block_scale, gemm_operand_dtype, onednn_linear, use_bf16_gemms
+from simcore.margin.gemm import fp16_block_scale, gemm_operand_dtype, onednn_linear
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
 from conftest import BLOCKED, backend, cuda, kernel_params, poisoned, rel_err
 
@@ -153,48 +153,53 @@ def test_half_gemms_match_float64(variant, blocked, half, mix, lowp_gemms, gener
         assert not torch.equal(gx.float(), gx32.float())
 
 
-def test_bf16_gemms_extreme_angles(lowp_gemms, generator):
+# bfloat16 operands move cos θ by ~2^-9/√d, so θ is resolved only away from 0 and π, and a row's
+# gradient (dominated by its target) is within 1e-2 from d ≈ 256 on at scale 64. float16 operands
+# move it by ~2^-12·√2/√d: resolved closer to 0 and π, where dψ/dcos θ (up to ~5e3 at θ = SIN_EPS)
+# makes G span the widest range; its upstream gradient is GradScaler-sized (s·dψ·g overflows
+# unscaled float16).
+_WELL_RESOLVED = {torch.bfloat16: [0.3, 1.0, -0.1, 0.1, math.pi - 0.3],
+                  torch.float16: [0.1, 0.3, 1.0, -0.05, 0.05, math.pi - 0.1]}  # ±: offsets from θ*
+
+
+@pytest.mark.parametrize("dtype,upstream,tol", [(torch.bfloat16, 1.0, 1e-2), (torch.float16, 1024.0, FP16_TOL)])
+def test_half_gemms_extreme_angles(dtype, upstream, tol, lowp_gemms, generator):
     m1, m2, m3, s = MARGINS["arcface"]
     ts = theta_star(m1, m2)
-    # bfloat16 operands move cos θ by ~2^-9/√d, so θ is resolved only away from 0 and π, and
-    # a row's gradient (dominated by its target) is within 1e-2 from d ≈ 256 on at scale 64
-    well = [0.3, 1.0, ts - 0.1, ts + 0.1, math.pi - 0.3]
+    well = [ts + t if abs(t) < 0.2 else t for t in _WELL_RESOLVED[dtype]]
     edge = [0.0, 1e-6, 1e-2, math.pi - 1e-3, math.pi]
     x, y, w = _at_angles(well + edge, 256, 50, generator)
-    x, w = x.bfloat16(), w.bfloat16()
-    g = torch.ones(len(y))
+    x, w = x.to(dtype), w.to(dtype)
+    g = torch.ones(len(y)) * upstream
     loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], "none", g, sample_rate=1.0)
     rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], "none", g)
     assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
-    assert rel_err(loss, rl) <= 1e-2
+    assert rel_err(loss, rl) <= tol
     n = len(well)
-    assert rel_err(gx[:n], rgx[:n]) <= 1e-2
-    bound = s * m1 * 1.01 / x.float().norm(dim=1, keepdim=True)
+    assert rel_err(gx[:n], rgx[:n]) <= tol
+    bound = upstream * s * m1 * 1.01 / x.float().norm(dim=1, keepdim=True)
     assert (gx[n:].float().norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
 
 
-def test_bf16_gemm_policy():
-    x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
-    xb, wb, xh = x32.bfloat16(), w32.bfloat16(), x32.half()
-    assert current_engine_options().lowp_gemms == "cuda"
-    assert not use_bf16_gemms(xb, wb, "cuda")  # the default: CPU tensors keep float32 operands
-    assert use_bf16_gemms(xb, wb, "always") and use_bf16_gemms(xb, w32, "always") and use_bf16_gemms(x32, wb, "always")
-    assert not use_bf16_gemms(x32, w32, "always") and not use_bf16_gemms(xh, w32.half(), "always")  # float16: not bf16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert use_bf16_gemms(x32, w32, "always")
-    with torch.autocast("cpu", dtype=torch.float16):
-        assert not use_bf16_gemms(x32, w32, "always")
-    assert not use_bf16_gemms(xb, wb, "never")
+@pytest.mark.parametrize("dtype,dim,tol", [(torch.bfloat16, 32, 1e-2), (torch.float16, 64, FP16_TOL)])
+def test_half_gemms_under_compile_and_autocast(dtype, dim, tol, lowp_gemms, generator, monkeypatch):
+    """bf16 and fp16 autocast (fp16: InsightFace's default) take the GEMM path of their dtype,
+    traced or eager."""
+    seen = []
+    real = engine_module._BlockEngine.__init__
 
+    def spy(self, *args):
+        real(self, *args)
+        seen.append(self.operand_dtype)
 
-def test_bf16_gemms_under_compile_and_autocast(lowp_gemms, generator):
-    lin = torch.nn.Linear(16, 32)
-    w = torch.randn(300, 32, generator=generator, requires_grad=True)
+    monkeypatch.setattr(engine_module._BlockEngine, "__init__", spy)
+    lin = torch.nn.Linear(16, dim)
+    w = torch.randn(300, dim, generator=generator, requires_grad=True)
     inp = torch.randn(12, 16, generator=generator)
     y = torch.randint(300, (12,), generator=generator)
 
     def f(inp, y, w):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             return simcore.arcface_partial(lin(inp), y, w, sample_rate=1.0)
 
     loss = torch.compile(f, fullgraph=True, backend="aot_eager")(inp, y, w)
@@ -203,11 +208,12 @@ def test_bf16_gemms_under_compile_and_autocast(lowp_gemms, generator):
     w.grad = None
     eager = f(inp, y, w)
     eager.backward()
+    assert seen and set(seen) == {dtype}
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(gw, w.grad)
-    emb = lin(inp).bfloat16().detach()  # what autocast fed the loss
-    assert rel_err(eager, margin_softmax_loss(emb.double(), y, w.detach().double(), torch.arange(300))) <= 1e-2
+    emb = lin(inp).to(dtype).detach()  # what autocast fed the loss
+    assert rel_err(eager, margin_softmax_loss(emb.double(), y, w.detach().double(), torch.arange(300))) <= tol
 
 
 # --------------------------------------------------------------------------- float16 GEMM operands
@@ -276,26 +282,6 @@ def test_fp16_block_scale():
         assert torch.isfinite(scale) and not torch.isfinite((torch.tensor([bad]) * scale).half()).any()
 
 
-def test_fp16_gemms_extreme_angles(lowp_gemms, generator):
-    m1, m2, m3, s = MARGINS["arcface"]
-    ts = theta_star(m1, m2)
-    # float16 operands move cos θ by ~2^-12·√2/√d: θ is resolved away from 0 and π, where dψ/dcos θ
-    # (up to ~5e3 at θ = SIN_EPS) makes G span the widest range
-    well = [0.1, 0.3, 1.0, ts - 0.05, ts + 0.05, math.pi - 0.1]
-    edge = [0.0, 1e-6, 1e-2, math.pi - 1e-3, math.pi]
-    x, y, w = _at_angles(well + edge, 256, 50, generator)
-    x, w = x.half(), w.half()
-    g = torch.ones(len(y)) * 1024  # a GradScaler-sized upstream gradient: s·dψ·g overflows unscaled float16
-    loss, sampled, gx, gw = _kernel(x, y, w, MARGINS["arcface"], "none", g, sample_rate=1.0)
-    rl, rgx, rgw = _reference(x, y, w, sampled, MARGINS["arcface"], "none", g)
-    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
-    assert rel_err(loss, rl) <= FP16_TOL
-    n = len(well)
-    assert rel_err(gx[:n], rgx[:n]) <= FP16_TOL
-    bound = 1024 * s * m1 * 1.01 / x.float().norm(dim=1, keepdim=True)
-    assert (gx[n:].float().norm(dim=1, keepdim=True) <= bound[n:] * 2).all()
-
-
 def test_fp16_large_and_small_norm_rows(lowp_gemms, generator):
     """float16 rows whose squares overflow float16 (elements ~300) or underflow it (~2e-4): the
     norms are accumulated in double, so the normalised float16 operands are as for norm-1 rows."""
@@ -317,6 +303,7 @@ def test_fp16_large_and_small_norm_rows(lowp_gemms, generator):
 def test_lowp_gemm_policy():
     x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
     xb, wb, xh, wh = x32.bfloat16(), w32.bfloat16(), x32.half(), w32.half()
+    assert current_engine_options().lowp_gemms == "cuda"  # the default: CPU tensors keep float32 operands
     for policy in ("cuda", "never"):  # CPU tensors: float32 unless "always"
         assert all(gemm_operand_dtype(a, b, policy) == torch.float32 for a in (x32, xb, xh) for b in (w32, wb, wh))
     f = lambda a, b: gemm_operand_dtype(a, b, "always")  # noqa: E731
@@ -330,47 +317,12 @@ def test_lowp_gemm_policy():
         assert f(x32, w32) == torch.bfloat16 and f(xh, w32) == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.float16, enabled=False):
         assert f(x32, w32) == torch.float32
-    # the former option name still works, stored as lowp_gemms
-    opts = EngineOptions(bf16_gemms="always")
-    assert opts.lowp_gemms == "always" and opts.bf16_gemms is None and opts == EngineOptions(lowp_gemms="always")
-    with engine_options(bf16_gemms="never"):
+    opts = EngineOptions(lowp_gemms="always")
+    with engine_options(lowp_gemms="never"):
         assert current_engine_options().lowp_gemms == "never"
         with engine_options(lowp_gemms="always"):
             assert current_engine_options().lowp_gemms == "always"
     assert EngineOptions.from_op_arg(opts.to_op_arg()) == opts
-
-
-def test_fp16_gemms_under_compile_and_autocast(lowp_gemms, generator, monkeypatch):
-    """fp16 autocast (InsightFace's default) takes the float16 GEMM path, traced or eager."""
-    seen = []
-    real = engine_module._BlockEngine.__init__
-
-    def spy(self, *args):
-        real(self, *args)
-        seen.append(self.operand_dtype)
-
-    monkeypatch.setattr(engine_module._BlockEngine, "__init__", spy)
-    lin = torch.nn.Linear(16, 64)
-    w = torch.randn(300, 64, generator=generator, requires_grad=True)
-    inp = torch.randn(12, 16, generator=generator)
-    y = torch.randint(300, (12,), generator=generator)
-
-    def f(inp, y, w):
-        with torch.autocast("cpu", dtype=torch.float16):
-            return simcore.arcface_partial(lin(inp), y, w, sample_rate=1.0)
-
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(inp, y, w)
-    loss.backward()
-    gw = w.grad.clone()
-    w.grad = None
-    eager = f(inp, y, w)
-    eager.backward()
-    assert seen and set(seen) == {torch.float16}
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(gw, w.grad)
-    emb = lin(inp).half().detach()  # what autocast fed the loss
-    assert rel_err(eager, margin_softmax_loss(emb.double(), y, w.detach().double(), torch.arange(300))) <= FP16_TOL
 
 
 def _at_angles(thetas, d, c, gen):
@@ -767,7 +719,7 @@ def test_head_reads_centres_in_place_as_the_gathered_path_does(subcenters, optim
         out.append((loss.detach(), xi.grad, ids, head.weight.detach().clone()))
     (l0, g0, i0, w0), (l1, g1, i1, w1) = out
     assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(i0, i1)
-    assert torch.allclose(w0, w1, rtol=0, atol=1e-7)
+    assert torch.equal(w0, w1)
 
 
 def test_head_grow_and_centres(generator):
@@ -905,7 +857,7 @@ def test_engine_options_are_scoped_per_thread():
             worker.join()
         assert current_engine_options() is outer
     assert current_engine_options() == default and seen["other"] == default
-    for bad in (dict(bf16_gemms="sometimes"), dict(cpu_gemm="mkl"), dict(workspace_bytes=-1),
+    for bad in (dict(lowp_gemms="sometimes"), dict(cpu_gemm="mkl"), dict(workspace_bytes=-1),
                 dict(block_classes=0), dict(cuda_block_bytes=1.5)):
         with pytest.raises(ValueError):
             EngineOptions(**bad)

@@ -189,7 +189,6 @@ def test_csv_readers_accept_a_byte_order_mark(tmp_path):
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     m = evaluate([("q1", "r1", 0.9), ("q2", "r1", 0.3)], [("q1", "r1"), ("q2", "r2")])
     out = tmp_path / "pr.png"
     m.plot(out)

@@ -234,7 +234,6 @@ def test_load_round_trip_of_an_empty_index(tmp_path):
 
 # --------------------------------------------------------------------------- faiss_index
 def test_faiss_index_rejects_bad_input():
-    pytest.importorskip("faiss")
     db = torch.randn(50, 8)
     with pytest.raises(ValueError, match="metric must be 'cosine' or 'ip'"):
         simcore.faiss_index(db, "Flat", metric="l2")

@@ -7,11 +7,9 @@ import types
 
 import pytest
 import torch
-
-pytest.importorskip("PIL.Image")
-pytest.importorskip("kornia")
 from test_data import write_photos  # noqa: E402
 
+from simcore.isc import augment as A  # noqa: E402
 from simcore.isc import train as T  # noqa: E402
 from simcore.isc.backbones import BackboneError, TimmBackbone, build_backbone  # noqa: E402
 from simcore.isc.embed import load_checkpoint  # noqa: E402
@@ -35,8 +33,9 @@ def steps_of(run_dir):
         return [r for r in map(json.loads, f) if r["event"] == "step"]
 
 
-def test_an_interrupted_run_resumes_bit_for_bit(folder, tmp_path, monkeypatch):
-    kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(4, 5), checkpoint_every=3, warmup=2)
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_an_interrupted_run_resumes_bit_for_bit(folder, tmp_path, monkeypatch, augment_on):
+    kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(4, 5), checkpoint_every=3, warmup=2, augment_on=augment_on)
     full = T.train(config(folder, tmp_path / "a", **kw), log_fn=lambda m: None)
     monkeypatch.setenv(T.FAIL_AFTER_STEP_ENV, "7")       # stage 2, step 3; the last checkpoint: global step 6
     with pytest.raises(RuntimeError, match="simulated failure after step 7"):
@@ -57,6 +56,10 @@ def test_an_interrupted_run_resumes_bit_for_bit(folder, tmp_path, monkeypatch):
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert ca["head_classes"] == 12 and ca["stage"] == 2
     assert full.stages[0]["classes"] == 4 and full.stages[1]["steps"] == 5
+    other = "device" if augment_on == "workers" else "workers"   # the mode shapes the samples: a resume keeps it
+    with pytest.raises(ValueError, match=rf"augment_on \('{augment_on}' -> '{other}'\)"):
+        T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), **dict(kw, augment_on=other)),
+                log_fn=lambda m: None)
 
 
 def test_resume_refuses_other_settings(folder, tmp_path):
@@ -94,11 +97,25 @@ def test_every_loss_trains(folder, tmp_path, loss):
     assert len(r.losses) == 2 and all(torch.isfinite(torch.tensor(r.losses)))
 
 
-def test_bf16_and_the_loss_goes_down(folder, tmp_path):
-    r = T.train(config(folder, tmp_path, steps=30, batch_size=12, precision="bf16", scale=16.0, margin=0.2),
-                log_fn=lambda m: None)
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_bf16_and_the_loss_goes_down(folder, tmp_path, monkeypatch, augment_on):
+    """Both places of augmentation train; "device" augments each step's batch in one call."""
+    calls = []
+    real = A.RandomAugment.__call__
+
+    def spy(self, images, **kw):
+        calls.append(tuple(images.shape))
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(A.RandomAugment, "__call__", spy)
+    r = T.train(config(folder, tmp_path, steps=30, batch_size=12, precision="bf16", scale=16.0, margin=0.2,
+                       augment_on=augment_on), log_fn=lambda m: None)
+    assert all(torch.isfinite(torch.tensor(r.losses)))
     first, last = sum(r.losses[:5]) / 5, sum(r.losses[-5:]) / 5
     assert last < first, (first, last)
+    # one batched call per step on the device (centre views: one image each); per sample in the loader else
+    assert calls.count((12, 3, 32, 32)) == (30 if augment_on == "device" else 0)
+    assert json.loads(open(tmp_path / "log.jsonl").readline())["config"]["augment_on"] == augment_on
 
 
 def test_stop_ends_a_stage_early_and_folder_labels(tmp_path):
@@ -113,7 +130,6 @@ def test_stop_ends_a_stage_early_and_folder_labels(tmp_path):
 
 
 def test_validation_plot_and_log(folder, tmp_path):
-    pytest.importorskip("matplotlib")
     msgs = []
     r = T.train(config(folder, tmp_path / "run", steps=2, batch_size=4, val_dir=str(folder), val_max=5, plot=True),
                 log_fn=msgs.append)

@@ -6,15 +6,11 @@ import sys
 
 import pytest
 import torch
-
-pytest.importorskip("PIL.Image")
-pytest.importorskip("kornia")
-from test_train import config, folder, steps_of  # noqa: E402,F401  (folder: the module's image fixture)
+from test_train import config, folder  # noqa: E402,F401  (folder: the module's image fixture)
 
 from simcore.isc import augment as A  # noqa: E402
 from simcore.isc import data as Dt  # noqa: E402
 from simcore.isc import train as T  # noqa: E402
-from simcore.isc.embed import load_checkpoint  # noqa: E402
 
 
 def test_both_modes_give_the_model_the_same_kind_of_batch(folder):
@@ -33,47 +29,6 @@ def test_both_modes_give_the_model_the_same_kind_of_batch(folder):
     assert torch.equal(b, T._training_inputs(xd, "device", aug, "cpu", key))          # seeded by the key
     assert not torch.equal(b, T._training_inputs(xd, "device", aug, "cpu", (0, 0, 1, 0xDE7, 0, 1)))
     assert ((b - xd.float() / 255).abs().flatten(1).mean(1) > 1e-4).all()            # every image edited
-
-
-def test_device_mode_trains_and_augments_batched(folder, tmp_path, monkeypatch):
-    calls = []
-    real = A.RandomAugment.__call__
-
-    def spy(self, images, **kw):
-        calls.append(tuple(images.shape))
-        return real(self, images, **kw)
-
-    monkeypatch.setattr(A.RandomAugment, "__call__", spy)
-    r = T.train(config(folder, tmp_path, steps=30, batch_size=12, precision="bf16", scale=16.0, margin=0.2,
-                       augment_on="device"), log_fn=lambda m: None)
-    assert all(torch.isfinite(torch.tensor(r.losses)))
-    first, last = sum(r.losses[:5]) / 5, sum(r.losses[-5:]) / 5
-    assert last < first, (first, last)
-    assert calls.count((12, 3, 32, 32)) == 30            # one batched call per step (centre views: one image each)
-    assert json.loads(open(tmp_path / "log.jsonl").readline())["config"]["augment_on"] == "device"
-
-
-def test_device_mode_resumes_bit_for_bit(folder, tmp_path, monkeypatch):
-    kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(4, 5), checkpoint_every=3, warmup=2, augment_on="device")
-    T.train(config(folder, tmp_path / "a", **kw), log_fn=lambda m: None)
-    monkeypatch.setenv(T.FAIL_AFTER_STEP_ENV, "7")
-    with pytest.raises(RuntimeError, match="simulated failure after step 7"):
-        T.train(config(folder, tmp_path / "b", **kw), log_fn=lambda m: None)
-    monkeypatch.delenv(T.FAIL_AFTER_STEP_ENV)
-    resumed = T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), workers=2, **kw),
-                      log_fn=lambda m: None)
-    assert len(resumed.losses) == 3
-    a, b = steps_of(tmp_path / "a"), steps_of(tmp_path / "b")
-    assert [r["global_step"] for r in b] == list(range(1, 10))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    ca, cb = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
-    for part in ("model", "head"):
-        for k in ca[part]:
-            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
-    # the mode shapes the samples: a resume keeps it
-    with pytest.raises(ValueError, match=r"augment_on \('device' -> 'workers'\)"):
-        T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"),
-                       **dict(kw, augment_on="workers")), log_fn=lambda m: None)
 
 
 def test_the_modes_differ_and_bad_values_are_refused(folder, tmp_path):
@@ -96,7 +51,6 @@ def test_tensorboard_missing_is_a_note_and_training_goes_on(folder, tmp_path, mo
 
 
 def test_tensorboard_event_files(folder, tmp_path):
-    pytest.importorskip("torch.utils.tensorboard")
     T.train(config(folder, tmp_path, steps=3, batch_size=4, tensorboard=True, val_dir=str(folder), val_max=4),
             log_fn=lambda m: None)
     files = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]

@@ -20,9 +20,6 @@ import sys
 
 import pytest
 import torch
-
-pytest.importorskip("PIL.Image")
-pytest.importorskip("kornia")
 from conftest import TESTS_DIR, rel_err, spawn_ranks, subprocess_env  # noqa: E402
 from test_data import write_photos  # noqa: E402
 
@@ -210,7 +207,6 @@ def test_the_documented_torchrun_command_and_embed(tmp_path, capsys, monkeypatch
     lines = _doc_commands()
     assert len(lines) == 2 and lines[0].startswith("torchrun --nproc_per_node=2 --no-python simcore train")
     assert lines[1].startswith("simcore embed")
-    pytest.importorskip("skimage")
     text = open(DOC, encoding="utf-8").read()
     try_it = text[text.index("## Try it"):text.index("\n## ", text.index("## Try it") + 1)]
     monkeypatch.chdir(tmp_path)

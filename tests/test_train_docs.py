@@ -5,11 +5,6 @@ import os
 import re
 import shlex
 
-import pytest
-
-pytest.importorskip("h5py")
-pytest.importorskip("kornia")
-pytest.importorskip("skimage")
 from test_cli import run_inproc  # noqa: E402,F401  (the fixture)
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "train.md")
