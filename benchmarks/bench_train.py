@@ -54,7 +54,6 @@ Every ratio that counts is taken between rows of one run; the summary at the end
 import gc
 import math
 import os
-import time
 
 import pytest
 import torch

@@ -24,7 +24,6 @@ import os
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["GeM", "SmallCNN", "TimmBackbone", "build_backbone", "backbone_spec", "BackboneError"]
@@ -51,15 +50,12 @@ def _block(cin, cout, stride):
 
 class SmallCNN(nn.Module):
     """A small CPU-friendly CNN: stages of 3x3 convolutions (the first of each with stride 2), GeM pooling,
-    a linear projection. ``input_size`` resizes the input first (area averaging); ``standardize``
-    removes each image's channel means and scales it to unit standard deviation (invariance to brightness
-    and contrast for free), else ImageNet statistics are used. ``forward`` returns unnormalised embeddings
-    (the margin loss normalises them)."""
+    a linear projection. Each image's channel means are removed and it is scaled to unit standard
+    deviation first (invariance to brightness and contrast for free). ``forward`` returns unnormalised
+    embeddings (the margin loss normalises them)."""
 
-    def __init__(self, embedding_dim: int = 128, widths: Sequence[int] = (32, 64, 128, 256), depth: int = 1,
-                 input_size: Optional[int] = None, standardize: bool = True):
+    def __init__(self, embedding_dim: int = 128, widths: Sequence[int] = (32, 64, 128, 256), depth: int = 1):
         super().__init__()
-        self.input_size, self.standardize = input_size, standardize
         layers, cin = [], 3
         for w in widths:
             layers.append(_block(cin, w, 2))
@@ -68,17 +64,10 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = GeM()
         self.fc = nn.Linear(cin, embedding_dim)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, x):
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
-        if self.standardize:      # per image: channel means removed, unit overall std (brightness/contrast-free)
-            x = x - x.mean((2, 3), keepdim=True)
-            x = x / (x.std((1, 2, 3), keepdim=True) + 1e-2)
-        else:
-            x = (x - self.mean) / self.std
+        x = x - x.mean((2, 3), keepdim=True)  # per image: channel means removed, unit overall std
+        x = x / (x.std((1, 2, 3), keepdim=True) + 1e-2)
         return self.fc(self.pool(self.features(x)))
 
 

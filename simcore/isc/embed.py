@@ -45,7 +45,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        # mmap: a single-process run's checkpoint also holds the head (centres + optimizer state,
+        # gigabytes at 1M classes); only what is used is read
+        ckpt = torch.load(path, map_location=map_location, mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -76,17 +78,18 @@ def autocast_context(device, precision):
 
 @torch.no_grad()
 def embed_dataset(model, dataset, items, *, batch_size=64, workers=0, device="cpu", precision="fp32",
-                  flip=False, progress=False, desc="embed", loader=None, switch=None) -> torch.Tensor:
+                  flip=False, progress=False, desc="embed", loader=None) -> torch.Tensor:
     """L2-normalised float32 embeddings (len(items), D) of ``dataset`` items ((index, seed) pairs, or
     indices: clean images), in eval mode, in item order. Undecodable images give zero rows.
-    ``loader``/``switch``: a DataLoader built over a ``SwitchSampler`` to reuse (its workers)."""
+    ``loader``: a DataLoader to reuse (its workers) whose batch sampler has a swappable ``inner``
+    sampler (simcore.isc.train's stage loader)."""
     was = model.training
     model.eval()
     sampler = Dt.ListBatchSampler(items, batch_size)
     if loader is None:
         loader = Dt.make_loader(dataset, sampler, workers=workers, device=device)
     else:
-        switch.inner = sampler
+        loader.batch_sampler.inner = sampler
     it = loader
     if progress:
         from tqdm.auto import tqdm

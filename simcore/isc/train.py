@@ -508,7 +508,7 @@ def _plot(log_path, out_path):
     return None
 
 
-def _validate(model, val, c, device, loader_args):
+def _validate(model, val, c, loader_args):
     """µAP / recall@P90 of one augmented copy of each validation image searched among the clean ones."""
     n = len(val.paths)
     items = list(range(n))
@@ -750,9 +750,9 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                                                          for v in range(c.views) for i in new]
                 t0 = time.perf_counter()
                 if dd is None:
-                    emb = embed_dataset(model, dataset, centre_items, loader=loader, switch=switch, **embed_kw)
+                    emb = embed_dataset(model, dataset, centre_items, loader=loader, **embed_kw)
                 else:  # each rank embeds every world-th item; all-gathered in item order
-                    mine = embed_dataset(model, dataset, centre_items[rank::world], loader=loader, switch=switch,
+                    mine = embed_dataset(model, dataset, centre_items[rank::world], loader=loader,
                                          **embed_kw)
                     emb = dd.gather_rows(mine, len(centre_items), c.dim)
                 groups = labels[torch.tensor([i for i, _ in centre_items])] - have
@@ -831,7 +831,7 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                         tb.add_scalar(f"train/{key}", value, global_step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(stage=f"{stage + 1}/{len(counts)}", loss=f"{loss_value:.3f}",
+                    bar.set_postfix(stage=f"{stage + 1}/{len(counts)}", loss=f"{loss_value:.3f}", refresh=False,
                                     img_s=f"{ips:.0f}")
                 window = stage_losses[-c.stop_window:]
                 stopped = (c.stop_loss is not None and len(window) == c.stop_window
@@ -851,7 +851,7 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                        "final_loss": sum(finite[-c.stop_window:]) / max(1, len(finite[-c.stop_window:])),
                        "stopped_early": bool(stopped)}
             if val is not None:   # rank 0 only, on the plain model
-                v = _validate(model, val, c, device, val_args)
+                v = _validate(model, val, c, val_args)
                 summary["val"] = v
                 result.val.append(dict(v, stage=stage))
                 log.write(event="val", stage=stage, global_step=global_step, **v)
