@@ -2,6 +2,7 @@
 precisions, labels, validation, backbones by name; all on tiny CPU models."""
 import json
 import os
+import stat
 import sys
 import types
 
@@ -13,6 +14,7 @@ from simcore.isc import augment as A  # noqa: E402
 from simcore.isc import train as T  # noqa: E402
 from simcore.isc.backbones import BackboneError, TimmBackbone, build_backbone  # noqa: E402
 from simcore.isc.embed import load_checkpoint  # noqa: E402
+from simcore.isc.files import atomic_write  # noqa: E402
 
 TINY = dict(widths=(8, 16), dim=16, image_size=32, sample_rate=1.0, progress=False, lr=3e-3, views=1)
 
@@ -80,6 +82,50 @@ def test_checkpoint_contents_and_atomic_writes(folder, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["final.pt", "last.pt", "log.jsonl", "stage1.pt", "stage2.pt"]  # no temp files
     assert load_checkpoint(tmp_path / "stage1.pt")["head_classes"] == 6
     assert load_checkpoint(tmp_path / "final.pt")["global_step"] == ck["global_step"] == 4
+
+
+def test_atomic_write_keeps_the_old_file_until_the_new_one_is_whole(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(target) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"part")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    with atomic_write(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+        assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.bin"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask   # not mkstemp's 0600
+
+
+def _open_files_under(folder):
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:     # the listing's own descriptor, closed by now
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_a_failed_setup_leaves_no_file_open(folder, tmp_path, monkeypatch):
+    def broken(c, model):
+        raise RuntimeError("no optimizer today")
+
+    monkeypatch.setattr(T, "_make_optimizer", broken)
+    with pytest.raises(RuntimeError, match="no optimizer today") as failure:
+        T.train(config(folder, tmp_path, steps=1, batch_size=4, tensorboard=True), log_fn=lambda m: None)
+    assert (tmp_path / "log.jsonl").exists() and (tmp_path / "tb").is_dir()   # both were open
+    # while the caller holds the exception (a notebook keeps the last traceback), its frames live on
+    assert failure.traceback and _open_files_under(tmp_path) == []
 
 
 def test_a_fresh_run_never_overwrites_another_run(folder, tmp_path):

@@ -64,9 +64,9 @@ def _user_errors():
     """The exceptions that ``simcore train`` / ``embed`` report as one line (bad input, not bugs)."""
     from simcore.isc.backbones import BackboneError
     from simcore.isc.data import CorruptImageError, NoImagesError
-    from simcore.isc.embed import CheckpointError
+    from simcore.isc.embed import CheckpointError, EmbedSetupError
     from simcore.isc.train import TrainSetupError
-    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, TrainSetupError)
+    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, EmbedSetupError, TrainSetupError)
 
 
 def cmd_train(a):
@@ -121,9 +121,7 @@ def cmd_embed(a):
                             flip=a.flip, batch_size=a.batch_size, workers=a.workers, device=device,
                             precision=a.precision, strict=a.strict, progress=progress,
                             log=lambda m: print(f"[simcore embed] {m}", file=sys.stderr))
-    except _user_errors() as e:
-        raise CLIError(str(e)) from None
-    except ValueError as e:                # bad flag values, duplicate ids, PCA without --train
+    except _user_errors() as e:            # bad flag values, duplicate ids, PCA without --train, ...
         raise CLIError(str(e)) from None
     try:
         write_descriptors(a.output, res)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -27,9 +26,10 @@ import torch.nn.functional as F
 from simcore.isc import data as Dt
 from simcore.isc.backbones import BackboneError, build_backbone
 from simcore.isc.descriptors import PCAWhitening, l2_normalize
+from simcore.isc.files import atomic_write
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_model", "embed_dataset", "embed_folders",
-           "write_descriptors", "autocast_context"]
+__all__ = ["CheckpointError", "EmbedSetupError", "load_checkpoint", "load_model", "embed_dataset",
+           "embed_folders", "write_descriptors", "autocast_context"]
 
 #: The ``format`` entry of a ``simcore train`` checkpoint.
 CHECKPOINT_FORMAT = "simcore.isc.train/1"
@@ -37,6 +37,10 @@ CHECKPOINT_FORMAT = "simcore.isc.train/1"
 
 class CheckpointError(ValueError):
     """A file that is not a usable ``simcore train`` checkpoint."""
+
+
+class EmbedSetupError(ValueError):
+    """Inputs that ``embed_folders`` cannot work with (options, image ids): the user's to fix."""
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -125,10 +129,12 @@ def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, p
     "train_ids": lists; "dims": per-model dims; "pca": the fitted PCAWhitening or None}."""
     if not checkpoints:
         raise CheckpointError("embed needs at least one checkpoint")
+    if batch_size < 1 or workers < 0:
+        raise EmbedSetupError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
     if pca is not None and train is None:
-        raise ValueError("--pca is fitted on the training images: give --train")
+        raise EmbedSetupError("--pca is fitted on the training images: give --train")
     if len(checkpoints) > 1 and train is None:
-        raise ValueError("an ensemble of several checkpoints is whitened on the training images: give --train")
+        raise EmbedSetupError("an ensemble of several checkpoints is whitened on the training images: give --train")
     specs, models = [], []
     for path in checkpoints:
         model, spec = load_model(path, device)
@@ -148,9 +154,9 @@ def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, p
         if len(set(ids)) != len(ids):
             seen = set()
             dup = next(i for i in ids if i in seen or seen.add(i))
-            raise ValueError(f"{s.root}: two images share the id {dup!r} (ids are file names without extension)")
+            raise EmbedSetupError(f"{s.root}: two images share the id {dup!r} (ids are file names without extension)")
         if any("," in i or "\n" in i for i in ids):
-            raise ValueError(f"{s.root}: image ids (file names) must not contain commas")
+            raise EmbedSetupError(f"{s.root}: image ids (file names) must not contain commas")
     per_model = {role: [] for role in sets}
     for path, model, spec in zip(checkpoints, models, specs):
         for role, s in sets.items():
@@ -166,9 +172,9 @@ def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, p
         dim = pca if pca is not None else out["train"].shape[1]
         total = out["train"].shape[1]
         if not 1 <= dim <= total:
-            raise ValueError(f"--pca must lie in [1, {total}] (the concatenated descriptors' dims), got {dim}")
+            raise EmbedSetupError(f"--pca must lie in [1, {total}] (the concatenated descriptors' dims), got {dim}")
         if out["train"].shape[0] < 2:
-            raise ValueError(f"{train}: PCA whitening needs at least 2 training images")
+            raise EmbedSetupError(f"{train}: PCA whitening needs at least 2 training images")
         fitted = PCAWhitening(dim).fit(out["train"])
         out = {role: fitted.transform(x) for role, x in out.items()}
         log(f"PCA whitening {total} -> {dim} dims, fitted on {out['train'].shape[0]} training descriptors")
@@ -183,20 +189,10 @@ def write_descriptors(path, result: dict):
     """The challenge HDF5 layout, written to a temporary file beside ``path`` and renamed over it,
     so an existing file is never left half-written."""
     import h5py
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".simcore-embed-", suffix=".h5.tmp", dir=folder)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            roles: List[str] = ["query", "reference"] + (["train"] if result.get("train") is not None else [])
-            for role in roles:
-                f.create_dataset(role, data=result[role])
-                f.create_dataset(f"{role}_ids", data=np.array(result[f"{role}_ids"], dtype=object),
-                                 dtype=h5py.string_dtype())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        roles: List[str] = ["query", "reference"] + (["train"] if result.get("train") is not None else [])
+        for role in roles:
+            f.create_dataset(role, data=result[role])
+            f.create_dataset(f"{role}_ids", data=np.array(result[f"{role}_ids"], dtype=object),
+                             dtype=h5py.string_dtype())

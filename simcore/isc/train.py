@@ -54,8 +54,8 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
@@ -70,6 +70,7 @@ from simcore.isc import data as Dt
 from simcore.isc.backbones import backbone_spec, build_backbone
 from simcore.isc.descriptors import match as match_descriptors
 from simcore.isc.embed import CHECKPOINT_FORMAT, CheckpointError, autocast_context, embed_dataset, load_checkpoint
+from simcore.isc.files import atomic_write
 from simcore.isc.metrics import evaluate
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "LOSSES", "AUGMENT_ON", "FAIL_AFTER_STEP_ENV",
@@ -393,18 +394,8 @@ def _load_head_state(head, ckpt, path, rank, world):
 
 
 def _atomic_save(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class _Switch(torch.utils.data.Sampler):
@@ -661,35 +652,41 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
         raise setup_error
 
     log = _Log(os.path.join(c.output, "log.jsonl"), truncate_to=log_offset) if lead else _NullLog()
-    tb = None
-    if c.tensorboard and lead:   # rank 0 only, like log.jsonl
-        tb, note = _tensorboard_writer(os.path.join(c.output, "tb"), global_step + 1 if ckpt is not None else None)
-        if note:
-            say(note)
-            log.write(event="note", message=note)
-    train_model = model
-    if dd is not None:  # DDP broadcasts rank 0's weights and buffers; checkpoints hold the plain model's
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
-    opt = _make_optimizer(c, model)
-    if ckpt is not None:
-        if ckpt["optimizer"] is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_states(resume_rng if resume_rng is not None else ckpt["rng"], head_gen)
-        if resume_rng is None:  # another world size: each rank's class sampling continues from a fresh seed
-            head_gen.manual_seed(Dt.sample_seed(c.seed, 0x5A3, rank, world, global_step))
-    if ckpt is None:
-        log.write(event="start", config=_jsonable(dataclasses.asdict(c)), images=len(images.paths),
-                  classes=num_classes, skipped_files=len(images.skipped), device=device, world_size=world)
+    tb = bar = None
+    try:   # nothing below leaves log.jsonl or the TensorBoard writer open when it fails
+        if c.tensorboard and lead:   # rank 0 only, like log.jsonl
+            tb, note = _tensorboard_writer(os.path.join(c.output, "tb"),
+                                           global_step + 1 if ckpt is not None else None)
+            if note:
+                say(note)
+                log.write(event="note", message=note)
+        train_model = model
+        if dd is not None:  # DDP broadcasts rank 0's weights and buffers; checkpoints hold the plain model's
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
+        opt = _make_optimizer(c, model)
+        if ckpt is not None:
+            if ckpt["optimizer"] is not None:
+                opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_states(resume_rng if resume_rng is not None else ckpt["rng"], head_gen)
+            if resume_rng is None:  # another world size: each rank's class sampling continues from a fresh seed
+                head_gen.manual_seed(Dt.sample_seed(c.seed, 0x5A3, rank, world, global_step))
+        if ckpt is None:
+            log.write(event="start", config=_jsonable(dataclasses.asdict(c)), images=len(images.paths),
+                      classes=num_classes, skipped_files=len(images.skipped), device=device, world_size=world)
 
-    result = TrainResult(c.output, os.path.join(c.output, "last.pt"), skipped_files=len(images.skipped))
-    result.stages = list(stage_done)
-    bar = None
-    if c.progress and lead:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(c.steps), initial=sum(c.steps[:stage]) + step, desc="train", unit="step",
-                   file=sys.stderr, dynamic_ncols=True)
+        result = TrainResult(c.output, os.path.join(c.output, "last.pt"), skipped_files=len(images.skipped))
+        result.stages = list(stage_done)
+        if c.progress and lead:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=sum(c.steps), initial=sum(c.steps[:stage]) + step, desc="train", unit="step",
+                       file=sys.stderr, dynamic_ncols=True)
+    except BaseException:
+        if tb is not None:
+            tb.close()
+        log.close()
+        raise
 
     def checkpoint(path, next_stage, next_step, copy_to=None):
         """Every rank calls it. One process: ``path`` holds everything. Several ranks: each rank
@@ -897,17 +894,8 @@ class _NullLog:
 
 
 def _atomic_copy(src, dst):
-    import shutil
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_write(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(v):
