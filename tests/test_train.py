@@ -5,9 +5,11 @@ import os
 import stat
 import sys
 import types
+import warnings
 
 import pytest
 import torch
+from conftest import cuda  # noqa: E402
 from test_data import write_photos  # noqa: E402
 
 from simcore.isc import augment as A  # noqa: E402
@@ -126,6 +128,29 @@ def test_a_failed_setup_leaves_no_file_open(folder, tmp_path, monkeypatch):
     assert (tmp_path / "log.jsonl").exists() and (tmp_path / "tb").is_dir()   # both were open
     # while the caller holds the exception (a notebook keeps the last traceback), its frames live on
     assert failure.traceback and _open_files_under(tmp_path) == []
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_steps_wait_for_the_gpu_only_to_read_the_loss(folder, tmp_path, precision):
+    """A step's one synchronising call is the read of the previous step's loss (the next step's work
+    is queued by then): no GradScaler inf check on the host, no control integers through the GPU,
+    no host checks of the head's inputs after the first step. Two runs 6 steps apart differ by 6
+    synchronising calls (set_sync_debug_mode("warn") turns each into a warning)."""
+    def syncs(steps, out):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                T.train(config(folder, out, steps=steps, batch_size=4, device="cuda", precision=precision),
+                        log_fn=lambda m: None)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+    short, long = syncs(3, tmp_path / "short"), syncs(9, tmp_path / "long")
+    assert long - short == 6, (short, long)
+    assert len(steps_of(tmp_path / "long")) == 9
 
 
 def test_a_fresh_run_never_overwrites_another_run(folder, tmp_path):

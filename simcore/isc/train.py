@@ -46,6 +46,7 @@ augmented copy of each validation image searched among the clean ones, at each s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -256,9 +257,12 @@ def _make_head(c: TrainConfig, num_classes: int, device, process_group=None):
 
 def _make_optimizer(c: TrainConfig, model):
     params = [p for p in model.parameters() if p.requires_grad]
+    # On CUDA the fused step: one kernel for every parameter, and GradScaler (fp16) hands it the
+    # inf check as a tensor instead of reading it on the host each step.
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if c.optimizer == "adam":
-        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **fused)
 
 
 def _lr_factor(step, steps, warmup):
@@ -275,15 +279,19 @@ class _Dist:
     def __init__(self, rank, world, local_rank, device, created):
         self.rank, self.world, self.local_rank, self.device, self.created = rank, world, local_rank, device, created
         self.group = dist.group.WORLD
-        # collectives of small host values run on the backend's device (NCCL: this rank's GPU)
-        self.comm = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        # bulk collectives (centre embeddings) run on the backend's device (NCCL: this rank's GPU)
+        self.comm = torch.device(device) if nccl else torch.device("cpu")
+        # the per-step exchange of a few host integers goes through gloo on the host: through NCCL
+        # it would copy to the GPU and back, and so wait for the step the GPU is still computing
+        self.control = dist.new_group(backend="gloo") if nccl else self.group
 
     def gather_ints(self, values):
         """(world, len(values)) int64 on the host: every rank's ``values``."""
-        t = torch.tensor(values, dtype=torch.int64, device=self.comm)
-        out = torch.empty(self.world * t.numel(), dtype=torch.int64, device=self.comm)
-        dist.all_gather_into_tensor(out, t, group=self.group)
-        return out.cpu().view(self.world, t.numel())
+        t = torch.tensor(values, dtype=torch.int64)
+        out = torch.empty(self.world * t.numel(), dtype=torch.int64)
+        dist.all_gather_into_tensor(out, t, group=self.control)
+        return out.view(self.world, t.numel())
 
     def agree(self, error, what):
         """A collective: raise on every rank if any rank has an ``error`` (its own error there, a
@@ -557,6 +565,8 @@ def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
             # hold) now, not in the interpreter's finalisation
             gc.collect()
             dist.destroy_process_group()
+        elif dd is not None and dd.control is not dd.group and dist.is_initialized():
+            dist.destroy_process_group(dd.control)   # the caller's group lives on; train's own gloo group ends
 
 
 def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
@@ -688,11 +698,34 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
         log.close()
         raise
 
+    pending = None   # the last step's log record, its loss still a device tensor
+
+    def settle():
+        """Read the pending step's loss and write its record (log.jsonl, TensorBoard, the bar). The loop
+        calls it once the next step's work is queued, so that on a GPU the host never waits for the
+        device between steps, and before anything that needs every loss so far."""
+        nonlocal pending
+        if pending is None:
+            return
+        record, pending = pending, None
+        # the global batch's mean: the same on every rank
+        record["loss"] = value = float("nan") if record["loss"] is None else float(record["loss"])
+        stage_losses.append(value)
+        result.losses.append(value)
+        log.write(event="step", **record)
+        if tb is not None:
+            for key in ("loss", "lr", "head_lr", "images_per_second", "classes"):
+                tb.add_scalar(f"train/{key}", record[key], record["global_step"])
+        if bar is not None:
+            bar.set_postfix(stage=f"{record['stage'] + 1}/{len(counts)}", loss=f"{value:.3f}", refresh=False,
+                            img_s=f"{record['images_per_second']:.0f}")
+
     def checkpoint(path, next_stage, next_step, copy_to=None):
         """Every rank calls it. One process: ``path`` holds everything. Several ranks: each rank
         writes its head shard (and its RNG states), then rank 0 writes ``path`` (the model, the
         optimizers, rank 0's RNG states, the shard names); a shard's name carries the checkpoint's
         (stage, step), so ``path`` never names shards of another moment. Each file is atomic."""
+        settle()   # the losses and log.jsonl up to this step go into the checkpoint
         tag = f"stage{next_stage}-step{next_step}"
         shards = _shard_names(tag, world) if dd is not None else None
         if dd is not None:
@@ -796,7 +829,7 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 else:
                     run_step = rows > 0
                 result.dropped_samples += dropped
-                loss_value = float("nan")
+                loss = None
                 if run_step:
                     x = _training_inputs(x, c.augment_on, augment, device,
                                          (c.seed, stage, step, 0xDE7, rank, world))
@@ -809,7 +842,6 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                     scaler.step(opt)
                     scaler.step(head.row_optimizer)
                     scaler.update()
-                    loss_value = float(loss.detach())   # the global batch's mean: the same on every rank
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 ips = rows / dt if dt > 0 else 0.0
@@ -817,19 +849,14 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 train_seconds += dt
                 step += 1
                 global_step += 1
-                stage_losses.append(loss_value)
-                result.losses.append(loss_value)
-                log.write(event="step", stage=stage, step=step, global_step=global_step, loss=loss_value,
-                          lr=c.lr * f, head_lr=base_head_lr * f, images_per_second=round(ips, 2), classes=n_cls,
-                          batch=rows, dropped=dropped)
-                if tb is not None:
-                    for key, value in (("loss", loss_value), ("lr", c.lr * f), ("head_lr", base_head_lr * f),
-                                       ("images_per_second", ips), ("classes", n_cls)):
-                        tb.add_scalar(f"train/{key}", value, global_step)
+                settle()   # the previous step's loss: its work is done or nearly, and this step's is queued
+                pending = dict(stage=stage, step=step, global_step=global_step,
+                               loss=None if loss is None else loss.detach(), lr=c.lr * f, head_lr=base_head_lr * f,
+                               images_per_second=round(ips, 2), classes=n_cls, batch=rows, dropped=dropped)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(stage=f"{stage + 1}/{len(counts)}", loss=f"{loss_value:.3f}", refresh=False,
-                                    img_s=f"{ips:.0f}")
+                if c.stop_loss is not None:   # the stop rule needs this step's loss now
+                    settle()
                 window = stage_losses[-c.stop_window:]
                 stopped = (c.stop_loss is not None and len(window) == c.stop_window
                            and sum(window) / c.stop_window < c.stop_loss)
@@ -838,11 +865,13 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 if step < max_steps and not stopped and c.checkpoint_every and global_step % c.checkpoint_every == 0:
                     checkpoint(result.checkpoint, stage, step)
                 if fail_after is not None and global_step == fail_after and (step < max_steps and not stopped):
+                    settle()
                     raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
                                            f"{global_step}; continue with --resume {result.checkpoint}")
                 if stopped:
                     break
             # ---- stage end
+            settle()
             finite = [v for v in stage_losses if math.isfinite(v)]
             summary = {"stage": stage, "classes": n_cls, "steps": step,
                        "final_loss": sum(finite[-c.stop_window:]) / max(1, len(finite[-c.stop_window:])),
@@ -865,6 +894,8 @@ def _train(c: TrainConfig, dd: Optional[_Dist], log_fn) -> TrainResult:
                 raise SimulatedFailure(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure after step "
                                        f"{global_step}; continue with --resume {result.checkpoint}")
     finally:
+        with contextlib.suppress(Exception):   # the last step's line, unless reading its loss fails too
+            settle()
         if bar is not None:
             bar.close()
         if tb is not None:
