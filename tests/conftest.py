@@ -19,6 +19,14 @@ def pytest_configure(config):
         os.environ["SIMCORE_REQUIRE_TIMM"] = "1"
 
 
+def pytest_collection_modifyitems(config, items):
+    # A test that skips without a GPU also carries the `cuda` marker: `pytest -m cuda` (and
+    # `-k cuda`, which benchmarks/gpu_check.sh runs) selects it whatever its name.
+    for item in items:
+        if any(m.name == "skipif" and "CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture
 def seed(request):
     """A fresh seed per test, printed so a failure can be replayed with SIMCORE_TEST_SEED."""
