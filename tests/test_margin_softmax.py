@@ -83,6 +83,24 @@ def test_float32_matches_reference(variant, reduction, blocked, generator, engin
         assert_float32_close((loss, gx, gw), ref64, ref32)
 
 
+@pytest.mark.parametrize("variant", list(MARGINS))
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
+def test_a_lone_target_class_has_exactly_zero_loss_and_gradient(variant, blocked, generator, engine_opts):
+    """Every row's only sampled class is its label (one label, a tiny sample rate): softmax = 1
+    exactly, so the loss and both gradients are exactly 0, as in float64. The target's probability
+    is taken from the float32 logit the exp-sum used (a float64 logit left ~1e-5 gradients)."""
+    if blocked:
+        engine_opts(**BLOCKED)
+    x = torch.randn(3, 37, generator=generator) * 3
+    w = torch.randn(5, 37, generator=generator) * 0.1
+    y = torch.full((3,), int(torch.randint(5, (1,), generator=generator)))
+    loss, sampled, gx, gw = _kernel(x, y, w, MARGINS[variant], "none", torch.rand(3, generator=generator),
+                                    sample_rate=0.01)
+    assert sampled.tolist() == y[:1].tolist()
+    assert torch.equal(loss, torch.zeros(3)) and torch.equal(gx, torch.zeros_like(gx))
+    assert torch.equal(gw, torch.zeros_like(gw))
+
+
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
                                            (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
 def test_half_inputs_against_float64(xdtype, wdtype, generator):

@@ -332,7 +332,10 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
       }
       if (!has) continue;
       const RowTarget r = row_target(tcos[i], p, rm, i);
-      const double prob = std::exp(p.scale * r.psi - static_cast<double>(l[i]));
+      // the target logit as the exp-sum took it (float32): a row whose only class is its target
+      // then has prob = exp(0) = 1 and a gradient of exactly 0
+      const double tz = static_cast<float>(p.scale * r.psi);
+      const double prob = std::exp(tz - static_cast<double>(l[i]));
       a[t] = static_cast<float>(static_cast<double>(rw[i]) * p.scale * (prob - 1.0) * r.slope);
     }
   });

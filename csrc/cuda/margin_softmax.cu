@@ -182,7 +182,8 @@ __global__ void grad_block_kernel(float* cos, int64_t lda, int64_t n, const int6
     if (j == t) {
       double psi, slope;
       row_target(target_cos[i], p, rm, i, &psi, &slope);
-      const double prob = exp(p.scale * psi - static_cast<double>(l));
+      const double tz = static_cast<float>(p.scale * psi);  // as lse_block_kernel summed it (see the CPU kernel)
+      const double prob = exp(tz - static_cast<double>(l));
       a[j] = static_cast<float>(static_cast<double>(rw) * p.scale * (prob - 1.0) * slope);
     } else {
       const float x = a[j];
