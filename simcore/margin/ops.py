@@ -21,7 +21,7 @@ compiled ops for float32/float16/bfloat16, the float64 reference otherwise.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -104,7 +104,7 @@ def _run_engine(x, labels, weight, sampled, row_margins, sp, dyn, row_weight, ne
 
 @torch.library.custom_op("simcore::margin_softmax_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
-            row_margins: Optional[torch.Tensor], spec: list[float], subcenters: int, reduction: int, need_gx: bool,
+            row_margins: Optional[torch.Tensor], spec: List[float], subcenters: int, reduction: int, need_gx: bool,
             need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str, dyn: Optional[torch.Tensor] = None,
             row_sink: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and, for reduction mean/sum, the gradients in the same pass (scaled in backward).
@@ -136,7 +136,7 @@ def _fake_gw(weight, row_sink):
 
 @torch.library.custom_op("simcore::margin_softmax_bwd", mutates_args=())
 def _bwd_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor,
-            row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: list[float], subcenters: int,
+            row_margins: Optional[torch.Tensor], grad_rows: torch.Tensor, spec: List[float], subcenters: int,
             need_gx: bool, need_gw: bool, need_gm: bool, gemm_dtype: str, engine: str,
             dyn: Optional[torch.Tensor] = None,
             row_sink: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

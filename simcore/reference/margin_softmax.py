@@ -135,7 +135,7 @@ def margin_softmax_loss(embeddings, labels, weight, sampled, *, m1=1.0, m2=0.5, 
     centres = (sampled[:, None] * k + torch.arange(k, device=sampled.device)).reshape(-1)
     w = F.normalize(weight[centres].to(dtype), dim=1)
     cos = (x @ w.T).view(len(labels), len(sampled), k).max(dim=2).values   # (B, S): best sub-centre
-    target_col = torch.searchsorted(sampled, labels)     # label -> column in the sampled set
+    target_col = torch.searchsorted(sampled, labels.contiguous())   # label -> column in the sampled set
     rows = torch.arange(len(labels), device=labels.device)
     tc = cos[rows, target_col]
     psi = cam_target(tc, cam) if cam else margin_target(tc, m1, m2, m3)
