@@ -40,8 +40,10 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/cosine_topk.cuh"
+#include "cuda/kernel_util.cuh"
 #include "cuda/runtime.h"
 
 namespace simcore {
@@ -52,10 +54,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 static_assert(kThreads <= kTopkMinSlack, "a compaction must leave room for one chunk");
 static_assert(kThreads == kTopkSegment, "a workspace segment is one chunk of one thread block");
-
-__device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ float load_f(const __half* p, int64_t i) { return __half2float(p[i]); }
 
 // ---------------------------------------------------------------- prepare
 template <class T>
@@ -69,7 +67,7 @@ __global__ void prepare_kernel(const T* __restrict__ block, int64_t nb, int64_t 
   const T* row = block + j * rs;
   double ss = 0, ff = 0;  // ||d_j||^2 and ||bf16(d_j) - d_j||^2
   for (int64_t i = lane; i < D; i += 32) {
-    const float f = load_f(row, i);
+    const float f = ld(row + i);
     if (converted) {
       const __nv_bfloat16 b = __float2bfloat16_rn(f);  // nearest even
       converted[j * D + i] = b;
@@ -220,7 +218,7 @@ __device__ __forceinline__ bool nominated(float approx, float bound, float thr) 
 template <class B>
 __device__ __forceinline__ float warp_dot(const float* __restrict__ q, const B* __restrict__ d, int64_t D, int lane) {
   float acc = 0.f;
-  for (int64_t i = lane; i < D; i += 32) acc = fmaf(q[i], load_f(d, i), acc);
+  for (int64_t i = lane; i < D; i += 32) acc = fmaf(q[i], ld(d + i), acc);
   for (int o = 16; o > 0; o /= 2) acc += __shfl_down_sync(0xffffffffu, acc, o);
   return acc;
 }
@@ -239,7 +237,7 @@ __device__ int score_chunk(const S* __restrict__ srow, int64_t c0, int64_t nb, c
   float approx = 0.f;
   int cand = 0;
   if (j < nb) {
-    approx = load_f(srow, j) * scale[j];
+    approx = ld(srow + j) * scale[j];
     cand = Rescore ? nominated(approx, qn * slack[j] + slack_rel * fabsf(approx), thr) : approx > thr;
   }
   float exact = approx;
@@ -454,12 +452,9 @@ void launch_update(const TopkUpdateArgs& a, cudaStream_t stream) {
 
 template <class S>
 void update_block_dtype(const TopkUpdateArgs& a, cudaStream_t stream) {
-  switch (a.block.dtype) {
-    case DType::BFloat16: return launch_update<S, __nv_bfloat16, true>(a, stream);
-    case DType::Float16: return launch_update<S, __half, true>(a, stream);
-    case DType::Float32: return launch_update<S, float, true>(a, stream);
-    default: throw TypeError("unsupported database dtype");
-  }
+  dispatch_float_dtype(a.block.dtype, "database", [&](auto b) {
+    launch_update<S, std::remove_pointer_t<decltype(b)>, true>(a, stream);
+  });
 }
 
 }  // namespace
@@ -468,43 +463,28 @@ void cosine_topk_prepare_block(const TopkPrepareArgs& a, uint64_t stream) {
   check_prepare_args(a);
   const int64_t nb = a.block.size(0);
   if (nb == 0) return;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  const cudaStream_t s = as_stream(stream);
   const unsigned grid = static_cast<unsigned>((nb + kWarps - 1) / kWarps);
   auto* status = a.status.ptr<long long>();
   const double slack_floor = a.slack_factor > 0 ? topk_slack_floor(a.block.size(1)) : 0.0;
   __nv_bfloat16* conv = a.convert ? a.converted.ptr<__nv_bfloat16>() : nullptr;
-  switch (a.block.dtype) {
-    case DType::Float32:
-      prepare_kernel<float><<<grid, kThreads, 0, s>>>(a.block.ptr<float>(), nb, a.block.size(1), a.block.stride(0),
-                                                      a.scale.ptr<float>(), a.slack.ptr<float>(), status, a.row_base,
-                                                      a.cosine, a.slack_factor, slack_floor, conv);
-      break;
-    case DType::BFloat16:
-      prepare_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-          a.block.ptr<__nv_bfloat16>(), nb, a.block.size(1), a.block.stride(0), a.scale.ptr<float>(),
-          a.slack.ptr<float>(), status, a.row_base, a.cosine, a.slack_factor, slack_floor, conv);
-      break;
-    case DType::Float16:
-      prepare_kernel<__half><<<grid, kThreads, 0, s>>>(a.block.ptr<__half>(), nb, a.block.size(1), a.block.stride(0),
-                                                       a.scale.ptr<float>(), a.slack.ptr<float>(), status,
-                                                       a.row_base, a.cosine, a.slack_factor, slack_floor, conv);
-      break;
-    default: throw TypeError("unsupported database dtype");
-  }
+  dispatch_float_dtype(a.block.dtype, "database", [&](auto b) {
+    using T = std::remove_pointer_t<decltype(b)>;
+    prepare_kernel<T><<<grid, kThreads, 0, s>>>(a.block.ptr<T>(), nb, a.block.size(1), a.block.stride(0),
+                                                a.scale.ptr<float>(), a.slack.ptr<float>(), status, a.row_base,
+                                                a.cosine, a.slack_factor, slack_floor, conv);
+  });
   check(cudaGetLastError(), "cosine_topk_prepare_block kernel launch");
 }
 
 void cosine_topk_update(const TopkUpdateArgs& a, uint64_t stream) {
   check_update_args(a);
   SIMCORE_CHECK(a.scores.size(0) <= 2147483647LL, "too many query rows in one tile");
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  const cudaStream_t s = as_stream(stream);
   if (!a.rescore) return launch_update<float, float, false>(a, s);
-  switch (a.scores.dtype) {
-    case DType::BFloat16: return update_block_dtype<__nv_bfloat16>(a, s);
-    case DType::Float16: return update_block_dtype<__half>(a, s);
-    case DType::Float32: return update_block_dtype<float>(a, s);
-    default: throw TypeError("unsupported scores dtype");
-  }
+  dispatch_float_dtype(a.scores.dtype, "scores", [&](auto sc) {
+    update_block_dtype<std::remove_pointer_t<decltype(sc)>>(a, s);
+  });
 }
 
 }  // namespace cuda
