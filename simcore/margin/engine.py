@@ -435,7 +435,8 @@ def fused_margin_softmax(x, labels, weight, sampled, spec, *, row_margins=None, 
     (m1, m2, m3). With ``row_weight`` (B,) float32 the gradients of
     Σ_i row_weight_i·loss_i are written into ``grad_x`` (B, D) and/or ``grad_w``:
     (C·K, D), the rows of the sampled classes' centres (the rest untouched), or compact
-    (S·K, D) float32, the sampled centres' rows in ``sampled`` order. Either may be None. ``gemm_dtype``: the GEMM operand dtype (float32, bfloat16 or float16;
+    (S·K, D) float32, the sampled centres' rows in ``sampled`` order. Either may be None.
+    ``gemm_dtype``: the GEMM operand dtype (float32, bfloat16 or float16;
     :func:`simcore.margin.gemm.gemm_operand_dtype` picks it): the normalised rows and the
     gradient blocks are rounded to it for the GEMMs (float32 accumulation; the epilogues
     stay float32; a float16 gradient block is scaled by a power of two first); None: float32.

@@ -50,7 +50,8 @@ def row_sgd_(weight, rows, grad, momentum_buffer=None, grad_scale=None, found_in
 def row_adamw_(weight, rows, grad, exp_avg, exp_avg_sq, row_step, grad_scale=None, found_inf=None, *, lr,
                betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
     """AdamW with a step count per row: t = row_step + 1; m = β1·m + (1 − β1)·g;
-    v = β2·v + (1 − β2)·g²; w ·= 1 − lr·weight_decay; w −= lr·(m/(1 − β1^t))/(sqrt(v/(1 − β2^t)) + eps)."""
+    v = β2·v + (1 − β2)·g²; w ·= 1 − lr·weight_decay;
+    w −= lr·(m/(1 − β1^t))/(sqrt(v/(1 − β2^t)) + eps)."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     b1, b2 = betas
     w = weight.index_select(0, rows).to(dtype)
