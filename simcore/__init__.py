@@ -14,10 +14,12 @@ Public API:
   ShardedPartialMarginHead, load_resharded, shard_bounds: the class-sharded head
     (PartialMarginHead(..., process_group=g) shards the centres)
   cosine_topk, FlatIndex, FaissIndex, faiss_index
+  atomic_write, WriteError: the one way simcore writes a file (whole or not at all)
   set_backend, get_backend, cuda_available, cuda_status, implementation (which implementation runs the ops)
 """
 import torch  # noqa: F401  (loads torch's libgomp before the extension: one OpenMP runtime)
 
+from simcore.files import WriteError, atomic_write
 from simcore.dispatch import cuda_available, cuda_status, get_backend, implementation, set_backend
 from simcore.search.cosine_topk import cosine_topk
 from simcore.search.faiss_index import FaissIndex, faiss_index
@@ -38,5 +40,5 @@ __all__ = [
     "cam_softmax_partial", "adaface_partial", "magface_partial", "curricularface_partial", "subcenter_dominant",
     "CamSchedule", "ArcFace", "CamSoftmax", "AdaFace", "MagFace", "CurricularFace",
     "ShardedPartialMarginHead", "load_resharded", "shard_bounds",
-    "cosine_topk", "FlatIndex", "FaissIndex", "faiss_index",
+    "cosine_topk", "FlatIndex", "FaissIndex", "faiss_index", "atomic_write", "WriteError",
 ]

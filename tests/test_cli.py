@@ -226,7 +226,7 @@ def test_errors_in_a_subprocess(files):
     r = run("eval", "nope.csv", "gt.csv", cwd=files)
     assert r.returncode == 2 and r.stderr.strip() == "simcore eval: error: nope.csv: no such file"
     r = run("match", "--query", "q.npy", "--reference", "missing.npy", cwd=files)
-    assert r.returncode == 2 and r.stderr.strip() == "simcore match: error: missing.npy: no such file"
+    assert r.returncode == 2 and r.stderr.strip() == "simcore match: error: --reference missing.npy: no such file"
     r = run("eval", "desc.h5", "gt.csv", cwd=files)                  # a binary file: no traceback
     assert r.returncode == 2 and r.stderr.strip() == ("simcore eval: error: desc.h5: not a UTF-8 text file "
                                                       "(a binary file?); expected a CSV query_id,reference_id,score")

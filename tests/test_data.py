@@ -83,16 +83,21 @@ def test_corrupt_files_are_skipped_with_a_warning_or_refused_when_strict(tmp_pat
         Dt.load_image_set(only_bad)
 
 
-def test_a_file_truncated_after_its_header_gives_a_dropped_sample(tmp_path):
-    p = write_photos(tmp_path, 1, size=200)[0]
-    data = open(p, "rb").read()
-    open(p, "wb").write(data[: len(data) // 3])
-    s = Dt.load_image_set(tmp_path)                 # the header reads fine
-    ds = Dt.ImageDataset(s.paths, s.labels, 32)
+def test_a_file_truncated_after_its_header_is_dropped_before_the_classes_are_fixed(tmp_path):
+    paths = write_photos(tmp_path, 3, size=200)
+    data = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(data[: len(data) // 3])         # the header still reads fine
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+        s = Dt.load_image_set(tmp_path)
+    assert s.paths == [paths[0], paths[2]] and s.num_classes == 2 and s.skipped[0][0] == paths[1]
+    with pytest.raises(Dt.CorruptImageError, match="truncated"):
+        Dt.load_image_set(tmp_path, strict=True)
+    # a file that breaks after the scan: a dropped sample (or, strict, an error)
+    ds = Dt.ImageDataset([paths[1]], [0], 32)
     x, y, i, ok = ds[(0, -1)]
     assert not ok and x.shape == (3, 32, 32) and int(x.sum()) == 0
     with pytest.raises(Dt.CorruptImageError, match="cannot decode"):
-        Dt.ImageDataset(s.paths, s.labels, 32, strict=True)[(0, -1)]
+        Dt.ImageDataset([paths[1]], [0], 32, strict=True)[(0, -1)]
 
 
 def test_decode_resizes_the_whole_image_to_a_square(tmp_path):
@@ -151,3 +156,51 @@ def test_random_augment_combines_a_single_image_with_the_given_others():
     A.RandomAugment(["hflip"], num_ops=(1, 1))(x, generator=0, others=others)
     assert not calls                                      # decoded only when a combining transform is drawn
     assert torch.equal(pip(x, generator=5), pip(x, generator=5))
+
+
+def test_each_real_file_is_listed_once_through_link_cycles_and_second_paths(tmp_path):
+    a = write_photos(tmp_path, 3, sub="a")
+    write_photos(tmp_path, 2, sub="b", start=3)
+    os.symlink(".", tmp_path / "loop")                      # a cycle: 5 images, not 5 per level
+    os.symlink("a", tmp_path / "a_again")                   # a second way into a/
+    os.symlink(a[0], tmp_path / "b" / "link_to_a0.jpg")     # a second path to one file
+    with pytest.warns(Dt.DuplicateImageWarning, match="5 distinct image files"):
+        s = Dt.load_image_set(tmp_path)
+    assert s.ids() == ["a/img000", "a/img001", "a/img002", "b/img003", "b/img004"] and s.num_classes == 5
+    with pytest.warns(Dt.DuplicateImageWarning):
+        f = Dt.load_image_set(tmp_path, labels="folder")
+    assert f.class_names == ["a", "b"] and f.labels == [0, 0, 0, 1, 1]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"a/img000.jpg\n{a[0]}\nloop/a/img000.jpg\na/img001.jpg\n")
+    with pytest.warns(Dt.DuplicateImageWarning, match="skipped 2"):
+        assert Dt.list_images(listing) == [str(tmp_path / "a/img000.jpg"), str(tmp_path / "a/img001.jpg")]
+
+
+def test_decoding_applies_the_exif_orientation(tmp_path):
+    # a horizontal ramp stored sideways with the tag "rotate 90 degrees clockwise to view" (6): seen upright,
+    # the ramp runs down the rows; the same pixels without the tag run along the columns
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8)[None, :, None], (64, 1, 3))
+    im = PIL.fromarray(ramp)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    for ext in ("png", "jpg"):
+        im.save(tmp_path / f"tagged.{ext}", exif=exif)
+        im.save(tmp_path / f"plain.{ext}")
+        tagged, plain = (Dt.decode_image(tmp_path / f"{n}.{ext}", 32)[0].float() for n in ("tagged", "plain"))
+        assert plain[:, -1].mean() - plain[:, 0].mean() > 200          # left to right
+        assert tagged[-1, :].mean() - tagged[0, :].mean() > 200        # top to bottom
+        assert (tagged[:, -1] - tagged[:, 0]).abs().max() < 8
+
+
+def test_an_image_above_the_decompression_bomb_limit_gives_one_simcore_warning(tmp_path, monkeypatch):
+    paths = write_photos(tmp_path, 2, size=64)
+    monkeypatch.setattr(PIL, "MAX_IMAGE_PIXELS", 64 * 64 - 1)       # above it, below twice it: decoded
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = Dt.load_image_set(tmp_path)
+        x = Dt.decode_image(paths[0], 16)
+    assert s.paths == paths and x.shape == (3, 16, 16)
+    kinds = [type(w.message).__name__ for w in caught]
+    assert kinds == ["LargeImageWarning"], kinds
+    assert "1 more" in str(caught[0].message) and "64x64" in str(caught[0].message)

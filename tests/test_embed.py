@@ -190,8 +190,8 @@ def test_the_command_line_end_to_end(photos, tmp_path, run_inproc, monkeypatch):
         assert next(csv.reader(f)) == ["query_id", "reference_id", "score"]
     r = run_inproc("embed", tmp_path / "run" / "last.pt", "--query", tmp_path / "nowhere", "--reference",
                    photos / "refs", cwd=tmp_path)
-    assert r.returncode == 2 and "--query: " in r.stderr and "no such folder" in r.stderr
-    for flags, message in ((["--batch-size", "0"], "--batch-size must be >= 1"),
+    assert r.returncode == 2 and "--query " in r.stderr and "no such folder" in r.stderr
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be an integer >= 1"),
                            (["--pca", "8"], "--pca is fitted on the training images: give --train")):
         r = run_inproc("embed", tmp_path / "run" / "last.pt", "--query", photos / "queries", "--reference",
                        photos / "refs", *flags, cwd=tmp_path)

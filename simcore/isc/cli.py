@@ -19,8 +19,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from simcore.isc.commands import CLIError, evaluate_files, match_files
+from simcore.isc import checks
+from simcore.isc.commands import CLIError, error_line, evaluate_files, match_files, user_errors
 
 __all__ = ["main"]
 
@@ -62,11 +64,7 @@ def cmd_eval(a):
 
 def _user_errors():
     """The exceptions that ``simcore train`` / ``embed`` report as one line (bad input, not bugs)."""
-    from simcore.isc.backbones import BackboneError
-    from simcore.isc.data import CorruptImageError, NoImagesError
-    from simcore.isc.embed import CheckpointError, EmbedSetupError
-    from simcore.isc.train import TrainSetupError
-    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, EmbedSetupError, TrainSetupError)
+    return user_errors()
 
 
 def cmd_train(a):
@@ -112,21 +110,18 @@ def cmd_train(a):
 
 def cmd_embed(a):
     from simcore.isc.embed import embed_folders, write_descriptors
-    from simcore.isc.train import resolve_device
 
     progress = (not a.no_progress) and sys.stderr.isatty()
+    checks.output_file("-o/--output", a.output, "descriptors")
+    device = checks.device("--device", a.device)
     try:
-        device = resolve_device(a.device)
         res = embed_folders(a.checkpoints, query=a.query, reference=a.reference, train=a.train, pca=a.pca,
                             flip=a.flip, batch_size=a.batch_size, workers=a.workers, device=device,
                             precision=a.precision, strict=a.strict, progress=progress,
                             log=lambda m: print(f"[simcore embed] {m}", file=sys.stderr))
-    except _user_errors() as e:            # bad flag values, duplicate ids, PCA without --train, ...
+    except _user_errors() as e:            # duplicate ids, unreadable checkpoints, PCA without --train, ...
         raise CLIError(str(e)) from None
-    try:
-        write_descriptors(a.output, res)
-    except OSError as e:
-        raise CLIError(f"{a.output}: cannot write descriptors: {e.strerror or e}") from None
+    write_descriptors(a.output, res)
     summary = {"output": a.output, "queries": len(res["query_ids"]), "references": len(res["reference_ids"]),
                "train": None if res["train"] is None else len(res["train_ids"]), "dim": int(res["query"].shape[1]),
                "models": len(a.checkpoints), "flip": a.flip}
@@ -142,7 +137,17 @@ def cmd_embed(a):
 def build_parser():
     p = argparse.ArgumentParser(prog="simcore", description="Copy detection: match descriptors, evaluate µAP.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_match_arguments(sub)
+    _add_eval_arguments(sub)
+    _add_train_arguments(sub)
+    _add_embed_arguments(sub)
+    # Listed for `simcore --help`; main() hands everything after `demo` to simcore.isc.demo.main.
+    sub.add_parser("demo", add_help=False, help="the copy-detection benchmark on real photographs "
+                                                "(simcore demo --help for its options)")
+    return p
 
+
+def _add_match_arguments(sub):
     m = sub.add_parser("match", help="nearest-neighbour matching -> predictions CSV",
                        description="Search each query's k nearest references (exact cosine top-k), pool the pairs "
                                    "and keep the globally best --max-results, like the official matcher.")
@@ -173,6 +178,8 @@ def build_parser():
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_match)
 
+
+def _add_eval_arguments(sub):
     e = sub.add_parser("eval", help="µAP and recall@P90 of a predictions CSV against the ground truth",
                        description="ISC 2021 metrics: micro-average precision (ties negatives-first), recall at "
                                    "precision 0.9, recall at rank 1 and 10.")
@@ -182,6 +189,9 @@ def build_parser():
     e.add_argument("--plot", metavar="PNG", help="save the precision-recall curve (needs matplotlib)")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_train_arguments(sub):
+    """``simcore train``'s flags (the fields of ``simcore.isc.train.TrainConfig``)."""
     t = sub.add_parser("train", help="train a descriptor model on a folder of images (docs/train.md)",
                        description="Drip training of a copy-detection descriptor: every image its own class "
                                    "(or every sub-folder), augmented copies as positives, a PartialMarginHead "
@@ -240,6 +250,8 @@ def build_parser():
     t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     t.set_defaults(func=cmd_train)
 
+
+def _add_embed_arguments(sub):
     b = sub.add_parser("embed", help="descriptors of image folders from checkpoints -> challenge HDF5",
                        description="Embed query, reference (and training) images with one checkpoint or an "
                                    "ensemble (concatenated, PCA-whitened on the training images, L2), in the "
@@ -262,28 +274,29 @@ def build_parser():
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     b.set_defaults(func=cmd_embed)
 
-    # Listed for `simcore --help`; main() hands everything after `demo` to simcore.isc.demo.main.
-    sub.add_parser("demo", add_help=False, help="the copy-detection benchmark on real photographs "
-                                                "(simcore demo --help for its options)")
-    return p
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings on the command line: one line, ``simcore: warning: ...`` (not Python's two-line form)."""
+    text = " ".join(str(message).split())
+    print(f"simcore: warning: {text}", file=sys.stderr if file is None else file)
 
 
 def main(argv=None):
-    from simcore.isc.metrics import FileFormatError
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:
-        from simcore.isc import demo
-        return demo.main(argv[1:], prog="simcore demo")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (CLIError, FileFormatError) as e:
-        print(f"simcore {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        name = getattr(e, "filename", None)
-        print(f"simcore {args.command}: error: {name + ': ' if name else ''}{e.strerror or e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        if argv[:1] == ["demo"]:
+            from simcore.isc import demo
+            return demo.main(argv[1:], prog="simcore demo")
+        args = build_parser().parse_args(argv)
+        try:
+            return args.func(args)
+        except Exception as e:  # noqa: BLE001 - user errors become one line; bugs re-raise below
+            line = error_line(f"simcore {args.command}", e)
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -7,18 +7,44 @@ parses the flags and prints; these read the files, match, evaluate and write.
   whitening, one external-set normalisation, the matcher), writing the predictions CSV.
 - ``evaluate_files(predictions, ground_truth, plot=None)``: what ``simcore eval`` does; a ``Metrics``.
 
-Bad input raises ``CLIError`` with one line naming the file and what is wrong.
+Bad input raises ``CLIError`` with one line naming the file and what is wrong; a bad option value,
+``checks.ConfigError`` naming the flag and its range, before any file is read.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-__all__ = ["CLIError", "load_descriptors", "match_files", "evaluate_files"]
+from simcore.isc import checks
+
+__all__ = ["CLIError", "user_errors", "error_line", "load_descriptors", "match_files", "evaluate_files"]
 
 
 class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
+    """A user error: printed as one line, exit code 2 (a bad flag value is a ``checks.ConfigError``)."""
+
+
+def user_errors() -> tuple:
+    """The exceptions every command reports as one line with exit code 2: bad input, not bugs."""
+    from simcore import WriteError
+    from simcore.isc.backbones import BackboneError
+    from simcore.isc.data import CorruptImageError, NoImagesError
+    from simcore.isc.embed import CheckpointError, EmbedSetupError
+    from simcore.isc.metrics import FileFormatError
+    from simcore.isc.train import TrainSetupError
+    return (CLIError, checks.ConfigError, WriteError, FileFormatError, NoImagesError, CorruptImageError,
+            BackboneError, CheckpointError, EmbedSetupError, TrainSetupError)
+
+
+def error_line(prog, e: BaseException):
+    """The one line ``prog`` prints for a user error ``e`` (``user_errors()`` or an OSError naming a file), or
+    None for an exception that is a bug (whose traceback must show)."""
+    if isinstance(e, user_errors()):
+        return f"{prog}: error: {e}"
+    if isinstance(e, OSError):
+        name = getattr(e, "filename", None)
+        return f"{prog}: error: {f'{name}: ' if name else ''}{e.strerror or e}"
+    return None
 
 
 def _h5py(path):
@@ -135,11 +161,43 @@ def load_descriptors(path, role, ids_path=None, require_ids=False):
 
 # ----------------------------------------------------------------------------------- commands
 
-def _match_inputs(a):
-    """(queries, query ids, references, reference ids, training descriptors or None) of ``simcore match``."""
+#: The external-set normalisations: (default beta or alpha, default neighbours).
+NORMALIZE_DEFAULTS = {"score": (2.0, 10), "negative": (0.35, 10), "shift": (1.8, 100)}
+#: --beta's upper bound: the published values lie in [0.35, 2]; far above, the correction term swamps the
+#: similarities it corrects (and at 1e30 overflows float32 scores to -inf).
+MAX_BETA = 1000.0
+
+
+def _check_match_options(a):
+    """Every option of ``simcore match`` alone (before a file is read): ConfigError naming the flag."""
     if a.descriptors is None and (a.query is None or a.reference is None):
         raise CLIError("match: give a descriptors file (HDF5 with 'query' and 'reference') "
                        "or both --query and --reference")
+    checks.choice("--normalize", a.normalize, ("none",) + tuple(NORMALIZE_DEFAULTS))
+    checks.choice("--metric", a.metric, ("auto", "ip", "l2"))
+    if a.beta is not None:
+        a.beta = checks.number("--beta", a.beta, 0.0, MAX_BETA)
+    if a.neighbors is not None:
+        a.neighbors = checks.integer("--neighbors", a.neighbors, 1)
+    if a.pca is not None:
+        a.pca = checks.integer("--pca", a.pca, 1)
+    a.k = checks.integer("--k", a.k, 1)
+    if a.max_results is not None:
+        a.max_results = checks.integer("--max-results", a.max_results, 1)
+    if a.dba and a.normalize != "negative":
+        raise CLIError("match: --dba smooths the training set for --normalize negative only")
+    if a.train is None and (a.normalize != "none" or a.pca is not None):
+        raise CLIError(f"match: --normalize {a.normalize}{' and --pca' if a.pca else ''} need --train "
+                       "(the external training descriptors)")
+    for flag, path in ((None, a.descriptors), ("--query", a.query), ("--reference", a.reference),
+                       ("--train", a.train), ("--query-ids", a.query_ids), ("--reference-ids", a.reference_ids)):
+        if path is not None:
+            checks.input_file(flag, path)
+    checks.output_file("-o/--output", a.output, "predictions")
+
+
+def _match_inputs(a):
+    """(queries, query ids, references, reference ids, training descriptors or None) of ``simcore match``."""
     qpath = a.query or a.descriptors
     rpath = a.reference or a.descriptors
     q, qids = load_descriptors(qpath, "query", a.query_ids, require_ids=a.query is None)
@@ -147,20 +205,10 @@ def _match_inputs(a):
     if q.shape[1] != r.shape[1]:
         raise CLIError(f"{rpath}: reference descriptors have {r.shape[1]} dims, the queries ({qpath}) {q.shape[1]}")
     t = None
-    needs_train = a.normalize != "none" or a.pca is not None
     if a.train is not None:
         t, _ = load_descriptors(a.train, "train")
         if t.shape[1] != q.shape[1]:
             raise CLIError(f"{a.train}: training descriptors have {t.shape[1]} dims, the queries {q.shape[1]}")
-    elif needs_train:
-        raise CLIError(f"match: --normalize {a.normalize}{' and --pca' if a.pca else ''} need --train "
-                       "(the external training descriptors)")
-    if a.dba and a.normalize != "negative":
-        raise CLIError("match: --dba smooths the training set for --normalize negative only")
-    if a.k < 1:
-        raise CLIError(f"match: --k must be >= 1, got {a.k}")
-    if a.max_results is not None and a.max_results < 1:
-        raise CLIError(f"match: --max-results must be >= 1, got {a.max_results}")
     return q, qids, r, rids, t
 
 
@@ -173,11 +221,11 @@ def _post_process(a, qt, rt, tt):
             raise CLIError(f"match: --pca must be in [1, {qt.shape[1]}], got {a.pca}")
         if tt.shape[0] < 2:
             raise CLIError(f"{a.train}: PCA needs at least 2 training descriptors")
-        pca = D.PCAWhitening(a.pca).fit(tt)
+        pca = checks.pca_fit("--pca", D.PCAWhitening(a.pca).fit(tt), tt.shape[0])
         qt, rt, tt = pca.transform(qt), pca.transform(rt), pca.transform(tt)
     metric, score_norm = a.metric, None
     if a.normalize != "none":
-        defaults = {"score": (2.0, 10), "negative": (0.35, 10), "shift": (1.8, 100)}[a.normalize]
+        defaults = NORMALIZE_DEFAULTS[a.normalize]
         beta = defaults[0] if a.beta is None else a.beta
         nn_ = defaults[1] if a.neighbors is None else a.neighbors
         if not 1 <= nn_ <= tt.shape[0]:
@@ -214,19 +262,18 @@ def match_files(descriptors=None, *, query=None, reference=None, train=None, que
 
     a = argparse.Namespace(descriptors=descriptors, query=query, reference=reference, train=train,
                            query_ids=query_ids, reference_ids=reference_ids, normalize=normalize, beta=beta,
-                           neighbors=neighbors, dba=dba, pca=pca, k=k, max_results=max_results, metric=metric)
+                           neighbors=neighbors, dba=dba, pca=pca, k=k, max_results=max_results, metric=metric,
+                           output=output)
+    _check_match_options(a)
     q, qids, r, rids, t = _match_inputs(a)
     qt, rt = D.l2_normalize(torch.from_numpy(q)), D.l2_normalize(torch.from_numpy(r))
     tt = None if t is None else D.l2_normalize(torch.from_numpy(t))
     qt, rt, tt, metric, score_norm = _post_process(a, qt, rt, tt)
-    m = D.match(qt, rt, k=k, max_results=max_results, metric=metric, train=tt, score_norm=score_norm,
+    m = D.match(qt, rt, k=a.k, max_results=a.max_results, metric=metric, train=tt, score_norm=score_norm,
                 progress=progress)
-    try:
-        write_predictions(output, m.to_triples(qids, rids))
-    except OSError as e:
-        raise CLIError(f"{output}: cannot write predictions: {e.strerror or e}") from None
+    write_predictions(output, m.to_triples(qids, rids))
     return {"output": output, "predictions": len(m), "queries": len(qids), "references": len(rids),
-            "k": k, "max_results": max_results, "metric": metric, "normalize": normalize, "dba": dba, "pca": pca}
+            "k": a.k, "max_results": a.max_results, "metric": metric, "normalize": normalize, "dba": dba, "pca": pca}
 
 
 def evaluate_files(predictions, ground_truth, *, plot=None):
@@ -234,9 +281,10 @@ def evaluate_files(predictions, ground_truth, *, plot=None):
     ``plot``: also save the precision-recall curve there (PNG, needs matplotlib)."""
     from simcore.isc.metrics import evaluate, read_ground_truth, read_predictions
 
-    for path in (predictions, ground_truth):
-        if not os.path.exists(path):
-            raise CLIError(f"{path}: no such file")
+    checks.input_file(None, predictions)
+    checks.input_file(None, ground_truth)
+    if plot:
+        checks.plot_file("--plot", plot)
     preds = read_predictions(predictions)
     gt = read_ground_truth(ground_truth)
     if not any(r for _, r in gt):
@@ -246,10 +294,5 @@ def evaluate_files(predictions, ground_truth, *, plot=None):
     except ValueError as e:
         raise CLIError(f"{predictions}: {e}") from None
     if plot:
-        try:
-            m.plot(plot, title=os.path.basename(predictions))
-        except ImportError as e:
-            raise CLIError(f"{plot}: {e}") from None
-        except (OSError, ValueError) as e:
-            raise CLIError(f"{plot}: cannot save the plot: {e}") from None
+        m.plot(plot, title=os.path.basename(predictions))
     return m

@@ -4,8 +4,10 @@ Pillow, augmented one sample at a time in DataLoader workers, reproducibly.
 - ``list_images(source)``: the image files of a folder (recursive; .jpg .jpeg .png .webp .bmp,
   sorted) or of a text file listing one path a line (relative paths are relative to the
   list's folder).
-- ``scan_images(paths, strict=False)``: opens each file's header with Pillow; unreadable files
-  are skipped (counted, with a warning) or, with ``strict=True``, refused.
+- ``scan_images(paths, strict=False)``: decodes each file with Pillow (JPEGs at a reduced scale);
+  unreadable files are skipped (counted, with a warning) or, with ``strict=True``, refused. Each real
+  file is listed once (link cycles and second paths to a file are skipped); images are decoded
+  upright (their EXIF orientation applied).
 - ``ImageDataset``: decodes an image, resizes it to ``image_size`` x ``image_size`` and, when
   asked, makes an augmented copy with a per-sample seed. Items are addressed by ``(index,
   seed)`` pairs: ``seed < 0`` is the clean image, otherwise the copy drawn with that seed,
@@ -32,7 +34,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "NoImagesError", "CorruptImageError", "list_images", "scan_images", "ImageSet",
+__all__ = ["IMAGE_EXTENSIONS", "NoImagesError", "CorruptImageError", "DuplicateImageWarning", "LargeImageWarning",
+           "list_images", "scan_images", "ImageSet",
            "load_image_set", "decode_image", "ImageDataset", "StageBatchSampler", "sample_seed", "make_loader",
            "collate", "ListBatchSampler"]
 
@@ -48,6 +51,14 @@ class CorruptImageError(ValueError):
     """An unreadable image file under ``strict``."""
 
 
+class DuplicateImageWarning(UserWarning):
+    """Paths that lead to an image file already listed (a link, a link cycle, a repeated line): skipped."""
+
+
+class LargeImageWarning(UserWarning):
+    """Images above Pillow's decompression-bomb limit: decoded, but slowly and with much memory."""
+
+
 def _pil():
     try:
         from PIL import Image
@@ -56,66 +67,136 @@ def _pil():
     return Image
 
 
+def _walk_images(source):
+    """The image files under folder ``source``, each real file once: a folder reached again through a
+    link (a cycle, or a second way in) is not entered again, and of several paths to one file the first
+    in sorted order is kept. Returns (paths, count of folders and files skipped as second ways in)."""
+    paths, seen_dirs, skipped_dirs = [], set(), 0
+    for root, dirs, files in os.walk(source, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:             # entered through a link to a folder already walked
+            dirs[:] = []
+            skipped_dirs += 1
+            continue
+        seen_dirs.add(real)
+        visible = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in visible if os.path.realpath(os.path.join(root, d)) not in seen_dirs]
+        skipped_dirs += len(visible) - len(dirs)          # links back to this folder or above it: cycles
+        for f in files:
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(root, f))
+    paths.sort(key=lambda p: os.path.relpath(p, source).replace(os.sep, "/"))
+    paths, skipped_files = _unique_files(paths)
+    return paths, skipped_dirs + skipped_files
+
+
+def _unique_files(paths):
+    """(paths with each real file once, the first kept; how many were dropped)."""
+    seen, out = set(), []
+    for p in paths:
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out, len(paths) - len(out)
+
+
+def _read_list(source):
+    base = os.path.dirname(os.path.abspath(source))
+    try:
+        with open(source, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise NoImagesError(f"{source}: not a folder nor a UTF-8 text file listing images, one a line") from None
+    paths = [line if os.path.isabs(line) else os.path.join(base, line)
+             for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise NoImagesError(f"{source}: the list names no images")
+    return _unique_files(paths)
+
+
 def list_images(source) -> List[str]:
     """The image files under folder ``source`` (recursive, sorted by relative path; hidden files and
     folders skipped) or listed in text file ``source`` (one path a line; blank lines and lines
-    starting with '#' skipped). Raises NoImagesError when there are none."""
+    starting with '#' skipped). Each real file is listed once: links and repeated lines that lead to
+    a file already listed are skipped, with a ``DuplicateImageWarning``. Raises NoImagesError when
+    there are none."""
     source = os.fspath(source)
     if os.path.isdir(source):
-        paths = []
-        for root, dirs, files in os.walk(source, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in files:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(root, f))
-        paths.sort(key=lambda p: os.path.relpath(p, source).replace(os.sep, "/"))
+        paths, repeats = _walk_images(source)
         if not paths:
             raise NoImagesError(f"{source}: no images (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)")
-        return paths
-    if os.path.isfile(source):
-        base = os.path.dirname(os.path.abspath(source))
-        try:
-            with open(source, encoding="utf-8-sig") as f:
-                lines = [line.strip() for line in f]
-        except UnicodeDecodeError:
-            raise NoImagesError(f"{source}: not a folder nor a UTF-8 text file listing images, one a line") from None
-        paths = [line if os.path.isabs(line) else os.path.join(base, line)
-                 for line in lines if line and not line.startswith("#")]
-        if not paths:
-            raise NoImagesError(f"{source}: the list names no images")
-        return paths
-    raise NoImagesError(f"{source}: no such folder or file")
+    elif os.path.isfile(source):
+        paths, repeats = _read_list(source)
+    else:
+        raise NoImagesError(f"{source}: no such folder or file")
+    if repeats:
+        warnings.warn(f"{source}: skipped {repeats} link(s) or line(s) leading to folders or image files already "
+                      f"listed (each file is read once); {len(paths)} distinct image files", DuplicateImageWarning,
+                      stacklevel=2)
+    return paths
+
+
+#: The EXIF tag of the orientation (how to turn the stored pixels upright): ExifTags.Base.Orientation.
+_EXIF_ORIENTATION = 0x0112
+#: The size the scan decodes JPEGs at: the whole file is still read (a truncation shows), at a fraction of the cost.
+_CHECK_SIZE = 64
+
+
+def _open_decoded(path, size=None):
+    """The decoded image of ``path``, upright (EXIF orientation applied), RGB; ``size``: a JPEG may be
+    decoded at a reduced scale no smaller than ``size``. The callers silence Pillow's decompression-bomb
+    warning (``scan_images`` reports large images once, as a ``LargeImageWarning``)."""
+    Image = _pil()
+    from PIL import ImageOps
+    with open(path, "rb") as f:
+        data = f.read()
+    im = Image.open(io.BytesIO(data))
+    if size is not None and im.format == "JPEG":
+        im.draft("RGB", (size, size))
+    im.load()                                  # a truncated file fails here
+    if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    return im.convert("RGB")
 
 
 def _check_one(path):
-    """None if Pillow can open ``path`` and read its header, else the reason."""
-    Image = _pil()
+    """(None if ``path`` decodes whole, else the reason; (width, height) or None)."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-        return None
-    except Exception as e:  # noqa: BLE001 - any failure to open is an unreadable image
-        return f"{type(e).__name__}: {e}"
+        return None, _open_decoded(path, size=_CHECK_SIZE).size
+    except Exception as e:  # noqa: BLE001 - any failure to decode is an unreadable image
+        return f"{type(e).__name__}: {e}", None
 
 
 def scan_images(paths: Sequence[str], *, strict: bool = False, workers: int = 0, log=None):
-    """(readable paths, [(path, reason) of the skipped ones]). Each file's header is opened with
-    Pillow (``Image.verify``: cheap; a file truncated after its header is caught later, when it is
-    decoded). ``strict``: the first unreadable file raises CorruptImageError."""
-    if workers and workers > 1 and len(paths) > 64:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(workers) as ex:
-            reasons = list(ex.map(_check_one, paths, chunksize=64))
-    else:
-        reasons = [_check_one(p) for p in paths]
-    good, bad = [], []
-    for p, r in zip(paths, reasons):
-        if r is None:
-            good.append(p)
-        elif strict:
-            raise CorruptImageError(f"{p}: unreadable image ({r}); without --strict it would be skipped")
+    """(readable paths, [(path, reason) of the skipped ones]). Each file is decoded whole (a JPEG at a
+    reduced scale), so that a file truncated after its header is dropped here, before the classes are
+    fixed. ``strict``: the first unreadable file raises CorruptImageError. Images above Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) give one ``LargeImageWarning``."""
+    Image = _pil()
+    with warnings.catch_warnings():            # Pillow's warning (two lines per file) is replaced by ours, below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if workers and workers > 1 and len(paths) > 64:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(workers) as ex:
+                checked = list(ex.map(_check_one, paths, chunksize=64))
         else:
-            bad.append((p, r))
+            checked = [_check_one(p) for p in paths]
+    good, bad, large = [], [], []
+    for p, (reason, wh) in zip(paths, checked):
+        if reason is None:
+            good.append(p)
+            if Image.MAX_IMAGE_PIXELS and wh[0] * wh[1] > Image.MAX_IMAGE_PIXELS:
+                large.append((p, wh))
+        elif strict:
+            raise CorruptImageError(f"{p}: unreadable image ({reason}); without --strict it would be skipped")
+        else:
+            bad.append((p, reason))
+    if large:
+        (p, (w, h)), more = large[0], f" and {len(large) - 1} more" if len(large) > 1 else ""
+        warnings.warn(f"{p} ({w}x{h} pixels){more}: larger than Pillow's decompression-bomb limit of "
+                      f"{Image.MAX_IMAGE_PIXELS} pixels; decoded anyway (slowly, with much memory)",
+                      LargeImageWarning, stacklevel=2)
     if bad:
         shown = "; ".join(f"{p} ({r})" for p, r in bad[:3])
         msg = f"skipped {len(bad)} unreadable image file(s) of {len(paths)}: {shown}{' ...' if len(bad) > 3 else ''}"
@@ -179,15 +260,14 @@ def load_image_set(source, *, labels: str = "image", strict: bool = False, worke
 
 
 def decode_image(path, size: int) -> torch.Tensor:
-    """uint8 (3, size, size): the whole image, RGB, resized (bilinear, antialiased) to a square."""
+    """uint8 (3, size, size): the whole image, upright (EXIF orientation applied, as photo viewers
+    show it), RGB, resized (bilinear, antialiased) to a square."""
     Image = _pil()
-    with open(path, "rb") as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (size, size))        # decode at a reduced scale when the file allows it
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-        arr = np.asarray(im, dtype=np.uint8)
+    with warnings.catch_warnings():            # reported once by scan_images, not at every decode
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = _open_decoded(path, size)
+    im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 

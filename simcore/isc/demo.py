@@ -51,10 +51,12 @@ import torch
 
 import simcore
 from simcore.isc import augment as A
+from simcore.isc import checks
 from simcore.isc import data as Dt
 from simcore.isc import descriptors as D
-from simcore.isc.commands import evaluate_files, match_files
+from simcore.isc.commands import error_line, evaluate_files, match_files
 from simcore.isc.embed import embed_folders, write_descriptors
+from simcore.isc.files import save_image, write_text
 from simcore.isc.train import TrainConfig, TrainSetupError, train
 
 #: Photographs shipped inside the scikit-image wheel (no pooch download) and scikit-learn, in three
@@ -178,7 +180,8 @@ def raw_pixels(images, thumb=16):
 
 def _save_png(x, path):
     from PIL import Image
-    Image.fromarray(x.permute(1, 2, 0).contiguous().numpy()).save(path, compress_level=1)
+    # sync=False: scratch files of a fresh folder, thousands of them (a disk flush each would add seconds)
+    save_image(Image.fromarray(x.permute(1, 2, 0).contiguous().numpy()), path, sync=False, compress_level=1)
 
 
 def write_benchmark(bench, folder):
@@ -193,10 +196,7 @@ def write_benchmark(bench, folder):
         for x, name in zip(images, ids):
             _save_png(x, os.path.join(folders[role], f"{name}.png"))
     folders["ground_truth"] = os.path.join(folder, "ground_truth.csv")
-    with open(folders["ground_truth"], "w") as f:
-        f.write("query_id,reference_id\n")
-        for q, r in bench.ground_truth:
-            f.write(f"{q},{r}\n")
+    write_text(folders["ground_truth"], "query_id,reference_id\n" + "".join(f"{q},{r}\n" for q, r in bench.ground_truth))
     return folders
 
 
@@ -216,19 +216,92 @@ TRAIN_DEFAULTS = dict(drip=(200, "ALL"), steps=(250, 750), batch_size=(64,), dim
                       views=4, workers=1)
 
 
-def run(seed=0, *, max_references=None, max_training=None, train_scales=TRAIN_SCALES, per_photo=TRAIN_PER_PHOTO,
-        out=None, progress=True, quiet=False, **train_settings):
-    """Build the benchmark, write it as image files, then ``simcore train`` -> ``simcore embed`` ->
-    ``simcore match`` -> ``simcore eval`` through their Python functions; returns a dict with the table
-    rows and training figures. ``train_settings`` override ``TRAIN_DEFAULTS`` (``TrainConfig`` fields)."""
+def check_run_options(out, train_settings, seed=0):
+    """``run``'s options alone, before any work: the training settings (``TrainConfig``'s checks), the seed
+    and the output folder. Returns the training settings with the defaults filled in."""
     unknown = set(train_settings) - set(TRAIN_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown training settings {sorted(unknown)} (known: {sorted(TRAIN_DEFAULTS)})")
     settings = dict(TRAIN_DEFAULTS, **train_settings)
     TrainConfig(images="", output="", **settings).normalised()   # bad settings fail before any work
-    if out is not None and any(os.path.exists(os.path.join(out, d)) for d in ("images", "run")):
-        raise TrainSetupError(f"{out} already holds a demo's files (images/, run/): give another --out folder "
-                              "or remove it")
+    checks.integer("--seed", seed, 0, 2**32 - 1)
+    if out is not None:
+        checks.output_folder("--out", out, "demo's files")
+        if any(os.path.exists(os.path.join(out, d)) for d in ("images", "run")):
+            raise TrainSetupError(f"{out} already holds a demo's files (images/, run/): give another --out folder "
+                                  "or remove it")
+    return settings
+
+
+def _train_and_embed(folder, folders, bench, settings, seed, progress, log):
+    """``simcore train`` on the training images, then ``simcore embed`` of the three sets (and their raw
+    pixels): (the training result, its TrainConfig, descriptors.h5, raw_pixels.h5, the training descriptors' count)."""
+    # simcore train: every training cell its own class, drip training, a PartialMarginHead.
+    run_dir = os.path.join(folder, "run")
+    config = TrainConfig(images=folders["training"], output=run_dir, backbone="smallcnn", seed=seed,
+                         progress=progress, **settings)
+    trained = train(config, log_fn=lambda msg: log(f"[demo] train: {msg}"))
+    # simcore embed: flip test-time augmentation; the training descriptors go into the same file.
+    embedded = embed_folders([os.path.join(run_dir, "final.pt")], query=folders["queries"],
+                             reference=folders["references"], train=folders["training"], flip=True, batch_size=256)
+    descriptors = os.path.join(folder, "descriptors.h5")
+    write_descriptors(descriptors, embedded)
+    raw = os.path.join(folder, "raw_pixels.h5")
+    write_descriptors(raw, raw_pixel_descriptors(folders, int(bench.references.shape[-1])))
+    return trained, config, descriptors, raw, embedded["train"]
+
+
+def _table(folder, ground_truth, descriptors, raw, train_descriptors):
+    """The table's rows: ``simcore match`` + ``simcore eval`` of each kind of descriptor, one predictions file per row."""
+    n_train = train_descriptors.shape[0]
+    pca_dim = min(int(train_descriptors.shape[1]), 64 if n_train > 128 else n_train // 2)
+    table = [
+        ("raw pixels (16x16)", "raw_pixels", dict(descriptors=raw)),
+        ("trained CNN (flip-symmetrised)", "trained", dict(descriptors=descriptors)),
+        (f"+ PCA whitening ({pca_dim}d, fit on training)", "pca",
+         dict(descriptors=descriptors, train=descriptors, pca=pca_dim)),
+        ("+ score normalisation (beta=2, n=10)", "score",
+         dict(descriptors=descriptors, train=descriptors, normalize="score", neighbors=min(10, n_train))),
+        ("+ negative-embedding subtraction (beta=0.35, k=10)", "negative",
+         dict(descriptors=descriptors, train=descriptors, normalize="negative", neighbors=min(10, n_train))),
+        ("+ query shift (K=100, top-3, 1.8*sqrt(c), L2 scores)", "shift",
+         dict(descriptors=descriptors, train=descriptors, normalize="shift", neighbors=min(100, n_train))),
+    ]
+    os.makedirs(os.path.join(folder, "predictions"), exist_ok=True)
+    rows = []
+    for name, key, match_args in table:
+        predictions = os.path.join(folder, "predictions", f"{key}.csv")
+        match_files(output=predictions, **match_args)
+        m = evaluate_files(predictions, ground_truth)
+        rows.append({"descriptors": name, "micro_ap": m.micro_ap, "recall_at_p90": m.recall_at_p90,
+                     "recall_at_rank1": m.recall_at_rank1, "recall_at_rank10": m.recall_at_rank10})
+    return rows
+
+
+def _summary(seed, rows, bench, trained, config, t_start):
+    steps = [s["steps"] for s in trained.stages]
+    images_seen = sum(s["steps"] * min(b, s["classes"])            # a stage's batch holds at most its classes
+                      for s, b in zip(trained.stages, config.normalised().batch_size))
+    return {
+        "seed": seed, "rows": rows,
+        "references": int(bench.references.shape[0]), "queries": int(bench.queries.shape[0]),
+        "copies": sum(1 for _, r in bench.ground_truth if r), "training_images": int(bench.training.shape[0]),
+        "train_stages": [{"classes": s["classes"], "steps": s["steps"], "final_loss": s["final_loss"]}
+                         for s in trained.stages],
+        "train_steps": sum(steps), "train_images_seen": images_seen,
+        "train_images_per_second": trained.images_per_second,
+        "train_workers": config.workers,
+        "final_loss": trained.stages[-1]["final_loss"] if trained.stages else float("nan"),
+        "threads": torch.get_num_threads(), "total_seconds": time.perf_counter() - t_start,
+    }
+
+
+def run(seed=0, *, max_references=None, max_training=None, train_scales=TRAIN_SCALES, per_photo=TRAIN_PER_PHOTO,
+        out=None, progress=True, quiet=False, **train_settings):
+    """Build the benchmark, write it as image files, then ``simcore train`` -> ``simcore embed`` ->
+    ``simcore match`` -> ``simcore eval`` through their Python functions; returns a dict with the table
+    rows and training figures. ``train_settings`` override ``TRAIN_DEFAULTS`` (``TrainConfig`` fields)."""
+    settings = check_run_options(out, train_settings, seed)
     t_start = time.perf_counter()
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     with contextlib.ExitStack() as stack:
@@ -240,69 +313,15 @@ def run(seed=0, *, max_references=None, max_training=None, train_scales=TRAIN_SC
         bench = build_benchmark(seed, max_references=max_references, max_training=max_training,
                                 train_scales=train_scales, per_photo=per_photo)
         folders = write_benchmark(bench, os.path.join(folder, "images"))
-        size = int(bench.references.shape[-1])
-        t_built = time.perf_counter()
         log(f"[demo] {bench.references.shape[0]} references, {bench.queries.shape[0]} queries "
             f"({sum(1 for _, r in bench.ground_truth if r)} copies), {bench.training.shape[0]} training images "
-            f"(built and written to {os.path.join(folder, 'images')} in {t_built - t_start:.1f} s)")
-
-        # simcore train: every training cell its own class, drip training, a PartialMarginHead.
-        run_dir = os.path.join(folder, "run")
-        config = TrainConfig(images=folders["training"], output=run_dir, backbone="smallcnn", seed=seed,
-                             progress=progress, **settings)
-        trained = train(config, log_fn=lambda msg: log(f"[demo] train: {msg}"))
-
-        # simcore embed: flip test-time augmentation; the training descriptors go into the same file.
-        embedded = embed_folders([os.path.join(run_dir, "final.pt")], query=folders["queries"],
-                                 reference=folders["references"], train=folders["training"], flip=True,
-                                 batch_size=256)
-        descriptors = os.path.join(folder, "descriptors.h5")
-        write_descriptors(descriptors, embedded)
-        raw = os.path.join(folder, "raw_pixels.h5")
-        write_descriptors(raw, raw_pixel_descriptors(folders, size))
-
-        # simcore match + simcore eval, one predictions file per row.
-        n_train = embedded["train"].shape[0]
-        pca_dim = min(int(embedded["train"].shape[1]), 64 if n_train > 128 else n_train // 2)
-        table = [
-            ("raw pixels (16x16)", "raw_pixels", dict(descriptors=raw)),
-            ("trained CNN (flip-symmetrised)", "trained", dict(descriptors=descriptors)),
-            (f"+ PCA whitening ({pca_dim}d, fit on training)", "pca",
-             dict(descriptors=descriptors, train=descriptors, pca=pca_dim)),
-            ("+ score normalisation (beta=2, n=10)", "score",
-             dict(descriptors=descriptors, train=descriptors, normalize="score", neighbors=min(10, n_train))),
-            ("+ negative-embedding subtraction (beta=0.35, k=10)", "negative",
-             dict(descriptors=descriptors, train=descriptors, normalize="negative", neighbors=min(10, n_train))),
-            ("+ query shift (K=100, top-3, 1.8*sqrt(c), L2 scores)", "shift",
-             dict(descriptors=descriptors, train=descriptors, normalize="shift", neighbors=min(100, n_train))),
-        ]
-        os.makedirs(os.path.join(folder, "predictions"), exist_ok=True)
-        rows = []
-        for name, key, match_args in table:
-            predictions = os.path.join(folder, "predictions", f"{key}.csv")
-            match_files(output=predictions, **match_args)
-            m = evaluate_files(predictions, folders["ground_truth"])
-            rows.append({"descriptors": name, "micro_ap": m.micro_ap, "recall_at_p90": m.recall_at_p90,
-                         "recall_at_rank1": m.recall_at_rank1, "recall_at_rank10": m.recall_at_rank10})
-
-        steps = [s["steps"] for s in trained.stages]
-        images_seen = sum(s["steps"] * min(b, s["classes"])            # a stage's batch holds at most its classes
-                          for s, b in zip(trained.stages, config.normalised().batch_size))
-        result = {
-            "seed": seed, "rows": rows,
-            "references": int(bench.references.shape[0]), "queries": int(bench.queries.shape[0]),
-            "copies": sum(1 for _, r in bench.ground_truth if r), "training_images": int(bench.training.shape[0]),
-            "train_stages": [{"classes": s["classes"], "steps": s["steps"], "final_loss": s["final_loss"]}
-                             for s in trained.stages],
-            "train_steps": sum(steps), "train_images_seen": images_seen,
-            "train_images_per_second": trained.images_per_second,
-            "train_workers": config.workers,
-            "final_loss": trained.stages[-1]["final_loss"] if trained.stages else float("nan"),
-            "threads": torch.get_num_threads(), "total_seconds": time.perf_counter() - t_start,
-        }
+            f"(built and written to {os.path.join(folder, 'images')} in {time.perf_counter() - t_start:.1f} s)")
+        trained, config, descriptors, raw, train_descriptors = _train_and_embed(folder, folders, bench, settings,
+                                                                                seed, progress, log)
+        rows = _table(folder, folders["ground_truth"], descriptors, raw, train_descriptors)
+        result = _summary(seed, rows, bench, trained, config, t_start)
         if out is not None:
-            with open(os.path.join(folder, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            write_text(os.path.join(folder, "results.json"), json.dumps(result, indent=2))
     return result
 
 
@@ -330,10 +349,9 @@ QUICK = dict(max_references=40, max_training=120, widths=(16, 32, 64, 64), dim=3
              batch_size=(32,), steps=(10, 10), views=1, workers=0)
 
 
-def main(argv=None, prog="python -m simcore.isc.demo"):
-    """The demo's command line (``simcore demo`` hands its arguments here)."""
+def _parser(prog):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the benchmark and the training (0 to 2^32-1)")
     steps = ",".join(map(str, TRAIN_DEFAULTS["steps"]))
     p.add_argument("--steps", default=None, metavar="S[,S...]",
                    help=f"training steps per drip stage, or one for all (default {steps}; about 3-4 minutes on "
@@ -350,22 +368,32 @@ def main(argv=None, prog="python -m simcore.isc.demo"):
                         "for a seed only at the same thread count (float sums are split differently across threads)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (there is none anyway unless stderr is a terminal)")
-    a = p.parse_args(argv)
-    # stdout stays pure JSON under --json.
-    print(simcore.implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
+    return p
+
+
+#: --threads' upper bound (torch's thread pool; far above any machine's cores).
+MAX_THREADS = 1024
+
+
+def main(argv=None, prog="python -m simcore.isc.demo"):
+    """The demo's command line (``simcore demo`` hands its arguments here)."""
+    a = _parser(prog).parse_args(argv)
     kwargs = dict(seed=a.seed, out=a.out, progress=not a.no_progress and sys.stderr.isatty(), quiet=a.json)
-    if a.quick:
-        kwargs.update(QUICK)
-    if a.steps is not None:
-        kwargs["steps"] = a.steps
-    if a.batch_size is not None:
-        kwargs["batch_size"] = a.batch_size
+    kwargs.update(QUICK if a.quick else {})
+    kwargs.update({k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if v is not None})
     try:
+        threads = None if a.threads is None else checks.integer("--threads", a.threads, 1, MAX_THREADS)
+        check_run_options(a.out, {k: v for k, v in kwargs.items() if k in TRAIN_DEFAULTS}, a.seed)
+        # stdout stays pure JSON under --json.
+        print(simcore.implementation("cpu"), file=sys.stderr if a.json else sys.stdout, flush=True)
+        if threads is not None:
+            torch.set_num_threads(threads)
         result = run(**kwargs)
-    except TrainSetupError as e:            # e.g. --steps with another number of values than drip stages
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user errors become one line; bugs re-raise below
+        line = error_line(prog, e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if a.json else format_table(result))
     return 0

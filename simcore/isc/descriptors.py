@@ -84,6 +84,13 @@ class PCAWhitening:
         self.components = evecs
         return self
 
+    def varying_dims(self, rel: float = 1e-6) -> int:
+        """How many of the fitted dims have a variance above ``rel`` times the largest: n training rows
+        span at most n - 1 directions, and whitening the others scales their rounding noise up."""
+        if self.eigenvalues is None:
+            raise RuntimeError("PCAWhitening.varying_dims called before fit")
+        return int((self.eigenvalues > rel * self.eigenvalues[0].clamp_min(1e-300)).sum())
+
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if self.components is None:
             raise RuntimeError("PCAWhitening.transform called before fit")

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simcore.isc import checks
 from simcore.isc import data as Dt
 from simcore.isc.backbones import BackboneError, build_backbone
 from simcore.isc.descriptors import PCAWhitening, l2_normalize
-from simcore.isc.files import atomic_write
+from simcore.isc.files import write_hdf5
 
 __all__ = ["CheckpointError", "EmbedSetupError", "load_checkpoint", "load_model", "embed_dataset",
-           "embed_folders", "write_descriptors", "autocast_context"]
+           "check_embed_options", "embed_folders", "write_descriptors", "autocast_context"]
 
 #: The ``format`` entry of a ``simcore train`` checkpoint.
 CHECKPOINT_FORMAT = "simcore.isc.train/1"
@@ -121,20 +122,58 @@ def _folder_set(source, what, strict, workers, log):
         raise Dt.NoImagesError(f"{what}: {e}") from None
 
 
+#: --workers' upper bound: each worker is a process holding a copy of the dataset's state.
+MAX_WORKERS = 256
+
+
+def check_embed_options(checkpoints, *, query, reference, train, pca, batch_size, workers, precision):
+    """``embed_folders``' options alone, before a checkpoint or image is read: (batch_size, workers, pca)
+    as ints, or ``checks.ConfigError`` / ``EmbedSetupError`` naming the flag."""
+    if not checkpoints:
+        raise CheckpointError("embed needs at least one checkpoint")
+    batch_size = checks.integer("--batch-size", batch_size, 1)
+    workers = checks.integer("--workers", workers, 0, MAX_WORKERS)
+    pca = None if pca is None else checks.integer("--pca", pca, 1)
+    checks.choice("--precision", precision, ("fp32", "bf16", "fp16"))
+    if pca is not None and train is None:
+        raise EmbedSetupError("--pca is fitted on the training images: give --train")
+    if len(checkpoints) > 1 and train is None:
+        raise EmbedSetupError("an ensemble of several checkpoints is whitened on the training images: give --train")
+    for path in checkpoints:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such checkpoint file")
+    for flag, source in (("--query", query), ("--reference", reference), ("--train", train)):
+        if source is not None and not os.path.exists(source):
+            raise checks.ConfigError(f"{flag} {source}: no such folder or file")
+    return batch_size, workers, pca
+
+
+def _image_sets(query, reference, train, strict, workers, log):
+    """{role: ImageSet} of the query, reference and (when given) training images; ids checked."""
+    sets = {"query": _folder_set(query, "--query", strict, workers, log),
+            "reference": _folder_set(reference, "--reference", strict, workers, log)}
+    if train is not None:
+        sets["train"] = _folder_set(train, "--train", strict, workers, log)
+    for s in sets.values():
+        ids = s.ids()
+        if len(set(ids)) != len(ids):
+            seen = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            raise EmbedSetupError(f"{s.root}: two images share the id {dup!r} (ids are file names without extension)")
+        if any("," in i or "\n" in i for i in ids):
+            raise EmbedSetupError(f"{s.root}: image ids (file names) must not contain commas")
+    return sets
+
+
 def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, pca: Optional[int] = None,
                   flip: bool = False, batch_size: int = 64, workers: int = 0, device: str = "cpu",
                   precision: str = "fp32", strict: bool = False, progress: bool = False,
                   log: Callable = lambda msg: None) -> dict:
     """{"query", "reference", "train" (or None): float32 arrays; "query_ids", "reference_ids",
     "train_ids": lists; "dims": per-model dims; "pca": the fitted PCAWhitening or None}."""
-    if not checkpoints:
-        raise CheckpointError("embed needs at least one checkpoint")
-    if batch_size < 1 or workers < 0:
-        raise EmbedSetupError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
-    if pca is not None and train is None:
-        raise EmbedSetupError("--pca is fitted on the training images: give --train")
-    if len(checkpoints) > 1 and train is None:
-        raise EmbedSetupError("an ensemble of several checkpoints is whitened on the training images: give --train")
+    batch_size, workers, pca = check_embed_options(checkpoints, query=query, reference=reference, train=train,
+                                                   pca=pca, batch_size=batch_size, workers=workers,
+                                                   precision=precision)
     specs, models = [], []
     for path in checkpoints:
         model, spec = load_model(path, device)
@@ -145,18 +184,12 @@ def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, p
         listing = ", ".join(f"{p} ({d})" for p, d in zip(checkpoints, dims))
         raise CheckpointError(f"the checkpoints have different embedding dims: {listing}; an ensemble concatenates "
                               "models of one dim (train them with the same --dim)")
-    sets = {"query": _folder_set(query, "--query", strict, workers, log),
-            "reference": _folder_set(reference, "--reference", strict, workers, log)}
-    if train is not None:
-        sets["train"] = _folder_set(train, "--train", strict, workers, log)
-    for role, s in sets.items():
-        ids = s.ids()
-        if len(set(ids)) != len(ids):
-            seen = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))
-            raise EmbedSetupError(f"{s.root}: two images share the id {dup!r} (ids are file names without extension)")
-        if any("," in i or "\n" in i for i in ids):
-            raise EmbedSetupError(f"{s.root}: image ids (file names) must not contain commas")
+    sets = _image_sets(query, reference, train, strict, workers, log)
+    if (pca is not None or len(checkpoints) > 1) and len(sets["train"].paths) - 1 < (pca or 1):
+        # n images span at most n - 1 directions: refused before embedding (checks.pca_fit, after, is exact)
+        raise checks.ConfigError(f"--pca {pca}: {len(sets['train'].paths)} training images span at most "
+                                 f"{len(sets['train'].paths) - 1} directions; give --pca <= "
+                                 f"{len(sets['train'].paths) - 1} or more training images")
     per_model = {role: [] for role in sets}
     for path, model, spec in zip(checkpoints, models, specs):
         for role, s in sets.items():
@@ -175,7 +208,7 @@ def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, p
             raise EmbedSetupError(f"--pca must lie in [1, {total}] (the concatenated descriptors' dims), got {dim}")
         if out["train"].shape[0] < 2:
             raise EmbedSetupError(f"{train}: PCA whitening needs at least 2 training images")
-        fitted = PCAWhitening(dim).fit(out["train"])
+        fitted = checks.pca_fit("--pca", PCAWhitening(dim).fit(out["train"]), out["train"].shape[0])
         out = {role: fitted.transform(x) for role, x in out.items()}
         log(f"PCA whitening {total} -> {dim} dims, fitted on {out['train'].shape[0]} training descriptors")
     result = {role: l2_normalize(x).numpy().astype(np.float32) for role, x in out.items()}
@@ -186,13 +219,13 @@ def embed_folders(checkpoints: Sequence[str], *, query, reference, train=None, p
 
 
 def write_descriptors(path, result: dict):
-    """The challenge HDF5 layout, written to a temporary file beside ``path`` and renamed over it,
-    so an existing file is never left half-written."""
+    """The challenge HDF5 layout, written whole or not at all (``simcore.isc.files.write_hdf5``):
+    an existing file is never left half-written; a failed write raises ``simcore.WriteError``."""
     import h5py
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
-        roles: List[str] = ["query", "reference"] + (["train"] if result.get("train") is not None else [])
-        for role in roles:
-            f.create_dataset(role, data=result[role])
-            f.create_dataset(f"{role}_ids", data=np.array(result[f"{role}_ids"], dtype=object),
-                             dtype=h5py.string_dtype())
+    roles: List[str] = ["query", "reference"] + (["train"] if result.get("train") is not None else [])
+    datasets = {}
+    for role in roles:
+        datasets[role] = result[role]
+        datasets[f"{role}_ids"] = (np.array(result[f"{role}_ids"], dtype=object), h5py.string_dtype())
+    write_hdf5(path, datasets)

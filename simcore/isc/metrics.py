@@ -28,6 +28,8 @@ from typing import Hashable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from simcore.isc.files import atomic_write, save_figure
+
 __all__ = ["Metrics", "evaluate", "read_predictions", "read_ground_truth", "write_predictions",
            "FileFormatError", "plot_precision_recall"]
 
@@ -179,8 +181,20 @@ def _shorten(text, limit=40):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _ends_mid_line(path) -> bool:
+    """Whether the file's last byte is not a line end (a file cut short by a failed copy or write)."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) not in (b"\n", b"\r")
+
+
 def read_predictions(path) -> list:
-    """Read a ``query_id,reference_id,score`` CSV (header optional) into triples of (str, str, float)."""
+    """Read a ``query_id,reference_id,score`` CSV (header optional) into triples of (str, str, float).
+    A file whose last line has no line end is refused: a truncated file cut mid-line would otherwise
+    give its last score with digits missing."""
     rows = []
     for lineno, row in _csv_rows(path, ("query_id", "reference_id", "score")):
         if len(row) != 3:
@@ -196,6 +210,9 @@ def read_predictions(path) -> list:
         if not q or not r:
             raise FileFormatError(f"{path}: line {lineno}: empty query_id or reference_id")
         rows.append((q, r, score))
+    if rows and _ends_mid_line(path):
+        raise FileFormatError(f"{path}: line {lineno} does not end with a line break: the file looks truncated "
+                              "mid-line (if it is whole, end it with a newline)")
     return rows
 
 
@@ -214,8 +231,9 @@ def read_ground_truth(path) -> list:
 
 
 def write_predictions(path, predictions: Sequence[Tuple[Hashable, Hashable, float]]):
-    """Write triples as the challenge's ``query_id,reference_id,score`` CSV."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    """Write triples as the challenge's ``query_id,reference_id,score`` CSV, whole or not at all
+    (``simcore.WriteError`` when the write fails; an existing file is then left as it was)."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["query_id", "reference_id", "score"])
         for q, r, s in predictions:
@@ -240,5 +258,7 @@ def plot_precision_recall(metrics: Metrics, path, title: str = "precision-recall
     ax.set_ylabel("precision")
     ax.set_title(f"{title}: µAP {metrics.micro_ap:.4f}, recall@P90 {metrics.recall_at_p90:.4f}")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import torch
 
+from simcore.files import atomic_write
 from simcore.search.cosine_topk import cosine_topk
 from simcore.search.faiss_index import faiss_index
 from simcore.search.inputs import check_finite_rows, check_float_dtype, check_metric
@@ -92,15 +93,14 @@ class FlatIndex:
     # u64 dim, u64 n, u32 crc32 of the payload, u32 crc32 of the preceding 44
     # bytes; then the n*dim vectors, row-major, in their dtype's bytes.
     def save(self, path) -> None:
-        """Write the index to ``path`` (atomically: a temporary file, then a rename)."""
+        """Write the index to ``path`` through ``atomic_write`` (whole or not at all; ``WriteError`` when
+        the write fails, the old file untouched)."""
         payload = self.vectors.detach().cpu().contiguous().view(torch.uint8).numpy()
         body = _HEADER.pack(_MAGIC, _VERSION, _DTYPE_CODES[self.dtype], _METRIC_CODES[self.metric], 0,
                             self.dim, self._n, zlib.crc32(payload))
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             f.write(body + struct.pack("<I", zlib.crc32(body)))
             f.write(payload.data)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, device="cpu") -> "FlatIndex":
