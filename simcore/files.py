@@ -47,8 +47,8 @@ def _fsync(path, flags=os.O_RDONLY):
 
 @contextlib.contextmanager
 def atomic_write(path, *, io_errors=(), sync=True):
-    """Yields a temporary path beside ``path`` for the caller to write (a path, so that any library
-    can write it: ``open``, ``torch.save``, ``h5py.File``, ``savefig``). When the block ends, the file
+    """Yields a temporary path beside ``path`` (its folder made when missing) for the caller to write (a
+    path, so that any library can write it: ``open``, ``torch.save``, ``h5py.File``, ``savefig``). When the block ends, the file
     is flushed to the disk and renamed over ``path``. When the block raises, the temporary file is
     removed and ``path`` is untouched.
 
@@ -66,6 +66,7 @@ def atomic_write(path, *, io_errors=(), sync=True):
         raise WriteError(path, "it is a folder", errno.EISDIR)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as e:
         raise WriteError(path, _reason(e), e.errno) from e

@@ -19,13 +19,17 @@ class ConfigError(ValueError):
     """A bad value of a command's flag: one line naming the flag and the accepted range; exit code 2."""
 
 
+def _fmt(x):
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _range_text(lo, hi, lo_open=False, hi_open=False):
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'>' if lo_open else '>='} {_fmt(lo)}"
     if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
+        return f"{'<' if hi_open else '<='} {_fmt(hi)}"
     return "any value"
 
 
@@ -110,7 +114,7 @@ def output_file(flag, path, what="file"):
     if not path:
         raise ConfigError(f"{flag} needs a file name")
     if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path}: is a folder; give the {what}'s file name")
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name for the {what}")
     if os.path.exists(path) and not os.path.isfile(path):
         raise ConfigError(f"{flag} {path}: exists and is not a regular file")
     _writable_parent(flag, path, what)

@@ -283,9 +283,11 @@ def evaluate_files(predictions, ground_truth, *, plot=None):
 
     checks.input_file(None, predictions)
     checks.input_file(None, ground_truth)
-    if plot:
+    if plot is not None:
         checks.plot_file("--plot", plot)
     preds = read_predictions(predictions)
+    if not preds:
+        raise CLIError(f"{predictions}: no predictions (an empty file, or a header alone)")
     gt = read_ground_truth(ground_truth)
     if not any(r for _, r in gt):
         raise CLIError(f"{ground_truth}: no (query, reference) pairs: every reference_id is empty")
@@ -293,6 +295,6 @@ def evaluate_files(predictions, ground_truth, *, plot=None):
         m = evaluate(preds, gt)
     except ValueError as e:
         raise CLIError(f"{predictions}: {e}") from None
-    if plot:
+    if plot is not None:
         m.plot(plot, title=os.path.basename(predictions))
     return m

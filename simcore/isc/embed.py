@@ -54,7 +54,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         # gigabytes at 1M classes); only what is used is read
         ckpt = torch.load(path, map_location=map_location, mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        reason = str(e).split(". ")[0].split("\n")[0]           # torch's messages run to several sentences
+        if "mmap can only be used" in reason:
+            reason = "not a torch.save zip archive"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a simcore train checkpoint (no format {CHECKPOINT_FORMAT!r})")
     return ckpt
