@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional, Sequence, Tuple
 
@@ -193,8 +194,22 @@ def _ends_mid_line(path) -> bool:
 
 def read_predictions(path) -> list:
     """Read a ``query_id,reference_id,score`` CSV (header optional) into triples of (str, str, float).
-    A file whose last line has no line end is refused: a truncated file cut mid-line would otherwise
-    give its last score with digits missing."""
+    A text file whose last line has no line end is refused: a file cut mid-line would otherwise give
+    its last score with digits missing."""
+    truncated = os.path.isfile(path) and _ends_mid_line(path)
+    try:
+        rows = _prediction_rows(path)
+    except FileFormatError as e:
+        if not truncated or "UTF-8" in str(e):
+            raise
+        rows = None                       # a broken last row of a truncated file: say it is truncated
+    if truncated:
+        raise FileFormatError(f"{path}: the last line does not end with a line break: the file looks truncated "
+                              "mid-line (if it is whole, end it with a newline)")
+    return rows
+
+
+def _prediction_rows(path) -> list:
     rows = []
     for lineno, row in _csv_rows(path, ("query_id", "reference_id", "score")):
         if len(row) != 3:
@@ -210,9 +225,6 @@ def read_predictions(path) -> list:
         if not q or not r:
             raise FileFormatError(f"{path}: line {lineno}: empty query_id or reference_id")
         rows.append((q, r, score))
-    if rows and _ends_mid_line(path):
-        raise FileFormatError(f"{path}: line {lineno} does not end with a line break: the file looks truncated "
-                              "mid-line (if it is whole, end it with a newline)")
     return rows
 
 
