@@ -84,6 +84,29 @@ def _ground_truth_pairs(ground_truth) -> set:
     return pairs
 
 
+def _true_positives_within_rank(qids, scores, y_true, ranks):
+    """For each k of ``ranks``: how many true positives have fewer than k of their query's predictions
+    scored above or equal to them, themselves not counted (ties count against them)."""
+    n = len(qids)
+    if not n:
+        return tuple(0 for _ in ranks)
+    codes = {}
+    qcode = np.fromiter((codes.setdefault(q, len(codes)) for q in qids), dtype=np.int64, count=n)
+    by_q = np.lexsort((-scores, qcode))                 # query asc, score desc
+    qc, sc = qcode[by_q], scores[by_q]
+    # run = maximal stretch of equal (query, score); its end index + 1 - group start = #(score >= s)
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = (qc[1:] != qc[:-1]) | (sc[1:] != sc[:-1])
+    run_id = np.cumsum(new_run) - 1
+    run_end = np.flatnonzero(np.append(new_run[1:], True))   # last index of each run
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = qc[1:] != qc[:-1]
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    rank = run_end[run_id] - group_start                 # (#preds with score >= s) - 1
+    tp = y_true[by_q]
+    return tuple(int(np.sum(tp & (rank < k))) for k in ranks)
+
+
 def evaluate(predictions: Iterable[Tuple[Hashable, Hashable, float]],
              ground_truth: Iterable[Tuple[Hashable, Hashable]]) -> Metrics:
     """µAP, recall@P90, recall@rank1 and recall@rank10 as the challenge defines them.
@@ -129,25 +152,7 @@ def evaluate(predictions: Iterable[Tuple[Hashable, Hashable, float]],
     else:
         recall_p90, threshold_p90 = 0.0, None
 
-    # Per-query ranks of the true positives (ties count against them).
-    rank1 = rank10 = 0
-    if n:
-        codes = {}
-        qcode = np.fromiter((codes.setdefault(q, len(codes)) for q in qids), dtype=np.int64, count=n)
-        by_q = np.lexsort((-scores, qcode))                 # query asc, score desc
-        qc, sc = qcode[by_q], scores[by_q]
-        # run = maximal stretch of equal (query, score); its end index + 1 - group start = #(score >= s)
-        new_run = np.ones(n, dtype=bool)
-        new_run[1:] = (qc[1:] != qc[:-1]) | (sc[1:] != sc[:-1])
-        run_id = np.cumsum(new_run) - 1
-        run_end = np.flatnonzero(np.append(new_run[1:], True))   # last index of each run
-        new_group = np.ones(n, dtype=bool)
-        new_group[1:] = qc[1:] != qc[:-1]
-        group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
-        rank = run_end[run_id] - group_start                 # (#preds with score >= s) - 1
-        tp = y_true[by_q]
-        rank1 = int(np.sum(tp & (rank < 1)))
-        rank10 = int(np.sum(tp & (rank < 10)))
+    rank1, rank10 = _true_positives_within_rank(qids, scores, y_true, (1, 10))
     return Metrics(micro_ap=micro_ap, recall_at_p90=recall_p90, threshold_at_p90=threshold_p90,
                    recall_at_rank1=rank1 / len(gt), recall_at_rank10=rank10 / len(gt),
                    num_predictions=n, num_ground_truth=len(gt), num_true_positives=int(y_true.sum()),
