@@ -165,6 +165,9 @@ def _check_one(path):
     try:
         return None, _open_decoded(path, size=_CHECK_SIZE).size
     except Exception as e:  # noqa: BLE001 - any failure to decode is an unreadable image
+        from PIL import UnidentifiedImageError
+        if isinstance(e, UnidentifiedImageError):            # its message names our in-memory buffer
+            return "not an image file Pillow can identify (empty, or another format)", None
         return f"{type(e).__name__}: {e}", None
 
 
