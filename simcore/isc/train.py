@@ -176,8 +176,9 @@ class Trainer:
     optimizers, the loader; the components do the rest: ``sink`` (figures), ``checkpoints``,
     ``validators``, the data ``source`` and ``plan`` (``simcore.isc.training``)."""
 
-    def __init__(self, config: TrainConfig, dd=None, log_fn=None):
+    def __init__(self, config: TrainConfig, dd=None, log_fn=None, *, source=None, validators=None):
         self.c, self.dd = config, dd
+        self.source, self.validators = source, validators   # None: source_for(images), validators_for(config)
         self.rank, self.world = (dd.rank, dd.world) if dd is not None else (0, 1)
         self.lead = self.rank == 0
         self.group = dd.group if dd is not None else None
@@ -219,14 +220,14 @@ class Trainer:
 
     def _setup_data_and_model(self):
         c = self.c
-        c.check_files()
+        c.check_files(images=self.source is None)
         if c.threads:
             torch.set_num_threads(c.threads)
         os.makedirs(c.output, exist_ok=True)
         if not c.resume and os.path.exists(self.checkpoints.last):
             raise TrainSetupError(f"{c.output} already holds a run (last.pt): continue it with --resume "
                                   f"{self.checkpoints.last}, or train into another folder")
-        source = source_for(c.images)
+        source = self.source = self.source or source_for(c.images)
         self.data = source.scan(c, log=self.say)
         self.plan = StagePlan.build(c, self.data.labels, self.data.num_classes, self.world, warn=self.lead)
         self.augment = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
@@ -234,7 +235,10 @@ class Trainer:
         self.switch = _Switch()
         self.loader = Dt.make_loader(self.dataset, self.switch, workers=c.workers, device=self.device)
         self.say(self._describe_run())
-        self.validators = validators_for(c, self.augment, log=self.say) if self.lead else []
+        if not self.lead:
+            self.validators = []
+        elif self.validators is None:
+            self.validators = validators_for(c, self.augment, log=self.say)
         self.spec = backbone_spec(c.backbone, c.dim, c.image_size, pretrained=c.pretrained, widths=c.widths,
                                   depth=c.depth)
         torch.manual_seed(c.seed)
@@ -514,18 +518,20 @@ class Trainer:
         return r
 
 
-def train(config: TrainConfig, *, log_fn=None) -> TrainResult:
+def train(config: TrainConfig, *, log_fn=None, source=None, validators=None) -> TrainResult:
     """Run (or resume) a training run; returns a ``TrainResult`` (figures also in RUN_DIR/log.jsonl).
 
     Under ``torchrun`` (WORLD_SIZE > 1, or with a process group the caller initialised) every rank
     calls it: DDP on the backbone, the class-sharded head, rank r's share of each global batch
     (docs/train.md, "Several GPUs"). ``log_fn``: where one-line messages go (default: stderr; rank 0
-    only). Ctrl-C raises ``TrainInterrupted`` (a KeyboardInterrupt) naming the checkpoint to resume from."""
+    only). ``source``: a ``simcore.isc.training.sources.DataSource`` instead of ``config.images``;
+    ``validators``: ``simcore.isc.training.validators.Validator`` objects instead of ``config.val_dir``'s.
+    Ctrl-C raises ``TrainInterrupted`` (a KeyboardInterrupt) naming the checkpoint to resume from."""
     c = config.normalised()
     dd = init_distributed(c.device)
     trainer = None
     try:
-        trainer = Trainer(c, dd, log_fn)
+        trainer = Trainer(c, dd, log_fn, source=source, validators=validators)
         trainer.setup()
         return trainer.run()
     except KeyboardInterrupt:

@@ -109,11 +109,12 @@ class TrainConfig:
         """The config as JSON values (log.jsonl's start, a checkpoint's ``config``)."""
         return jsonable(dataclasses.asdict(self))
 
-    def check_files(self) -> None:
-        """The paths: the images and validation folder exist, ``output`` is (or can be) a folder, a
-        resume names a file in ``output``. Reads no image. NoImagesError / TrainSetupError."""
+    def check_files(self, images: bool = True) -> None:
+        """The paths: the images (``images=False``: another data source) and validation folder exist,
+        ``output`` is (or can be) a folder, a resume names a file in ``output``. Reads no image.
+        NoImagesError / TrainSetupError."""
         from simcore.isc.data import NoImagesError
-        if not os.path.exists(self.images):
+        if images and not os.path.exists(self.images):
             raise NoImagesError(f"{self.images}: no such folder or file")
         if os.path.exists(self.output) and not os.path.isdir(self.output):
             raise TrainSetupError(f"-o/--output {self.output}: exists and is not a folder")
