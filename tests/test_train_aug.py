@@ -35,7 +35,7 @@ def test_the_modes_differ_and_bad_values_are_refused(folder, tmp_path):
     w = T.train(config(folder, tmp_path / "w", steps=2, batch_size=4), log_fn=lambda m: None)
     d = T.train(config(folder, tmp_path / "d", steps=2, batch_size=4, augment_on="device"), log_fn=lambda m: None)
     assert w.losses[0] != d.losses[0]                    # other copies (the same data order and init)
-    with pytest.raises(ValueError, match="augment_on must be workers or device, got 'gpu'"):
+    with pytest.raises(ValueError, match="--augment-on must be one of workers, device, got 'gpu'"):
         config(folder, tmp_path / "x", augment_on="gpu").normalised()
 
 

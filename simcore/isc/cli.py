@@ -62,14 +62,10 @@ def cmd_eval(a):
     return 0
 
 
-def _user_errors():
-    """The exceptions that ``simcore train`` / ``embed`` report as one line (bad input, not bugs)."""
-    return user_errors()
-
-
-def cmd_train(a):
-    from simcore.isc.train import SimulatedFailure, TrainConfig, train
-
+def _train_config(a):
+    """``simcore train``'s flags as a validated TrainConfig: a bad value is a CLIError (exit 2) before
+    any image is read or model built."""
+    from simcore.isc.train import TrainConfig
     cfg = TrainConfig(
         images=a.images, output=a.output, backbone=a.backbone, pretrained=a.pretrained, dim=a.dim,
         image_size=a.image_size, labels=a.labels, drip=a.drip, batch_size=a.batch_size, steps=a.steps,
@@ -77,35 +73,63 @@ def cmd_train(a):
         scale=a.scale, sample_rate=a.sample_rate, subcenters=a.subcenters, lr=a.lr, head_lr=a.head_lr,
         optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay, warmup=a.warmup, views=a.views,
         seed=a.seed, workers=a.workers, augment_on=a.augment_on, device=a.device, threads=a.threads,
-        checkpoint_every=a.checkpoint_every, resume=a.resume, val_dir=a.val_dir, val_max=a.val_max, plot=a.plot, tensorboard=a.tensorboard,
-        strict=a.strict, progress=(not a.no_progress) and sys.stderr.isatty())
+        checkpoint_every=a.checkpoint_every, resume=a.resume, val_dir=a.val_dir, val_max=a.val_max, plot=a.plot,
+        tensorboard=a.tensorboard, strict=a.strict, progress=(not a.no_progress) and sys.stderr.isatty())
     try:
-        cfg.normalised()
+        cfg = cfg.normalised()
+        cfg.check_files()
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:   # under torchrun each rank resolves its own
+            from simcore.isc.train import resolve_device
+            resolve_device(cfg.device)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    return cfg
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"simcore train: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def cmd_train(a):
+    import warnings
+
+    from simcore.isc.train import SimulatedFailure, train
+
+    cfg = _train_config(a)
+    lead = int(os.environ.get("RANK", "0") or 0) == 0
     try:
-        r = train(cfg)
-    except _user_errors() as e:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            r = train(cfg)
+    except user_errors() as e:
         raise CLIError(str(e)) from None
     except SimulatedFailure as e:          # the test hook: an interrupted run, not a user error
-        if int(os.environ.get("RANK", "0") or 0) == 0:
+        if lead:
             print(f"simcore train: {e}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0") or 0) != 0:   # under torchrun: rank 0 reports for the run
+    except KeyboardInterrupt as e:         # Ctrl-C: where the last checkpoint is, no traceback
+        if lead:
+            print(f"simcore train: {e or 'interrupted before training started: nothing was saved'}", file=sys.stderr)
+        return 130
+    if not lead:                           # under torchrun: rank 0 reports for the run
         return 0
+    _print_train_summary(r, a.json)
+    return 0
+
+
+def _print_train_summary(r, as_json):
     summary = {"output": r.output, "checkpoint": r.checkpoint, "steps": len(r.losses),
                "final_loss": r.stages[-1]["final_loss"] if r.stages else None,
                "images_per_second": r.images_per_second, "stages": r.stages,
                "skipped_files": r.skipped_files, "dropped_samples": r.dropped_samples}
-    if a.json:
+    if as_json:
         print(json.dumps(summary))
-    else:
-        for s in r.stages:
-            v = s.get("val")
-            print(f"stage {s['stage'] + 1}: {s['classes']} classes, {s['steps']} steps, loss {s['final_loss']:.4f}"
-                  + (f", val µAP {v['micro_ap']:.4f} recall@P90 {v['recall_at_p90']:.4f}" if v else ""))
-        print(f"{r.images_per_second:.1f} images/s; checkpoint {r.checkpoint}")
-    return 0
+        return
+    for s in r.stages:
+        v = s.get("val")
+        print(f"stage {s['stage'] + 1}: {s['classes']} classes, {s['steps']} steps, loss {s['final_loss']:.4f}"
+              + (f", val µAP {v['micro_ap']:.4f} recall@P90 {v['recall_at_p90']:.4f}" if v else ""))
+    print(f"{r.images_per_second:.1f} images/s; checkpoint {r.checkpoint}")
 
 
 def cmd_embed(a):
@@ -119,7 +143,7 @@ def cmd_embed(a):
                             flip=a.flip, batch_size=a.batch_size, workers=a.workers, device=device,
                             precision=a.precision, strict=a.strict, progress=progress,
                             log=lambda m: print(f"[simcore embed] {m}", file=sys.stderr))
-    except _user_errors() as e:            # duplicate ids, unreadable checkpoints, PCA without --train, ...
+    except user_errors() as e:            # duplicate ids, unreadable checkpoints, PCA without --train, ...
         raise CLIError(str(e)) from None
     write_descriptors(a.output, res)
     summary = {"output": a.output, "queries": len(res["query_ids"]), "references": len(res["reference_ids"]),

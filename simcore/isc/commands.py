@@ -31,9 +31,9 @@ def user_errors() -> tuple:
     from simcore.isc.data import CorruptImageError, NoImagesError
     from simcore.isc.embed import CheckpointError, EmbedSetupError
     from simcore.isc.metrics import FileFormatError
-    from simcore.isc.train import TrainSetupError
+    from simcore.isc.train import CheckpointWriteError, TrainSetupError
     return (CLIError, checks.ConfigError, WriteError, FileFormatError, NoImagesError, CorruptImageError,
-            BackboneError, CheckpointError, EmbedSetupError, TrainSetupError)
+            BackboneError, CheckpointError, EmbedSetupError, TrainSetupError, CheckpointWriteError)
 
 
 def error_line(prog, e: BaseException):
