@@ -10,6 +10,8 @@ shards) rather than one file per image, with the item contract of ``simcore.isc.
   worker that makes it. A record that fails to decode gives ``ok = False`` and a zero image (the
   training loop drops and counts it) or, with ``strict``, raises ``CorruptRecordError``.
 - ``BytesDataset``: the same over a list of encoded images in memory.
+- ``embed_images(dataset, embed_fn)``: the L2-normalised embeddings of a dataset's clean images
+  (what the validators of ``verification`` and ``reid`` score).
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["CorruptRecordError", "decode_image_bytes", "EncodedImageDataset", "BytesDataset"]
+from simcore.isc import data as Dt
+
+__all__ = ["CorruptRecordError", "decode_image_bytes", "EncodedImageDataset", "BytesDataset", "embed_images"]
 
 
 class CorruptRecordError(ValueError):
@@ -112,3 +117,24 @@ class BytesDataset(EncodedImageDataset):
 
     def describe(self, index):
         return f"{self.name} {index}"
+
+
+def embed_images(dataset, embed_fn, *, batch_size: int = 64, workers: int = 0, flip: bool = False) -> torch.Tensor:
+    """float64 (N, D): the clean images of ``dataset`` (every item, in order; ``(image, label, index, ok)``
+    items) through ``embed_fn`` (float32 images (B, 3, S, S) in [0, 1] -> (B, D), called under
+    ``torch.no_grad``), with ``flip`` plus the embedding of the mirror image (summed before
+    normalising, InsightFace's test-time flip), L2-normalised. An undecodable image is an error."""
+    loader = Dt.make_loader(dataset, Dt.ListBatchSampler(range(len(dataset)), batch_size), workers=workers)
+    out = []
+    with torch.no_grad():
+        for x, _, index, ok in loader:
+            if not bool(ok.all()):
+                bad = int(index[~ok][0])
+                describe = getattr(dataset, "describe", None)
+                raise CorruptRecordError(f"{describe(bad) if describe else f'item {bad}'}: cannot decode")
+            x = x.float().div_(255)
+            e = embed_fn(x).double()
+            if flip:
+                e = e + embed_fn(x.flip(3)).double()
+            out.append(F.normalize(e.cpu(), dim=1))
+    return torch.cat(out)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from simcore.isc import data as Dt
+from simcore.isc.encoded import embed_images
 
 __all__ = ["ReidNameError", "parse_market_name", "reid_metrics", "ReidValidator"]
 
@@ -92,7 +93,7 @@ class ReidValidator:
     """A Market-style query and gallery folder as a validation set: ``evaluate(embed_fn)`` -> dict of floats.
 
     ``embed_fn(images)`` takes float32 images (N, 3, S, S) in [0, 1] and returns embeddings (N, D); it
-    is called under ``torch.no_grad``. ``flip``: each embedding plus its mirror image's."""
+    is called under ``torch.no_grad``. ``flip``: each embedding plus its mirror image's, before normalising."""
 
     name = "reid"
 
@@ -102,19 +103,7 @@ class ReidValidator:
         self.flip, self.batch_size, self.workers = bool(flip), int(batch_size), int(workers)
 
     def _embed(self, split, embed_fn):
-        loader = Dt.make_loader(split.dataset, Dt.ListBatchSampler(range(len(split.paths)), self.batch_size),
-                                workers=self.workers)
-        out = []
-        with torch.no_grad():
-            for x, _, idx, ok in loader:
-                if not bool(ok.all()):
-                    raise ValueError(f"{split.paths[int(idx[~ok][0])]}: cannot decode")
-                x = x.float().div_(255)
-                e = F.normalize(embed_fn(x).double(), dim=1)
-                if self.flip:
-                    e = e + F.normalize(embed_fn(x.flip(3)).double(), dim=1)
-                out.append(e.cpu())
-        return torch.cat(out)
+        return embed_images(split.dataset, embed_fn, batch_size=self.batch_size, workers=self.workers, flip=self.flip)
 
     def evaluate(self, embed_fn: Callable) -> Dict[str, float]:
         q, g = self._embed(self.query, embed_fn), self._embed(self.gallery, embed_fn)

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simcore.isc import data as Dt
-from simcore.isc.encoded import BytesDataset
+from simcore.isc.encoded import BytesDataset, embed_images
 from simcore.isc.files import atomic_write
 
 __all__ = ["VerificationFileError", "read_bin", "write_bin", "kfold_accuracy", "tar_at_far", "verification_metrics",
@@ -159,19 +158,7 @@ class VerificationValidator:
 
     def embeddings(self, embed_fn: Callable) -> torch.Tensor:
         """float64 (2P, D): each image's embedding (plus its mirror's, with ``flip``), L2-normalised."""
-        loader = Dt.make_loader(self.dataset, Dt.ListBatchSampler(range(len(self.dataset)), self.batch_size),
-                                workers=self.workers)
-        out = []
-        with torch.no_grad():
-            for x, _, _, ok in loader:
-                if not bool(ok.all()):
-                    raise ValueError(f"{self.path}: image {int(torch.nonzero(~ok)[0])} of the pairs cannot be decoded")
-                x = x.float().div_(255)
-                e = embed_fn(x).double()
-                if self.flip:
-                    e = e + embed_fn(x.flip(3)).double()
-                out.append(F.normalize(e.cpu(), dim=1))
-        return torch.cat(out)
+        return embed_images(self.dataset, embed_fn, batch_size=self.batch_size, workers=self.workers, flip=self.flip)
 
     def evaluate(self, embed_fn: Callable) -> Dict[str, float]:
         e = self.embeddings(embed_fn)
