@@ -278,7 +278,9 @@ class RecordDataset(EncodedImageDataset):
                                         "skipped") from None
                 skipped.append((key, str(e)))
                 continue
-            keys.append(key), offsets.append(offset), labels.append(label)
+            keys.append(key)
+            offsets.append(offset)
+            labels.append(label)
         self._report(skipped, len(entries), log)
         if not keys:
             raise RecordIOError(f"{self.rec_path}: none of its {len(entries)} image records can be read")
