@@ -13,7 +13,7 @@ from simcore.isc import data as Dt
 from simcore.isc.encoded import decode_image_bytes
 from simcore.isc.recordio import RecordWriter
 from simcore.isc.shards import (ShardDataset, ShardError, ShardProgress, decode_index, encode_index, expand_shards,
-                                shards_from_folder, shards_from_records, write_shards)
+                                write_shards, convert_to_shards)
 
 
 def jpeg(seed, size=20):
@@ -131,7 +131,7 @@ def test_convert_from_folder_and_records(tmp_path):
         for k in range(2):
             Image.fromarray((np.random.default_rng(c * 10 + k).random((16, 16, 3)) * 255).astype(np.uint8)) \
                 .save(tmp_path / "faces" / f"person{c}" / f"{k}.png")
-    out = shards_from_folder(tmp_path / "faces", str(tmp_path / "f" / "s-%03d.tar"), per_shard=4)
+    out = convert_to_shards(tmp_path / "faces", str(tmp_path / "f" / "s-%03d.tar"), per_shard=4)
     assert [os.path.basename(p) for p in out] == ["s-000.tar", "s-001.tar"]
     with tarfile.open(out[0]) as t:
         assert sorted(t.getnames()[:2]) == ["0000000_000000000.cls", "0000000_000000000.png"]
@@ -142,7 +142,7 @@ def test_convert_from_folder_and_records(tmp_path):
         w.write_header(3)
         for k in range(3):
             w.write_image(k + 1, [k * 2, 9], jpeg(k))
-    out = shards_from_records(rec, str(tmp_path / "r" / "s-%03d.tar"), per_shard=10)
+    out = convert_to_shards(rec, str(tmp_path / "r" / "s-%03d.tar"), per_shard=10)
     items = list(itertools.islice(iter(ShardDataset(out[0], 20)), 3))
     assert sorted(int(y) for _, y, _, _ in items) == [0, 2, 4]
     assert all(torch.equal(x, decode_image_bytes(jpeg(int(y) // 2), 20)) for x, y, _, _ in items)

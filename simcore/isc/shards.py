@@ -47,7 +47,7 @@ from simcore.isc.files import atomic_write
 from simcore.isc.recordio import RecordDataset
 
 __all__ = ["ShardError", "expand_shards", "encode_index", "decode_index", "ShardDataset", "ShardProgress",
-           "write_shards", "shards_from_folder", "shards_from_records", "IMAGE_MEMBERS"]
+           "write_shards", "shards_from_folder", "shards_from_records", "convert_to_shards", "IMAGE_MEMBERS"]
 
 #: Tar member extensions read as the sample's image.
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -270,3 +270,12 @@ def shards_from_records(rec_path, pattern: str, *, per_shard: int = 1000, strict
             yield f"{label:07d}_{int(records.keys[i]):09d}", data, ext, label
 
     return write_shards(samples(), pattern, per_shard=per_shard)
+
+
+def convert_to_shards(source, pattern: str, *, labels: str = "folder", per_shard: int = 1000, strict: bool = False,
+                      log=None) -> List[str]:
+    """``simcore convert``'s work: a ``.rec`` file (its ``.idx`` beside it; the records' labels) or an image
+    folder (``labels``: "folder" or "image") as shards ``pattern`` (e.g. ``shards/train-%06d.tar``)."""
+    if os.fspath(source).endswith(".rec"):
+        return shards_from_records(source, pattern, per_shard=per_shard, strict=strict, log=log)
+    return shards_from_folder(source, pattern, labels=labels, per_shard=per_shard, strict=strict, log=log)
