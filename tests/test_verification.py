@@ -56,7 +56,7 @@ def test_tar_at_far_matches_sklearn_roc_curve(seed):
     n = 20000
     issame = rng.random(n) < 0.3
     scores = np.round(np.where(issame, rng.normal(0.6, 0.15, n), rng.normal(0.1, 0.15, n)), 3)   # ties
-    fpr, tpr, thr = roc_curve(issame, scores)
+    fpr, tpr, thr = roc_curve(issame, scores, drop_intermediate=False)   # every threshold: none dropped
     for far in (1e-4, 1e-3, 1e-2, 0.1):
         ok = fpr <= far
         tar, t = tar_at_far(scores, issame, far)
