@@ -2,6 +2,8 @@
 
 - ``"smallcnn"``: :class:`SmallCNN` (in-house, CPU-friendly: stages of 3x3 convolutions, GeM, a
   linear layer; the tests' and the demo's model).
+- ``"iresnet18"``, ``"iresnet34"``, ``"iresnet50"``, ``"iresnet100"``, ``"mobilefacenet"``: the
+  face-recognition backbones of :mod:`simcore.isc.face_backbones` (InsightFace's layout, 112 px).
 - any other name: a `timm <https://github.com/huggingface/pytorch-image-models>`_ model
   (``timm.create_model(name, pretrained=..., num_classes=0, global_pool="")``, its feature map)
   followed by GeM pooling (p = 3, fixed, as the 2nd-place ISC 2021 team) and a linear layer to
@@ -25,6 +27,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from simcore.isc.face_backbones import FACE_BACKBONES, build_face_backbone
 
 __all__ = ["GeM", "SmallCNN", "TimmBackbone", "build_backbone", "backbone_spec", "BackboneError"]
 
@@ -157,4 +161,11 @@ def build_backbone(spec: dict, *, pretrained: Optional[bool] = None) -> nn.Modul
     dim = int(spec["dim"])
     if name == "smallcnn":
         return SmallCNN(dim, widths=tuple(spec.get("widths", (32, 64, 128, 256))), depth=int(spec.get("depth", 1)))
+    if name in FACE_BACKBONES:
+        if spec.get("pretrained") if pretrained is None else pretrained:
+            raise BackboneError(f"{name} has no pretrained weights in simcore: train it without --pretrained")
+        try:
+            return build_face_backbone(name, dim, int(spec.get("image_size", 112)))
+        except ValueError as e:
+            raise BackboneError(str(e)) from None
     return TimmBackbone(name, dim, pretrained=spec.get("pretrained", False) if pretrained is None else pretrained)

@@ -1,0 +1,281 @@
+"""WebDataset tar shards (the ``webdataset`` library): a training stream over a shard pattern, and the
+shard writer behind converting an image folder or a RecordIO pair.
+
+Reading (``ShardDataset``, an IterableDataset of ``EncodedImageDataset``-style items
+``(image uint8 (3, S, S), label, index, ok)``):
+
+- ``shards/train-{000000..000099}.tar`` is expanded with webdataset's brace expansion; every shard
+  must be a local file. A sample is the tar members sharing a key: one image (``.jpg``, ``.jpeg``,
+  ``.png``, ``.webp`` or ``.bmp``) and, with ``labels="cls"``, a ``.cls`` member holding the class
+  index as text; with ``labels="stem"`` the label is the integer before the first ``_`` of the key's
+  file name (``0042_000017`` -> 42; Market-1501 names give the person id).
+- Epoch e visits the shards in an order drawn from (seed, e). Rank r of R takes every R-th shard of
+  that order and DataLoader worker w of W every W-th of the rank's: ranks and workers read disjoint
+  shards (at least R·W shards are needed). Each worker goes through its shards in order, epoch
+  after epoch, without end: training is counted in steps.
+- The sample at position p of shard k in epoch e is augmented with seed ``sample_seed(seed, e, k, p)``
+  and carries ``index = encode_index(e, k, p)``: its pixels depend on neither the worker nor the
+  worker count.
+
+Resume (``ShardProgress``): the training loop passes each batch's indices to
+``ShardProgress.update``; its ``state_dict()`` (the count of samples taken from each (epoch, shard))
+goes into the checkpoint, and ``ShardDataset(..., resume=state)`` skips those samples. Since each
+(epoch, shard) is read in order by one worker, what was trained on is a prefix of it, so a resumed
+run trains on exactly the samples, with exactly the augmented pixels, that the interrupted run had
+not reached, whatever the new worker count; nothing is replayed and nothing lost. What is not
+reproduced is how those samples are grouped into batches after the resume (the DataLoader takes
+batches from its workers in turn, and restarts that turn at worker 0), so the loss trajectory
+after a resume is not bit-identical to an uninterrupted run's. Samples that workers had prefetched
+but the loop had not trained on are read again.
+
+Writing (``write_shards``, ``shards_from_folder``, ``shards_from_records``): samples ``key.jpg`` (the
+encoded bytes as they were, no re-encoding) + ``key.cls``, ``per_shard`` samples a shard, each
+shard written whole or not at all (``files.atomic_write``) with webdataset's ``TarWriter``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from simcore.isc import data as Dt
+from simcore.isc.encoded import CorruptRecordError, decode_image_bytes
+from simcore.isc.files import atomic_write
+from simcore.isc.recordio import RecordDataset
+
+__all__ = ["ShardError", "expand_shards", "encode_index", "decode_index", "ShardDataset", "ShardProgress",
+           "write_shards", "shards_from_folder", "shards_from_records", "convert_to_shards", "IMAGE_MEMBERS"]
+
+#: Tar member extensions read as the sample's image.
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp")
+_SHARD_BITS, _POS_BITS = 20, 28
+
+
+class ShardError(ValueError):
+    """A shard pattern, shard or sample that cannot be read."""
+
+
+def _wds():
+    try:
+        import webdataset
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("WebDataset shards need the webdataset package: pip install 'simcore[isc]' "
+                          "(or pip install webdataset)") from e
+    return webdataset
+
+
+def expand_shards(pattern: str) -> List[str]:
+    """The shard files of ``pattern`` (brace expansion ``{000000..000099}``; ``::`` separates patterns)."""
+    paths = _wds().shardlists.expand_urls(os.fspath(pattern))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise ShardError(f"{pattern}: {len(missing)} of {len(paths)} shard files are missing (first: "
+                         f"{missing[0] if missing else 'none named'}); shards must be local files")
+    return paths
+
+
+def encode_index(epoch: int, shard: int, position: int) -> int:
+    """One int64 naming a sample: epoch, shard number (< 2^20), position in the shard (< 2^28)."""
+    if not (0 <= shard < 1 << _SHARD_BITS and 0 <= position < 1 << _POS_BITS and 0 <= epoch < 1 << 15):
+        raise ShardError(f"epoch {epoch}, shard {shard}, position {position}: out of the index's range")
+    return (epoch << (_SHARD_BITS + _POS_BITS)) | (shard << _POS_BITS) | position
+
+
+def decode_index(index: int) -> Tuple[int, int, int]:
+    """(epoch, shard, position) of ``encode_index``."""
+    index = int(index)
+    return index >> (_SHARD_BITS + _POS_BITS), (index >> _POS_BITS) & ((1 << _SHARD_BITS) - 1), \
+        index & ((1 << _POS_BITS) - 1)
+
+
+def _label(sample: dict, labels: str) -> int:
+    if labels == "cls":
+        if "cls" not in sample:
+            raise ShardError("no .cls member")
+        return int(sample["cls"].decode("ascii").strip())
+    stem = os.path.basename(sample["__key__"]).split("_", 1)[0]
+    return int(stem)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """The samples of a shard pattern, without end, as ``(image, label, index, ok)`` (module docstring)."""
+
+    def __init__(self, pattern: str, image_size: int, augment=None, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, labels: str = "cls", strict: bool = False,
+                 resume: Optional[dict] = None):
+        if labels not in ("cls", "stem"):
+            raise ValueError(f"labels must be 'cls' or 'stem', got {labels!r}")
+        self.shards = expand_shards(pattern)
+        if not 0 <= rank < world_size or len(self.shards) < world_size:
+            raise ShardError(f"{len(self.shards)} shards cannot feed {world_size} ranks (rank {rank}): "
+                             "every rank needs its own shards")
+        self.image_size, self.augment, self.seed = int(image_size), augment, int(seed)
+        self.rank, self.world_size, self.labels, self.strict = int(rank), int(world_size), labels, bool(strict)
+        self.consumed = ShardProgress.from_state(resume).consumed if resume else {}
+
+    def shard_order(self, epoch: int, worker: int = 0, workers: int = 1) -> List[int]:
+        """The shard numbers that ``worker`` of this rank reads in ``epoch``, in order."""
+        g = torch.Generator().manual_seed(Dt.sample_seed(self.seed, epoch, 0x5A4D))
+        mine = torch.randperm(len(self.shards), generator=g).tolist()[self.rank::self.world_size]
+        if len(mine) < workers:
+            raise ShardError(f"rank {self.rank} has {len(mine)} shards for {workers} DataLoader workers: use at "
+                             f"most {len(mine)} workers or more shards")
+        return mine[worker::workers]
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = 0
+        while True:
+            for shard in self.shard_order(epoch, worker, workers):
+                yield from self._shard_items(epoch, shard)
+            epoch += 1
+
+    def _samples(self, shard: int):
+        """The raw samples (dicts of member bytes) of one shard; a broken tar ends it with a warning (a
+        sample cut by the break comes out incomplete and its item is not ok)."""
+        def handler(exn):
+            if self.strict:
+                raise ShardError(f"{self.shards[shard]}: {exn}") from exn
+            warnings.warn(f"{self.shards[shard]}: the rest of the shard skipped ({exn})", RuntimeWarning)
+            return False                     # stop reading this shard
+
+        tars = _wds().tariterators
+        with open(self.shards[shard], "rb") as stream:     # closed also when the reader stops early
+            files = tars.tar_file_expander([{"url": self.shards[shard], "stream": stream}], handler=handler)
+            yield from tars.group_by_keys(files, handler=handler)
+
+    def _shard_items(self, epoch: int, shard: int):
+        skip = self.consumed.get((epoch, shard), 0)
+        for position, sample in enumerate(self._samples(shard)):
+            if position >= skip:
+                yield self._item(sample, epoch, shard, position)
+
+    def _item(self, sample: dict, epoch: int, shard: int, position: int):
+        index = encode_index(epoch, shard, position)
+        try:
+            ext = next(e for e in IMAGE_MEMBERS if e in sample)
+            label = _label(sample, self.labels)
+            x = decode_image_bytes(sample[ext], self.image_size)
+        except Exception as e:  # noqa: BLE001 - a bad sample must not stop a run
+            if self.strict:
+                raise CorruptRecordError(f"{self.shards[shard]}: sample {sample.get('__key__')!r}: "
+                                         f"{type(e).__name__}: {e}") from e
+            zero = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+            return zero, torch.tensor(0), index, False
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(Dt.sample_seed(self.seed, epoch, shard, position))
+            x = self.augment(x, generator=g)
+        return x, torch.tensor(label), index, True
+
+
+class ShardProgress:
+    """How many samples of each (epoch, shard) training has taken; ``state_dict`` for checkpoints."""
+
+    def __init__(self):
+        self.consumed: Dict[Tuple[int, int], int] = {}
+
+    def update(self, indices):
+        """Count a trained batch's ``index`` values (tensor or sequence)."""
+        for index in torch.as_tensor(indices).tolist():
+            epoch, shard, position = decode_index(index)
+            key = (epoch, shard)
+            self.consumed[key] = max(self.consumed.get(key, 0), position + 1)
+
+    def state_dict(self) -> dict:
+        return {"consumed": [[e, s, n] for (e, s), n in sorted(self.consumed.items())]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ShardProgress":
+        p = cls()
+        p.consumed = {(int(e), int(s)): int(n) for e, s, n in state["consumed"]}
+        return p
+
+
+def write_shards(samples: Iterable[Tuple[str, bytes, str, int]], pattern: str, *, per_shard: int = 1000) -> List[str]:
+    """Write ``(key, encoded image, extension, label)`` samples as shards ``pattern % k`` (e.g.
+    ``shards/train-%06d.tar``), ``per_shard`` a shard; returns the shard paths."""
+    if per_shard < 1:
+        raise ValueError(f"per_shard must be ≥ 1, got {per_shard}")
+    try:
+        pattern % 0
+    except TypeError:
+        raise ValueError(f"{pattern}: the output pattern needs one %d field (e.g. train-%06d.tar)") from None
+    wds, paths, chunk = _wds(), [], []
+
+    def flush():
+        path = pattern % len(paths)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # an integer mtime: no pax header per member (reading one costs about as much as decoding a
+        # 112 px JPEG), and the same samples give byte-identical shards
+        with atomic_write(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as w:
+            for key, image, ext, label in chunk:
+                w.write({"__key__": key, ext: image, "cls": str(int(label)).encode("ascii")})
+        paths.append(path)
+        chunk.clear()
+
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == per_shard:
+            flush()
+    if chunk:
+        flush()
+    return paths
+
+
+def _image_extension(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM":
+        return "bmp"
+    raise ShardError("not a JPEG, PNG, WebP or BMP image")
+
+
+def shards_from_folder(folder, pattern: str, *, labels: str = "folder", per_shard: int = 1000,
+                       strict: bool = False, log=None) -> List[str]:
+    """An image folder (``data.load_image_set``: unreadable files skipped or refused) as shards."""
+    images = Dt.load_image_set(folder, labels=labels, strict=strict, log=log)
+
+    def samples():
+        for i, (path, label) in enumerate(zip(images.paths, images.labels)):
+            with open(path, "rb") as f:
+                data = f.read()
+            yield f"{label:07d}_{i:09d}", data, _image_extension(data), label
+
+    return write_shards(samples(), pattern, per_shard=per_shard)
+
+
+def shards_from_records(rec_path, pattern: str, *, per_shard: int = 1000, strict: bool = False,
+                        log=None) -> List[str]:
+    """A RecordIO pair (``recordio.RecordDataset``: bad records skipped or refused) as shards."""
+    records = RecordDataset(rec_path, strict=strict, log=log)
+
+    def samples():
+        for i in range(len(records)):
+            data, label = records.read(i), int(records.labels[i])
+            try:
+                ext = _image_extension(data)
+            except ShardError as e:
+                if strict:
+                    raise ShardError(f"{records.describe(i)}: {e}") from None
+                warnings.warn(f"{records.describe(i)}: skipped ({e})", RuntimeWarning)
+                continue
+            yield f"{label:07d}_{int(records.keys[i]):09d}", data, ext, label
+
+    return write_shards(samples(), pattern, per_shard=per_shard)
+
+
+def convert_to_shards(source, pattern: str, *, labels: str = "folder", per_shard: int = 1000, strict: bool = False,
+                      log=None) -> List[str]:
+    """``simcore convert``'s work: a ``.rec`` file (its ``.idx`` beside it; the records' labels) or an image
+    folder (``labels``: "folder" or "image") as shards ``pattern`` (e.g. ``shards/train-%06d.tar``)."""
+    if os.fspath(source).endswith(".rec"):
+        return shards_from_records(source, pattern, per_shard=per_shard, strict=strict, log=log)
+    return shards_from_folder(source, pattern, labels=labels, per_shard=per_shard, strict=strict, log=log)
