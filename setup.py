@@ -236,7 +236,7 @@ if _emulation in ("1", "only"):
     # The bindings see every CPU tensor as a CUDA tensor of device 0 (csrc/bindings/tensor_arg.cpp).
     extensions.append(Extension(
         EMULATION_MODULE,
-        sources=SOURCES + [os.path.join("csrc", "cuda", "emulation", "scheduler.cpp")],
+        sources=SOURCES + sorted(glob.glob(os.path.join("csrc", "cuda", "emulation", "*.cpp"))),
         include_dirs=["csrc"],
         define_macros=[("SIMCORE_WITH_CUDA", "1"), ("SIMCORE_CUDA_EMULATION", "1"), ("SIMCORE_MODULE_NAME", "_C_emu")],
         # -O1: the C++ kernels only lend it their argument checks here (it builds in half the time)

@@ -8,8 +8,6 @@ import random
 import pytest
 import torch
 
-import simcore
-
 # Tests never fall back to the references silently: a missing or broken
 # extension is an error (SIMCORE_BACKEND=reference still forces them).
 os.environ.setdefault("SIMCORE_BACKEND", "compiled")
@@ -103,6 +101,7 @@ def cuda_device():
     if not emulation_built():
         pytest.skip("needs a CUDA device, or the CUDA emulation build: "
                     "SIMCORE_BUILD_EMULATION=1 python setup.py build_ext --inplace")
+    import simcore  # here: SIMCORE_BACKEND is set above before simcore is imported
     with simcore.cuda_emulation(schedule=EMULATION_SCHEDULE, seed=1234):
         yield torch.device("cpu")
 

@@ -12,7 +12,7 @@ from simcore import dispatch
 from simcore.search import error_bounds, inputs, tile_gemm, tiled_search
 from simcore.reference.cosine_topk import cosine_topk as reference
 
-from conftest import backend, hardware_only, poisoned, synchronize
+from conftest import backend, cuda, hardware_only, poisoned, synchronize
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 

@@ -62,6 +62,7 @@ PYBIND11_MODULE(SIMCORE_MODULE_NAME, m) {
     simcore::emu::set_schedule(order == "forward" ? Schedule::Forward
                                : order == "reverse" ? Schedule::Reverse : Schedule::Random, seed);
   });
+  m.def("emulation_selftest", &simcore::emu::selftest);
 #else
   info["cuda_emulation"] = false;
 #endif

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -72,6 +73,9 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
 // launch error (cudaGetLastError) when the configuration exceeds a GPU's limits.
 void launch(const char* kernel, dim3 grid, dim3 block, size_t dynamic_smem,
             const std::function<void()>& thread_body);
+
+// Runs one of the rule-breaking kernels of selftest.cpp (tests/test_cuda_emulation.py).
+std::string selftest(const std::string& name);
 
 template <class T>
 uint64_t to_bits(T v) {

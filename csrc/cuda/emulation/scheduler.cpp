@@ -125,6 +125,13 @@ std::string dim_string(unsigned x, unsigned y, unsigned z) {
   return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
 }
 
+// The op a warp's waiting lanes are at: lanes arrive one by one, the op completes at the last.
+struct WarpRendezvous {
+  unsigned arrived = 0;  // lanes waiting
+  int op = 0;
+  unsigned mask = 0;
+};
+
 struct Block;
 Block* g_block = nullptr;  // the block being run (launches are serialised)
 
@@ -132,6 +139,7 @@ struct Block {
   const char* kernel;
   unsigned n = 0;  // threads
   std::vector<Thread> threads;
+  std::vector<WarpRendezvous> warps;
   const std::function<void()>* body = nullptr;
   Context main_ctx;
   unsigned current = 0, done = 0;
@@ -215,6 +223,7 @@ struct Block {
   void start_threads() {
     ensure_stacks();
     threads.assign(n, Thread{});
+    warps.assign((n + 31) / 32, WarpRendezvous{});
     done = 0;
     for (unsigned t = 0; t < n; ++t) make_context(&threads[t].ctx, stacks + t * kStackBytes, kStackBytes, &Block::entry);
   }
@@ -333,8 +342,9 @@ uint64_t warp_result(const Block& b, unsigned base, unsigned lane) {
 void Block::complete_warp_op_if_ready(unsigned warp) {
   const unsigned base = warp * 32;
   const Thread& me = self();
-  for (unsigned l = 0; l < 32; ++l)
-    if ((me.mask >> l & 1u) && threads[base + l].state != State::AtWarpOp) return;
+  WarpRendezvous& w = warps[warp];
+  if (++w.arrived < static_cast<unsigned>(__builtin_popcount(me.mask))) return;
+  w.arrived = 0;
   for (unsigned l = 0; l < 32; ++l)
     if (me.mask >> l & 1u) threads[base + l].result = warp_result(*this, base, l);
   for (unsigned l = 0; l < 32; ++l)
@@ -353,14 +363,19 @@ void check_warp_op(Block& b, WarpOp op, unsigned mask, int arg, int width) {
   if (!(mask >> lane & 1u)) b.fail(std::string(warp_name(op)) + " with mask " + hex(mask) + " omits the calling lane");
   if (width <= 0 || width > 32 || (width & (width - 1)))
     b.fail(std::string(warp_name(op)) + " width " + std::to_string(width) + " is not a power of two up to 32");
-  for (unsigned l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    if (base + l >= b.n) b.fail(std::string(warp_name(op)) + " mask " + hex(mask) + " names lane " +
-                               std::to_string(l) + ", which the block does not have");
-    const Thread& o = b.threads[base + l];
-    if (base + l != t && o.state == State::AtWarpOp && (o.op != op || o.mask != mask))
-      b.fail(std::string(warp_name(op)) + " with mask " + hex(mask) + " meets lane " + std::to_string(l) + " at " +
-             warp_name(o.op) + " with mask " + hex(o.mask));
+  const unsigned lanes = b.n - base;  // lanes the warp has: all 32 but in a partial last warp
+  if (lanes < 32 && (mask >> lanes) != 0)
+    b.fail(std::string(warp_name(op)) + " mask " + hex(mask) + " names lanes from " + std::to_string(lanes) +
+           " up, which the block does not have");
+  WarpRendezvous& w = b.warps[t / 32];
+  if (w.arrived == 0) {
+    w.op = op;
+    w.mask = mask;
+  } else if (w.op != op || w.mask != mask) {  // name one lane that waits at the other op
+    unsigned l = 0;
+    while (l < 32 && !(base + l < b.n && b.threads[base + l].state == State::AtWarpOp)) ++l;
+    b.fail(std::string(warp_name(op)) + " with mask " + hex(mask) + " meets lane " + std::to_string(l) + " at " +
+           warp_name(w.op) + " with mask " + hex(w.mask));
   }
   if (op == kShflXor || op == kShflDown) {
     const unsigned seg = lane & ~static_cast<unsigned>(width - 1);
