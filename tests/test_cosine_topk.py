@@ -598,12 +598,12 @@ HALF = [torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("D", [64, 512, 1024])  # 512, 1024: longer than a thread block
 def test_cuda_half_database(dtype, data, normalized, D, generator, cuda_device):
-    N, k = 20_000, 20
+    N, Q, k = (20_000, 100, 20) if cuda_device.type == "cuda" else (3_500, 12, 20)  # emulated: smaller
     if data == "random":
-        db32, q = torch.randn(N, D, generator=generator), torch.randn(100, D, generator=generator)
+        db32, q = torch.randn(N, D, generator=generator), torch.randn(Q, D, generator=generator)
     else:
         db32 = _clustered(N, D, generator)
-        q = db32[torch.randint(0, N, (100,), generator=generator)] + 0.02 * torch.randn(100, D, generator=generator)
+        q = db32[torch.randint(0, N, (Q,), generator=generator)] + 0.02 * torch.randn(Q, D, generator=generator)
     db = db32.to(dtype)
     s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k, normalized=normalized, block_size=3000)
     tol = 2e-6 if not normalized else 1e-6 * float(q.norm(dim=1).max() * db.float().norm(dim=1).max())
@@ -711,6 +711,18 @@ def test_cuda_large_k(dtype, N, k, block, generator, cuda_device):
     s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k, block_size=block)
     ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, tol=1e-5 if dtype == torch.float32 else 2e-6)
     assert (i.cpu() == ref_i).float().mean() >= 0.99  # differences only at float32 near-ties
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_compaction_keeps_the_lowest_indices_of_a_tie(dtype, generator, cuda_device):
+    """Every score equal: each compaction of the reservoir (cap = k + COSINE_TOPK_MIN_SLACK < N)
+    cuts inside one tie, and must keep its lowest database indices."""
+    N, D, k = 2000, 24, 100
+    q = torch.randn(3, D, generator=generator)
+    db = torch.randn(1, D, generator=generator).to(dtype).repeat(N, 1)
+    s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k, block_size=700)
+    assert torch.equal(i.cpu(), torch.arange(k).repeat(3, 1))
+    assert (s == s[:, :1]).all()
 
 
 def test_exact_gemm_settings_are_forced_and_restored():
