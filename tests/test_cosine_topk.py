@@ -12,9 +12,15 @@ from simcore import dispatch
 from simcore.search import error_bounds, inputs, tile_gemm, tiled_search
 from simcore.reference.cosine_topk import cosine_topk as reference
 
-from conftest import backend, cuda, hardware_only, poisoned, synchronize
+from conftest import backend, hardware_only, poisoned, synchronize
 
-DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def on(device, request):
+    """The device of a DEVICES test: the CPU, or simcore's CUDA path (conftest's cuda_device)."""
+    return torch.device("cpu") if device == "cpu" else request.getfixturevalue("cuda_device")
 
 
 def full_scores(q, db, normalized=False):
@@ -58,9 +64,9 @@ def check_topk(scores, index, q, db, k, *, normalized=False, tol=1e-5, exclude=N
     (9, 4000, 24, 600, 333),     # large k: several reservoir compactions
 ])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_matches_reference_float32(device, Q, N, D, k, block, normalized, generator):
-    q = torch.randn(Q, D, generator=generator).to(device)
-    db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(device)
+def test_matches_reference_float32(on, Q, N, D, k, block, normalized, generator):
+    q = torch.randn(Q, D, generator=generator).to(on)
+    db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(on)
     s, i = simcore.cosine_topk(q, db, k, normalized=normalized, block_size=block)
     ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q.cpu(), db.cpu(), k, normalized=normalized,
                               tol=1e-5 * (1 if not normalized else float(q.norm(dim=1).max() * db.norm(dim=1).max())))
@@ -828,13 +834,13 @@ def test_cuda_float16_rows_beyond_the_float16_gemm_range(D, generator, cuda_devi
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("slack_rel", [0.0, 1e-3])
-def test_kernel_rescores_overflowed_half_scores(device, slack_rel, generator):
+def test_kernel_rescores_overflowed_half_scores(on, slack_rel, generator):
     # A float16 tile whose scores overflowed to +-inf (or are NaN): the error bound says nothing
     # about them, so they are nominated explicitly and rescored exactly, whatever slack_rel
     # (0 * inf is NaN) and however tight the threshold; with k = N every row comes back.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    dev = torch.device(device)
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    dev = on
+    stream = dispatch.executor(dev)
     Q, N, D = 3, 300, 16
     q = F.normalize(torch.randn(Q, D, generator=generator), dim=1)
     db = torch.randn(N, D, generator=generator)
