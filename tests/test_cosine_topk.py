@@ -630,7 +630,8 @@ def test_cuda_ties_go_to_the_lower_index(dtype, generator, cuda_device):
     N = db.shape[0]
     for normalized in (False, True):
         for k in (1, 10, 150, N):
-            s, i = simcore.cosine_topk(q.to(cuda_device), db.to(dtype).to(cuda_device), k, normalized=normalized, block_size=64)
+            s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device, dtype), k, normalized=normalized,
+                                       block_size=64)
             ref_s, ref_i = reference(q, db, k, normalized=normalized)
             assert torch.equal(i.cpu(), ref_i), (normalized, k)
             assert torch.equal(s.cpu(), ref_s), (normalized, k)
@@ -638,7 +639,8 @@ def test_cuda_ties_go_to_the_lower_index(dtype, generator, cuda_device):
     # computed alike: rescored (half) rows are; float32 GEMM tiles of other widths need not be.
     db2 = torch.randn(50, 32, generator=generator).sign().repeat(3, 1)
     for normalized in (True,) if dtype == torch.float32 else (True, False):
-        s, i = simcore.cosine_topk(db2[:5].to(cuda_device), db2.to(dtype).to(cuda_device), 3, normalized=normalized, block_size=64)
+        s, i = simcore.cosine_topk(db2[:5].to(cuda_device), db2.to(cuda_device, dtype), 3, normalized=normalized,
+                                   block_size=64)
         assert torch.equal(i.cpu(), torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
         assert (s[:, 0] == s[:, 1]).all() and (s[:, 1] == s[:, 2]).all()
 

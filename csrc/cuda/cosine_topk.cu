@@ -430,7 +430,8 @@ void launch_update(const TopkUpdateArgs& a, cudaStream_t stream) {
     SIMCORE_CHECK(nseg <= 2147483647LL, "too many column segments in one tile");
     float* seg_scores = a.workspace.ptr<float>();
     int* seg_count = reinterpret_cast<int*>(seg_scores + qb * nb);  // 4-byte slots after the scores
-    SIMCORE_LAUNCH(dim3(static_cast<unsigned>(nseg), static_cast<unsigned>(qb)), kThreads, 0, stream, update_kernel_score_segments<S, B, Rescore>)(
+    const dim3 segments_by_rows(static_cast<unsigned>(nseg), static_cast<unsigned>(qb));
+    SIMCORE_LAUNCH(segments_by_rows, kThreads, 0, stream, update_kernel_score_segments<S, B, Rescore>)(
             scores, a.scores.stride(0), nb, a.scale.ptr<float>(), slack, queries, qs, qslack, block, bs, D,
             a.excl_offsets.ptr<int64_t>(), a.excl_index.ptr<int64_t>(), a.excl_index.size(0), a.threshold.ptr<float>(),
             a.q_begin, a.db_base, static_cast<float>(a.slack_rel), seg_scores, seg_count, nseg);

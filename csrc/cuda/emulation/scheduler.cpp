@@ -225,7 +225,8 @@ struct Block {
     threads.assign(n, Thread{});
     warps.assign((n + 31) / 32, WarpRendezvous{});
     done = 0;
-    for (unsigned t = 0; t < n; ++t) make_context(&threads[t].ctx, stacks + t * kStackBytes, kStackBytes, &Block::entry);
+    for (unsigned t = 0; t < n; ++t)
+      make_context(&threads[t].ctx, stacks + t * kStackBytes, kStackBytes, &Block::entry);
   }
 
   void run(const std::vector<unsigned>& order);
