@@ -17,6 +17,11 @@ Environment switches:
                        nvcc 13.0: 75;80;90;100;110;120), PTX for the newest.
   SIMCORE_DEBUG=1      -O1 -g, for debuggers and sanitizers.
   SIMCORE_SANITIZE=address,undefined   build with those sanitizers.
+  SIMCORE_BUILD_EMULATION=1   also build simcore._C_emu: csrc/cuda compiled as C++ for
+                       the host execution model of csrc/cuda/emulation (CPU tensors run
+                       the CUDA kernels; SIMCORE_CUDA_EMULATION=1 selects it at run time).
+                       Needs the CUDA headers (cuda_runtime.h, cuda_fp16.h), not a GPU.
+                       "only": build simcore._C_emu alone (.ci/cuda_emulation).
   CUDA_HOME            where to look for nvcc before PATH.
 """
 import glob
@@ -135,6 +140,8 @@ class BuildExt(build_ext):
                 _fail(f"no C++ compiler found ({var} is '{tool}'). Install one "
                       "(Debian/Ubuntu: apt-get install g++) or point CC and CXX at it.")
         ext.include_dirs.insert(0, _pybind11_include())
+        if ext.name == EMULATION_MODULE:
+            return self._build_emulation(ext)
         nvcc = _find_nvcc()
         if nvcc:
             ext.extra_objects += self._compile_cuda(nvcc, ext)
@@ -152,6 +159,32 @@ class BuildExt(build_ext):
         except Exception as exc:  # CompileError / LinkError: output is above
             _fail(f"compiling the C++ extension failed ({type(exc).__name__}: {exc}); "
                   "the compiler's messages are printed above.")
+
+    def _build_emulation(self, ext):
+        """csrc/cuda/*.cu compiled by the host C++ compiler with the emulation header
+        force-included (no nvcc, no GPU), linked with the bindings and the C++ kernels."""
+        include = _cuda_include_for_host()
+        ext.include_dirs.append(include)
+        objects = []
+        for src in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))):
+            obj = os.path.join(self.build_temp, "emulation", os.path.basename(src) + ".o")
+            os.makedirs(os.path.dirname(obj), exist_ok=True)
+            cmd = ((os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()
+                   + ["-x", "c++", "-c", src, "-o", obj, "-fPIC", "-Icsrc", "-I" + include,
+                      "-include", os.path.join("csrc", "cuda", "emulation", "cuda_emulation.h")]
+                   + CXX_FLAGS + ["-Wno-unused-function"])
+            print(" ".join(cmd))
+            if subprocess.run(cmd).returncode != 0:
+                _fail(f"compiling {src} for the CUDA emulation failed (messages above)")
+            objects.append(obj)
+        ext.extra_objects += objects
+        build_temp, self.build_temp = self.build_temp, os.path.join(self.build_temp, "emulation")
+        try:  # its own object folder: the bindings compile differently here
+            super().build_extension(ext)
+        except Exception as exc:
+            _fail(f"compiling the CUDA emulation module failed ({type(exc).__name__}: {exc})")
+        finally:
+            self.build_temp = build_temp
 
     def _compile_cuda(self, nvcc, ext):
         sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -173,13 +206,43 @@ class BuildExt(build_ext):
         return objects
 
 
+def _cuda_include_for_host():
+    """The folder holding cuda_runtime.h and cuda_fp16.h (the emulation compiles them as host code)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in filter(None, roots):
+        if os.path.exists(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    _fail("SIMCORE_BUILD_EMULATION=1 needs the CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h); "
+          "set CUDA_HOME to the toolkit")
+
+
+EMULATION_MODULE = "simcore._C_emu"
+SOURCES = sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
 ext = Extension(
     "simcore._C",
-    sources=sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+    sources=SOURCES,
     include_dirs=["csrc"],  # + pybind11's, found at build time (after the compiler check)
     extra_compile_args=CXX_FLAGS,
     extra_link_args=LINK_FLAGS,
     language="c++",
 )
+_emulation = os.environ.get("SIMCORE_BUILD_EMULATION", "").strip()
+extensions = [] if _emulation == "only" else [ext]
+if _emulation in ("1", "only"):
+    # The bindings see every CPU tensor as a CUDA tensor of device 0 (csrc/bindings/tensor_arg.cpp).
+    extensions.append(Extension(
+        EMULATION_MODULE,
+        sources=SOURCES + sorted(glob.glob(os.path.join("csrc", "cuda", "emulation", "*.cpp"))),
+        include_dirs=["csrc"],
+        define_macros=[("SIMCORE_WITH_CUDA", "1"), ("SIMCORE_CUDA_EMULATION", "1"), ("SIMCORE_MODULE_NAME", "_C_emu")],
+        # -O1: the C++ kernels only lend it their argument checks here (it builds in half the time)
+        extra_compile_args=[f for f in CXX_FLAGS if f != "-O3"] + (["-O1"] if "-O3" in CXX_FLAGS else []),
+        extra_link_args=LINK_FLAGS,
+        language="c++",
+    ))
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

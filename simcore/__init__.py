@@ -15,12 +15,13 @@ Public API:
     (PartialMarginHead(..., process_group=g) shards the centres)
   cosine_topk, FlatIndex, FaissIndex, faiss_index
   atomic_write, WriteError: the one way simcore writes a file (whole or not at all)
-  set_backend, get_backend, cuda_available, cuda_status, implementation (which implementation runs the ops)
+  set_backend, get_backend, cuda_available, cuda_status, implementation (which implementation runs the ops),
+  cuda_emulation (CPU tensors take the CUDA path: csrc/cuda emulated on the host, for tests)
 """
 import torch  # noqa: F401  (loads torch's libgomp before the extension: one OpenMP runtime)
 
 from simcore.files import WriteError, atomic_write
-from simcore.dispatch import cuda_available, cuda_status, get_backend, implementation, set_backend
+from simcore.dispatch import cuda_available, cuda_emulation, cuda_status, get_backend, implementation, set_backend
 from simcore.search.cosine_topk import cosine_topk
 from simcore.search.faiss_index import FaissIndex, faiss_index
 from simcore.search.flat_index import FlatIndex
@@ -35,7 +36,7 @@ from simcore.margin.sharded import ShardedPartialMarginHead, load_resharded, sha
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "cuda_available", "cuda_status", "get_backend", "set_backend", "implementation",
+    "__version__", "cuda_available", "cuda_emulation", "cuda_status", "get_backend", "set_backend", "implementation",
     "arcface_partial", "cosface_partial", "margin_softmax_partial", "PartialMarginHead", "sample_classes",
     "cam_softmax_partial", "adaface_partial", "magface_partial", "curricularface_partial", "subcenter_dominant",
     "CamSchedule", "ArcFace", "CamSoftmax", "AdaFace", "MagFace", "CurricularFace",

@@ -5,10 +5,17 @@ compiled C++ kernel; ``set_backend("reference")`` or ``SIMCORE_BACKEND=reference
 forces the plain-PyTorch references (for debugging). If the extension failed to
 build, ``"auto"`` falls back to the references with a warning, while
 ``SIMCORE_BACKEND=compiled`` (what CI sets) turns that into an error.
+
+CUDA emulation: ``SIMCORE_CUDA_EMULATION=1`` (or ``with cuda_emulation():``) makes CPU
+tensors take the CUDA path: the CUDA kernels of ``simcore._C_emu`` (csrc/cuda compiled for
+the host, built with ``SIMCORE_BUILD_EMULATION=1``) and the Python orchestration that CUDA
+tensors take, which asks :func:`cuda_path`. Only torch's own ops stay CPU ops.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import os
 import warnings
 
@@ -19,19 +26,29 @@ _backend = os.environ.get("SIMCORE_BACKEND", "auto").strip().lower() or "auto"
 if _backend not in _BACKENDS:
     raise ValueError(f"SIMCORE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
 
+_emulation_env = os.environ.get("SIMCORE_CUDA_EMULATION", "0").strip() or "0"
+if _emulation_env not in ("0", "1"):
+    raise ValueError(f"SIMCORE_CUDA_EMULATION must be 0 or 1, got {_emulation_env!r}")
+_emulation = _emulation_env == "1"
+_SCHEDULES = ("forward", "reverse", "random")
+
+_modules: dict = {}  # module name -> the module, or the ImportError it gave
 _ext = None
 _ext_error: BaseException | None = None
 _warned = False
 
 
 def _load_extension():
+    """simcore._C, or simcore._C_emu while the CUDA emulation is on (each imported once)."""
     global _ext, _ext_error
-    if _ext is None and _ext_error is None:
+    name = "_C_emu" if _emulation else "_C"
+    if name not in _modules:
         try:
-            from simcore import _C
-            _ext = _C
+            _modules[name] = importlib.import_module(f"simcore.{name}")
         except ImportError as exc:  # not built, or built for another Python
-            _ext_error = exc
+            _modules[name] = exc
+    got = _modules[name]
+    _ext, _ext_error = (None, got) if isinstance(got, ImportError) else (got, None)
     return _ext
 
 
@@ -41,6 +58,9 @@ def extension():
     if ext is None:
         package_dir = os.path.dirname(os.path.abspath(__file__))
         hint = "reinstall with `pip install .` and read the build output"
+        if _emulation:
+            hint = ("the CUDA emulation is on (SIMCORE_CUDA_EMULATION=1); build it with "
+                    "`SIMCORE_BUILD_EMULATION=1 python setup.py build_ext --inplace`")
         if os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
             hint = ("simcore was imported from its source folder, which holds no build: run "
                     "`python setup.py build_ext --inplace`, or run from another folder (or `pytest` "
@@ -70,8 +90,9 @@ class CudaStatus:
     runtime_version: int   # the CUDA runtime linked into simcore, e.g. 13000 for 13.0 (0: none)
     driver_version: int    # the newest CUDA the installed driver supports (0: no driver)
     device_count: int      # devices that runtime sees
-    available: bool        # the CUDA kernels can be used
+    available: bool        # the CUDA kernels can be used on CUDA tensors
     reason: str            # why not ("" when available)
+    emulation: bool = False  # CPU tensors run the CUDA kernels on the host (cuda_emulation())
 
 
 _cuda_status: CudaStatus | None = None
@@ -82,6 +103,11 @@ def _version(v: int) -> str:
 
 
 def _probe_cuda() -> CudaStatus:
+    if _emulation:
+        ok = _load_extension() is not None
+        why = ("the CUDA emulation is on: CPU tensors run the CUDA kernels on the host (simcore._C_emu)" if ok
+               else f"the CUDA emulation is on but simcore._C_emu is unavailable ({_ext_error})")
+        return CudaStatus(ok, 0, 0, 0, False, why, emulation=True)
     ext = _load_extension()
     if ext is None:
         return CudaStatus(False, 0, 0, 0, False, f"simcore's compiled extension is unavailable ({_ext_error})")
@@ -108,7 +134,7 @@ def cuda_status() -> CudaStatus:
     count, no CUDA context is created); ``reason`` says why they cannot run when they cannot.
     Whether each device also holds a kernel image is checked at the first op on it."""
     global _cuda_status
-    if _cuda_status is None:
+    if _cuda_status is None or _cuda_status.emulation != _emulation:
         _cuda_status = _probe_cuda()
     return _cuda_status
 
@@ -117,6 +143,38 @@ def cuda_available() -> bool:
     """True when the extension was built with CUDA and a CUDA device is usable
     (``cuda_status().reason`` says why not)."""
     return cuda_status().available
+
+
+def cuda_emulation_enabled() -> bool:
+    """Whether CPU tensors take the CUDA path (:func:`cuda_emulation`, ``SIMCORE_CUDA_EMULATION=1``)."""
+    return _emulation
+
+
+@contextlib.contextmanager
+def cuda_emulation(enabled: bool = True, schedule: str = "forward", seed: int = 0):
+    """Within the block, CPU tensors take the CUDA path (emulated kernels, CUDA orchestration).
+    ``schedule`` orders a block's threads between synchronisations ("forward", "reverse", or
+    "random" drawn from ``seed``): a result that changes with it is a race."""
+    global _emulation
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    previous = _emulation
+    _emulation = bool(enabled)
+    try:
+        if _emulation:
+            extension().emulation_schedule(schedule, int(seed))
+        yield
+    finally:
+        if _emulation:
+            extension().emulation_schedule("forward", 0)
+        _emulation = previous
+
+
+def cuda_path(device) -> bool:
+    """Whether tensors on ``device`` take the CUDA path: CUDA devices, and CPU tensors while
+    the CUDA emulation is on. The one predicate the Python orchestration asks."""
+    device = torch.device(device)
+    return device.type == "cuda" or (_emulation and device.type == "cpu")
 
 
 def use_compiled(device: torch.device) -> bool:
@@ -154,6 +212,8 @@ def implementation(device="cpu") -> str:
     device = torch.device(device)
     head = f"simcore {__version__}"
     if use_compiled(device):
+        if _emulation and device.type == "cpu":
+            return f"{head}: CUDA kernels emulated on the host (simcore._C_emu, cpu)"
         return f"{head}: compiled kernels (simcore._C, {device.type})"
     reason = "backend 'reference'" if _backend == "reference" else "compiled extension unavailable"
     return f"{head}: plain-PyTorch references ({reason}, {device.type}; slow)"
@@ -177,6 +237,8 @@ def cuda_stream(device: torch.device) -> int:
     the C++ makes that device current for the launch). Not the current device's stream: a
     stream of another device would order nothing."""
     device = torch.device(device)
+    if _emulation and device.type == "cpu":
+        return 0  # the emulated kernels run synchronously, in order: the null stream
     if device.type != "cuda" or device.index is None:
         raise ValueError(f"cuda_stream needs a CUDA device with its index (a tensor's .device), got {device}")
     return torch.cuda.current_stream(device).cuda_stream
@@ -186,4 +248,4 @@ def executor(device: torch.device) -> int:
     """The ``exec`` argument of the kernels that take one: the CPU thread count
     (:func:`num_threads`) for CPU tensors, torch's current stream (:func:`cuda_stream`) for CUDA."""
     device = torch.device(device)
-    return num_threads() if device.type == "cpu" else cuda_stream(device)
+    return cuda_stream(device) if cuda_path(device) else num_threads()

@@ -1,5 +1,6 @@
 """Shared test fixtures: logged seeds, poisoned outputs, tolerances."""
 import contextlib
+import importlib
 import math
 import os
 import random
@@ -20,10 +21,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # A test that skips without a GPU also carries the `cuda` marker: `pytest -m cuda` (and
-    # `-k cuda`, which benchmarks/gpu_check.sh runs) selects it whatever its name.
+    # A test that skips without a GPU, or runs on `cuda_device` (a GPU, or the CUDA emulation),
+    # also carries the `cuda` marker: `pytest -m cuda` (and `-k cuda`, which
+    # benchmarks/gpu_check.sh runs) selects it whatever its name.
     for item in items:
-        if any(m.name == "skipif" and "CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
+        if "cuda_device" in getattr(item, "fixturenames", ()) or any(
+                m.name == "skipif" and "CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
             item.add_marker(pytest.mark.cuda)
 
 
@@ -67,6 +70,60 @@ def subprocess_env(**updates):
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def hardware_only(why):
+    """For a test only a real GPU can answer (the CUDA emulation cannot): skipped without one, saying why."""
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA device: {why}")
+
+
+def emulation_built():
+    """Whether simcore._C_emu, the CUDA kernels compiled for the host (SIMCORE_BUILD_EMULATION=1), is here."""
+    try:
+        importlib.import_module("simcore._C_emu")
+    except ImportError:
+        return False
+    return True
+
+
+# The thread order the emulated blocks run in (forward, reverse, random): CI runs the suite under more than one.
+EMULATION_SCHEDULE = os.environ.get("SIMCORE_TEST_EMULATION_SCHEDULE", "forward")
+
+
+@pytest.fixture
+def cuda_device():
+    """The device of simcore's CUDA path: the current GPU where there is one, else the CPU
+    with the CUDA emulation on (csrc/cuda run by simcore._C_emu), so one test body serves
+    both. Within the test, ``simcore.cuda_emulation(False)`` runs the CPU kernels."""
+    if torch.cuda.is_available():
+        yield torch.device("cuda", torch.cuda.current_device())
+        return
+    if not emulation_built():
+        pytest.skip("needs a CUDA device, or the CUDA emulation build: "
+                    "SIMCORE_BUILD_EMULATION=1 python setup.py build_ext --inplace")
+    import simcore  # here: SIMCORE_BACKEND is set above before simcore is imported
+    with simcore.cuda_emulation(schedule=EMULATION_SCHEDULE, seed=1234):
+        yield torch.device("cpu")
+
+
+@contextlib.contextmanager
+def no_host_syncs(device):
+    """On a GPU, any host synchronisation inside fails (torch's sync-debug mode); the CPU has none to check."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def synchronize(device):
+    """torch.cuda.synchronize on a GPU; nothing on the CPU (the emulation runs synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def kernel_params(m1=1.0, m2=0.5, m3=0.0, s=64.0, e=1e-4, cam_power=0.0, filter_threshold=math.inf, curricular=0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import simcore.isc.augment as A
-from conftest import cuda  # noqa: E402
+from conftest import hardware_only  # noqa: E402
 
 
 def batch(n=5, size=40):
@@ -14,7 +14,7 @@ def batch(n=5, size=40):
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-@cuda
+@hardware_only("kornia's augmentations on GPU batches (torch ops, no simcore kernel)")
 @pytest.mark.parametrize("name", sorted(A.TRANSFORMS))
 def test_every_transform_runs_on_a_cuda_batch(name):
     t = A.TRANSFORMS[name]
@@ -30,7 +30,7 @@ def test_every_transform_runs_on_a_cuda_batch(name):
     assert y8.is_cuda and y8.dtype == torch.uint8 and y8.shape == x8.shape
 
 
-@cuda
+@hardware_only("kornia's augmentations on GPU batches (torch ops, no simcore kernel)")
 def test_random_augment_on_a_cuda_batch():
     x = batch(8)
     aug = A.RandomAugment(num_ops=(1, 3), weights={"overlay_text": 0.5, "screenshot": 0.5, "meme": 0.5})

@@ -12,9 +12,15 @@ from simcore import dispatch
 from simcore.search import error_bounds, inputs, tile_gemm, tiled_search
 from simcore.reference.cosine_topk import cosine_topk as reference
 
-from conftest import backend, cuda, poisoned
+from conftest import backend, hardware_only, poisoned, synchronize
 
-DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def on(device, request):
+    """The device of a DEVICES test: the CPU, or simcore's CUDA path (conftest's cuda_device)."""
+    return torch.device("cpu") if device == "cpu" else request.getfixturevalue("cuda_device")
 
 
 def full_scores(q, db, normalized=False):
@@ -58,9 +64,9 @@ def check_topk(scores, index, q, db, k, *, normalized=False, tol=1e-5, exclude=N
     (9, 4000, 24, 600, 333),     # large k: several reservoir compactions
 ])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_matches_reference_float32(device, Q, N, D, k, block, normalized, generator):
-    q = torch.randn(Q, D, generator=generator).to(device)
-    db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(device)
+def test_matches_reference_float32(on, Q, N, D, k, block, normalized, generator):
+    q = torch.randn(Q, D, generator=generator).to(on)
+    db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(on)
     s, i = simcore.cosine_topk(q, db, k, normalized=normalized, block_size=block)
     ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q.cpu(), db.cpu(), k, normalized=normalized,
                               tol=1e-5 * (1 if not normalized else float(q.norm(dim=1).max() * db.norm(dim=1).max())))
@@ -593,40 +599,39 @@ def test_torch_compile_smoke(generator):
 HALF = [torch.float16, torch.bfloat16]
 
 
-@cuda
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("data", ["random", "clustered"])
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("D", [64, 512, 1024])  # 512, 1024: longer than a thread block
-def test_cuda_half_database(dtype, data, normalized, D, generator):
-    N, k = 20_000, 20
+def test_cuda_half_database(dtype, data, normalized, D, generator, cuda_device):
+    N, Q, k = (20_000, 100, 20) if cuda_device.type == "cuda" else (3_500, 12, 20)  # emulated: smaller
     if data == "random":
-        db32, q = torch.randn(N, D, generator=generator), torch.randn(100, D, generator=generator)
+        db32, q = torch.randn(N, D, generator=generator), torch.randn(Q, D, generator=generator)
     else:
         db32 = _clustered(N, D, generator)
-        q = db32[torch.randint(0, N, (100,), generator=generator)] + 0.02 * torch.randn(100, D, generator=generator)
+        q = db32[torch.randint(0, N, (Q,), generator=generator)] + 0.02 * torch.randn(Q, D, generator=generator)
     db = db32.to(dtype)
-    s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k, normalized=normalized, block_size=3000)
+    s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k, normalized=normalized, block_size=3000)
     tol = 2e-6 if not normalized else 1e-6 * float(q.norm(dim=1).max() * db.float().norm(dim=1).max())
     tol *= max(1, D // 64)  # float32 rescoring: rounding grows with D
     ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, normalized=normalized, tol=tol)
     assert (i.cpu() == ref_i).float().mean() >= 0.99
     if not normalized:  # recall against the float32 database's exact result, as on the CPU
-        _, i32 = simcore.cosine_topk(q.cuda(), db32.cuda(), k)
+        _, i32 = simcore.cosine_topk(q.to(cuda_device), db32.to(cuda_device), k)
         recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(i.cpu(), i32.cpu())])
         assert recall >= 0.99, recall
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
-def test_cuda_ties_go_to_the_lower_index(dtype, generator):
+def test_cuda_ties_go_to_the_lower_index(dtype, generator, cuda_device):
     # As test_ties_go_to_the_lower_index: the rows and the +-1 rows below are exact in every
     # dtype and every score is exact in float32, so the result must equal the reference bit for bit.
     q, db = _axis_ties(generator)
     N = db.shape[0]
     for normalized in (False, True):
         for k in (1, 10, 150, N):
-            s, i = simcore.cosine_topk(q.cuda(), db.to(dtype).cuda(), k, normalized=normalized, block_size=64)
+            s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device, dtype), k, normalized=normalized,
+                                       block_size=64)
             ref_s, ref_i = reference(q, db, k, normalized=normalized)
             assert torch.equal(i.cpu(), ref_i), (normalized, k)
             assert torch.equal(s.cpu(), ref_s), (normalized, k)
@@ -634,17 +639,17 @@ def test_cuda_ties_go_to_the_lower_index(dtype, generator):
     # computed alike: rescored (half) rows are; float32 GEMM tiles of other widths need not be.
     db2 = torch.randn(50, 32, generator=generator).sign().repeat(3, 1)
     for normalized in (True,) if dtype == torch.float32 else (True, False):
-        s, i = simcore.cosine_topk(db2[:5].cuda(), db2.to(dtype).cuda(), 3, normalized=normalized, block_size=64)
+        s, i = simcore.cosine_topk(db2[:5].to(cuda_device), db2.to(cuda_device, dtype), 3, normalized=normalized,
+                                   block_size=64)
         assert torch.equal(i.cpu(), torch.arange(5)[:, None] + torch.tensor([0, 50, 100]))
         assert (s[:, 0] == s[:, 1]).all() and (s[:, 1] == s[:, 2]).all()
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_exclude(dtype, generator):
+def test_cuda_exclude(dtype, generator, cuda_device):
     x = torch.randn(200, 24, generator=generator).to(dtype).float()  # values exact in dtype
-    xc = x.to(dtype).cuda()
-    s, i = simcore.cosine_topk(x.cuda(), xc, 5, exclude="self", block_size=64)
+    xc = x.to(dtype).to(cuda_device)
+    s, i = simcore.cosine_topk(x.to(cuda_device), xc, 5, exclude="self", block_size=64)
     self_pairs = torch.stack([torch.arange(200), torch.arange(200)], 1)
     check_topk(s.cpu(), i.cpu(), x, x, 5, exclude=self_pairs)
     assert not (i.cpu() == torch.arange(200)[:, None]).any()
@@ -652,14 +657,14 @@ def test_cuda_exclude(dtype, generator):
     pairs = torch.stack([torch.randint(0, 30, (300,), generator=generator),
                          torch.randint(0, 200, (300,), generator=generator)], 1)
     q = x[:30] + 0.1 * torch.randn(30, 24, generator=generator)
-    s, i = simcore.cosine_topk(q.cuda(), xc, 8, exclude=pairs.cuda(), block_size=50)
+    s, i = simcore.cosine_topk(q.to(cuda_device), xc, 8, exclude=pairs.to(cuda_device), block_size=50)
     check_topk(s.cpu(), i.cpu(), q, x, 8, exclude=pairs)
-    s2, i2 = simcore.cosine_topk(q.cuda(), iter([xc[:70], xc[70:]]), 8, exclude=pairs, progress=False)
+    s2, i2 = simcore.cosine_topk(q.to(cuda_device), iter([xc[:70], xc[70:]]), 8, exclude=pairs, progress=False)
     assert torch.equal(i, i2)
     # Fewer than k candidates left: missing slots are (-inf, -1).
     db = torch.randn(4, 24, generator=generator).to(dtype)
     ex = torch.tensor([[0, 0], [0, 3], [1, 2]])
-    s, i = simcore.cosine_topk(db[:2].float().cuda(), db.cuda(), 4, exclude=ex)
+    s, i = simcore.cosine_topk(db[:2].float().to(cuda_device), db.to(cuda_device), 4, exclude=ex)
     s, i = s.cpu(), i.cpu()
     assert (i[0, 2:] == -1).all() and (s[0, 2:] == float("-inf")).all() and (i[0, :2] >= 0).all()
     assert (i[1, 3] == -1) and (i[1, :3] >= 0).all()
@@ -667,9 +672,8 @@ def test_cuda_exclude(dtype, generator):
     assert torch.equal(i, ref_i)
 
 
-@cuda
 @pytest.mark.parametrize("dtype", HALF)
-def test_cuda_half_near_ties(dtype, generator):
+def test_cuda_half_near_ties(dtype, generator, cuda_device):
     # As test_fp32_via_bf16_adversarial_near_ties, for half databases on CUDA (float16: a float16
     # tile GEMM, bfloat16: a bfloat16 one; cuBLAS, with whatever reduction torch allows): 600 rows
     # whose cosines to query 0 lie in a 1.2e-3 band, about 2e-6 apart after rounding to the half
@@ -689,7 +693,7 @@ def test_cuda_half_near_ties(dtype, generator):
     db = torch.cat([noise[:7000], rivals, noise[7000:], band, band[:100]]).to(dtype)
     n = db.shape[0]
     for kk in (50, 300, 700):
-        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), kk, block_size=4096)
+        s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), kk, block_size=4096)
         s, i = s.cpu(), i.cpu()
         ref_s, ref_i = check_topk(s, i, q, db.float(), kk, tol=1e-6)
         for row in range(q.shape[0]):  # every row clearly inside the top-k is returned
@@ -701,7 +705,6 @@ def test_cuda_half_near_ties(dtype, generator):
         assert all(pos[int(d) - 600] < pos[int(d)] for d in dup)
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 @pytest.mark.parametrize("N,k,block", [
     (777, 777, None),         # k = N (cap = N + 1: no compaction ever)
@@ -709,13 +712,25 @@ def test_cuda_half_near_ties(dtype, generator):
     (20_000, 4096, 3000),     # large k, several compactions per query
     (40_000, 16_384, None),   # beyond FAISS GPU's k <= 2048
 ])
-def test_cuda_large_k(dtype, N, k, block, generator):
+def test_cuda_large_k(dtype, N, k, block, generator, cuda_device):
     Q, D = 6, 32
     q = torch.randn(Q, D, generator=generator)
     db = (torch.randn(N, D, generator=generator) * torch.rand(N, 1, generator=generator) * 3).to(dtype)
-    s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k, block_size=block)
+    s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k, block_size=block)
     ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, tol=1e-5 if dtype == torch.float32 else 2e-6)
     assert (i.cpu() == ref_i).float().mean() >= 0.99  # differences only at float32 near-ties
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_compaction_keeps_the_lowest_indices_of_a_tie(dtype, generator, cuda_device):
+    """Every score equal: each compaction of the reservoir (cap = k + COSINE_TOPK_MIN_SLACK < N)
+    cuts inside one tie, and must keep its lowest database indices."""
+    N, D, k = 2000, 24, 100
+    q = torch.randn(3, D, generator=generator)
+    db = torch.randn(1, D, generator=generator).to(dtype).repeat(N, 1)
+    s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k, block_size=700)
+    assert torch.equal(i.cpu(), torch.arange(k).repeat(3, 1))
+    assert (s == s[:, :1]).all()
 
 
 def test_exact_gemm_settings_are_forced_and_restored():
@@ -739,10 +754,9 @@ def test_exact_gemm_settings_are_forced_and_restored():
             setattr(m, n, v)
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 @pytest.mark.parametrize("Q,k,D", [(1, 10, 96), (40, 300, 33), (64, 1000, 256), (65, 50, 96)])
-def test_cuda_small_tiles_split_equals_one_block(dtype, Q, k, D, generator, monkeypatch):
+def test_cuda_small_tiles_split_equals_one_block(dtype, Q, k, D, generator, monkeypatch, cuda_device):
     """Tiles of at most 64 query rows are scanned by one thread block per (row, 256-column segment)
     and then merged per row (csrc/cuda/cosine_topk.cu); with SPLIT_SMALL_TILES off, by one block
     per row. Both rescore with the same warp dot and merge the same chunks with the same thresholds,
@@ -754,17 +768,18 @@ def test_cuda_small_tiles_split_equals_one_block(dtype, Q, k, D, generator, monk
     db = (torch.randn(N, D, generator=generator) * (torch.rand(N, 1, generator=generator) * 3 + 0.1)).to(dtype)
     db[7::500] = db[3]  # exact duplicates: ties broken by the lower index
     excl = torch.stack([torch.randint(0, Q, (60,), generator=generator), torch.randint(0, N, (60,), generator=generator)], 1)
-    qc, dbc = q.cuda(), db.cuda()
+    qc, dbc = q.to(cuda_device), db.to(cuda_device)
     split = simcore.cosine_topk(qc, dbc, k, exclude=excl, block_size=block)
     monkeypatch.setattr(tiled_search, "SPLIT_SMALL_TILES", False)
     one = simcore.cosine_topk(qc, dbc, k, exclude=excl, block_size=block)
     assert torch.equal(split[1], one[1]) and torch.equal(split[0], one[0])
-    s_cpu, i_cpu = simcore.cosine_topk(q, db, k, exclude=excl)
+    with simcore.cuda_emulation(False):
+        s_cpu, i_cpu = simcore.cosine_topk(q, db, k, exclude=excl)
     assert (split[1].cpu() == i_cpu).float().mean() >= 0.99  # rescoring dots sum in another order on the CPU
     assert (split[0].cpu() - s_cpu).abs().max() < 1e-5
 
 
-@cuda
+@hardware_only("TF32 is a setting of the GPU's cuBLAS")
 def test_cuda_float32_exact_with_tf32_enabled(generator):
     q = torch.randn(40, 64, generator=generator)
     db = torch.randn(5000, 64, generator=generator)
@@ -779,31 +794,30 @@ def test_cuda_float32_exact_with_tf32_enabled(generator):
     check_topk(s.cpu(), i.cpu(), q, db, 50)
 
 
-@cuda
-def test_cuda_streaming_equals_in_memory(tmp_path, generator):
+def test_cuda_streaming_equals_in_memory(tmp_path, generator, cuda_device):
     # Integer data and inner products are exact in any tiling and on either device.
     N, D = 10_000, 16
     db = torch.randint(-4, 5, (N, D), generator=generator).float()
     q = torch.randint(-4, 5, (13, D), generator=generator).float()
-    expect = simcore.cosine_topk(q, db, 20, normalized=True)  # CPU
-    got = simcore.cosine_topk(q.cuda(), db.cuda(), 20, normalized=True)
+    with simcore.cuda_emulation(False):
+        expect = simcore.cosine_topk(q, db, 20, normalized=True)  # CPU
+    got = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), 20, normalized=True)
     assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
     np.save(tmp_path / "db.npy", db.numpy())
     mm = np.load(tmp_path / "db.npy", mmap_mode="r")  # numpy chunks are moved to the queries' device
-    got = simcore.cosine_topk(q.cuda(), mm, 20, normalized=True, progress=False)
+    got = simcore.cosine_topk(q.to(cuda_device), mm, 20, normalized=True, progress=False)
     assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
     cuts = [0, 1, 1, 2500, 2501, 7777, N]
-    chunks = [db[a:b].cuda() if j % 2 else db[a:b].numpy() for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-    got = simcore.cosine_topk(q.cuda(), iter(chunks), 20, normalized=True, progress=False)
+    chunks = [db[a:b].to(cuda_device) if j % 2 else db[a:b].numpy() for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    got = simcore.cosine_topk(q.to(cuda_device), iter(chunks), 20, normalized=True, progress=False)
     assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
     for dtype in HALF:  # small integers are exact in both half dtypes too
-        got = simcore.cosine_topk(q.cuda(), db.to(dtype).cuda(), 20, normalized=True, block_size=999)
+        got = simcore.cosine_topk(q.to(cuda_device), db.to(dtype).to(cuda_device), 20, normalized=True, block_size=999)
         assert torch.equal(got[0].cpu(), expect[0]) and torch.equal(got[1].cpu(), expect[1])
 
 
-@cuda
 @pytest.mark.parametrize("D", [16, 512])
-def test_cuda_float16_rows_beyond_the_float16_gemm_range(D, generator):
+def test_cuda_float16_rows_beyond_the_float16_gemm_range(D, generator, cuda_device):
     # A float16 database is searched (cosine) with a float16 tile GEMM on CUDA: for rows of norm
     # above 65504 its output overflows to +-inf. Those rows must still be nominated and rescored,
     # -inf ones included (they belong in a top-k that reaches them, e.g. k = N).
@@ -814,7 +828,7 @@ def test_cuda_float16_rows_beyond_the_float16_gemm_range(D, generator):
     db = torch.cat([torch.randn(200, D, generator=generator), big]).half()
     N = db.shape[0]
     for k in (10, 120, N):
-        s, i = simcore.cosine_topk(q.cuda(), db.cuda(), k)
+        s, i = simcore.cosine_topk(q.to(cuda_device), db.to(cuda_device), k)
         ref_s, ref_i = check_topk(s.cpu(), i.cpu(), q, db.float(), k, tol=2e-6 * max(1, D // 64))
         assert (i.cpu() == ref_i).float().mean() >= 0.99
         assert (i >= 0).all()
@@ -822,13 +836,13 @@ def test_cuda_float16_rows_beyond_the_float16_gemm_range(D, generator):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("slack_rel", [0.0, 1e-3])
-def test_kernel_rescores_overflowed_half_scores(device, slack_rel, generator):
+def test_kernel_rescores_overflowed_half_scores(on, slack_rel, generator):
     # A float16 tile whose scores overflowed to +-inf (or are NaN): the error bound says nothing
     # about them, so they are nominated explicitly and rescored exactly, whatever slack_rel
     # (0 * inf is NaN) and however tight the threshold; with k = N every row comes back.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    dev = torch.device(device)
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    dev = on
+    stream = dispatch.executor(dev)
     Q, N, D = 3, 300, 16
     q = F.normalize(torch.randn(Q, D, generator=generator), dim=1)
     db = torch.randn(N, D, generator=generator)
@@ -857,14 +871,13 @@ def test_kernel_rescores_overflowed_half_scores(device, slack_rel, generator):
             assert sorted(i[0].tolist()) == [7, 150]
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
-def test_cuda_kernel_with_poisoned_state(dtype, generator):
+def test_cuda_kernel_with_poisoned_state(dtype, generator, cuda_device):
     # As test_kernel_with_poisoned_state, on CUDA: garbage reservoir, poisoned scale, slack and
     # tiles; cap = k + COSINE_TOPK_MIN_SLACK < N, so the block-wide compaction runs; exclusions.
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    dev = torch.device("cuda")
-    stream = torch.cuda.current_stream().cuda_stream
+    dev = cuda_device
+    stream = dispatch.cuda_stream(cuda_device)
     Q, N, D, k = 6, 700, 16, 9
     q = F.normalize(torch.randn(Q, D, generator=generator), dim=1).to(dev)
     db = torch.randn(N, D, generator=generator).to(dtype).to(dev)
@@ -878,7 +891,7 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
     scale, slack = poisoned((N,), device=dev), poisoned((N,), device=dev)
     status = torch.full((1,), 2**63 - 1, device=dev)
     ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, True, factor, 1, stream)
-    torch.cuda.synchronize()
+    synchronize(cuda_device)
     assert torch.isfinite(scale).all() and torch.isfinite(slack).all() and int(status) == 2**63 - 1
     pairs = torch.stack([torch.arange(Q), torch.arange(Q) * 97], 1)  # query r excludes row 97 r
     eo, ei = inputs.exclusion_csr(pairs, Q, N, dev)
@@ -896,16 +909,15 @@ def test_cuda_kernel_with_poisoned_state(dtype, generator):
         conv = poisoned((N, D), torch.bfloat16, dev)
         ext.cosine_topk_prepare_block(A(db), A(scale), A(slack), A(status), 0, False,
                                       error_bounds.slack_factor(torch.bfloat16, dtype, D), 1, stream, A(conv))
-        torch.cuda.synchronize()
+        synchronize(cuda_device)
         assert torch.equal(conv.view(torch.int16), db.bfloat16().view(torch.int16))
         assert (scale == 1).all() and torch.isfinite(slack).all()
 
 
-@cuda
-def test_cuda_kernel_rechecks_its_arguments():
+def test_cuda_kernel_rechecks_its_arguments(cuda_device):
     ext, A = dispatch.extension(), dispatch.tensor_arg
-    dev = torch.device("cuda")
-    stream = torch.cuda.current_stream().cuda_stream
+    dev = cuda_device
+    stream = dispatch.cuda_stream(cuda_device)
     Q, nb, D, k = 4, 16, 8, 2
     cap = k + ext.COSINE_TOPK_MIN_SLACK
     z = dict(device=dev)
@@ -921,7 +933,7 @@ def test_cuda_kernel_rechecks_its_arguments():
         a = {**args, **{n: v for n, v in over.items() if n in args}}
         i = {**ints, **{n: v for n, v in over.items() if n in ints}}
         ext.cosine_topk_update(*[A(a[n]) for n in args], *i.values())
-        torch.cuda.synchronize()
+        synchronize(cuda_device)
 
     call()
     with pytest.raises(ValueError, match="k must be"):
@@ -956,6 +968,8 @@ def test_cuda_kernel_rechecks_its_arguments():
         call(reservoir=torch.zeros(Q, k + 1, 2, dtype=torch.int64, **z), **small)
     call(reservoir=torch.zeros(Q, nb + 1, 2, dtype=torch.int64, **z), n_total=nb, **small)
     assert (small["count"] == nb).all()
+    if dev.type != "cuda":
+        return  # emulated: CPU tensors are the device's own
     # Every tensor on the scores' device.
     with pytest.raises(ValueError, match="device"):
         call(scale=torch.ones(nb))
@@ -965,7 +979,7 @@ def test_cuda_kernel_rechecks_its_arguments():
         call(rescore=True, queries=torch.zeros(Q, D))
 
 
-@cuda
+@hardware_only("errors for tensors split between the CPU and a GPU")
 def test_cuda_bad_input():
     dev = torch.device("cuda")
     q, db = torch.randn(4, 8, device=dev), torch.randn(20, 8, device=dev)

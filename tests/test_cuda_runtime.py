@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import simcore
 from simcore import dispatch
 
-from conftest import backend, cuda
+from conftest import backend, hardware_only
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -97,7 +97,7 @@ def _loss_and_grads(x, y, w):
     return loss.detach(), x.grad, w.grad
 
 
-@cuda
+@hardware_only("device guards across devices (the current device and the tensors' own)")
 def test_cuda_runs_on_the_tensors_device_not_the_current_one(generator):
     last = torch.device("cuda", torch.cuda.device_count() - 1)
     torch.cuda.set_device(0)
@@ -116,7 +116,7 @@ def test_cuda_runs_on_the_tensors_device_not_the_current_one(generator):
     torch.cuda.synchronize(last)  # no illegal address left behind
 
 
-@cuda
+@hardware_only("tensors on two GPUs")
 @two_gpus
 def test_cuda_tensors_on_two_devices_are_rejected(generator):
     ext, A = dispatch.extension(), dispatch.tensor_arg

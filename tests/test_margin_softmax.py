@@ -761,21 +761,21 @@ def test_head_eval_records_nothing(generator):
     assert head.step() is None
 
 
-# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
-@cuda
+# ------------------------------------------------- CUDA path (a GPU, or the CUDA emulation on the CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "class-blocked"])
 @pytest.mark.parametrize("D", [64, 512, 1024])  # 512, 1024: loops over D strided by the 256-thread block
-def test_cuda_matches_reference(dtype, blocked, D, generator, engine_opts):
+def test_cuda_matches_reference(dtype, blocked, D, generator, engine_opts, cuda_device):
     if blocked:
         engine_opts(**BLOCKED)
     x = (torch.randn(33, D, generator=generator) * 2).to(dtype)
     w = torch.randn(700, D, generator=generator).to(dtype)
     y = _labels(33, 700, generator, duplicates=True)
-    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
-    loss, s = simcore.arcface_partial(xc, y.cuda(), wc, sample_rate=0.5, return_sampled=True)
+    xc, wc = x.to(cuda_device).requires_grad_(), w.to(cuda_device).requires_grad_()
+    loss, s = simcore.arcface_partial(xc, y.to(cuda_device), wc, sample_rate=0.5, return_sampled=True)
     loss.backward()
-    rl, rgx, rgw = _reference(x, y, w, s.cpu(), MARGINS["arcface"], "mean")
+    with simcore.cuda_emulation(False):
+        rl, rgx, rgw = _reference(x, y, w, s.cpu(), MARGINS["arcface"], "mean")
     # half inputs run their GEMMs on half operands (EngineOptions.lowp_gemms): bfloat16 on bfloat16,
     # float16 on float16 with the gradient block scaled into its range
     tol = 1e-2 if dtype == torch.bfloat16 else FP16_TOL if dtype == torch.float16 else 1e-5

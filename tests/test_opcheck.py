@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import simcore
-from conftest import cuda
+from conftest import hardware_only
 from simcore.margin import ops, sampling
 from simcore.margin.engine import MarginSpec, current_engine_options
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
@@ -154,7 +154,7 @@ def test_sample_classes_compiles_fullgraph(seed):
         assert got.numel() == max(num_samples, labels.unique().numel())
 
 
-@cuda
+@hardware_only("torch.library.opcheck of the ops' CUDA registrations, on CUDA tensors")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("gemm_dtype", ["float32", "bfloat16", "float16"])
 def test_ops_on_cuda(reduction, gemm_dtype, seed):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import simcore
-from conftest import cuda
+from conftest import no_host_syncs, synchronize
 from simcore import dispatch
 from simcore.dispatch import tensor_arg
 from simcore.margin import row_optimizer
@@ -272,27 +272,23 @@ def test_ops_pass_opcheck(seed):
         assert result and all(v == "SUCCESS" for v in result.values()), result
 
 
-@cuda
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kernel_matches_cpu_kernel_without_syncs(optimizer, dtype, seed):
+def test_cuda_kernel_matches_cpu_kernel_without_syncs(optimizer, dtype, seed, cuda_device):
     c, d = 3001, 96
     state = make_state(optimizer, c, d, dtype)
     rows = sorted_rows(c, 700)
     grad = torch.randn(rows.numel(), d) * 256
     cpu = {k: v.clone() for k, v in state.items()}
-    gpu = {k: v.cuda() for k, v in state.items()}
+    dev = {k: v.to(cuda_device) for k, v in state.items()}
     hyper = HYPER[optimizer]
-    run(optimizer, cpu, rows, grad, torch.tensor(256.0), torch.tensor(0.0), hyper)
-    scale, found = torch.tensor(256.0, device="cuda"), torch.tensor(0.0, device="cuda")
-    rows_d, grad_d = rows.cuda(), grad.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run(optimizer, gpu, rows_d, grad_d, scale, found, hyper)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    for k, v in gpu.items():
+    with simcore.cuda_emulation(False):
+        run(optimizer, cpu, rows, grad, torch.tensor(256.0), torch.tensor(0.0), hyper)
+    scale, found = torch.tensor(256.0, device=cuda_device), torch.tensor(0.0, device=cuda_device)
+    rows_d, grad_d = rows.to(cuda_device), grad.to(cuda_device)
+    with no_host_syncs(cuda_device):
+        run(optimizer, dev, rows_d, grad_d, scale, found, hyper)
+    for k, v in dev.items():
         got, want = v.cpu(), cpu[k]
         if not want.is_floating_point():
             assert torch.equal(got, want), k
@@ -301,18 +297,17 @@ def test_cuda_kernel_matches_cpu_kernel_without_syncs(optimizer, dtype, seed):
             assert ((got.double() - want.double()).abs() <= tol).all(), k
 
 
-@cuda
-def test_cuda_kernel_skips_bad_ids_and_never_writes_out_of_bounds(seed):
+def test_cuda_kernel_skips_bad_ids_and_never_writes_out_of_bounds(seed, cuda_device):
     """ids the Python layer would reject (its device assert is bypassed here) are skipped in the kernel."""
     c, d = 64, 8
-    w = torch.randn(c + 2, d, device="cuda")  # a guard row on each side of the (c, d) view
+    w = torch.randn(c + 2, d, device=cuda_device)  # a guard row on each side of the (c, d) view
     view = w[1:c + 1]
-    buf = torch.zeros(c, d, device="cuda")
+    buf = torch.zeros(c, d, device=cuda_device)
     before = w.clone()
-    rows = torch.tensor([-1, 3, 3, 5, c, 2**40], device="cuda")
-    grad = torch.ones(rows.numel(), d, device="cuda")
+    rows = torch.tensor([-1, 3, 3, 5, c, 2**40], device=cuda_device)
+    grad = torch.ones(rows.numel(), d, device=cuda_device)
     _sgd_ext(view, rows, grad, buf, lr=1.0, momentum=0.0)
-    torch.cuda.synchronize()
+    synchronize(cuda_device)
     changed = (w != before).any(1).nonzero().flatten().tolist()
     assert changed == [4, 6]  # rows 3 (once, not twice) and 5 of the view; the guard rows are untouched
     assert torch.equal(w[4], before[4] - 1.0) and torch.equal(w[6], before[6] - 1.0)  # w - 1·1: exact

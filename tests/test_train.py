@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cuda  # noqa: E402
+from conftest import hardware_only  # noqa: E402
 from test_data import write_photos  # noqa: E402
 
 from simcore.isc import augment as A  # noqa: E402
@@ -130,7 +130,7 @@ def test_a_failed_setup_leaves_no_file_open(folder, tmp_path, monkeypatch):
     assert failure.traceback and _open_files_under(tmp_path) == []
 
 
-@cuda
+@hardware_only("host synchronisations are a GPU stream's (torch's sync-debug mode)")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_steps_wait_for_the_gpu_only_to_read_the_loss(folder, tmp_path, precision):
     """A step's one synchronising call is the read of the previous step's loss (the next step's work

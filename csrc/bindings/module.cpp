@@ -11,8 +11,16 @@
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "simcore's compiled kernels (C++ and, when built with nvcc, CUDA)";
+#ifndef SIMCORE_MODULE_NAME
+#define SIMCORE_MODULE_NAME _C
+#endif
+
+#ifdef SIMCORE_CUDA_EMULATION
+#include "cuda/emulation/cuda_emulation.h"
+#endif
+
+PYBIND11_MODULE(SIMCORE_MODULE_NAME, m) {
+  m.doc() = "simcore's compiled kernels (C++ and, when built with nvcc, CUDA; _C_emu: CUDA emulated on the host)";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -43,6 +51,20 @@ PYBIND11_MODULE(_C, m) {
   info["avx512"] = true;
 #else
   info["avx512"] = false;
+#endif
+#ifdef SIMCORE_CUDA_EMULATION
+  info["cuda_emulation"] = true;
+  // The order a block's threads run in between synchronisations (cuda_emulation.h).
+  m.def("emulation_schedule", [](const std::string& order, uint64_t seed) {
+    using simcore::emu::Schedule;
+    SIMCORE_CHECK(order == "forward" || order == "reverse" || order == "random",
+                  "schedule must be forward, reverse or random, got ", order);
+    simcore::emu::set_schedule(order == "forward" ? Schedule::Forward
+                               : order == "reverse" ? Schedule::Reverse : Schedule::Random, seed);
+  });
+  m.def("emulation_selftest", &simcore::emu::selftest);
+#else
+  info["cuda_emulation"] = false;
 #endif
   m.attr("build_info") = info;
 

@@ -50,7 +50,16 @@ TensorView tensor_from_py(const py::handle& obj, const char* name) {
   }
   v.dtype = parse_dtype(dtype, name);
   SIMCORE_CHECK(device == "cpu" || device == "cuda", name, ": unsupported device ", device);
+#ifdef SIMCORE_CUDA_EMULATION
+  // simcore._C_emu runs the CUDA kernels on the host: a CPU tensor is device 0's memory there,
+  // so every check and kernel takes its CUDA path (a real CUDA tensor has no place in it).
+  SIMCORE_CHECK(device == "cpu", name, ": the CUDA emulation (simcore._C_emu) takes CPU tensors, got a ", device,
+                " tensor");
+  v.device = Device::CUDA;
+  v.device_index = 0;
+#else
   v.device = device == "cpu" ? Device::CPU : Device::CUDA;
+#endif
   SIMCORE_CHECK(v.device == Device::CPU || v.device_index >= 0, name, ": a CUDA tensor needs its device index");
   SIMCORE_CHECK(shape.size() == strides.size() && shape.size() <= static_cast<size_t>(kMaxDims), name,
                 ": at most ", kMaxDims, " dimensions are supported, got ", shape.size());

@@ -430,19 +430,19 @@ void launch_update(const TopkUpdateArgs& a, cudaStream_t stream) {
     SIMCORE_CHECK(nseg <= 2147483647LL, "too many column segments in one tile");
     float* seg_scores = a.workspace.ptr<float>();
     int* seg_count = reinterpret_cast<int*>(seg_scores + qb * nb);  // 4-byte slots after the scores
-    update_kernel_score_segments<S, B, Rescore>
-        <<<dim3(static_cast<unsigned>(nseg), static_cast<unsigned>(qb)), kThreads, 0, stream>>>(
+    const dim3 segments_by_rows(static_cast<unsigned>(nseg), static_cast<unsigned>(qb));
+    SIMCORE_LAUNCH(segments_by_rows, kThreads, 0, stream, update_kernel_score_segments<S, B, Rescore>)(
             scores, a.scores.stride(0), nb, a.scale.ptr<float>(), slack, queries, qs, qslack, block, bs, D,
             a.excl_offsets.ptr<int64_t>(), a.excl_index.ptr<int64_t>(), a.excl_index.size(0), a.threshold.ptr<float>(),
             a.q_begin, a.db_base, static_cast<float>(a.slack_rel), seg_scores, seg_count, nseg);
     check(cudaGetLastError(), "cosine_topk_update segment kernel launch");
-    update_kernel_merge_segments<<<static_cast<unsigned>(qb), kThreads, 0, stream>>>(
+    SIMCORE_LAUNCH(static_cast<unsigned>(qb), kThreads, 0, stream, update_kernel_merge_segments)(
         seg_scores, seg_count, nb, nseg, a.reservoir.ptr<TopkEntry>(), a.reservoir.size(1), a.count.ptr<long long>(),
         a.threshold.ptr<float>(), a.q_begin, a.db_base, a.k);
     check(cudaGetLastError(), "cosine_topk_update merge kernel launch");
     return;
   }
-  update_kernel<S, B, Rescore><<<static_cast<unsigned>(qb), kThreads, 0, stream>>>(
+  SIMCORE_LAUNCH(static_cast<unsigned>(qb), kThreads, 0, stream, update_kernel<S, B, Rescore>)(
       scores, a.scores.stride(0), nb, a.scale.ptr<float>(), slack, queries, qs, qslack, block, bs, D,
       a.excl_offsets.ptr<int64_t>(), a.excl_index.ptr<int64_t>(), a.excl_index.size(0),
       a.reservoir.ptr<TopkEntry>(), a.reservoir.size(1), a.count.ptr<long long>(), a.threshold.ptr<float>(),
@@ -470,7 +470,7 @@ void cosine_topk_prepare_block(const TopkPrepareArgs& a, uint64_t stream) {
   __nv_bfloat16* conv = a.convert ? a.converted.ptr<__nv_bfloat16>() : nullptr;
   dispatch_float_dtype(a.block.dtype, "database", [&](auto b) {
     using T = std::remove_pointer_t<decltype(b)>;
-    prepare_kernel<T><<<grid, kThreads, 0, s>>>(a.block.ptr<T>(), nb, a.block.size(1), a.block.stride(0),
+    SIMCORE_LAUNCH(grid, kThreads, 0, s, prepare_kernel<T>)(a.block.ptr<T>(), nb, a.block.size(1), a.block.stride(0),
                                                 a.scale.ptr<float>(), a.slack.ptr<float>(), status, a.row_base,
                                                 a.cosine, a.slack_factor, slack_floor, conv);
   });

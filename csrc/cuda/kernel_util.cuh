@@ -1,4 +1,4 @@
-// Helpers shared by the CUDA kernel files (nvcc only): float32 loads and round-to-nearest
+// Helpers shared by the CUDA kernel files (nvcc, or the host emulation build): float32 loads and round-to-nearest
 // stores of the element types, torch's stream handle, and the device check of an argument.
 #pragma once
 
@@ -9,6 +9,13 @@
 #include <cstdint>
 
 #include "common/tensor_view.h"
+
+// The one launch syntax of csrc/cuda: SIMCORE_LAUNCH(grid, block, smem, stream, kernel)(args...)
+// is kernel<<<grid, block, smem, stream>>>(args...) under nvcc; the emulation build
+// (csrc/cuda/emulation/cuda_emulation.h, force-included) runs it on the host instead.
+#ifndef SIMCORE_LAUNCH
+#define SIMCORE_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace simcore {
 namespace cuda {

@@ -262,7 +262,7 @@ void normalize_rows(const TensorView& src, const TensorView* index, const Tensor
     dispatch_float_dtype(out.dtype, "GEMM operand", [&](auto o) {
       using S = std::remove_pointer_t<decltype(s)>;
       using T = std::remove_pointer_t<decltype(o)>;
-      normalize_rows_kernel<S, T><<<grid(n), kThreads, 0, as_stream(stream)>>>(
+      SIMCORE_LAUNCH(grid(n), kThreads, 0, as_stream(stream), normalize_rows_kernel<S, T>)(
           src.ptr<S>(), src.stride(0), src.size(0), index ? index->ptr<int64_t>() : nullptr, out.ptr<T>(),
           out.stride(0), norms.ptr<float>(), out.size(1), eps);
     });
@@ -277,7 +277,7 @@ void targets(const TensorView& labels, const TensorView& sampled, int64_t num_cl
   const int64_t b = labels.size(0);
   if (b == 0) return;
   const int64_t blocks = (b + kThreads - 1) / kThreads;
-  targets_kernel<<<grid(blocks), kThreads, 0, as_stream(stream)>>>(labels.ptr<int64_t>(), b,
+  SIMCORE_LAUNCH(grid(blocks), kThreads, 0, as_stream(stream), targets_kernel)(labels.ptr<int64_t>(), b,
                                                                   sampled.ptr<int64_t>(), sampled.size(0),
                                                                   num_classes, out.ptr<int64_t>());
   check(cudaGetLastError(), "simcore margin_softmax targets launch");
@@ -291,7 +291,7 @@ void lse_block(const TensorView& cos, const TensorView& target_col, int64_t col0
   expect_cuda(cos);
   check_margin_params(p);  // dyn's values are checked in Python (torch._assert_async) and poison in the kernel
   if (cos.size(0) == 0) return;
-  lse_block_kernel<<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
+  SIMCORE_LAUNCH(grid(cos.size(0)), kThreads, 0, as_stream(stream), lse_block_kernel)(
       cos.ptr<float>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
       dyn ? dyn->ptr<double>() : nullptr, row_margins ? row_margins->ptr<float>() : nullptr, run_max.ptr<float>(),
       run_sum.ptr<float>(), target_cos.ptr<float>(), target_logit.ptr<float>());
@@ -305,7 +305,7 @@ void grad_block(const TensorView& cos, const TensorView& target_col, int64_t col
   expect_cuda(cos);
   check_margin_params(p);  // as lse_block
   if (cos.size(0) == 0) return;
-  grad_block_kernel<<<grid(cos.size(0)), kThreads, 0, as_stream(stream)>>>(
+  SIMCORE_LAUNCH(grid(cos.size(0)), kThreads, 0, as_stream(stream), grad_block_kernel)(
       cos.ptr<float>(), cos.stride(0), cos.size(1), target_col.ptr<int64_t>(), col0, p,
       dyn ? dyn->ptr<double>() : nullptr, row_margins ? row_margins->ptr<float>() : nullptr, lse.ptr<float>(),
       row_weight.ptr<float>(), target_cos.ptr<float>());
@@ -318,7 +318,7 @@ void subcenter_max(const TensorView& cos_k, int64_t k, const TensorView& out, co
   expect_cuda(cos_k);
   const int64_t total = out.size(0) * out.size(1);
   if (total == 0) return;
-  subcenter_max_kernel<<<grid((total + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+  SIMCORE_LAUNCH(grid((total + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream), subcenter_max_kernel)(
       cos_k.ptr<float>(), cos_k.stride(0), out.size(0), out.size(1), k, out.ptr<float>(), out.stride(0),
       argmax.ptr<uint8_t>());
   check(cudaGetLastError(), "simcore margin_softmax subcenter_max launch");
@@ -330,7 +330,7 @@ void subcenter_expand(const TensorView& grad, const TensorView& argmax, int64_t 
   expect_cuda(grad);
   const int64_t total = out.size(0) * out.size(1);
   if (total == 0) return;
-  subcenter_expand_kernel<<<grid((total + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+  SIMCORE_LAUNCH(grid((total + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream), subcenter_expand_kernel)(
       grad.ptr<float>(), grad.stride(0), argmax.ptr<uint8_t>(), grad.size(0), grad.size(1), k, out.ptr<float>(),
       out.stride(0));
   check(cudaGetLastError(), "simcore margin_softmax subcenter_expand launch");
@@ -346,7 +346,7 @@ void project_rows(const TensorView& u, const TensorView& v, const TensorView& no
     dispatch_float_dtype(out.dtype, "input", [&](auto op) {
       using V = std::remove_pointer_t<decltype(vp)>;
       using O = std::remove_pointer_t<decltype(op)>;
-      project_rows_kernel<V, O><<<grid(u.size(0)), kThreads, 0, as_stream(stream)>>>(
+      SIMCORE_LAUNCH(grid(u.size(0)), kThreads, 0, as_stream(stream), project_rows_kernel<V, O>)(
           u.ptr<float>(), u.stride(0), v.ptr<V>(), v.stride(0), norms.ptr<float>(), out.ptr<O>(), out.stride(0),
           out.size(0), out_index ? out_index->ptr<int64_t>() : nullptr, u.size(1), eps);
     });

@@ -106,7 +106,7 @@ void row_sgd(const TensorView& weight, const TensorView& rows, const TensorView&
   if (n == 0 || d == 0) return;
   dispatch_float_dtype(weight.dtype, "weight", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    row_sgd_kernel<T><<<row_blocks(n), kThreads, 0, as_stream(stream)>>>(
+    SIMCORE_LAUNCH(row_blocks(n), kThreads, 0, as_stream(stream), row_sgd_kernel<T>)(
         weight.ptr<T>(), weight.stride(0), weight.size(0), rows.ptr<int64_t>(), n, grad.ptr<float>(),
         grad.stride(0), momentum_buffer ? momentum_buffer->ptr<float>() : nullptr,
         momentum_buffer ? momentum_buffer->stride(0) : 0, d, scalar_ptr(grad_scale), scalar_ptr(found_inf),
@@ -124,7 +124,7 @@ void row_adamw(const TensorView& weight, const TensorView& rows, const TensorVie
   if (n == 0) return;
   dispatch_float_dtype(weight.dtype, "weight", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    row_adamw_kernel<T><<<row_blocks(n), kThreads, 0, as_stream(stream)>>>(
+    SIMCORE_LAUNCH(row_blocks(n), kThreads, 0, as_stream(stream), row_adamw_kernel<T>)(
         weight.ptr<T>(), weight.stride(0), weight.size(0), rows.ptr<int64_t>(), n, grad.ptr<float>(),
         grad.stride(0), exp_avg.ptr<float>(), exp_avg.stride(0), exp_avg_sq.ptr<float>(), exp_avg_sq.stride(0),
         row_step.ptr<int64_t>(), d, scalar_ptr(grad_scale), scalar_ptr(found_inf), static_cast<float>(p.lr),

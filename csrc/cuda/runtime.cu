@@ -41,7 +41,7 @@ void check_launchable(int device, uint64_t stream) {
   if (launch_checked.empty()) launch_checked.assign(static_cast<size_t>(probe().device_count), "?");
   std::string& state = launch_checked[static_cast<size_t>(device)];
   if (state == "?") {  // the device is current: an empty kernel, no host synchronisation
-    launch_probe_kernel<<<1, 1, 0, as_stream(stream)>>>(nullptr);
+    SIMCORE_LAUNCH(1, 1, 0, as_stream(stream), launch_probe_kernel)(nullptr);
     const cudaError_t err = cudaGetLastError();
     state = err == cudaSuccess ? "" : cudaGetErrorString(err);
   }

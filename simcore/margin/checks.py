@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from simcore import dispatch
+
 __all__ = ["REDUCTIONS", "FLOAT_DTYPES", "VALIDATE_MODES", "check_inputs", "check_margins", "check_family",
            "check_validate", "value_check", "check_label_range", "check_dynamic_scalars", "per_row_margins",
            "margin_dtype"]
@@ -60,7 +62,7 @@ def value_check(validate, device, signature):
         return None
     if torch.compiler.is_compiling():
         return "device"
-    if validate == "always" or device.type == "cpu":
+    if validate == "always" or not dispatch.cuda_path(device):
         return "host"
     if signature in _SEEN:
         return "device"

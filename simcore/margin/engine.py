@@ -247,7 +247,8 @@ class _BlockEngine:
         self.batch, self.dim = x.shape
         self.weight, self.sampled, self.spec = weight, sampled, spec
         self.num_sampled, self.k = sampled.numel(), spec.subcenters
-        self.block = plan_block(self.batch, self.num_sampled, self.k, dev.type, options)
+        self.block = plan_block(self.batch, self.num_sampled, self.k, "cuda" if dispatch.cuda_path(dev) else "cpu",
+                                options)
         self.resident = self.block >= self.num_sampled  # one block: pass 2 reuses pass 1's cosines
         self.kept = None  # that block, between the passes
         self.gbuf = None  # half operands: the gradient block rounded for the two GEMMs (pass 2)

@@ -14,6 +14,8 @@ import platform
 
 import torch
 
+from simcore import dispatch
+
 __all__ = ["LOWP_POLICIES", "CPU_GEMMS", "FP16_TOP_EXPONENT", "gemm_operand_dtype", "mm_f32", "fp16_block_scale",
            "onednn_linear"]
 
@@ -37,7 +39,7 @@ def gemm_operand_dtype(embeddings, weight, policy):
     else float16 when they are float16 or autocast to float16 is on; else float32. Mixed
     bfloat16/float16 inputs take bfloat16 (the wider range). On CPU only with ``"always"``."""
     dev = embeddings.device
-    if policy == "never" or (policy == "cuda" and dev.type != "cuda") or not _MM_OUT_DTYPE:
+    if policy == "never" or (policy == "cuda" and not dispatch.cuda_path(dev)) or not _MM_OUT_DTYPE:
         return torch.float32
     dtypes = (embeddings.dtype, weight.dtype)
     if torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) in _HALF:

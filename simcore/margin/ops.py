@@ -53,7 +53,7 @@ def scaled_by_upstream(grad, upstream):
     ``loss.backward()``), checked eagerly only: traced graphs (torch.compile, and AOTAutograd's
     fake/functional tensors, whose value is unknown) always multiply."""
     eager = type(upstream) is torch.Tensor and not torch.compiler.is_compiling()
-    if eager and upstream.device.type == "cpu" and upstream.numel() == 1 and upstream.item() == 1.0:
+    if eager and not dispatch.cuda_path(upstream.device) and upstream.numel() == 1 and upstream.item() == 1.0:
         return grad
     return grad * upstream.to(grad.dtype)
 

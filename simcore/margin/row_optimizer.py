@@ -36,7 +36,7 @@ def _control(t, device):
 def _compiled(weight, rows):
     if weight.dtype == torch.float64 or not dispatch.use_compiled(weight.device):
         return False
-    if rows.device.type == "cuda" and rows.numel() > 1:  # the CPU kernel checks on the host
+    if dispatch.cuda_path(rows.device) and rows.numel() > 1:  # the CPU kernel checks on the host
         torch._assert_async((rows[1:] > rows[:-1]).all(), "simcore: row ids must be strictly increasing")
     return True
 

@@ -50,7 +50,7 @@ def sample_classes(labels: torch.Tensor, num_classes: int, num_samples: int,
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     validate = check_validate(validate)
-    if labels.device.type != "cpu" and labels.numel() <= num_samples < num_classes:
+    if dispatch.cuda_path(labels.device) and labels.numel() <= num_samples < num_classes:
         check_label_range(labels, num_classes, validate)
         return sample_on_device(labels, num_classes, num_samples, generator)
     gdev = generator.device if generator is not None else torch.device("cpu")

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from simcore import dispatch
+
 
 def _gamma(dim):
     """gamma_D = D u / (1 - D u), u = 2^-24: float32 dot products of D terms in any order."""
@@ -30,7 +32,7 @@ def rescore_bounds(qf, qg, gemm_dtype, db_dtype, dim, device):
     Elsewhere (CUDA, where torch may reduce bfloat16/float16 GEMMs in reduced precision),
     the worst-case relative bound of ``slack_factor`` with m_q = ||q|| and rel = 0."""
     qn = qf.norm(dim=1)
-    if device.type != "cpu" or gemm_dtype != torch.bfloat16:
+    if dispatch.cuda_path(device) or gemm_dtype != torch.bfloat16:
         return slack_factor(gemm_dtype, db_dtype, dim), qn.contiguous(), 0.0
     q64, g64 = qf.double(), qg.double()
     m = torch.maximum(q64.norm(dim=1), g64.norm(dim=1))

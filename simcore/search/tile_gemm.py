@@ -42,7 +42,7 @@ def gemm_dtype(db_dtype, device, cosine, n_queries):
     """The dtype the tile GEMMs of a ``db_dtype`` database run in; anything but float32
     means they only nominate and float32 rescoring decides."""
     if db_dtype == torch.float32:
-        if device.type != "cpu" or not cosine:
+        if dispatch.cuda_path(device) or not cosine:
             return torch.float32
         forced = _fp32_via_bf16_choice.get()
         if forced is not None:
@@ -51,7 +51,7 @@ def gemm_dtype(db_dtype, device, cosine, n_queries):
         return torch.bfloat16 if fast else torch.float32
     # CPU: no fast float16 GEMM, bfloat16 runs on AVX-512 BF16 via oneDNN.
     # CUDA: read float16 as such for cosine (unit-norm queries cannot overflow it).
-    if device.type == "cuda" and db_dtype == torch.float16 and cosine:
+    if dispatch.cuda_path(device) and db_dtype == torch.float16 and cosine:
         return torch.float16
     return torch.bfloat16
 

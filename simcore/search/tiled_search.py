@@ -32,7 +32,7 @@ SPLIT_SMALL_TILES = True
 
 def tile_shape(device, n_queries, block_size=None):
     """(database rows, query rows) of one score tile; ``block_size`` overrides the database rows."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
+    kind = "cuda" if dispatch.cuda_path(device) else "cpu"
     db_rows = int(block_size) if block_size else DEFAULT_DB_BLOCK[kind]
     return db_rows, max(1, min(n_queries, DEFAULT_TILE_ELEMENTS[kind] // db_rows))
 
@@ -102,7 +102,7 @@ class TileScan:
         # Reservoir: compacted to k when full, so a larger one means rarer compactions
         # but a threshold that tightens later (more candidates). CUDA needs a thread
         # block of room; on the CPU 1.5k (at least k + 16) measured best.
-        cap = k + max(k // 2, ext.COSINE_TOPK_MIN_SLACK if device.type == "cuda" else 16)
+        cap = k + max(k // 2, ext.COSINE_TOPK_MIN_SLACK if dispatch.cuda_path(device) else 16)
         if n_rows is not None:
             cap = min(cap, n_rows + 1)
         self.reservoir = torch.empty((Q, cap, 2), dtype=torch.int64, device=device)
@@ -112,12 +112,12 @@ class TileScan:
         self.ex_off, self.ex_idx = exclusion_csr(exclude, Q, n_rows, device)
         self.block_rows, self.query_rows = tile_shape(device, Q, block_size)
         self.nthreads = dispatch.num_threads()
-        self.stream = dispatch.cuda_stream(device) if device.type == "cuda" else 0
+        self.stream = dispatch.cuda_stream(device) if dispatch.cuda_path(device) else 0
         # CUDA tiles of few query rows (at most COSINE_TOPK_SPLIT_MAX_ROWS) are scanned by one thread
         # block per (row, 256-column segment) instead of one per row, through this scratch:
         # the segments' scores and survivor counts (csrc/cuda/cosine_topk.cu)
         self.workspace_arg = None
-        if device.type == "cuda" and SPLIT_SMALL_TILES and self.query_rows <= ext.COSINE_TOPK_SPLIT_MAX_ROWS:
+        if dispatch.cuda_path(device) and SPLIT_SMALL_TILES and self.query_rows <= ext.COSINE_TOPK_SPLIT_MAX_ROWS:
             self.workspace = torch.empty(ext.cosine_topk_split_workspace(self.query_rows, self.block_rows),
                                          dtype=torch.float32, device=device)
             self.workspace_arg = dispatch.tensor_arg(self.workspace)
@@ -183,7 +183,7 @@ class TileScan:
     def found_bad_row(self):
         """Whether the prepare kernel has found a non-finite row (asked on CPU only: on CUDA
         the question would wait for the GPU; the stream is then checked at its end)."""
-        return self.device.type == "cpu" and int(self.status[0]) != _INT64_MAX
+        return not dispatch.cuda_path(self.device) and int(self.status[0]) != _INT64_MAX
 
     def result(self, rows, exclude):
         """The sorted top-k after ``rows`` database rows, once the stream's end is checked."""
