@@ -11,7 +11,7 @@ from simcore.dispatch import tensor_arg
 from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, engine_options,
                                    fused_margin_softmax, plan_block)
 from simcore.margin import engine as engine_module
-from simcore.margin.gemm import fp16_block_scale, gemm_operand_dtype, onednn_linear
+from simcore.margin.gemm import cpu_fast_bf16, fp16_block_scale, gemm_operand_dtype, onednn_linear
 from simcore.reference.margin_softmax import margin_softmax_loss, theta_star
 from conftest import BLOCKED, backend, cuda, kernel_params, poisoned, rel_err
 
@@ -321,9 +321,21 @@ def test_fp16_large_and_small_norm_rows(lowp_gemms, generator):
 def test_lowp_gemm_policy():
     x32, w32 = torch.randn(4, 8), torch.randn(10, 8)
     xb, wb, xh, wh = x32.bfloat16(), w32.bfloat16(), x32.half(), w32.half()
-    assert current_engine_options().lowp_gemms == "cuda"  # the default: CPU tensors keep float32 operands
+    assert current_engine_options().lowp_gemms == "auto"  # the default: CPU bfloat16 only with fast bf16 GEMMs
     for policy in ("cuda", "never"):  # CPU tensors: float32 unless "always"
         assert all(gemm_operand_dtype(a, b, policy) == torch.float32 for a in (x32, xb, xh) for b in (w32, wb, wh))
+    assert all(gemm_operand_dtype(a, b, "auto", cpu_bf16=False) == torch.float32
+               for a in (x32, xb, xh) for b in (w32, wb, wh))
+    auto = lambda a, b: gemm_operand_dtype(a, b, "auto", cpu_bf16=True)  # noqa: E731
+    assert auto(xb, w32) == auto(x32, wb) == auto(xb, wh) == torch.bfloat16
+    assert auto(x32, w32) == auto(xh, wh) == auto(xh, w32) == torch.float32  # float16: no fast CPU GEMM
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert auto(x32, w32) == torch.bfloat16 and gemm_operand_dtype(x32, w32, "auto", False) == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert auto(x32, w32) == torch.float32
+    # the detection: AVX512-BF16 (cpuid, once) and oneDNN; None in the options means "detect"
+    assert cpu_fast_bf16() == (dispatch.extension().cpu_has_fast_bf16() and torch.backends.mkldnn.is_available())
+    assert gemm_operand_dtype(xb, wb, "auto") == (torch.bfloat16 if cpu_fast_bf16() else torch.float32)
     f = lambda a, b: gemm_operand_dtype(a, b, "always")  # noqa: E731
     assert f(xh, wh) == f(xh, w32) == f(x32, wh) == torch.float16
     assert f(xb, wh) == f(xh, wb) == f(xb, w32) == torch.bfloat16  # mixed: bfloat16's range wins
@@ -341,6 +353,33 @@ def test_lowp_gemm_policy():
         with engine_options(lowp_gemms="always"):
             assert current_engine_options().lowp_gemms == "always"
     assert EngineOptions.from_op_arg(opts.to_op_arg()) == opts
+    assert EngineOptions.from_op_arg(EngineOptions(cpu_bf16=True).to_op_arg()).cpu_bf16 is True
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_bf16_policy_takes_the_bf16_gemm_path(autocast, generator):
+    """With the CPU's fast-bfloat16 detection overridden (EngineOptions.cpu_bf16), the default policy
+    gives bfloat16 inputs, or bfloat16 autocast, exactly the numerics of lowp_gemms="always" (bfloat16
+    operands, float32 accumulation); without fast bfloat16, exactly those of float32 operands."""
+    x = torch.randn(24, 64, generator=generator)
+    w = torch.randn(500, 64, generator=generator)
+    y = torch.randint(500, (24,), generator=generator)
+    if not autocast:
+        x, w = x.bfloat16(), w.bfloat16()
+
+    def run(**opts):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with engine_options(**opts), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = simcore.arcface_partial(xx, y, ww, sample_rate=1.0)
+        loss.backward()
+        return loss, xx.grad, ww.grad
+
+    for got, want in ((run(cpu_bf16=True), run(lowp_gemms="always")), (run(cpu_bf16=False), run(lowp_gemms="never"))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(run(cpu_bf16=True)[1], run(cpu_bf16=False)[1])  # the two paths differ
+    rl, rgx, rgw = _reference(x, y, w, torch.arange(500), MARGINS["arcface"], "mean")
+    loss, gx, gw = run(cpu_bf16=True)
+    assert rel_err(loss, rl) <= 1e-2 and rel_err(gx, rgx) <= 1e-2 and rel_err(gw, rgw) <= 1e-2
 
 
 def _at_angles(thetas, d, c, gen):
@@ -876,7 +915,7 @@ def test_engine_options_are_scoped_per_thread():
         assert current_engine_options() is outer
     assert current_engine_options() == default and seen["other"] == default
     for bad in (dict(lowp_gemms="sometimes"), dict(cpu_gemm="mkl"), dict(workspace_bytes=-1),
-                dict(block_classes=0), dict(cuda_block_bytes=1.5)):
+                dict(block_classes=0), dict(cuda_block_bytes=1.5), dict(cpu_bf16="yes"), dict(cpu_bf16=1)):
         with pytest.raises(ValueError):
             EngineOptions(**bad)
     with pytest.raises(TypeError):

@@ -1,11 +1,10 @@
 // CPU epilogues of the margin-softmax loss; see margin_softmax.h for the vocabulary.
 //
 // Row-parallel (OpenMP through simcore::parallel_for). The hot loops (max,
-// exp-sum, softmax − one-hot over a block row) are branch-free so the compiler
-// vectorises them; on x86-64 with GCC they are compiled for AVX-512, AVX2 and
-// baseline and picked at load time (target_clones), because the portable build
-// has no -march=native. exp is a branch-free polynomial (relative error
-// < 2e-7, NaN propagates).
+// exp-sum, softmax − one-hot over a block row) run on AVX2 + FMA intrinsics where
+// the CPU has them (picked at run time: the portable build has no -march=native),
+// else on scalar loops compiled for AVX-512, AVX2 and baseline (target_clones).
+// exp is a polynomial (relative error < 2e-7, NaN propagates).
 #include "cpu/margin_softmax.h"
 
 #include <algorithm>
@@ -15,6 +14,13 @@
 
 #include "common/half.h"
 #include "common/parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMCORE_ROWS_AVX2 1
+#include <immintrin.h>
+#else
+#define SIMCORE_ROWS_AVX2 0
+#endif
 
 namespace simcore {
 
@@ -236,6 +242,172 @@ SIMCORE_CLONES void row_softmax(float* a, int64_t n, const NegativeLogit f, floa
   }
 }
 
+// The same loops with AVX2 + FMA intrinsics, taken where the CPU has both (checked once): GCC does
+// not vectorise the loops above (the clamps in fast_exp are control flow to it), so they ran one
+// exp at a time (docs/margin_softmax.md, "CPU epilogue"). Compiled with a target pragma, so the
+// portable build keeps them; AVX-512 gains nothing here, the loops are then memory-bound.
+#if SIMCORE_ROWS_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+// fast_exp on 8 lanes: the same clamp (max/min with the constant first keep NaN), rounding trick
+// and polynomial.
+inline __m256 exp8(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 k = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), xc);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i ki = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000));
+  const __m256i sb = _mm256_slli_epi32(_mm256_add_epi32(ki, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(sb));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax(__m256 v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// Plain non-targets: logit s·a; the slope s rides in the softmax's factor.
+struct Plain {
+  float s;
+  __m256 logit(__m256 a) const { return _mm256_mul_ps(_mm256_set1_ps(s), a); }
+  float logit(float a) const { return s * a; }
+  __m256 slope(__m256) const { return _mm256_set1_ps(1.0f); }
+  float slope(float) const { return 1.0f; }
+};
+
+// NegativeLogit on 8 lanes (a NaN compares false everywhere, as in the scalar form).
+struct Negative {
+  NegativeLogit f;
+  __m256 logit(__m256 a) const {
+    const __m256 z = _mm256_andnot_ps(_mm256_cmp_ps(a, _mm256_set1_ps(f.filter), _CMP_GT_OQ), a);
+    const __m256 plain = _mm256_mul_ps(_mm256_set1_ps(f.scale), z);
+    const __m256 hard = _mm256_mul_ps(plain, _mm256_add_ps(_mm256_set1_ps(f.t), z));
+    return _mm256_blendv_ps(plain, hard, _mm256_cmp_ps(z, _mm256_set1_ps(f.hard), _CMP_GT_OQ));
+  }
+  float logit(float a) const { return f(a); }
+  __m256 slope(__m256 a) const {
+    const __m256 s = _mm256_set1_ps(f.scale);
+    const __m256 hard = _mm256_mul_ps(s, _mm256_fmadd_ps(_mm256_set1_ps(2.0f), a, _mm256_set1_ps(f.t)));
+    const __m256 v = _mm256_blendv_ps(s, hard, _mm256_cmp_ps(a, _mm256_set1_ps(f.hard), _CMP_GT_OQ));
+    return _mm256_andnot_ps(_mm256_cmp_ps(a, _mm256_set1_ps(f.filter), _CMP_GT_OQ), v);
+  }
+  float slope(float a) const { return f.slope(a); }
+};
+
+template <class F>
+float row_max(const float* a, int64_t n, const F& f) {
+  __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(f.logit(_mm256_loadu_ps(a + j)), m8);  // NaN: caught by the sum
+  float m = hmax(m8);
+  for (; j < n; ++j) m = std::max(m, f.logit(a[j]));
+  return m;
+}
+
+template <class F>
+float row_exp_sum(const float* a, int64_t n, const F& f, float m) {
+  const __m256 m8 = _mm256_set1_ps(m);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_add_ps(acc0, exp8(_mm256_sub_ps(f.logit(_mm256_loadu_ps(a + j)), m8)));
+    acc1 = _mm256_add_ps(acc1, exp8(_mm256_sub_ps(f.logit(_mm256_loadu_ps(a + j + 8)), m8)));
+  }
+  for (; j + 8 <= n; j += 8) acc0 = _mm256_add_ps(acc0, exp8(_mm256_sub_ps(f.logit(_mm256_loadu_ps(a + j)), m8)));
+  float acc = hsum(_mm256_add_ps(acc0, acc1));
+  for (; j < n; ++j) acc += fast_exp(f.logit(a[j]) - m);
+  return acc;
+}
+
+// a_j <- c · exp(f(a_j) − lse) · f'(a_j)
+template <class F>
+void row_softmax(float* a, int64_t n, const F& f, float lse, float c) {
+  const __m256 l8 = _mm256_set1_ps(lse), c8 = _mm256_set1_ps(c);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_loadu_ps(a + j);
+    const __m256 e = exp8(_mm256_sub_ps(f.logit(x), l8));
+    _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_mul_ps(c8, e), f.slope(x)));
+  }
+  for (; j < n; ++j) a[j] = c * fast_exp(f.logit(a[j]) - lse) * f.slope(a[j]);
+}
+
+// The entry points, instantiated inside the pragma's region.
+float max_logit(const float* a, int64_t n, float s) { return row_max(a, n, Plain{s}); }
+float max_logit(const float* a, int64_t n, const NegativeLogit& f) { return row_max(a, n, Negative{f}); }
+float exp_sum(const float* a, int64_t n, float s, float m) { return row_exp_sum(a, n, Plain{s}, m); }
+float exp_sum(const float* a, int64_t n, const NegativeLogit& f, float m) { return row_exp_sum(a, n, Negative{f}, m); }
+void softmax(float* a, int64_t n, float s, float lse, float c) { row_softmax(a, n, Plain{s}, lse, c); }
+void softmax(float* a, int64_t n, const NegativeLogit& f, float lse, float c) {
+  row_softmax(a, n, Negative{f}, lse, c);
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+// The loops the two passes call: AVX2 where the CPU has it, else the clones above.
+// max_logit / exp_sum take the logit s·a (plain) or f(a); softmax writes c·exp(logit − lse)·slope.
+float max_logit(const float* a, int64_t n, float s) {
+#if SIMCORE_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::max_logit(a, n, s);
+#endif
+  return s * row_max(a, n);
+}
+float max_logit(const float* a, int64_t n, const NegativeLogit& f) {
+#if SIMCORE_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::max_logit(a, n, f);
+#endif
+  return row_max(a, n, f);
+}
+float exp_sum(const float* a, int64_t n, float s, float m) {
+#if SIMCORE_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::exp_sum(a, n, s, m);
+#endif
+  return row_exp_sum(a, n, s, m);
+}
+float exp_sum(const float* a, int64_t n, const NegativeLogit& f, float m) {
+#if SIMCORE_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::exp_sum(a, n, f, m);
+#endif
+  return row_exp_sum(a, n, f, m);
+}
+void softmax(float* a, int64_t n, float s, float lse, float c) {
+#if SIMCORE_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::softmax(a, n, s, lse, c);
+#endif
+  row_softmax(a, n, s, lse, c);
+}
+void softmax(float* a, int64_t n, const NegativeLogit& f, float lse, float c) {
+#if SIMCORE_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::softmax(a, n, f, lse, c);
+#endif
+  row_softmax(a, n, f, lse, c);
+}
+
 // The row's margins (per-row tensor or the call's scalars) and its target ψ / slope at cosine c.
 struct RowTarget {
   double psi, slope;
@@ -286,12 +458,12 @@ void lse_block_impl(const TensorView& cos, const TensorView& target_col, int64_t
       }
       float bm, bsum;
       if (plain) {
-        bm = std::max(std::max(n1 ? s * row_max(a, n1) : tz, n2 ? s * row_max(a2, n2) : tz), tz);
-        bsum = row_exp_sum(a, n1, s, bm) + row_exp_sum(a2, n2, s, bm);
+        bm = std::max(std::max(n1 ? max_logit(a, n1, s) : tz, n2 ? max_logit(a2, n2, s) : tz), tz);
+        bsum = exp_sum(a, n1, s, bm) + exp_sum(a2, n2, s, bm);
       } else {
         const NegativeLogit f = row_negatives(p, rm, tcos, i);
-        bm = std::max(std::max(n1 ? row_max(a, n1, f) : tz, n2 ? row_max(a2, n2, f) : tz), tz);
-        bsum = row_exp_sum(a, n1, f, bm) + row_exp_sum(a2, n2, f, bm);
+        bm = std::max(std::max(n1 ? max_logit(a, n1, f) : tz, n2 ? max_logit(a2, n2, f) : tz), tz);
+        bsum = exp_sum(a, n1, f, bm) + exp_sum(a2, n2, f, bm);
       }
       if (has) bsum += std::exp(tz - bm);
       if (std::isnan(tz)) bsum = tz;
@@ -323,12 +495,12 @@ void grad_block_impl(const TensorView& cos, const TensorView& target_col, int64_
       const int64_t t = has ? tcol[i] - col0 : n;
       // d loss_i / d logit = rw·(softmax − one-hot); d logit / d cos = s for plain negatives
       if (plain) {
-        row_softmax(a, t, s, l[i], rw[i] * s);
-        if (has) row_softmax(a + t + 1, n - t - 1, s, l[i], rw[i] * s);
+        softmax(a, t, s, l[i], rw[i] * s);
+        if (has) softmax(a + t + 1, n - t - 1, s, l[i], rw[i] * s);
       } else {
         const NegativeLogit f = row_negatives(p, rm, tcos, i);
-        row_softmax(a, t, f, l[i], rw[i]);
-        if (has) row_softmax(a + t + 1, n - t - 1, f, l[i], rw[i]);
+        softmax(a, t, f, l[i], rw[i]);
+        if (has) softmax(a + t + 1, n - t - 1, f, l[i], rw[i]);
       }
       if (!has) continue;
       const RowTarget r = row_target(tcos[i], p, rm, i);

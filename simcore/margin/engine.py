@@ -57,12 +57,16 @@ _F32 = torch.float32
 class EngineOptions:
     """How the engine runs; none of it changes the loss beyond float rounding.
 
-    lowp_gemms: "cuda" (default) half GEMM operands on CUDA (float32 accumulation and
+    lowp_gemms: "auto" (default) half GEMM operands on CUDA (float32 accumulation and
         output): bfloat16 when the embeddings or the weight are bfloat16 or autocast to
         bfloat16 is on, else float16 when they are float16 or autocast to float16 is on
-        (:func:`simcore.margin.gemm.gemm_operand_dtype`); "always" the same rule on every
-        device (CPU forms the products in float32, exact for half values, so it reproduces
-        the CUDA numerics: the tests use it); "never" float32 operands.
+        (:func:`simcore.margin.gemm.gemm_operand_dtype`), and bfloat16 ones by the same rule
+        on a CPU with fast bfloat16 GEMMs (``cpu_bf16``); "cuda" on CUDA only; "always" the
+        same rule on every device (CPU forms the products in float32, exact for half values,
+        so it reproduces the CUDA numerics: the tests use it); "never" float32 operands.
+    cpu_bf16: whether the CPU counts as having fast bfloat16 GEMMs for ``lowp_gemms="auto"``:
+        None (default) detects it once (:func:`simcore.margin.gemm.cpu_fast_bf16`: AVX512-BF16,
+        which AMX CPUs have too); True / False override the detection.
     cpu_gemm: "auto" (default) oneDNN for the CPU's cosines and ∂L/∂x̂ on x86-64 where it
         passes a probe; "torch" torch.mm (MKL) for every GEMM.
     workspace_bytes: one block holds every sampled class when its (B × S·K) float32
@@ -75,12 +79,13 @@ class EngineOptions:
     block_classes: classes per block, overriding the byte budgets (None: planned from
         them); tests force the class-blocked two-pass path with small blocks.
     """
-    lowp_gemms: str = "cuda"
+    lowp_gemms: str = "auto"
     cpu_gemm: str = "auto"
     workspace_bytes: int = 32 << 20
     cpu_block_bytes: int = 24 << 20
     cuda_block_bytes: int = 64 << 20
     block_classes: Optional[int] = None
+    cpu_bf16: Optional[bool] = None
 
     def __post_init__(self):
         if self.lowp_gemms not in LOWP_POLICIES:
@@ -91,6 +96,8 @@ class EngineOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.cpu_bf16 is not None and not isinstance(self.cpu_bf16, bool):
+            raise ValueError(f"cpu_bf16 must be None, True or False, got {self.cpu_bf16!r}")
         b = self.block_classes
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"block_classes must be a positive int or None, got {b!r}")

@@ -2,6 +2,7 @@
 
 * :func:`gemm_operand_dtype` — the low-precision operand policy (``EngineOptions.lowp_gemms``):
   bfloat16 or float16 operands, float32 accumulation and output.
+* :func:`cpu_fast_bf16` — whether this CPU has fast bfloat16 GEMMs (AVX512-BF16; AMX CPUs have it too).
 * :func:`mm_f32` — a·b with float32 accumulation and output for any of the three operand dtypes.
 * :func:`fp16_block_scale` — the power-of-two scale that puts a gradient block into float16's range.
 * :func:`onednn_linear` — torch's oneDNN matmul for the CPU's cosines and ∂L/∂x̂
@@ -9,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 
@@ -16,13 +18,14 @@ import torch
 
 from simcore import dispatch
 
-__all__ = ["LOWP_POLICIES", "CPU_GEMMS", "FP16_TOP_EXPONENT", "gemm_operand_dtype", "mm_f32", "fp16_block_scale",
-           "onednn_linear"]
+__all__ = ["LOWP_POLICIES", "CPU_GEMMS", "FP16_TOP_EXPONENT", "cpu_fast_bf16", "gemm_operand_dtype", "mm_f32",
+           "fp16_block_scale", "onednn_linear"]
 
+# "auto": half operands on CUDA, and bfloat16 ones on a CPU with fast bfloat16 GEMMs (cpu_fast_bf16);
 # "cuda": half operands on CUDA devices only; "always": on every device (CPU forms the products
 # in float32, exact for bfloat16 and float16 values, so it reproduces the CUDA numerics); "never":
 # float32 operands.
-LOWP_POLICIES = ("cuda", "always", "never")
+LOWP_POLICIES = ("auto", "cuda", "always", "never")
 # "auto": oneDNN on x86-64 where it passes a probe; "torch": torch.mm (MKL) always.
 CPU_GEMMS = ("auto", "torch")
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (recent torch)
@@ -33,34 +36,72 @@ FP16_TOP_EXPONENT = 15
 _MAX_SHIFT = 126  # |k| <= 126: 2^k and 2^-k are normal float32 numbers, so both rescalings are exact
 
 
-def gemm_operand_dtype(embeddings, weight, policy):
+@functools.lru_cache(maxsize=None)
+def cpu_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 GEMMs fast (detected once): AVX512-BF16 by cpuid in the
+    extension (every AMX CPU has it too), and oneDNN in torch to run them. False where the
+    extension is missing."""
+    try:
+        ext = dispatch.extension()
+    except ImportError:
+        return False
+    return bool(ext.cpu_has_fast_bf16()) and torch.backends.mkldnn.is_available()
+
+
+def gemm_operand_dtype(embeddings, weight, policy, cpu_bf16=None):
     """The engine's GEMM operand dtype under ``policy`` (float32 accumulation and output always):
     bfloat16 when the embeddings or the weight are bfloat16 or autocast to bfloat16 is on;
     else float16 when they are float16 or autocast to float16 is on; else float32. Mixed
-    bfloat16/float16 inputs take bfloat16 (the wider range). On CPU only with ``"always"``."""
+    bfloat16/float16 inputs take bfloat16 (the wider range). On CPU: with ``"always"``, and with
+    ``"auto"`` bfloat16 only, where the CPU has fast bfloat16 GEMMs (``cpu_bf16``, None:
+    :func:`cpu_fast_bf16`); float16 has no fast CPU GEMM."""
     dev = embeddings.device
-    if policy == "never" or (policy == "cuda" and not dispatch.cuda_path(dev)) or not _MM_OUT_DTYPE:
+    if policy == "never" or not _MM_OUT_DTYPE:
         return torch.float32
     dtypes = (embeddings.dtype, weight.dtype)
     if torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) in _HALF:
         dtypes += (torch.get_autocast_dtype(dev.type),)
-    for half in _HALF:
-        if half in dtypes:
-            return half
+    half = next((h for h in _HALF if h in dtypes), torch.float32)
+    if dispatch.cuda_path(dev) or policy == "always":
+        return half
+    fast_cpu = cpu_fast_bf16() if cpu_bf16 is None else cpu_bf16
+    if policy == "auto" and dev.type == "cpu" and half == torch.bfloat16 and fast_cpu:
+        return half
     return torch.float32
 
 
 def mm_f32(a, b, out=None):
     """a·b with float32 accumulation and output. bfloat16 and float16 operands go to cuBLAS as
     such; on CPU their products are formed in float32 (exact: 8- and 11-bit significands
-    multiply into at most 22 bits, within float32's 24)."""
+    multiply into at most 22 bits, within float32's 24). torch has no CPU GEMM of bfloat16
+    operands with a float32 result, so on a CPU with fast bfloat16 GEMMs the float32 copies of
+    bfloat16 operands go to oneDNN with its bfloat16 math mode on (it rounds them to bfloat16,
+    exactly, as they are bfloat16 values); elsewhere torch ignores that mode."""
     if a.dtype in _HALF:
         if a.is_cuda:
             if out is None:
                 return torch.mm(a, b, out_dtype=torch.float32)
             return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        bf16_math = a.dtype == torch.bfloat16 and cpu_fast_bf16()
         a, b = a.float(), b.float()
+        if bf16_math:
+            with _onednn_bf16_math():
+                return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
+@contextlib.contextmanager
+def _onednn_bf16_math():
+    """torch's float32 CPU matmuls through oneDNN in bfloat16 math (float32 accumulation and result)
+    for the ``with`` block. A process-wide setting: a float32 matmul that another thread runs at the
+    same moment takes it too."""
+    prec = torch.backends.mkldnn.matmul
+    old = prec.fp32_precision
+    prec.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        prec.fp32_precision = old
 
 
 def fp16_block_scale(block):

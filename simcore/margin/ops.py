@@ -206,7 +206,8 @@ def _engine_op_arg() -> str:
 
 def _gemm_op_arg(embeddings, weight) -> str:
     """The GEMM operand dtype (:func:`gemm_operand_dtype`) as the ops' ``gemm_dtype`` string."""
-    return _GEMM_NAMES[gemm_operand_dtype(embeddings, weight, current_engine_options().lowp_gemms)]
+    opts = current_engine_options()
+    return _GEMM_NAMES[gemm_operand_dtype(embeddings, weight, opts.lowp_gemms, opts.cpu_bf16)]
 
 
 def runs_compiled(embeddings, weight) -> bool:

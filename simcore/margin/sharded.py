@@ -145,12 +145,13 @@ class _ShardLoss(torch.autograd.Function):
         else:
             gx = torch.empty_like(xg, memory_format=torch.contiguous_format) if need_gx else None
             gw = torch.empty_like(rows, memory_format=torch.contiguous_format) if need_gw else None
+            opts = current_engine_options()
             loss_rows, tcos = fused_margin_softmax(
                 xg.contiguous(), None, rows, torch.arange(s, device=dev), spec,
                 row_margins=None if row_margins is None else row_margins.detach(), target_cos=target_cos,
                 row_weight=row_weight if grads else None, grad_x=gx, grad_w=gw, target_col=tcol,
                 combine=lambda m, su, t: _combine(m, su, t, tcol, group),
-                gemm_dtype=gemm_operand_dtype(xg, rows, current_engine_options().lowp_gemms))
+                gemm_dtype=gemm_operand_dtype(xg, rows, opts.lowp_gemms, opts.cpu_bf16))
         gm = None
         if need_gm:
             gm = margin_grad(loss_rows, torch.where(tcol >= 0, tcos, torch.zeros_like(tcos)), row_margins.detach(),
