@@ -177,7 +177,7 @@ class BuildExt(build_ext):
         procs = []
         for src, flags in jobs:  # in parallel, as the nvcc build
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            cmd = compiler + ["-c", src, "-o", obj] + flags + common
+            cmd = compiler + flags + common + ["-c", src, "-o", obj]  # -x c++ must come before the file
             print(" ".join(cmd))
             procs.append((src, obj, subprocess.Popen(cmd)))
         failed = [src for src, _, p in procs if p.wait() != 0]
