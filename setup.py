@@ -162,23 +162,29 @@ class BuildExt(build_ext):
 
     def _build_emulation(self, ext):
         """csrc/cuda/*.cu compiled by the host C++ compiler with the emulation header
-        force-included (no nvcc, no GPU), linked with the bindings and the C++ kernels."""
+        force-included (no nvcc, no GPU), linked with the bindings and the C++ kernels'
+        argument checks (csrc/cpu, compiled at -O1 and without sanitizers: no kernel of theirs runs)."""
         include = _cuda_include_for_host()
         ext.include_dirs.append(include)
-        objects = []
-        for src in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))):
-            obj = os.path.join(self.build_temp, "emulation", os.path.basename(src) + ".o")
-            os.makedirs(os.path.dirname(obj), exist_ok=True)
-            cmd = ((os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()
-                   + ["-x", "c++", "-c", src, "-o", obj, "-fPIC", "-Icsrc", "-I" + include,
-                      "-include", os.path.join("csrc", "cuda", "emulation", "cuda_emulation.h")]
-                   + CXX_FLAGS + ["-Wno-unused-function"])
+        compiler = (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()
+        common = ["-fPIC", "-Icsrc", "-I" + include, "-I" + _pybind11_include(), "-Wno-unused-function"]
+        plain = [f for f in CXX_FLAGS if f not in SAN and f != "-O3"] + ["-O1"]
+        jobs = [(src, ["-x", "c++", "-include", os.path.join("csrc", "cuda", "emulation", "cuda_emulation.h")]
+                 + CXX_FLAGS) for src in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))]
+        jobs += [(src, plain) for src in sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
+        out_dir = os.path.join(self.build_temp, "emulation")
+        os.makedirs(out_dir, exist_ok=True)
+        procs = []
+        for src, flags in jobs:  # in parallel, as the nvcc build
+            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            cmd = compiler + flags + common + ["-c", src, "-o", obj]  # -x c++ must come before the file
             print(" ".join(cmd))
-            if subprocess.run(cmd).returncode != 0:
-                _fail(f"compiling {src} for the CUDA emulation failed (messages above)")
-            objects.append(obj)
-        ext.extra_objects += objects
-        build_temp, self.build_temp = self.build_temp, os.path.join(self.build_temp, "emulation")
+            procs.append((src, obj, subprocess.Popen(cmd)))
+        failed = [src for src, _, p in procs if p.wait() != 0]
+        if failed:
+            _fail("compiling " + ", ".join(failed) + " for the CUDA emulation failed (messages above)")
+        ext.extra_objects += [obj for _, obj, _ in procs]
+        build_temp, self.build_temp = self.build_temp, out_dir
         try:  # its own object folder: the bindings compile differently here
             super().build_extension(ext)
         except Exception as exc:
@@ -236,11 +242,12 @@ if _emulation in ("1", "only"):
     # The bindings see every CPU tensor as a CUDA tensor of device 0 (csrc/bindings/tensor_arg.cpp).
     extensions.append(Extension(
         EMULATION_MODULE,
-        sources=SOURCES + sorted(glob.glob(os.path.join("csrc", "cuda", "emulation", "*.cpp"))),
+        # + csrc/cuda/*.cu and csrc/cpu/*.cpp, compiled by BuildExt._build_emulation
+        sources=sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp"))
+                       + glob.glob(os.path.join("csrc", "cuda", "emulation", "*.cpp"))),
         include_dirs=["csrc"],
         define_macros=[("SIMCORE_WITH_CUDA", "1"), ("SIMCORE_CUDA_EMULATION", "1"), ("SIMCORE_MODULE_NAME", "_C_emu")],
-        # -O1: the C++ kernels only lend it their argument checks here (it builds in half the time)
-        extra_compile_args=[f for f in CXX_FLAGS if f != "-O3"] + (["-O1"] if "-O3" in CXX_FLAGS else []),
+        extra_compile_args=CXX_FLAGS,
         extra_link_args=LINK_FLAGS,
         language="c++",
     ))
