@@ -4,9 +4,9 @@ Run: python -m pytest benchmarks/bench_margin_softmax.py -q -s
 
 Floor (written down first): forward+backward needs three GEMMs of 2·B·S·D FLOPs
 each (logits X̂Ŵᵀ, ∂L/∂X̂ = GŴ, ∂L/∂Ŵ = GᵀX̂). At B=256, D=512, S=10,000 that is
-7.9 GFLOP: ~44 ms at the ~180 GFLOP/s float32 rate of 2 threads on this machine
-(shared/REFERENCE.md §5). The "floor" row times exactly those three torch.mm
-calls at the same sizes in the same run, so every ratio is taken side by side.
+7.9 GFLOP: ~44 ms at the ~180 GFLOP/s float32 rate of 2 threads on the AVX-512 AMD EPYC
+of shared/REFERENCE.md §5 (CI's AVX2 EPYC class: benchmarks/RESULTS.md). The "floor" row
+times exactly those three torch.mm calls at the same sizes in the same run, so every ratio is taken side by side.
 
 F.linear_cross_entropy without ``options`` is torch's unchunked linear + cross_entropy
 (the same three torch.mm GEMMs). simcore's CPU path runs two of its GEMMs through
