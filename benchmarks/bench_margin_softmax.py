@@ -171,7 +171,8 @@ def _interleaved(rounds=15):
     impls = {"floor": _floor(B, D, C), "floor_engines": _floor_engines(B, D, C),
              "lce": _step(lambda: F.linear_cross_entropy(x, w, y), x, w),
              "simcore": sc, "simcore_torch_mm": sc_torch_mm, "reference": _reference(x, y, w),
-             "lce_randn": _step(lambda: F.linear_cross_entropy(xr, wr, y), xr, wr), "simcore_randn": _simcore(xr, y, wr)}
+             "lce_randn": _step(lambda: F.linear_cross_entropy(xr, wr, y), xr, wr),
+             "simcore_randn": _simcore(xr, y, wr)}
     names = list(impls)
     for fn in impls.values():  # warm-up
         fn()
