@@ -36,16 +36,21 @@ FP16_TOP_EXPONENT = 15
 _MAX_SHIFT = 126  # |k| <= 126: 2^k and 2^-k are normal float32 numbers, so both rescalings are exact
 
 
-@functools.lru_cache(maxsize=None)
+_cpu_fast_bf16 = []  # the detection's result, once known
+
+
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the extension call: a graph constant
 def cpu_fast_bf16() -> bool:
     """Whether this CPU runs bfloat16 GEMMs fast (detected once): AVX512-BF16 by cpuid in the
     extension (every AMX CPU has it too), and oneDNN in torch to run them. False where the
     extension is missing."""
-    try:
-        ext = dispatch.extension()
-    except ImportError:
-        return False
-    return bool(ext.cpu_has_fast_bf16()) and torch.backends.mkldnn.is_available()
+    if not _cpu_fast_bf16:
+        try:
+            fast = bool(dispatch.extension().cpu_has_fast_bf16()) and torch.backends.mkldnn.is_available()
+        except ImportError:
+            fast = False
+        _cpu_fast_bf16.append(fast)
+    return _cpu_fast_bf16[0]
 
 
 def gemm_operand_dtype(embeddings, weight, policy, cpu_bf16=None):
