@@ -65,9 +65,8 @@ def _user_errors():
     from simcore.isc.backbones import BackboneError
     from simcore.isc.data import CorruptImageError, NoImagesError
     from simcore.isc.embed import CheckpointError, EmbedSetupError
-    from simcore.isc.train import CheckpointWriteError, TrainSetupError
-    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, EmbedSetupError, TrainSetupError,
-            CheckpointWriteError)
+    from simcore.isc.train import TrainSetupError
+    return (NoImagesError, CorruptImageError, BackboneError, CheckpointError, EmbedSetupError, TrainSetupError)
 
 
 def _train_config(a):
@@ -94,22 +93,14 @@ def _train_config(a):
     return cfg
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"simcore train: warning: {message}", file=sys.stderr if file is None else file)
-
-
 def cmd_train(a):
-    import warnings
-
-    from simcore.isc.train import SimulatedFailure, train
+    from simcore.isc.train import CheckpointWriteError, SimulatedFailure, train
 
     cfg = _train_config(a)
     lead = int(os.environ.get("RANK", "0") or 0) == 0
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
-            r = train(cfg)
-    except _user_errors() as e:
+        r = train(cfg)
+    except _user_errors() + (CheckpointWriteError,) as e:
         raise CLIError(str(e)) from None
     except SimulatedFailure as e:          # the test hook: an interrupted run, not a user error
         if lead:
