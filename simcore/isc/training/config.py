@@ -238,7 +238,8 @@ def _check_loss(c):
     if c.margin is None:
         return
     if margins is None:
-        raise TrainSetupError(f"--margin: {c.loss} has no margin to set ({'it follows the embedding norms' if c.loss == 'magface' else 'it adapts the scale alone'}); leave --margin out")
+        why = "it follows the embedding norms" if c.loss == "magface" else "it adapts the scale alone"
+        raise TrainSetupError(f"--margin: {c.loss} has no margin to set ({why}); leave --margin out")
     lo, hi = margins[1]
     if not _number(c.margin) or not lo <= c.margin <= hi:
         raise _bad("margin", f"a number in [{lo:g}, {hi:.4g}] for {c.loss} (default {margins[0]})", c.margin)
