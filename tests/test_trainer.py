@@ -3,10 +3,12 @@ checkpoint to resume from, exit 130, no traceback); the command's warnings of cl
 the stage, one class)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -96,10 +98,13 @@ def test_ctrl_c_on_the_command(folder, tmp_path):
 
 
 def test_the_command_warns_of_a_batch_larger_than_the_images(folder, tmp_path, run_inproc):  # noqa: F811
-    r = run_inproc("train", folder, "-o", tmp_path / "run", "--batch-size", "100", "--steps", "1", "--dim", "16",
-                   "--image-size", "32", "--views", "1", "--no-progress", cwd=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:   # printed by the command, or recorded here
+        warnings.simplefilter("always")
+        r = run_inproc("train", folder, "-o", tmp_path / "run", "--batch-size", "100", "--steps", "1", "--dim", "16",
+                       "--image-size", "32", "--views", "1", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "simcore train: warning: --batch-size 100: stage 1 has 8 images, so its batches hold 8\n" in r.stderr
+    said = r.stderr + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    assert re.search(r"warning: --batch-size 100: stage 1 has 8 images, so its batches hold 8$", said, re.I | re.M)
     assert "batch 8, up to 1 steps" in r.stderr
 
 

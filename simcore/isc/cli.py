@@ -86,13 +86,7 @@ def _train_config(a):
     return cfg
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"simcore train: warning: {message}", file=sys.stderr if file is None else file)
-
-
 def cmd_train(a):
-    import warnings
-
     from simcore.isc.train import SimulatedFailure, train
 
     cfg = _train_config(a)

@@ -254,10 +254,11 @@ class Trainer:
 
     def _describe_run(self):
         c, d = self.c, self.data
+        loading = f"{c.workers} loader worker" + "s" * (c.workers > 1) if c.workers else "loading in the main process"
         return (f"{d.num_items} images, {d.num_classes} classes ({d.classes_are})"
                 f"{f', {d.skipped} unreadable files skipped' if d.skipped else ''}; "
                 f"stages: {self.plan.counts} classes; device {self.device}, "
-                f"{f'{c.workers} loader worker' + 's' * (c.workers > 1) if c.workers else 'loading in the main process'}, "
+                f"{loading}, "
                 f"augmenting {'batched on the device' if c.augment_on == 'device' else 'per sample while loading'}"
                 + (f"; {self.world} ranks (torchrun, {torch.distributed.get_backend()})" if self.world > 1 else ""))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 import warnings
@@ -203,18 +204,19 @@ def _range_text(lo, hi):
 def _check_counts(c):
     for name, lo, hi in _COUNTS:
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, int) or not _in_range(v, lo, hi):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not _in_range(v, lo, hi):
             raise _bad(name, _range_text(lo, hi), v)
     for name, lo in (("batch_size", 1), ("steps", 1), ("widths", 1)):
         bad = [v for v in getattr(c, name) if v < lo]
         if bad:
             raise _bad(name, f"whole numbers >= {lo}", ",".join(map(str, getattr(c, name))))
-    if c.threads is not None and (isinstance(c.threads, bool) or not isinstance(c.threads, int) or c.threads < 1):
+    if c.threads is not None and (isinstance(c.threads, bool) or not isinstance(c.threads, numbers.Integral)
+                                  or c.threads < 1):
         raise _bad("threads", "a whole number >= 1", c.threads)
 
 
 def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_numbers(c):
@@ -238,7 +240,8 @@ def _check_loss(c):
     if c.margin is None:
         return
     if margins is None:
-        raise TrainSetupError(f"--margin: {c.loss} has no margin to set ({'it follows the embedding norms' if c.loss == 'magface' else 'it adapts the scale alone'}); leave --margin out")
+        why = "it follows the embedding norms" if c.loss == "magface" else "it adapts the scale alone"
+        raise TrainSetupError(f"--margin: {c.loss} has no margin to set ({why}); leave --margin out")
     lo, hi = margins[1]
     if not _number(c.margin) or not lo <= c.margin <= hi:
         raise _bad("margin", f"a number in [{lo:g}, {hi:.4g}] for {c.loss} (default {margins[0]})", c.margin)
