@@ -181,7 +181,7 @@ def write_unreadable_inputs(d):
     for name in ("garbage.bin", "garbage.npy", "garbage.h5"):
         (d / name).write_bytes(GARBAGE)
     (d / "ok.csv").write_text("Q1,R1,0.5\n")
-    (d / "hugefield.csv").write_text("x" * 200_000)               # past the csv module's field limit
+    (d / "hugefield.csv").write_text("x" * 200_000 + "\n")             # past the csv module's field limit
     with h5py.File(d / "badids.h5", "w") as f:
         f["query"], f["reference"] = np.ones((2, 16), np.float32), np.ones((2, 16), np.float32)
         f["query_ids"], f["reference_ids"] = np.array([b"\xff\xfe", b"q"]), np.array([b"a", b"b"])
