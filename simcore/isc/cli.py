@@ -6,6 +6,10 @@
     simcore demo [--quick] [--out DIR] ...   (simcore.isc.demo: the copy-detection benchmark)
     simcore train IMAGES_DIR -o RUN_DIR [--drip 50,100,ALL --steps ...]   (simcore.isc.train, docs/train.md)
     simcore embed CKPT [CKPT ...] --query Q_DIR --reference R_DIR [--train T_DIR --pca 256 --flip] -o out.h5
+    simcore eval-verification CKPT lfw.bin[,cfp_fp.bin,...] [--json]    (face verification, docs/face_reid.md)
+    simcore eval-reid CKPT QUERY_DIR GALLERY_DIR [--json]               (re-identification: rank-k, mAP)
+    simcore export CKPT -o model.onnx [--format onnx|export]
+    simcore convert SRC -o shards/train-%06d.tar                         (image folder or .rec -> WebDataset)
 
 Descriptor files: the challenge's HDF5 layout (datasets ``query``,
 ``reference``, ``query_ids``, ``reference_ids``; a training file holds ``train``
@@ -22,6 +26,7 @@ import sys
 import warnings
 
 from simcore.isc import checks
+from simcore.isc.cli_models import add_model_commands
 from simcore.isc.commands import CLIError, error_line, evaluate_files, match_files, user_errors
 
 __all__ = ["main"]
@@ -165,6 +170,7 @@ def build_parser():
     _add_eval_arguments(sub)
     _add_train_arguments(sub)
     _add_embed_arguments(sub)
+    add_model_commands(sub)
     # Listed for `simcore --help`; main() hands everything after `demo` to simcore.isc.demo.main.
     sub.add_parser("demo", add_help=False, help="the copy-detection benchmark on real photographs "
                                                 "(simcore demo --help for its options)")
