@@ -23,6 +23,15 @@ def run(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_inproc(capsys, *args, cwd=None):
+    """The same entry point in-process (for the refusals: each subprocess pays torch's import)."""
+    from simcore.isc.cli import main
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def _jpeg(rgb, seed, size=24):
     from PIL import Image
     noise = np.random.default_rng(seed).integers(0, 40, (size, size, 3))
@@ -57,9 +66,9 @@ def bin_file(tmp_path_factory):
     return root / "pairs.bin"
 
 
-def test_eval_verification_prints_the_validators_figures(ckpt, bin_file, tmp_path):
+def test_eval_verification_prints_the_validators_figures(ckpt, bin_file, tmp_path, capsys):
     from simcore.isc.verification import VerificationValidator
-    r = run("eval-verification", ckpt, f"{bin_file},{bin_file}", "--json", "--device", "cpu", cwd=tmp_path)
+    r = run_inproc(capsys, "eval-verification", ckpt, f"{bin_file},{bin_file}", "--json", "--device", "cpu")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "share a name" in r.stderr
     r = run("eval-verification", ckpt, bin_file, "--json", "--device", "cpu", "--batch-size", "7", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -67,7 +76,7 @@ def test_eval_verification_prints_the_validators_figures(ckpt, bin_file, tmp_pat
     model, _ = load_model(ckpt)
     want = VerificationValidator(bin_file, image_size=IMAGE_SIZE).evaluate(ModelEmbedder(model, "cpu"))
     assert set(got) == {"pairs"} and got["pairs"] == pytest.approx(want)
-    r = run("eval-verification", ckpt, bin_file, "--device", "cpu", cwd=tmp_path)
+    r = run_inproc(capsys, "eval-verification", ckpt, bin_file, "--device", "cpu")
     assert r.returncode == 0 and "pairs:" in r.stdout and "accuracy:" in r.stdout and "pairs: 20" in r.stdout
 
 
@@ -76,17 +85,17 @@ def test_eval_verification_prints_the_validators_figures(ckpt, bin_file, tmp_pat
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
 ])
-def test_eval_verification_bad_values(ckpt, bin_file, tmp_path, args, needle):
-    r = run("eval-verification", ckpt, bin_file, *args, cwd=tmp_path)
+def test_eval_verification_bad_values(ckpt, bin_file, capsys, args, needle):
+    r = run_inproc(capsys, "eval-verification", ckpt, bin_file, *args)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
 
 
-def test_eval_verification_bad_files(ckpt, bin_file, tmp_path):
+def test_eval_verification_bad_files(ckpt, bin_file, tmp_path, capsys):
     (tmp_path / "junk.bin").write_bytes(b"not a pickle")
     for args, needle in [((ckpt, tmp_path / "missing.bin"), "missing.bin: no such file"),
                          ((ckpt, tmp_path / "junk.bin"), "junk.bin: not a verification .bin"),
                          ((tmp_path / "junk.bin", bin_file), "not a readable checkpoint")]:
-        r = run("eval-verification", *args, cwd=tmp_path)
+        r = run_inproc(capsys, "eval-verification", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
 
 
@@ -99,7 +108,7 @@ def _market(folder, rng):
             Image.fromarray(rgb).save(folder / f"{pid:04d}_c{cam}s1_{pid * 10 + cam:06d}_00.jpg")
 
 
-def test_eval_reid(ckpt, tmp_path):
+def test_eval_reid(ckpt, tmp_path, capsys):
     from simcore.isc.reid import ReidValidator
     rng = np.random.default_rng(2)
     _market(tmp_path / "query", rng)
@@ -114,11 +123,11 @@ def test_eval_reid(ckpt, tmp_path):
     for args, needle in [((tmp_path / "query", tmp_path / "nowhere"), "GALLERY_DIR"),
                          ((tmp_path / "query", tmp_path / "gallery", "--workers", "-1"), "--workers must be"),
                          ((tmp_path / "query", tmp_path / "gallery"), "not a Market-1501 name")]:
-        r = run("eval-reid", ckpt, *args, cwd=tmp_path)
+        r = run_inproc(capsys, "eval-reid", ckpt, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
 
 
-def test_export_runs_in_onnxruntime_like_the_checkpoint(ckpt, tmp_path):
+def test_export_runs_in_onnxruntime_like_the_checkpoint(ckpt, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     r = run("export", ckpt, "-o", tmp_path / "model.onnx", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -128,11 +137,11 @@ def test_export_runs_in_onnxruntime_like_the_checkpoint(ckpt, tmp_path):
         want = torch.nn.functional.normalize(model(x), dim=1).numpy()
     got = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
-    r = run("export", ckpt, "-o", tmp_path / "model.onnx", "--format", "tflite", cwd=tmp_path)
+    r = run_inproc(capsys, "export", ckpt, "-o", tmp_path / "model.onnx", "--format", "tflite")
     assert r.returncode == 2 and "--format must be one of onnx, export, got 'tflite'" in r.stderr
 
 
-def test_convert_a_folder_to_shards_that_train_reads(tmp_path):
+def test_convert_a_folder_to_shards_that_train_reads(tmp_path, capsys):
     from simcore.isc.shards import ShardDataset
     rng = np.random.default_rng(4)
     for cls in ("a", "b", "c"):
@@ -147,5 +156,5 @@ def test_convert_a_folder_to_shards_that_train_reads(tmp_path):
     ds = ShardDataset(str(tmp_path / "shards" / "train-{000..002}.tar"), 16, labels="cls")
     labels = sorted(int(s[1]) for s, _ in zip(iter(ds), range(9)))
     assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    r = run("convert", tmp_path / "imgs", "-o", tmp_path / "train.tar", cwd=tmp_path)
+    r = run_inproc(capsys, "convert", tmp_path / "imgs", "-o", tmp_path / "train.tar")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "%d-style field" in r.stderr
