@@ -158,3 +158,40 @@ def test_convert_a_folder_to_shards_that_train_reads(tmp_path, capsys):
     assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     r = run_inproc(capsys, "convert", tmp_path / "imgs", "-o", tmp_path / "train.tar")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "%d-style field" in r.stderr
+
+
+def _rec(path, classes=4, per_class=3):
+    from simcore.isc.recordio import RecordWriter
+    rng = np.random.default_rng(5)
+    with RecordWriter(path) as w:
+        for k in range(classes * per_class):
+            rgb = tuple(int(c) for c in rng.integers(0, 200, 3)) if k % per_class == 0 else rgb
+            w.write_image(k + 1, k // per_class, _jpeg(rgb, k))
+
+
+def test_train_on_recordio_with_face_and_reid_validators(bin_file, tmp_path, capsys):
+    """simcore train data.rec --labels record --val-bin --val-reid: the validators' figures in log.jsonl and
+    the final JSON; the new flags refused before any work."""
+    _rec(tmp_path / "train.rec")
+    rng = np.random.default_rng(6)
+    _market(tmp_path / "query", rng)
+    _market(tmp_path / "gallery", rng)
+    base = ["train", tmp_path / "train.rec", "--labels", "record", "--dim", "16", "--image-size", "32",
+            "--steps", "2", "--batch-size", "6", "--views", "1", "--sample-rate", "1", "--device", "cpu"]
+    for extra, needle in [(["--val-bin", tmp_path / "none.bin"], "--val-bin"),
+                          (["--val-reid", tmp_path / "query"], "--val-reid must be QUERY_DIR,GALLERY_DIR"),
+                          (["--val-reid", f"{tmp_path / 'query'},{tmp_path / 'nowhere'}"], "nowhere: no such folder"),
+                          (["--labels", "image"], "--labels record goes with a RecordIO .rec file")]:
+        r = run_inproc(capsys, *base, "-o", tmp_path / "bad", *extra)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+        assert not (tmp_path / "bad").exists()
+    r = run(*base, "-o", tmp_path / "run", "--val-bin", bin_file, "--val-reid",
+            f"{tmp_path / 'query'},{tmp_path / 'gallery'}", "--json", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.splitlines()[-1])
+    stage = summary["stages"][0]
+    assert stage["classes"] == 4 and set(stage["val_pairs"]) >= {"accuracy", "tar@far=0.001", "pairs"}
+    assert stage["val_pairs"]["pairs"] == 20 and stage["val_reid"]["queries"] == 8
+    events = [json.loads(line)["event"] for line in open(tmp_path / "run" / "log.jsonl")]
+    assert "val_pairs" in events and "val_reid" in events
+    assert "pairs accuracy" in r.stderr and "re-ID rank-1" in r.stderr
