@@ -6,6 +6,10 @@
     simcore demo [--quick] [--out DIR] ...   (simcore.isc.demo: the copy-detection benchmark)
     simcore train IMAGES_DIR -o RUN_DIR [--drip 50,100,ALL --steps ...]   (simcore.isc.train, docs/train.md)
     simcore embed CKPT [CKPT ...] --query Q_DIR --reference R_DIR [--train T_DIR --pca 256 --flip] -o out.h5
+    simcore eval-verification CKPT lfw.bin[,cfp_fp.bin,...] [--json]    (face verification, docs/face_reid.md)
+    simcore eval-reid CKPT QUERY_DIR GALLERY_DIR [--json]               (re-identification: rank-k, mAP)
+    simcore export CKPT -o model.onnx [--format onnx|export]
+    simcore convert SRC -o shards/train-%06d.tar                         (image folder or .rec -> WebDataset)
 
 Descriptor files: the challenge's HDF5 layout (datasets ``query``,
 ``reference``, ``query_ids``, ``reference_ids``; a training file holds ``train``
@@ -22,6 +26,7 @@ import sys
 import warnings
 
 from simcore.isc import checks
+from simcore.isc.cli_models import add_model_commands
 from simcore.isc.commands import CLIError, error_line, evaluate_files, match_files, user_errors
 
 __all__ = ["main"]
@@ -73,7 +78,8 @@ def _train_config(a):
         scale=a.scale, sample_rate=a.sample_rate, subcenters=a.subcenters, lr=a.lr, head_lr=a.head_lr,
         optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay, warmup=a.warmup, views=a.views,
         seed=a.seed, workers=a.workers, augment_on=a.augment_on, device=a.device, threads=a.threads,
-        checkpoint_every=a.checkpoint_every, resume=a.resume, val_dir=a.val_dir, val_max=a.val_max, plot=a.plot,
+        checkpoint_every=a.checkpoint_every, resume=a.resume, val_dir=a.val_dir, val_max=a.val_max,
+        val_bin=a.val_bin, val_reid=a.val_reid, plot=a.plot,
         tensorboard=a.tensorboard, strict=a.strict, progress=(not a.no_progress) and sys.stderr.isatty())
     try:
         cfg = cfg.normalised()
@@ -159,6 +165,7 @@ def build_parser():
     _add_eval_arguments(sub)
     _add_train_arguments(sub)
     _add_embed_arguments(sub)
+    add_model_commands(sub)
     # Listed for `simcore --help`; main() hands everything after `demo` to simcore.isc.demo.main.
     sub.add_parser("demo", add_help=False, help="the copy-detection benchmark on real photographs "
                                                 "(simcore demo --help for its options)")
@@ -214,15 +221,17 @@ def _add_train_arguments(sub):
                        description="Drip training of a copy-detection descriptor: every image its own class "
                                    "(or every sub-folder), augmented copies as positives, a PartialMarginHead "
                                    "margin loss, checkpoints to resume from. See docs/train.md.")
-    t.add_argument("images", help="folder of images (recursive: jpg jpeg png webp bmp) or a text file listing them")
+    t.add_argument("images", help="folder of images (recursive: jpg jpeg png webp bmp), a text file listing them, "
+                                  "or an InsightFace RecordIO .rec file (with --labels record)")
     t.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
                    help="run folder: last.pt, stage<k>.pt, log.jsonl, loss.png")
     t.add_argument("--backbone", default="smallcnn", help="smallcnn (default) or a timm model name (needs timm)")
     t.add_argument("--pretrained", action="store_true", help="timm backbones: start from pretrained weights")
     t.add_argument("--dim", type=int, default=256, help="embedding dims (default 256)")
     t.add_argument("--image-size", type=int, default=64, help="images are resized to this square (default 64)")
-    t.add_argument("--labels", choices=["image", "folder"], default="image",
-                   help="image: every image its own class (default, the ISC recipe); folder: one class per sub-folder")
+    t.add_argument("--labels", choices=["image", "folder", "record"], default="image",
+                   help="image: every image its own class (default, the ISC recipe); folder: one class per "
+                        "sub-folder; record: the labels of a RecordIO .rec file (IMAGES is the .rec, its .idx beside)")
     t.add_argument("--drip", default="ALL", metavar="N,N,...,ALL",
                    help="class count of each stage (default ALL: one stage with every class)")
     t.add_argument("--batch-size", default="32", metavar="B[,B...]", help="per stage, or one for all (default 32)")
@@ -260,6 +269,10 @@ def _add_train_arguments(sub):
     t.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint (RUN_DIR/last.pt)")
     t.add_argument("--val-dir", help="validation images: µAP of augmented copies against them at each stage end")
     t.add_argument("--val-max", type=int, default=500, help="at most this many validation images (default 500)")
+    t.add_argument("--val-bin", metavar="A.bin[,B.bin...]",
+                   help="face verification .bin files: 10-fold accuracy and TAR@FAR at each stage end (val_NAME)")
+    t.add_argument("--val-reid", metavar="QUERY_DIR,GALLERY_DIR",
+                   help="re-identification folders (Market-1501 names): rank-k and mAP at each stage end (val_reid)")
     t.add_argument("--plot", action="store_true", help="save the loss curve to RUN_DIR/loss.png (needs matplotlib)")
     t.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard events in RUN_DIR/tb (needs tensorboard; without it a note, training goes on)")

@@ -30,10 +30,15 @@ def user_errors() -> tuple:
     from simcore.isc.backbones import BackboneError
     from simcore.isc.data import CorruptImageError, NoImagesError
     from simcore.isc.embed import CheckpointError, EmbedSetupError
+    from simcore.isc.encoded import CorruptRecordError
     from simcore.isc.metrics import FileFormatError
+    from simcore.isc.reid import ReidNameError
+    from simcore.isc.shards import ShardError
     from simcore.isc.train import CheckpointWriteError, TrainSetupError
+    from simcore.isc.verification import VerificationFileError
     return (CLIError, checks.ConfigError, WriteError, FileFormatError, NoImagesError, CorruptImageError,
-            BackboneError, CheckpointError, EmbedSetupError, TrainSetupError, CheckpointWriteError)
+            BackboneError, CheckpointError, EmbedSetupError, TrainSetupError, CheckpointWriteError,
+            CorruptRecordError, VerificationFileError, ReidNameError, ShardError)
 
 
 def error_line(prog, e: BaseException):

@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "NoImagesError", "CorruptImageError", "DuplicateImageWarning", "LargeImageWarning",
            "list_images", "scan_images", "ImageSet",
-           "load_image_set", "decode_image", "ImageDataset", "StageBatchSampler", "sample_seed", "make_loader",
+           "load_image_set", "decode_image", "decode_image_bytes", "ImageDataset", "StageBatchSampler", "sample_seed", "make_loader",
            "collate", "ListBatchSampler"]
 
 #: File name endings read as images (case-insensitive).
@@ -144,13 +144,17 @@ _CHECK_SIZE = 64
 
 
 def _open_decoded(path, size=None):
-    """The decoded image of ``path``, upright (EXIF orientation applied), RGB; ``size``: a JPEG may be
-    decoded at a reduced scale no smaller than ``size``. The callers silence Pillow's decompression-bomb
-    warning (``scan_images`` reports large images once, as a ``LargeImageWarning``)."""
+    """The decoded image of the file ``path`` (``_open_bytes``)."""
+    with open(path, "rb") as f:
+        return _open_bytes(f.read(), size)
+
+
+def _open_bytes(data: bytes, size=None):
+    """The decoded image of the encoded bytes ``data``, upright (EXIF orientation applied), RGB; ``size``:
+    a JPEG may be decoded at a reduced scale no smaller than ``size``. The callers silence Pillow's
+    decompression-bomb warning (``scan_images`` reports large images once, as a ``LargeImageWarning``)."""
     Image = _pil()
     from PIL import ImageOps
-    with open(path, "rb") as f:
-        data = f.read()
     im = Image.open(io.BytesIO(data))
     if size is not None and im.format == "JPEG":
         im.draft("RGB", (size, size))
@@ -263,12 +267,19 @@ def load_image_set(source, *, labels: str = "image", strict: bool = False, worke
 
 
 def decode_image(path, size: int) -> torch.Tensor:
-    """uint8 (3, size, size): the whole image, upright (EXIF orientation applied, as photo viewers
-    show it), RGB, resized (bilinear, antialiased) to a square."""
+    """uint8 (3, size, size): the image file ``path`` through ``decode_image_bytes``."""
+    with open(path, "rb") as f:
+        return decode_image_bytes(f.read(), size)
+
+
+def decode_image_bytes(data: bytes, size: int) -> torch.Tensor:
+    """uint8 (3, size, size): the encoded image ``data`` (a file's bytes, a record, a tar member), whole,
+    upright (EXIF orientation applied, as photo viewers show it), RGB, resized (bilinear, antialiased) to
+    a square. simcore's one image decoder."""
     Image = _pil()
     with warnings.catch_warnings():            # reported once by scan_images, not at every decode
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = _open_decoded(path, size)
+        im = _open_bytes(data, size)
     im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

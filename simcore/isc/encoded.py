@@ -1,8 +1,8 @@
 """Datasets of encoded images held in containers (a RecordIO file, a verification ``.bin``, tar
 shards) rather than one file per image, with the item contract of ``simcore.isc.data.ImageDataset``.
 
-- ``decode_image_bytes(data, size)``: uint8 (3, size, size) RGB, resized with Pillow exactly as
-  ``data.decode_image`` resizes a file's image.
+- ``decode_image_bytes(data, size)``: ``simcore.isc.data``'s one decoder (``data.decode_image`` reads a
+  file and calls it), named here for the container formats.
 - ``EncodedImageDataset``: items ``(index, seed)`` -> ``(image uint8 (3, S, S), label, index, ok)``;
   a subclass says where image ``index``'s bytes are (``read``). ``seed < 0`` is the clean image,
   otherwise ``augment(image, generator=seed)`` (with ``others``, a second image chosen by the same
@@ -16,7 +16,6 @@ shards) rather than one file per image, with the item contract of ``simcore.isc.
 from __future__ import annotations
 
 import inspect
-import io
 from typing import Sequence
 
 import numpy as np
@@ -24,23 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from simcore.isc import data as Dt
+from simcore.isc.data import decode_image_bytes
 
 __all__ = ["CorruptRecordError", "decode_image_bytes", "EncodedImageDataset", "BytesDataset", "embed_images"]
 
 
 class CorruptRecordError(ValueError):
     """A record or encoded image that cannot be read, under ``strict``."""
-
-
-def decode_image_bytes(data: bytes, size: int) -> torch.Tensor:
-    """uint8 (3, size, size): the encoded image ``data``, RGB, resized (bilinear, antialiased) to a square."""
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (size, size))        # decode at a reduced scale when the file allows it
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-        arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def _takes_others(augment) -> bool:

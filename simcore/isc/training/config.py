@@ -86,6 +86,8 @@ class TrainConfig:
     resume: Optional[str] = None                  # a checkpoint of this run (RUN_DIR/last.pt)
     val_dir: Optional[str] = None
     val_max: int = 500                            # at most this many validation images
+    val_bin: Optional[str] = None                 # face verification .bin files, comma-separated
+    val_reid: Optional[str] = None                # re-identification "QUERY_DIR,GALLERY_DIR"
     plot: bool = False
     tensorboard: bool = False                     # RUN_DIR/tb event files (needs the tensorboard package)
     strict: bool = False                          # unreadable image files are an error, not skipped
@@ -121,6 +123,7 @@ class TrainConfig:
             raise TrainSetupError(f"-o/--output {self.output}: exists and is not a folder")
         if self.val_dir is not None and not os.path.exists(self.val_dir):
             raise TrainSetupError(f"--val-dir {self.val_dir}: no such folder or file")
+        self._check_face_files()
         if self.resume is None:
             return
         if not os.path.isfile(self.resume):
@@ -129,6 +132,36 @@ class TrainConfig:
         if os.path.realpath(home) != os.path.realpath(self.output):
             raise TrainSetupError(f"--resume {self.resume} is a checkpoint of the run in {home}, not of -o "
                                   f"{self.output} (its log.jsonl there holds the run's start): resume with -o {home}")
+
+
+    def val_bins(self) -> list:
+        """The ``--val-bin`` files, in order."""
+        return [p.strip() for p in _as_list(self.val_bin)] if self.val_bin else []
+
+    def val_reid_dirs(self) -> tuple:
+        """(query folder, gallery folder) of ``--val-reid``, or () without it."""
+        if not self.val_reid:
+            return ()
+        parts = [p.strip() for p in str(self.val_reid).split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise TrainSetupError(f"--val-reid must be QUERY_DIR,GALLERY_DIR (two folders), got {self.val_reid!r}")
+        return tuple(parts)
+
+    def _check_face_files(self):
+        """``--labels record`` with a .rec file, the ``--val-bin`` files and ``--val-reid`` folders."""
+        if (self.labels == "record") != self.images.endswith(".rec"):
+            raise TrainSetupError(f"--labels record goes with a RecordIO .rec file (and a .rec with --labels "
+                                  f"record), got {self.images} with --labels {self.labels}")
+        bins = self.val_bins()
+        for path in bins:
+            if not os.path.isfile(path):
+                raise TrainSetupError(f"--val-bin {path}: no such file")
+        names = [os.path.splitext(os.path.basename(p))[0] for p in bins]
+        if len(set(names)) != len(names):
+            raise TrainSetupError(f"--val-bin: two files share a name ({', '.join(names)}); each logs as val_NAME")
+        for folder in self.val_reid_dirs():
+            if not os.path.isdir(folder):
+                raise TrainSetupError(f"--val-reid {folder}: no such folder")
 
 
 def jsonable(v):
@@ -177,7 +210,7 @@ def _bad(name, accepted, got):
 
 
 def _check_choices(c):
-    for name, choices in (("labels", ("image", "folder")), ("precision", PRECISIONS), ("loss", LOSSES),
+    for name, choices in (("labels", ("image", "folder", "record")), ("precision", PRECISIONS), ("loss", LOSSES),
                           ("optimizer", ("adam", "sgd")), ("augment_on", AUGMENT_ON)):
         if getattr(c, name) not in choices:
             raise _bad(name, "one of " + ", ".join(choices), getattr(c, name))

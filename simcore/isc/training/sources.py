@@ -11,6 +11,7 @@ batches, the centre embeddings, the DataLoader workers - goes through that item,
 """
 from __future__ import annotations
 
+import copy
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from simcore.isc import data as Dt
 
-__all__ = ["DataSource", "TrainingData", "ImageFolderSource", "ImageListSource", "source_for"]
+__all__ = ["DataSource", "TrainingData", "ImageFolderSource", "ImageListSource", "RecordSource", "source_for"]
 
 
 @dataclass
@@ -73,7 +74,27 @@ class ImageListSource(ImageFolderSource):
     """A text file naming image files, one a line (relative to the file's folder); every image its own class."""
 
 
+class RecordSource(DataSource):
+    """An InsightFace RecordIO pair (``train.rec`` with ``train.idx`` beside it): the records' class labels
+    (``--labels record``); unreadable records are left out (``strict``: refused)."""
+
+    def scan(self, c, log=None) -> TrainingData:
+        from simcore.isc.recordio import RecordDataset
+        self.records = RecordDataset(self.location, image_size=c.image_size, strict=c.strict, log=log)
+        return TrainingData(self.records.labels.tolist(), self.records.num_classes, len(self.records.skipped),
+                            "the records' labels")
+
+    def dataset(self, c, labels, augment):
+        from simcore.isc.encoded import EncodedImageDataset
+        ds = copy.copy(self.records)          # the scanned index, with the trainer's labels and augmentation
+        EncodedImageDataset.__init__(ds, labels, c.image_size, augment, strict=c.strict)
+        return ds
+
+
 def source_for(location) -> DataSource:
-    """The source that reads ``location``: a folder of images, or a text file listing them."""
+    """The source that reads ``location``: a RecordIO ``.rec`` file, a folder of images, or a text file
+    listing them."""
     location = os.fspath(location)
+    if location.endswith(".rec"):
+        return RecordSource(location)
     return ImageFolderSource(location) if os.path.isdir(location) else ImageListSource(location)

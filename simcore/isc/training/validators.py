@@ -2,10 +2,10 @@
 
 A ``Validator`` embeds its own images with the current backbone (eval mode, the training device
 and precision) and returns a dict of figures; the trainer logs it as a ``name`` event in
-``log.jsonl``, sends ``scalars`` to TensorBoard and prints ``describe(result)``. Today there is the
-copy-detection one; a face-verification (pairs, accuracy at the best threshold) or re-identification
-(query/gallery, rank-1 and mAP) validator is a new class with the same three members, added in
-``validators_for``.
+``log.jsonl``, sends ``scalars`` to TensorBoard and prints ``describe(result)``. There are three:
+copy detection (``--val-dir``), face verification on InsightFace ``.bin`` pairs (``--val-bin``, one
+validator a file, named ``val_<file name>``) and re-identification (``--val-reid``, ``val_reid``).
+Another is a new class with the same three members, added in ``validators_for``.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import List
 
 from simcore.isc import data as Dt
 from simcore.isc.descriptors import match as match_descriptors
-from simcore.isc.embed import embed_dataset
+from simcore.isc.embed import autocast_context, embed_dataset
 from simcore.isc.metrics import evaluate
 
-__all__ = ["Validator", "CopyDetectionValidator", "validators_for"]
+__all__ = ["Validator", "CopyDetectionValidator", "FaceVerificationValidator", "ReidRunValidator", "validators_for"]
 
 
 class Validator(ABC):
@@ -64,6 +64,68 @@ class CopyDetectionValidator(Validator):
         return f"µAP {result['micro_ap']:.4f}, recall@P90 {result['recall_at_p90']:.4f} ({result['images']} images)"
 
 
+class _Embedder:
+    """The validators' ``embed_fn``: images (CPU, float32 in [0, 1]) through ``model`` on ``device`` under
+    the run's autocast precision."""
+
+    def __init__(self, model, device, precision):
+        self.model, self.device, self.precision = model, device, precision
+
+    def __call__(self, images):
+        with autocast_context(self.device, self.precision):
+            return self.model(images.to(self.device)).float()
+
+
+def _evaluate_in_eval_mode(inner, model, device, precision) -> dict:
+    was = model.training
+    model.eval()
+    try:
+        return inner.evaluate(_Embedder(model, device, precision))
+    finally:
+        model.train(was)
+
+
+class FaceVerificationValidator(Validator):
+    """``simcore.isc.verification.VerificationValidator`` on one ``.bin``: 10-fold accuracy, TAR@FAR."""
+    scalars = ("accuracy", "tar@far=0.001")
+
+    def __init__(self, path, *, image_size, workers=0):
+        from simcore.isc.verification import VerificationValidator
+        self.inner = VerificationValidator(path, image_size=image_size, workers=workers)
+        self.name = f"val_{self.inner.name}"
+
+    def validate(self, model, *, batch_size, device, precision) -> dict:
+        self.inner.batch_size = batch_size
+        return _evaluate_in_eval_mode(self.inner, model, device, precision)
+
+    def describe(self, result) -> str:
+        return (f"{self.inner.name} accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f}, "
+                f"TAR@FAR=1e-3 {result['tar@far=0.001']:.4f} ({int(result['pairs'])} pairs)")
+
+
+class ReidRunValidator(Validator):
+    """``simcore.isc.reid.ReidValidator`` on a query and a gallery folder: CMC rank-k and mAP."""
+    name = "val_reid"
+    scalars = ("rank1", "rank5", "mAP")
+
+    def __init__(self, query, gallery, *, image_size, workers=0):
+        from simcore.isc.reid import ReidValidator
+        self.inner = ReidValidator(query, gallery, image_size=image_size, workers=workers)
+
+    def validate(self, model, *, batch_size, device, precision) -> dict:
+        self.inner.batch_size = batch_size
+        return _evaluate_in_eval_mode(self.inner, model, device, precision)
+
+    def describe(self, result) -> str:
+        return (f"re-ID rank-1 {result['rank1']:.4f}, mAP {result['mAP']:.4f} "
+                f"({int(result['queries'])} queries)")
+
+
 def validators_for(c, augment, log=None) -> List[Validator]:
     """The validators that config ``c`` asks for (rank 0 builds them; the others validate nothing)."""
-    return [CopyDetectionValidator.from_config(c, augment, log)] if c.val_dir is not None else []
+    out = [CopyDetectionValidator.from_config(c, augment, log)] if c.val_dir is not None else []
+    out += [FaceVerificationValidator(p, image_size=c.image_size, workers=c.workers) for p in c.val_bins()]
+    if c.val_reid:
+        query, gallery = c.val_reid_dirs()
+        out.append(ReidRunValidator(query, gallery, image_size=c.image_size, workers=c.workers))
+    return out
