@@ -13,7 +13,10 @@ from conftest import emulation_built, rel_err, spawn_ranks
 
 C, D, N = 300, 320, 12  # D above the kernels' 256-thread blocks
 SIZES = [7, 5]
-HEAD = dict(margin=0.5, scale=32.0, sample_rate=0.5, optimizer="adamw", lr=1e-2, weight_decay=0.1)
+# SGD, not AdamW: AdamW's first update, lr·g/(|g| + eps), turns a gradient at rounding level into ±lr,
+# so another summation order alone could move it by up to 2·lr (seeds 1 and 1050509001 showed it).
+# The AdamW row kernel is compared on its own in tests/test_row_optimizer.py.
+HEAD = dict(margin=0.5, scale=32.0, sample_rate=0.5, optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=0.1)
 TOL = 1e-5
 
 
