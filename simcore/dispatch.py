@@ -48,8 +48,10 @@ def _load_extension():
         except ImportError as exc:  # not built, or built for another Python
             _modules[name] = exc
     got = _modules[name]
-    _ext, _ext_error = (None, got) if isinstance(got, ImportError) else (got, None)
-    return _ext
+    ext, error = (None, got) if isinstance(got, ImportError) else (got, None)
+    if ext is not _ext or error is not _ext_error:  # no global is written on the cached path, which
+        _ext, _ext_error = ext, error               # torch.compile traces (its guards would fail)
+    return ext
 
 
 def extension():
@@ -168,6 +170,7 @@ def cuda_emulation(enabled: bool = True, schedule: str = "forward", seed: int = 
         if _emulation:
             extension().emulation_schedule("forward", 0)
         _emulation = previous
+        _load_extension()
 
 
 def cuda_path(device) -> bool:
@@ -249,3 +252,7 @@ def executor(device: torch.device) -> int:
     (:func:`num_threads`) for CPU tensors, torch's current stream (:func:`cuda_stream`) for CUDA."""
     device = torch.device(device)
     return cuda_stream(device) if cuda_path(device) else num_threads()
+
+
+# Imported here, not on first use: a first use inside torch.compile would trace the import.
+_load_extension()
