@@ -5,7 +5,7 @@ Run (main env, no timm: SmallCNN; 10k and 100k classes; 53 s on 2 shared cores w
     SIMCORE_BENCH_THREADS=1 python -m pytest benchmarks/bench_train.py -q -s
 With timm (resnet18) and the 1M-class group (6.5 minutes there, 4.6 GB peak RSS; RESULTS.md):
     SIMCORE_BENCH_THREADS=1 SIMCORE_BENCH_CLASSES=10000,100000,1000000 \
-        /work/venv214/bin/python -m pytest benchmarks/bench_train.py -q -s
+        python -m pytest benchmarks/bench_train.py -q -s
 Environment: SIMCORE_BENCH_CLASSES (comma-separated class counts, default 10000,100000),
 SIMCORE_BENCH_BACKBONE (default resnet18 when timm imports, else smallcnn),
 SIMCORE_BENCH_IMAGE_SIZE (64), SIMCORE_BENCH_BATCH (64), SIMCORE_BENCH_DIM (128),
