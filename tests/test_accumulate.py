@@ -22,16 +22,46 @@ def setup(dtype, seed, optimizer):
     return backbone, head, x, y
 
 
-# AdamW in float32 is left out: Adam divides by sqrt(v), so a row whose gradient is near zero moves by
-# about ±lr whatever its size, and float32 rounding may flip that sign
+def recorded_rows_difference(head, head2):
+    """Max |difference| of the two heads' recorded row gradients (same rows), and their max |value|.
+    The head records in float32 whatever its dtype (simcore.margin.head's gradient sink); the
+    accumulated head rounds each micro-batch's piece before summing them."""
+    (ids, rows), = head._pending
+    (ids2, rows2), = head2._pending
+    assert torch.equal(ids, ids2)
+    return (rows - rows2).abs().max().item(), rows.abs().max().item()
+
+
+def step_both(pairs):
+    for h, bb in pairs:
+        h.step()
+        with torch.no_grad():
+            for p in bb.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        h.zero_grad()
+
+
+def update_sensitivity(head, optimizer):
+    """Per element, how far one step of ``head``'s optimizer can move a weight per unit of gradient
+    difference: lr (+ momentum) for SGD; for AdamW lr / (sqrt(v_hat) + eps) times a small constant
+    (its update m_hat / (sqrt(v_hat) + eps) is ill-conditioned where the gradient is near zero)."""
+    if optimizer == "sgd":
+        return torch.full_like(head.weight, 2.0 * head.lr)        # momentum 0.9: < 2 lr
+    steps = head.row_step.clamp(min=1).to(torch.float64)[:, None]
+    v_hat = head.exp_avg_sq.to(torch.float64) / (1 - head.betas[1] ** steps)
+    return 2.0 * head.lr / (v_hat.sqrt() + head.eps)
+
+
+# AdamW in float32 is left out: its bound below would need the float32 rounding of the backbone too
 @pytest.mark.parametrize("dtype, tol, optimizer", [(torch.float64, 1e-12, "sgd"), (torch.float64, 1e-12, "adamw"),
                                                    (torch.float32, 2e-5, "sgd")])
 def test_accumulation_equals_one_big_step(seed, dtype, tol, optimizer):
     backbone, head, x, y = setup(dtype, seed, optimizer)
     backbone2, head2 = copy.deepcopy(backbone), copy.deepcopy(head)
+    allowed = torch.full_like(head.weight, tol * head.weight.abs().max().item())   # per element, grown per step
+    worst_row_diff = 0.0
     for step in range(2):                                # two steps: the optimizer state is used too
-        # after step 1 the heads differ by the float32 rounding of their recorded gradients (below)
-        tol = tol if step == 0 else max(tol, 1e-6)
         g1, g2 = (torch.Generator().manual_seed(seed + step) for _ in range(2))
         sampled = simcore.sample_classes(y, 40, math.ceil(0.3 * 40), g1)
         big = head(backbone(x), y, sampled=sampled)
@@ -40,20 +70,18 @@ def test_accumulation_equals_one_big_step(seed, dtype, tol, optimizer):
         micro = [(x[i:i + 6], y[i:i + 6]) for i in range(0, 22, 6)]
         loss, sampled2 = accumulate_gradients(backbone2, head2, micro, generator=g2)
         assert torch.equal(sampled, sampled2)
-        assert abs(loss.item() - big.item()) <= tol * abs(big.item())
+        # after step 1 the two runs differ by the rounding of their recorded row gradients (below)
+        step_tol = tol if step == 0 else max(tol, 1e-6)
+        assert abs(loss.item() - big.item()) <= step_tol * abs(big.item())
         for p, q in zip(backbone.parameters(), backbone2.parameters()):
-            assert torch.allclose(p.grad, q.grad, rtol=tol, atol=tol * p.grad.abs().max().item())
-        for h, bb in ((head, backbone), (head2, backbone2)):
-            h.step()
-            with torch.no_grad():
-                for p in bb.parameters():
-                    p -= 0.1 * p.grad
-                    p.grad = None
-            h.zero_grad()
-        # the head records row gradients in float32 whatever its dtype (simcore.margin.head's gradient
-        # sink), so its rows agree to float32 rounding of the gradient, not to float64's
-        scale = head.weight.abs().max().item()
-        assert (head.weight - head2.weight).abs().max().item() <= max(tol, 1e-6) * scale
+            assert torch.allclose(p.grad, q.grad, rtol=step_tol, atol=step_tol * p.grad.abs().max().item())
+        # float32 rounding of per-sample terms up to ~scale in size, not of the (cancelled) sums
+        row_diff, row_max = recorded_rows_difference(head, head2)
+        assert row_diff <= 4e-6 * max(row_max, head.scale)
+        worst_row_diff = max(worst_row_diff, row_diff)
+        step_both([(head, backbone), (head2, backbone2)])
+        allowed = allowed * (1 + head.lr * head.weight_decay) + update_sensitivity(head, optimizer) * worst_row_diff
+        assert ((head.weight - head2.weight).abs() <= allowed + step_tol * head.weight.abs().max().item()).all()
     assert not torch.equal(head.weight, copy.deepcopy(setup(dtype, seed, optimizer)[1]).weight)   # it trained
 
 
