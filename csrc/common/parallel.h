@@ -28,6 +28,21 @@ inline int64_t min_rows(int64_t row_bytes) {
   return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, row_bytes));
 }
 
+// Gathered rows (sorted random class ids, 1 in ~10 rows of a large head) defeat the hardware
+// prefetcher: a loop that waits on each row's cache misses ran at ~1/3 of memory bandwidth
+// (100,000 rows of 512 B: 26 ms against 9 ms for the same rows in order). The row that is
+// kPrefetchRows ahead is requested while this one is computed.
+constexpr int64_t kPrefetchRows = 6;
+inline void prefetch_row(const void* row, int64_t bytes, bool for_write) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write)
+      __builtin_prefetch(p + off, 1, 3);
+    else
+      __builtin_prefetch(p + off, 0, 3);
+  }
+}
+
 // Calls body(begin, end) on contiguous chunks of [0, n), at most num_threads at
 // once. Bodies must not throw: validate before calling.
 template <class Body>

@@ -560,7 +560,10 @@ void normalize_rows_impl(const TensorView& src, const int64_t* index, const Tens
   const int64_t ls = src.stride(0), lo = out.stride(0);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(S) + sizeof(T));
   parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) np[r] = normalize_row(sp + (index ? index[r] : r) * ls, op + r * lo, d, eps);
+    for (int64_t r = begin; r < end; ++r) {
+      if (index && r + kPrefetchRows < end) prefetch_row(sp + index[r + kPrefetchRows] * ls, d * sizeof(S), false);
+      np[r] = normalize_row(sp + (index ? index[r] : r) * ls, op + r * lo, d, eps);
+    }
   });
 }
 
@@ -592,8 +595,10 @@ void project_rows_impl(const TensorView& u, const TensorView& v, const TensorVie
   const int64_t lu = u.stride(0), lv = v.stride(0), lo = out.stride(0);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float) + sizeof(V) + sizeof(O));
   parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
+    for (int64_t r = begin; r < end; ++r) {
+      if (index && r + kPrefetchRows < end) prefetch_row(op + index[r + kPrefetchRows] * lo, d * sizeof(O), true);
       project_row(up + r * lu, vp + r * lv, op + (index ? index[r] : r) * lo, d, static_cast<double>(np[r]), eps);
+    }
   });
 }
 

@@ -180,8 +180,14 @@ void row_sgd(const TensorView& weight, const TensorView& rows, const TensorView&
     T* wp = weight.ptr<T>();
     const int64_t row_bytes = d * static_cast<int64_t>(4 + 2 * sizeof(T) + (bp ? 8 : 0));
     parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + kPrefetchRows < end) {
+          const int64_t ahead = ids[r + kPrefetchRows];
+          prefetch_row(wp + ahead * lw, d * sizeof(T), true);
+          if (bp) prefetch_row(bp + ahead * lb, d * 4, true);
+        }
         sgd_row(wp + ids[r] * lw, gp + r * lg, bp ? bp + ids[r] * lb : nullptr, d, scale, lr, mom, wd);
+      }
     });
   });
 }
@@ -209,6 +215,12 @@ void row_adamw(const TensorView& weight, const TensorView& rows, const TensorVie
     const int64_t row_bytes = d * static_cast<int64_t>(4 + 2 * sizeof(T) + 16);
     parallel_for(n, num_threads, min_rows(row_bytes), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
+        if (r + kPrefetchRows < end) {
+          const int64_t ahead = ids[r + kPrefetchRows];
+          prefetch_row(wp + ahead * lw, d * sizeof(T), true);
+          prefetch_row(mp + ahead * lm, d * 4, true);
+          prefetch_row(vp + ahead * lv, d * 4, true);
+        }
         const int64_t row = ids[r], t = sp[row] + 1;
         sp[row] = t;
         const float bc1 = static_cast<float>(1.0 - std::pow(p.beta1, static_cast<double>(t)));

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import math
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -243,6 +244,40 @@ class _Block(NamedTuple):
     centre_cos: Optional[torch.Tensor]  # sub-centres: (B, n·K) centre cosines (pass 2: the expanded gradient)
 
 
+class _CpuScratch(threading.local):
+    """Scratch memory of the CPU engine, kept between calls (per thread). glibc returns a block
+    over its mmap threshold (32 MB at most) to the OS when it is freed, so a buffer made anew
+    each call paid its page faults each call: at 1M classes, sample rate 0.1, D = 128 the
+    normalised rows are 51 MB, and faulting them in cost ~38 ms a step, more than their gather.
+    A buffer over ``KEEP_BYTES`` is not kept: memory held between steps is memory the rest of
+    the step (the backbone's activations) cannot have."""
+
+    KEEP_BYTES = 1 << 30
+
+    def __init__(self):
+        self.buffers = {}
+
+    def take(self, numel, dtype):
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(dtype, None)  # the old one freed before the larger one is made
+            buf = torch.empty(numel, dtype=dtype)
+            if buf.element_size() * numel <= self.KEEP_BYTES:
+                self.buffers[dtype] = buf
+        return buf[:numel]
+
+
+_cpu_scratch = _CpuScratch()
+
+
+def _scratch(numel, dtype, device):
+    """A flat buffer that lives until the next call on this thread (CPU), or a new one (CUDA:
+    torch's caching allocator keeps its blocks already)."""
+    if device.type == "cpu":
+        return _cpu_scratch.take(numel, dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
 class _BlockEngine:
     """One call of the fused routine: the block plan, the normalised embeddings and the
     block buffers that pass 1 and pass 2 share. Call under no_grad with autocast off."""
@@ -276,7 +311,7 @@ class _BlockEngine:
 
     def _allocate_block_buffers(self):
         b, d, k, n, dev = self.batch, self.dim, self.k, self.block, self.device
-        self.wbuf = torch.empty(n * k * d, dtype=self.operand_dtype, device=dev)
+        self.wbuf = _scratch(n * k * d, self.operand_dtype, dev)
         self.wnorm = torch.empty(n * k, dtype=_F32, device=dev)
         # oneDNN allocates each block's cosines itself (no out=); torch.mm writes them here
         self.cbuf = torch.empty(b * n, dtype=_F32, device=dev) if self.linear is None or k > 1 else None
