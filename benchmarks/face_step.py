@@ -26,7 +26,7 @@ Both heads' costs are linear in C at a fixed batch (the dense head passes over i
 sampled head over its S x D rows), so their ratio carries to 1M; the share at 1M follows by scaling
 the head times by 10 (a prediction, not a measurement).
 
-Run (about 4 minutes on the shared 2-core machine under load 7-9):
+Run (1 min 40 s on the shared 2-core machine under load 8):
     python benchmarks/face_step.py [--classes 100000] [--dim 512] [--batch 8] [--rounds 3] [--threads 1]
 """
 import argparse
