@@ -13,7 +13,9 @@ augmented copies (:mod:`simcore.isc.augment`, made per sample in DataLoader work
 only decoding). The head is :class:`simcore.PartialMarginHead` (its own sparse row
 optimizer; ``arcface``, ``cosface``, ``adaface``, ``magface``, ``curricularface`` or ``cam``),
 the backbone a ``simcore.isc.backbones`` model with Adam or SGD, linear warm-up then cosine
-decay per stage.
+decay per stage. With ``grad_accum`` N a step is N micro-batches of ``batch_size``, one forward and
+backward pass each (:mod:`simcore.isc.accumulate`), then one optimizer step: the step of one batch of
+N x ``batch_size``; steps, the schedule and checkpoints count optimizer steps.
 
 Drip training: ``drip`` lists the class count of each stage (``"ALL"``: every class). The
 classes are taken in a seeded random order; at the start of each stage the head grows by the
