@@ -121,7 +121,8 @@ def report(times, args, held, load):
     bb = med["backbone"]
     print(f"face step: iresnet50 at 112 px, B={args.batch}, D={args.dim}, C={args.classes:,}, sample rate "
           f"{SAMPLE_RATE}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); {machine()}; "
-          f"{args.rounds} interleaved rounds (median); load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
+          f"{args.rounds} interleaved rounds (median); load average {load[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
     print(f"{'part':28s} {'median s':>9s} {'rounds':>24s} {'held MB':>9s}")
     for k, v in times.items():
         print(f"{k:28s} {med[k]:9.3f} {' '.join(f'{t:.3f}' for t in v):>24s} {held.get(k, 0) / 2**20:9.0f}")
