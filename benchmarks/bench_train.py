@@ -102,17 +102,17 @@ class DenseArcFace(torch.nn.Module):
     """InsightFace's single-process ArcFace: nn.Linear weights, normalised W and x, cosines, the
     additive angular margin on the target, scale, cross-entropy; W trained by a dense optimizer."""
 
-    def __init__(self, c, d):
+    def __init__(self, c, d, margin=MARGIN, scale=SCALE):
         super().__init__()
         self.fc = torch.nn.Linear(d, c, bias=False)
         torch.nn.init.normal_(self.fc.weight, std=0.01)
-        self.cos_m, self.sin_m = math.cos(MARGIN), math.sin(MARGIN)
+        self.cos_m, self.sin_m, self.scale = math.cos(margin), math.sin(margin), scale
 
     def forward(self, x, y):
         cos = F.linear(F.normalize(x), F.normalize(self.fc.weight)).clamp(-1, 1)
         t = cos.gather(1, y[:, None])
         phi = t * self.cos_m - (1 - t * t).clamp_min(0).sqrt() * self.sin_m   # cos(θ + m)
-        return F.cross_entropy(cos.scatter(1, y[:, None], phi) * SCALE, y)
+        return F.cross_entropy(cos.scatter(1, y[:, None], phi) * self.scale, y)
 
 
 def _head(kind, c):

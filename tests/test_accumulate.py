@@ -1,6 +1,7 @@
 """simcore.isc.accumulate: N micro-batches give the step of one batch N times larger (float64: the loss
 and the backbone's gradients to 1e-12, the head's rows to float32 rounding; float32: within
 tolerance), duplicate labels across micro-batches included."""
+import contextlib
 import copy
 import math
 
@@ -88,3 +89,34 @@ def test_accumulation_equals_one_big_step(seed, dtype, tol, optimizer):
 def test_no_micro_batches():
     with pytest.raises(ValueError, match="at least one micro-batch"):
         accumulate_gradients(lambda x: x, None, [])
+
+
+def test_contexts_wrap_what_they_should():
+    """forward_context wraps each forward pass only (autocast: backward outside it); no_sync wraps the
+    forward and backward of every micro-batch but the last (DDP's all-reduce runs once, at the end)."""
+    events = []
+
+    @contextlib.contextmanager
+    def ctx(name):
+        events.append(f"enter {name}")
+        yield
+        events.append(f"exit {name}")
+    backbone, head, x, y = setup(torch.float32, 0, "sgd")
+
+    def backward(loss):
+        events.append("backward")
+        loss.backward()
+    micro = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 22, 8)]
+    accumulate_gradients(backbone, head, micro, backward=backward, forward_context=lambda: ctx("forward"),
+                         no_sync=lambda: ctx("no_sync"))
+    one = ["enter forward", "exit forward", "backward"]
+    assert events == (["enter no_sync"] + one + ["exit no_sync"]) * 2 + one
+
+
+def test_one_micro_batch_is_the_plain_step(seed):
+    """One micro-batch: the head draws the classes itself (the same draw as the head's own forward)."""
+    backbone, head, x, y = setup(torch.float64, seed, "sgd")
+    head2 = copy.deepcopy(head)
+    loss, sampled = accumulate_gradients(backbone, head, [(x, y)], generator=torch.Generator().manual_seed(seed))
+    loss2, sampled2 = head2(backbone(x), y, generator=torch.Generator().manual_seed(seed), return_sampled=True)
+    assert torch.equal(sampled, sampled2) and loss.item() == loss2.item() and not loss.requires_grad

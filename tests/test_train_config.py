@@ -47,6 +47,9 @@ BAD_VALUES = [
     ("drip", "5,abc", "--drip: 'abc' is not a whole number"),
     ("drip", "", "--drip needs at least one stage"),
     ("widths", "8,0", "--widths must be whole numbers >= 1"),
+    ("grad_accum", 0, "--grad-accum must be a whole number in [1, 65536]"),
+    ("grad_accum", "1.5", "--grad-accum must be a whole number in [1, 65536]"),
+    ("grad_accum", 2.0, "--grad-accum must be a whole number in [1, 65536]"),
 ]
 
 
@@ -119,6 +122,11 @@ def test_the_plan_against_the_data():
     with pytest.warns(TrainWarning, match="--batch-size 100: stage 1 has 24 images, so its batches hold 24"):
         p = _plan(list(range(24)), 24, batch_size=100)
     assert p.batch_sizes == [24]
+    with pytest.warns(TrainWarning, match="--batch-size 8 x --grad-accum 4: stage 1 has 24 images, so its batches "
+                                          "hold 24"):
+        p = _plan(list(range(24)), 24, batch_size=8, grad_accum=4)
+    assert p.batch_sizes == [24]
+    assert _plan(list(range(24)), 24, batch_size=4, grad_accum="3").batch_sizes == [12]   # a step: 3 micro-batches
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p = _plan(list(range(24)), 24, drip="6,ALL", batch_size="4,8")
@@ -133,6 +141,8 @@ def test_the_plan_against_the_data():
     (["--margin", "10"], "--margin must be a number in [0, 1.571]"), (["--device", "tpu"], "--device must be"),
     (["--val-max", "0"], "--val-max must be a whole number >= 1"), (["--workers", "-2"], "--workers must be"),
     (["--batch-size", "0"], "--batch-size must be whole numbers >= 1"),
+    (["--grad-accum", "0"], "--grad-accum must be a whole number in [1, 65536], got 0"),
+    (["--grad-accum", "two"], "--grad-accum must be a whole number in [1, 65536], got 'two'"),
 ])
 def test_the_command_refuses_before_reading_an_image(tmp_path, run_inproc, monkeypatch, flags, message):  # noqa: F811
     write_photos(tmp_path / "imgs", 3, size=32)

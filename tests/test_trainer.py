@@ -44,7 +44,8 @@ def test_the_loop_by_hand(folder, tmp_path):
     x, y, _, ok = next(iter(t.loader))
     ok[1] = False                                          # an undecodable sample is dropped from the batch
     loss, rows, dropped = t.step(x, y, ok)
-    assert isinstance(loss, torch.Tensor) and loss.requires_grad and (rows, dropped) == (3, 1)
+    # the step's mean loss: a detached device tensor (its graph freed by the backward passes), not yet read
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad and (rows, dropped) == (3, 1)
     assert t.result.dropped_samples == 1 and t.head.num_classes == 8
     t.sink.close()
 

@@ -74,6 +74,7 @@ def _train_config(a):
     cfg = TrainConfig(
         images=a.images, output=a.output, backbone=a.backbone, pretrained=a.pretrained, dim=a.dim,
         image_size=a.image_size, labels=a.labels, drip=a.drip, batch_size=a.batch_size, steps=a.steps,
+        grad_accum=a.grad_accum,
         stop_loss=a.stop, stop_window=a.stop_window, precision=a.precision, loss=a.loss, margin=a.margin,
         scale=a.scale, sample_rate=a.sample_rate, subcenters=a.subcenters, lr=a.lr, head_lr=a.head_lr,
         optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay, warmup=a.warmup, views=a.views,
@@ -235,6 +236,8 @@ def _add_train_arguments(sub):
     t.add_argument("--drip", default="ALL", metavar="N,N,...,ALL",
                    help="class count of each stage (default ALL: one stage with every class)")
     t.add_argument("--batch-size", default="32", metavar="B[,B...]", help="per stage, or one for all (default 32)")
+    t.add_argument("--grad-accum", default="1", metavar="N",
+                   help="micro-batches of --batch-size per optimizer step (default 1); steps count optimizer steps")
     t.add_argument("--steps", default="100", metavar="S[,S...]",
                    help="(maximum) steps per stage, or one for all (default 100)")
     t.add_argument("--stop", type=float, default=None, metavar="LOSS",

@@ -13,7 +13,9 @@ augmented copies (:mod:`simcore.isc.augment`, made per sample in DataLoader work
 only decoding). The head is :class:`simcore.PartialMarginHead` (its own sparse row
 optimizer; ``arcface``, ``cosface``, ``adaface``, ``magface``, ``curricularface`` or ``cam``),
 the backbone a ``simcore.isc.backbones`` model with Adam or SGD, linear warm-up then cosine
-decay per stage.
+decay per stage. With ``grad_accum`` N a step is N micro-batches of ``batch_size``, one forward and
+backward pass each (:mod:`simcore.isc.accumulate`), then one optimizer step: the step of one batch of
+N x ``batch_size``; steps, the schedule and checkpoints count optimizer steps.
 
 Drip training: ``drip`` lists the class count of each stage (``"ALL"``: every class). The
 classes are taken in a seeded random order; at the start of each stage the head grows by the
@@ -63,6 +65,7 @@ import torch
 import simcore
 from simcore.isc import augment as A
 from simcore.isc import data as Dt
+from simcore.isc.accumulate import accumulate_gradients
 from simcore.isc.backbones import backbone_spec, build_backbone
 from simcore.isc.embed import CHECKPOINT_FORMAT, autocast_context, embed_dataset
 from simcore.isc.training.checkpoints import SHARD_FORMAT, CheckpointManager, CheckpointWriteError, rng_states, \
@@ -315,8 +318,8 @@ class Trainer:
         c, stage = self.c, self.stage
         if self.stage_step == 0:
             self._start_stage()
-        self.switch.inner = Dt.StageBatchSampler(self.plan.stage_items(stage), c.batch_size[stage], seed=c.seed,
-                                                 stage=stage, start=self.stage_step,
+        self.switch.inner = Dt.StageBatchSampler(self.plan.stage_items(stage), self.plan.batch_sizes[stage],
+                                                 seed=c.seed, stage=stage, start=self.stage_step,
                                                  steps=c.steps[stage] - self.stage_step, rank=self.rank,
                                                  world_size=self.world, augment=c.augment_on == "workers")
         self.train_model.train()
@@ -343,23 +346,27 @@ class Trainer:
         if dropped:
             x, y = x[ok], y[ok]
         rows = int(x.shape[0])
+        fewest = rows
         if self.dd is not None:  # the global batch; a step runs only when every rank has rows
             g = self.dd.gather_ints([rows, dropped])
-            rows, dropped, run_step = int(g[:, 0].sum()), int(g[:, 1].sum()), bool(g[:, 0].min() > 0)
-        else:
-            run_step = rows > 0
+            rows, dropped, fewest = int(g[:, 0].sum()), int(g[:, 1].sum()), int(g[:, 0].min())
         self.result.dropped_samples += dropped
-        return (self._optimise(x, y) if run_step else None), rows, dropped
+        # --grad-accum micro-batches, fewer only when a rank holds fewer rows (every rank runs as many)
+        return (self._optimise(x, y, min(c.grad_accum, fewest)) if fewest > 0 else None), rows, dropped
 
-    def _optimise(self, x, y):
-        x = _training_inputs(x, self.c.augment_on, self.augment, self.device,
-                             (self.c.seed, self.stage, self.stage_step, 0xDE7, self.rank, self.world))
+    def _optimise(self, x, y, micro_batches):
+        """One optimizer step over ``micro_batches`` forward and backward passes (simcore.isc.accumulate)."""
+        c = self.c
+        x = _training_inputs(x, c.augment_on, self.augment, self.device,
+                             (c.seed, self.stage, self.stage_step, 0xDE7, self.rank, self.world))
         y = y.to(self.device, non_blocking=True)
-        with autocast_context(self.device, self.c.precision):
-            loss = self.head(self.train_model(x), y, generator=self.head_gen)
         self.opt.zero_grad(set_to_none=True)
         self.head.zero_grad()
-        self.scaler.scale(loss).backward()
+        loss, _ = accumulate_gradients(
+            self.train_model, self.head, list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches))),
+            generator=self.head_gen, backward=lambda loss: self.scaler.scale(loss).backward(),
+            forward_context=lambda: autocast_context(self.device, c.precision),
+            no_sync=self.train_model.no_sync if self.dd is not None else None)
         self.scaler.step(self.opt)
         self.scaler.step(self.head.row_optimizer)
         self.scaler.update()
@@ -432,7 +439,9 @@ class Trainer:
                         batch_size=bs, steps=c.steps[stage], global_step=self.global_step,
                         centre_seconds=round(time.perf_counter() - t0, 3))
         self.say(f"stage {stage + 1}/{len(self.plan.counts)}: {n_cls} classes ({n_cls - have} new, centres from "
-                 f"{len(centre_items)} embeddings), batch {bs}, up to {c.steps[stage]} steps")
+                 f"{len(centre_items)} embeddings), batch {bs}"
+                 + (f" ({c.grad_accum} micro-batches a step)" if c.grad_accum > 1 else "")
+                 + f", up to {c.steps[stage]} steps")
 
     def _new_centres(self, centre_items, groups):
         """The centres (on the device) of the classes ``groups`` numbers: each the mean embedding of its items."""

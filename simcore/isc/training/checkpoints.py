@@ -36,9 +36,9 @@ _SHARD_NAME = re.compile(r"^head-stage(\d+)-step(\d+)\.rank(\d+)-of-(\d+)\.pt$")
 RESUME_FIELDS = ("backbone", "dim", "image_size", "labels", "drip", "batch_size", "steps", "stop_loss",
                  "stop_window", "precision", "loss", "margin", "scale", "sample_rate", "subcenters", "lr",
                  "head_lr", "optimizer", "momentum", "weight_decay", "warmup", "views", "seed", "widths", "depth",
-                 "augment_on")
+                 "augment_on", "grad_accum")
 # What a checkpoint written before a field existed ran with.
-_RESUME_DEFAULTS = {"augment_on": "workers"}
+_RESUME_DEFAULTS = {"augment_on": "workers", "grad_accum": 1}
 
 
 class CheckpointWriteError(RuntimeError):

@@ -60,7 +60,8 @@ class TrainConfig:
     image_size: int = 64
     labels: str = "image"                         # "image": one class per image; "folder": per sub-folder
     drip: Sequence[Union[int, str]] = ("ALL",)    # class count per stage, increasing; "ALL" = every class
-    batch_size: Sequence[int] = (32,)             # one per stage, or one for all
+    batch_size: Sequence[int] = (32,)             # one per stage, or one for all (a micro-batch with grad_accum)
+    grad_accum: int = 1                           # micro-batches of batch_size per optimizer step
     steps: Sequence[int] = (100,)                 # (maximum) steps per stage, one per stage or one for all
     stop_loss: Optional[float] = None             # end a stage once the mean of the last stop_window losses < it
     stop_window: int = 20
@@ -104,6 +105,7 @@ class TrainConfig:
         c.batch_size = _per_stage(c.batch_size, len(c.drip), "batch_size")
         c.steps = _per_stage(c.steps, len(c.drip), "steps")
         c.widths = [_int(w, "widths") for w in _as_list(c.widths)]
+        c.grad_accum = _from_text(c.grad_accum)
         for check in (_check_choices, _check_counts, _check_numbers, _check_loss):
             check(c)
         return c
@@ -191,6 +193,16 @@ def _int(v, name):
         raise TrainSetupError(f"--{_flag(name)}: {v!r} is not a whole number{what}") from None
 
 
+def _from_text(v):
+    """A flag's text as a whole number when it is one, else as given (for the range check to name)."""
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    return v
+
+
 def _per_stage(v, n, name):
     vals = [_int(x, name) for x in _as_list(v)]
     if len(vals) == 1:
@@ -223,7 +235,7 @@ def _check_choices(c):
 # (field, smallest, largest): whole numbers
 _COUNTS = (("dim", 1, 65536), ("image_size", 16, 8192), ("depth", 1, 64), ("stop_window", 1, None),
            ("subcenters", 1, 255), ("warmup", 0, None), ("views", 0, 1024), ("workers", 0, 1024),
-           ("checkpoint_every", 0, None), ("val_max", 1, None), ("seed", 0, 2 ** 63 - 1))
+           ("checkpoint_every", 0, None), ("val_max", 1, None), ("seed", 0, 2 ** 63 - 1), ("grad_accum", 1, 65536))
 
 
 def _in_range(v, lo, hi):
@@ -314,7 +326,8 @@ class StagePlan:
         head_label[order] = torch.arange(num_classes)
         labels = head_label[torch.as_tensor(data_labels)]
         plan = cls(counts, labels, order, [])
-        plan.batch_sizes = [min(bs, plan.stage_images(k)) for k, bs in enumerate(c.batch_size)]
+        # a step's batch: grad_accum micro-batches of batch_size (at most the stage's images)
+        plan.batch_sizes = [min(bs * c.grad_accum, plan.stage_images(k)) for k, bs in enumerate(c.batch_size)]
         plan._check(c, world, warn)
         return plan
 
@@ -338,8 +351,9 @@ class StagePlan:
             raise TrainSetupError(f"stage {short[0][0]}: a global batch of {short[0][1]} cannot be split between "
                                   f"{world} ranks (--batch-size is the global batch)")
         for k, (asked, b) in enumerate(zip(c.batch_size, self.batch_sizes)):
-            if warn and b < asked:
-                warnings.warn(f"--batch-size {asked}: stage {k + 1} has {b} images, so its batches hold {b}",
+            if warn and b < asked * c.grad_accum:
+                flags = f"--batch-size {asked}" + (f" x --grad-accum {c.grad_accum}" if c.grad_accum > 1 else "")
+                warnings.warn(f"{flags}: stage {k + 1} has {b} images, so its batches hold {b}",
                               TrainWarning, stacklevel=3)
 
 
