@@ -144,18 +144,18 @@ class Recording(ShardSource):
 
 
 def _train(root, out, workers, source=True, **kw):
-    c = T.TrainConfig(images=str(root / PATTERN), output=str(out), workers=workers, steps=(12,), checkpoint_every=1,
-                      **{**TINY, "batch_size": (3,), **kw})   # batches of 3 across shards of 4
+    c = T.TrainConfig(images=str(root / PATTERN), output=str(out), workers=workers, checkpoint_every=1,
+                      **{**TINY, "steps": (12,), "batch_size": (3,), **kw})   # batches of 3 across shards of 4
     Recording.seen = []
     result = T.train(c, log_fn=lambda m: None, source=Recording(c.images) if source else None)
     return result, Recording.seen
 
 
-def _interrupted(root, out, workers, fail_after):
+def _interrupted(root, out, workers, fail_after, **kw):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(T.FAIL_AFTER_STEP_ENV, str(fail_after))
         with pytest.raises(T.SimulatedFailure):
-            _train(root, out, workers)
+            _train(root, out, workers, **kw)
     return Recording.seen
 
 
@@ -222,3 +222,50 @@ def test_ranks_read_disjoint_shards(shard_root):
                 if epoch == 0:
                     readers.setdefault(shard, set()).add((rank, k % 2))
     assert sorted(readers) == list(range(8)) and all(len(r) == 1 for r in readers.values())
+
+
+def _shard_rank(rank, tmp, root):
+    """A rank of a 2-rank gloo world: an uninterrupted run, then one interrupted after step 3 and resumed."""
+    import datetime
+    import torch.distributed as dist
+    from pathlib import Path
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        root, tmp = Path(root), Path(tmp)
+        kw = dict(steps=(6,), batch_size=(4,))
+        out = {"whole": _train(root, tmp / "whole", 0, **kw)}
+        out["before"] = _interrupted(root, tmp / "cut", 0, 3, **kw)
+        out["position"] = torch.load(tmp / "cut" / "last.pt", weights_only=False)["data_position"]
+        out["resumed"] = _train(root, tmp / "cut", 0, resume=str(tmp / "cut" / "last.pt"), **kw)
+        torch.save({k: (v[0].losses, v[1]) if k in ("whole", "resumed") else v for k, v in out.items()},
+                   tmp / f"out{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_read_disjoint_shards_and_resume_bit_for_bit(shard_root, tmp_path):
+    """Under a 2-rank gloo world (as torchrun starts it): each rank streams its own shards (the new
+    centres summed over both ranks, the checkpoint's data position gathered from both), and an
+    interrupted run resumes with the uninterrupted run's losses, bit for bit."""
+    from conftest import spawn_ranks
+    spawn_ranks(_shard_rank, 2, tmp_path, args=(str(shard_root),), deadline_s=240)
+    outs = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(2)]
+    shards = [{decode_index(i)[1] for b in o["whole"][1] for i in b} for o in outs]
+    assert not shards[0] & shards[1] and all(len(b) == 2 for o in outs for b in o["whole"][1])
+    for o in outs:
+        losses, seen = o["whole"]
+        assert o["before"] + o["resumed"][1] == seen and o["resumed"][0] == losses[3:]
+    assert outs[0]["whole"][0] == outs[1]["whole"][0]   # the global batch's loss on both ranks
+    # the step-3 checkpoint: both ranks' 6 samples each, and the counts they were read with
+    position = outs[0]["position"]
+    assert position["workers"] == 0 and position["world_size"] == 2
+    consumed = {(e, k): n for e, k, n in position["consumed"]}
+    expected = {}
+    for o in outs:
+        for i in (i for b in o["before"] for i in b):
+            e, k, p = decode_index(i)
+            expected[(e, k)] = max(expected.get((e, k), 0), p + 1)
+    assert consumed == expected and sum(consumed.values()) == 12 and {k for _, k in consumed} <= shards[0] | shards[1]
+    assert {k for _, k in consumed} & shards[0] and {k for _, k in consumed} & shards[1]
