@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from simcore.isc import train as T
-from simcore.isc.shards import decode_index, write_shards
+from simcore.isc.shards import ShardError, decode_index, scan_shards, write_shards
 from simcore.isc.training.sources import ShardSource
 
 PATTERN = "shards/train-{000000..000007}.tar"
@@ -128,6 +128,30 @@ def test_corrupt_member_and_truncated_shard(tmp_path, capsys, monkeypatch):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train-000003.tar" in r.stderr, r.stderr
 
 
+def test_ranks_share_the_scan(shard_root):
+    """Under torchrun each rank scans every R-th shard and the ranks exchange what they found
+    (``gather``): each then holds the whole scan, or raises the error any rank met."""
+    pattern = str(shard_root / PATTERN)
+    whole = scan_shards(pattern)
+    recorded = []
+
+    class Stop(Exception):
+        pass
+
+    def record(obj):
+        recorded.append(obj)
+        raise Stop
+    for rank in range(2):
+        with pytest.raises(Stop):
+            scan_shards(pattern, part=(rank, 2), gather=record)
+    assert sorted(recorded[0][0]) == [0, 2, 4, 6] and sorted(recorded[1][0]) == [1, 3, 5, 7]
+    shared = scan_shards(pattern, part=(0, 2), gather=lambda obj: recorded)
+    assert (shared.labels, shared.sizes, shared.paths) == (whole.labels, whole.sizes, whole.paths)
+    failed = [recorded[0], ({}, ShardError("x-000001.tar: a broken tar"))]
+    with pytest.raises(ShardError, match="x-000001.tar: a broken tar"):
+        scan_shards(pattern, part=(0, 2), gather=lambda obj: failed)
+
+
 class Recording(ShardSource):
     """A ShardSource that records the indices of every trained batch, per process."""
     seen = []
@@ -222,6 +246,10 @@ def test_ranks_read_disjoint_shards(shard_root):
                 if epoch == 0:
                     readers.setdefault(shard, set()).add((rank, k % 2))
     assert sorted(readers) == list(range(8)) and all(len(r) == 1 for r in readers.values())
+    # a drip stage of 2 classes: its stream passes over the others' samples
+    loader, _ = source.stage_loader(c, 1, 2, 4, rank=0, world=1)
+    labels = torch.cat([y for _, y, _, _ in itertools.islice(loader, 6)])
+    assert labels.numel() == 24 and set(labels.tolist()) == {0, 1}
 
 
 def _shard_rank(rank, tmp, root):

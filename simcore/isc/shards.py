@@ -315,14 +315,37 @@ def _scan_one(path: str, labels: str, strict: bool):
     return count, good, skipped, (broken[0] if broken else None)
 
 
-def scan_shards(pattern: str, *, labels: str = "cls", strict: bool = False, threads: int = 1, log=None) -> ShardScan:
+def scan_shards(pattern: str, *, labels: str = "cls", strict: bool = False, threads: int = 1, log=None,
+                part: Tuple[int, int] = (0, 1), gather=None) -> ShardScan:
     """Read every shard of ``pattern`` once (the tar members, not decoding the images): each shard's
     samples and their labels (``.cls`` or the key's stem). A sample without an image or a label, and
     the rest of a broken tar, are skipped with a count and a warning, or refused with ``strict``. A shard
-    without a single sample, or a pattern without a readable sample, is a ShardError."""
+    without a single sample, or a pattern without a readable sample, is a ShardError.
+
+    Several processes (torchrun's ranks) share the reading: ``part=(r, R)`` reads every R-th shard from
+    the r-th, and ``gather(obj)`` (e.g. ``torch.distributed.all_gather_object``'s) returns every
+    process's ``obj``; each process then holds the whole scan, or raises the error of any of them."""
     paths = expand_shards(pattern)
-    with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as ex:
-        found = list(ex.map(lambda p: _scan_one(p, labels, strict), paths))
+    mine = list(range(part[0], len(paths), part[1]))
+    found, error = {}, None
+    try:
+        with ThreadPoolExecutor(max(1, min(threads, len(mine) or 1))) as ex:
+            found = dict(zip(mine, ex.map(lambda i: _scan_one(paths[i], labels, strict), mine)))
+    except (ShardError, OSError) as e:
+        if gather is None:
+            raise
+        error = e
+    if gather is not None:
+        parts = gather((found, error))
+        errors = [e for _, e in parts if e is not None]
+        if errors:
+            raise error if error is not None else errors[0]
+        for f, _ in parts:
+            found.update(f)
+    return _assemble_scan(pattern, paths, [found[i] for i in range(len(paths))], labels, log)
+
+
+def _assemble_scan(pattern, paths, found, labels, log) -> ShardScan:
     empty = [p for p, (count, *_rest) in zip(paths, found) if count == 0]
     if empty:
         raise ShardError(f"{empty[0]}: an empty shard (no sample){f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}"

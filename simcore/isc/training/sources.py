@@ -111,14 +111,19 @@ class ShardSource(DataSource):
     def scan(self, c, log=None) -> TrainingData:
         from simcore.isc.shards import expand_shards, scan_shards
         from simcore.isc.training.config import TrainSetupError
-        world = torch.distributed.get_world_size() if torch.distributed.is_available() and \
-            torch.distributed.is_initialized() else 1
+        dist = torch.distributed
+        ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        world = dist.get_world_size() if ranks else 1
         shards = len(expand_shards(self.location))
-        if shards < world * max(c.workers, 1):
+        if shards < world * max(c.workers, 1):   # (every rank finds the same, so every rank raises)
             raise TrainSetupError(f"--workers {c.workers}: {shards} shard(s) cannot give each of {world} rank(s) x "
                                   f"{max(c.workers, 1)} DataLoader worker(s) its own shards: use at most "
                                   f"{max(shards // world, 1) if shards >= world else 0} workers, or more shards")
-        self.scanned = scan_shards(self.location, labels=c.labels, strict=c.strict, threads=max(c.workers, 1), log=log)
+        share = {}
+        if ranks:   # every rank reads 1/R of the shards; they exchange what they found
+            share = dict(part=(dist.get_rank(), world), gather=_all_gather_object)
+        self.scanned = scan_shards(self.location, labels=c.labels, strict=c.strict, threads=max(c.workers, 1),
+                                   log=log, **share)
         return TrainingData(self.scanned.labels, self.scanned.num_classes, len(self.scanned.skipped),
                             "the samples' .cls members" if c.labels == "cls" else "the samples' key stems")
 
@@ -169,6 +174,12 @@ class ShardSource(DataSource):
         ``ShardProgress.state_dict()``), and the worker count and world size they were read with."""
         from simcore.isc.shards import ShardProgress
         return dict(ShardProgress.merge(states).state_dict(), workers=workers, world_size=world)
+
+
+def _all_gather_object(obj):
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def source_for(location) -> DataSource:
