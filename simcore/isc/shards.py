@@ -348,8 +348,9 @@ def scan_shards(pattern: str, *, labels: str = "cls", strict: bool = False, thre
 def _assemble_scan(pattern, paths, found, labels, log) -> ShardScan:
     empty = [p for p, (count, *_rest) in zip(paths, found) if count == 0]
     if empty:
-        raise ShardError(f"{empty[0]}: an empty shard (no sample){f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}"
-                         ": every shard must hold samples (every DataLoader worker streams its own shards)")
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ShardError(f"{empty[0]}: an empty shard (no sample){more}: every shard must hold samples (every "
+                         "DataLoader worker streams its own shards)")
     scan = ShardScan(paths, [f[0] for f in found], [y for f in found for y in f[1]],
                      [s for f in found for s in f[2]], [(p, f[3]) for p, f in zip(paths, found) if f[3]])
     if not scan.labels:

@@ -227,7 +227,8 @@ def _bad(name, accepted, got):
 
 
 def _check_choices(c):
-    for name, choices in (("labels", ("image", "folder", "record", "cls", "stem")), ("precision", PRECISIONS), ("loss", LOSSES),
+    for name, choices in (("labels", ("image", "folder", "record", "cls", "stem")), ("precision", PRECISIONS),
+                          ("loss", LOSSES),
                           ("optimizer", ("adam", "sgd")), ("augment_on", AUGMENT_ON)):
         if getattr(c, name) not in choices:
             raise _bad(name, "one of " + ", ".join(choices), getattr(c, name))
