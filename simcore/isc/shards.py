@@ -22,11 +22,15 @@ Resume (``ShardProgress``): the training loop passes each batch's indices to
 goes into the checkpoint, and ``ShardDataset(..., resume=state)`` skips those samples. Since each
 (epoch, shard) is read in order by one worker, what was trained on is a prefix of it, so a resumed
 run trains on exactly the samples, with exactly the augmented pixels, that the interrupted run had
-not reached, whatever the new worker count; nothing is replayed and nothing lost. What is not
-reproduced is how those samples are grouped into batches after the resume (the DataLoader takes
-batches from its workers in turn, and restarts that turn at worker 0), so the loss trajectory
-after a resume is not bit-identical to an uninterrupted run's. Samples that workers had prefetched
-but the loop had not trained on are read again.
+not reached, whatever the new worker count; nothing is replayed and nothing lost. How those
+samples are grouped into batches after the resume is reproduced only with the same worker count:
+the DataLoader takes batches from its workers in turn and restarts that turn at worker 0, so the
+resumed run passes ``worker_offset`` (steps taken mod workers) to continue it; with another worker
+count the batches, and so the losses, differ. Samples that workers had prefetched but the loop had
+not trained on are read again.
+
+Scanning (``scan_shards``): every shard's sample count and the readable samples' labels, read
+once before training (``simcore.isc.training.sources.ShardSource``), shared between torchrun's ranks.
 
 Writing (``write_shards``, ``shards_from_folder``, ``shards_from_records``): samples ``key.jpg`` (the
 encoded bytes as they were, no re-encoding) + ``key.cls``, ``per_shard`` samples a shard, each

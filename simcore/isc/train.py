@@ -31,7 +31,9 @@ the backbone optimizer, the GradScaler, the RNG states (torch, CUDA, numpy, pyth
 class-sampling generator), the stage, the step and the log's length. The data order and every
 augmentation are functions of (seed, stage, step, slot) (``StageBatchSampler``), so
 ``resume=RUN_DIR/last.pt`` continues bit for bit where the run stopped, with any number of
-workers.
+workers. WebDataset shards are streamed instead (a ``streaming`` source: each worker and rank reads
+its own shards in order; the checkpoint holds how far every rank has read): their resume is bit for
+bit with the same workers and world size, and exact in the samples, not the batches, with others.
 
 Several processes (``torchrun``, docs/train.md "Several GPUs"): WORLD_SIZE > 1 (or a process
 group the caller initialised) makes every rank train together: gloo on the CPU, NCCL on
