@@ -126,6 +126,15 @@ def test_corrupt_member_and_truncated_shard(tmp_path, capsys, monkeypatch):
     r = cli(capsys, monkeypatch, tmp_path, "train", pattern, "--labels", "cls", "--strict", "-o", tmp_path / "strict",
             *rest)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train-000003.tar" in r.stderr, r.stderr
+    # the undecodable image alone (no truncation, every label), met by a DataLoader worker during training:
+    # one line too (not torch's re-raised traceback), naming the sample
+    write_shards([("0000_a", jpeg(0, 1), "jpg", 0), ("0001_b", b"not a jpeg", "jpg", 1)],
+                 str(tmp_path / "broken-%d.tar"))
+    r = cli(capsys, monkeypatch, tmp_path, "train", "shards/train-{000000..000002}.tar::broken-0.tar", "--labels",
+            "cls", "--strict", "--workers", "2", "-o", tmp_path / "strict2", *rest)
+    last = r.stderr.splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("simcore train: error: broken-0.tar: sample '0001_b'"), r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_ranks_share_the_scan(shard_root):
