@@ -223,16 +223,19 @@ def _add_train_arguments(sub):
                                    "(or every sub-folder), augmented copies as positives, a PartialMarginHead "
                                    "margin loss, checkpoints to resume from. See docs/train.md.")
     t.add_argument("images", help="folder of images (recursive: jpg jpeg png webp bmp), a text file listing them, "
-                                  "or an InsightFace RecordIO .rec file (with --labels record)")
+                                  "an InsightFace RecordIO .rec file (with --labels record), or WebDataset shards: "
+                                  "a .tar or a pattern such as 'shards/train-{000000..000099}.tar' (with --labels "
+                                  "cls or stem)")
     t.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
                    help="run folder: last.pt, stage<k>.pt, log.jsonl, loss.png")
     t.add_argument("--backbone", default="smallcnn", help="smallcnn (default) or a timm model name (needs timm)")
     t.add_argument("--pretrained", action="store_true", help="timm backbones: start from pretrained weights")
     t.add_argument("--dim", type=int, default=256, help="embedding dims (default 256)")
     t.add_argument("--image-size", type=int, default=64, help="images are resized to this square (default 64)")
-    t.add_argument("--labels", choices=["image", "folder", "record"], default="image",
+    t.add_argument("--labels", choices=["image", "folder", "record", "cls", "stem"], default="image",
                    help="image: every image its own class (default, the ISC recipe); folder: one class per "
-                        "sub-folder; record: the labels of a RecordIO .rec file (IMAGES is the .rec, its .idx beside)")
+                        "sub-folder; record: the labels of a RecordIO .rec file (IMAGES is the .rec, its .idx beside); "
+                        "cls / stem: the shards' .cls members / the class before the first _ of each key")
     t.add_argument("--drip", default="ALL", metavar="N,N,...,ALL",
                    help="class count of each stage (default ALL: one stage with every class)")
     t.add_argument("--batch-size", default="32", metavar="B[,B...]", help="per stage, or one for all (default 32)")

@@ -41,11 +41,21 @@ def user_errors() -> tuple:
             CorruptRecordError, VerificationFileError, ReidNameError, ShardError)
 
 
+def _worker_message(text):
+    """The message a DataLoader worker's error was raised with: torch raises it again in the main process as
+    "Caught X in DataLoader worker process N.\nOriginal Traceback ...\nmodule.X: message" (a strict run's
+    undecodable image)."""
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def error_line(prog, e: BaseException):
     """The one line ``prog`` prints for a user error ``e`` (``user_errors()`` or an OSError naming a file), or
     None for an exception that is a bug (whose traceback must show)."""
     if isinstance(e, user_errors()):
-        return f"{prog}: error: {e}"
+        return f"{prog}: error: {_worker_message(str(e))}"
     if isinstance(e, OSError):
         name = getattr(e, "filename", None)
         return f"{prog}: error: {f'{name}: ' if name else ''}{e.strerror or e}"

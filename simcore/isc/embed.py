@@ -29,7 +29,7 @@ from simcore.isc.backbones import BackboneError, build_backbone
 from simcore.isc.descriptors import PCAWhitening, l2_normalize
 from simcore.isc.files import write_hdf5
 
-__all__ = ["CheckpointError", "EmbedSetupError", "load_checkpoint", "load_model", "embed_dataset",
+__all__ = ["CheckpointError", "EmbedSetupError", "load_checkpoint", "load_model", "embed_dataset", "embedding_sums",
            "check_embed_options", "embed_folders", "write_descriptors", "autocast_context"]
 
 #: The ``format`` entry of a ``simcore train`` checkpoint.
@@ -102,20 +102,43 @@ def embed_dataset(model, dataset, items, *, batch_size=64, workers=0, device="cp
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(loader, desc=desc, unit="batch", total=len(sampler), leave=False, file=sys.stderr)
-    out = []
-    for x, _, _, ok in it:
-        x = x.to(device, non_blocking=True).float().div_(255)
-        with autocast_context(device, precision):
-            e = model(x).float()
-            if flip:
-                e = F.normalize(e, dim=1) + F.normalize(model(x.flip(3)).float(), dim=1)
-        e = F.normalize(e, dim=1)
-        e[~ok.to(e.device)] = 0
-        out.append(e.cpu())
+    out = [_embed_batch(model, x, ok, device, precision, flip).cpu() for x, _, _, ok in it]
     model.train(was)
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)
+
+
+def _embed_batch(model, x, ok, device, precision, flip=False):
+    """L2-normalised float32 embeddings of a loader batch of uint8 images; rows not ``ok`` are zero."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    with autocast_context(device, precision):
+        e = model(x).float()
+        if flip:
+            e = F.normalize(e, dim=1) + F.normalize(model(x.flip(3)).float(), dim=1)
+    e = F.normalize(e, dim=1)
+    e[~ok.to(e.device)] = 0
+    return e
+
+
+@torch.no_grad()
+def embedding_sums(model, batches, first: int, count: int, dim: int, *, device="cpu", precision="fp32"):
+    """(sums (count, dim) float32, images per class (count,) int64) on ``device``: the L2-normalised
+    embeddings of the ``batches`` (loader batches ``(images, labels, indices, ok)``) added up per label
+    ``first .. first + count - 1``, in eval mode; samples not ``ok`` are left out. A streamed data set's
+    class means (``simcore.isc.train``'s new centres from WebDataset shards)."""
+    was = model.training
+    model.eval()
+    sums = torch.zeros(count, dim, device=device)
+    counts = torch.zeros(count, dtype=torch.int64, device=device)
+    for x, y, _, ok in batches:
+        e = _embed_batch(model, x, ok, device, precision)
+        keep = ok.to(device)
+        groups = y.to(device)[keep] - first
+        sums.index_add_(0, groups, e[keep])
+        counts += torch.bincount(groups, minlength=count)
+    model.train(was)
+    return sums, counts
 
 
 def _folder_set(source, what, strict, workers, log):

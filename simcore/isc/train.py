@@ -33,7 +33,9 @@ the backbone optimizer, the GradScaler, the RNG states (torch, CUDA, numpy, pyth
 class-sampling generator), the stage, the step and the log's length. The data order and every
 augmentation are functions of (seed, stage, step, slot) (``StageBatchSampler``), so
 ``resume=RUN_DIR/last.pt`` continues bit for bit where the run stopped, with any number of
-workers.
+workers. WebDataset shards are streamed instead (a ``streaming`` source: each worker and rank reads
+its own shards in order; the checkpoint holds how far every rank has read): their resume is bit for
+bit with the same workers and world size, and exact in the samples, not the batches, with others.
 
 Several processes (``torchrun``, docs/train.md "Several GPUs"): WORLD_SIZE > 1 (or a process
 group the caller initialised) makes every rank train together: gloo on the CPU, NCCL on
@@ -53,6 +55,7 @@ augmented copy of each validation image searched among the clean ones, at each s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -67,7 +70,7 @@ from simcore.isc import augment as A
 from simcore.isc import data as Dt
 from simcore.isc.accumulate import accumulate_gradients
 from simcore.isc.backbones import backbone_spec, build_backbone
-from simcore.isc.embed import CHECKPOINT_FORMAT, autocast_context, embed_dataset
+from simcore.isc.embed import CHECKPOINT_FORMAT, autocast_context, embed_dataset, embedding_sums
 from simcore.isc.training.checkpoints import SHARD_FORMAT, CheckpointManager, CheckpointWriteError, rng_states, \
     set_rng_states
 from simcore.isc.training.config import AUGMENT_ON, LOSSES, StagePlan, TrainConfig, TrainSetupError, TrainWarning, \
@@ -193,6 +196,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(config.output, dd)
         self.stage = self.stage_step = self.global_step = 0
         self.head = self.resume_rng = None
+        # a streaming source (shards): the stage's ShardProgress, a resume's data position, a checkpoint's
+        self.progress = self.data_resume = self.data_position = None
         self.sink = MetricsSink()
         self.result = TrainResult(config.output, self.checkpoints.last)
         self.seen_images, self.train_seconds, self.lr_factor = 0, 0.0, 1.0
@@ -236,7 +241,8 @@ class Trainer:
         self.augment = A.RandomAugment(num_ops=(1, 3), intensity=(0.2, 1.0), weights=TRAIN_OPS_WEIGHTS)
         self.dataset = source.dataset(c, self.plan.labels.tolist(), self.augment)
         self.switch = _Switch()
-        self.loader = Dt.make_loader(self.dataset, self.switch, workers=c.workers, device=self.device)
+        self.loader = None if source.streaming else \
+            Dt.make_loader(self.dataset, self.switch, workers=c.workers, device=self.device)
         self.say(self._describe_run())
         if not self.lead:
             self.validators = []
@@ -271,6 +277,7 @@ class Trainer:
         self.resume_rng = self.checkpoints.load_head(self.head, ckpt, self.c.resume)
         self.stage, self.stage_step, self.global_step = ckpt["stage"], ckpt["step"], ckpt["global_step"]
         self.result.stages = list(ckpt["stages"])
+        self.data_resume = ckpt.get("data_position")
         saved_world = int(ckpt.get("world_size", 1))
         self.say(f"resuming {self.c.resume}: stage {self.stage + 1}/{len(self.plan.counts)}, step {self.stage_step}, "
                  f"global step {self.global_step}"
@@ -318,14 +325,13 @@ class Trainer:
         c, stage = self.c, self.stage
         if self.stage_step == 0:
             self._start_stage()
-        self.switch.inner = Dt.StageBatchSampler(self.plan.stage_items(stage), self.plan.batch_sizes[stage],
-                                                 seed=c.seed, stage=stage, start=self.stage_step,
-                                                 steps=c.steps[stage] - self.stage_step, rank=self.rank,
-                                                 world_size=self.world, augment=c.augment_on == "workers")
+        batches = self._stage_batches(stage)
         self.train_model.train()
         self.head.train()
         t_last, stopped = time.perf_counter(), False
-        for x, y, _, ok in self.loader:
+        for x, y, index, ok in batches:
+            if self.progress is not None:
+                self.progress.update(index)
             loss, rows, dropped = self.step(x, y, ok)
             now = time.perf_counter()
             stopped = self._after_step(loss, rows, dropped, now - t_last)
@@ -333,6 +339,23 @@ class Trainer:
             if stopped:
                 break
         self._end_stage(stopped)
+
+    def _stage_batches(self, stage):
+        """The stage's batches from its current step: the seeded stage sampler over the loader, or a
+        streaming source's loader (and its progress, from a resume's data position)."""
+        c = self.c
+        steps = c.steps[stage] - self.stage_step
+        if self.source.streaming:
+            loader, self.progress = self.source.stage_loader(
+                c, stage, self.plan.counts[stage], self.plan.batch_sizes[stage], rank=self.rank, world=self.world,
+                start=self.stage_step, resume=self.data_resume, device=self.device)
+            self.data_resume = None
+            return itertools.islice(loader, steps)
+        self.switch.inner = Dt.StageBatchSampler(self.plan.stage_items(stage), self.plan.batch_sizes[stage],
+                                                 seed=c.seed, stage=stage, start=self.stage_step, steps=steps,
+                                                 rank=self.rank, world_size=self.world,
+                                                 augment=c.augment_on == "workers")
+        return self.loader
 
     def step(self, x, y, ok):
         """One optimisation step on a loader batch: (the loss as a device tensor, or None when every
@@ -391,10 +414,20 @@ class Trainer:
         stopped = self._stop_rule()
         running = self.stage_step < c.steps[self.stage] and not stopped
         if running and c.checkpoint_every and self.global_step % c.checkpoint_every == 0:
-            self.checkpoints.save(self, self.checkpoints.last, self.stage, self.stage_step)
+            self._save(self.stage, self.stage_step)
         if running:
             self._simulated_failure()
         return stopped
+
+    def _save(self, next_stage, next_step, copy_to=None):
+        """``last.pt`` (every rank calls it); a streaming source's position goes with it (a stage end's
+        is None: the next stage starts its own stream)."""
+        self.data_position = None
+        if self.progress is not None and next_step > 0:
+            state = self.progress.state_dict()
+            states = self.dd.gather_objects(state) if self.dd is not None else [state]
+            self.data_position = self.source.data_position(states, self.c.workers, self.world)
+        self.checkpoints.save(self, self.checkpoints.last, next_stage, next_step, copy_to=copy_to)
 
     def _stop_rule(self):
         """``stop_loss``: the mean of the stage's last ``stop_window`` losses below it (one decision for every rank)."""
@@ -420,11 +453,15 @@ class Trainer:
         c, stage, n_cls = self.c, self.stage, self.plan.counts[self.stage]
         have = 0 if self.head is None else self.head.num_classes
         labels = self.plan.labels
-        new = torch.nonzero((labels >= have) & (labels < n_cls)).squeeze(1).tolist()
-        centre_items = [(i, -1) for i in new] + [(i, Dt.sample_seed(c.seed, stage, 0xCE47, i, v))
-                                                 for v in range(c.views) for i in new]
         t0 = time.perf_counter()
-        centres = self._new_centres(centre_items, labels[torch.tensor([i for i, _ in centre_items])] - have)
+        if self.source.streaming:
+            centres, embedded = self._streamed_centres(have, n_cls)
+        else:
+            new = torch.nonzero((labels >= have) & (labels < n_cls)).squeeze(1).tolist()
+            centre_items = [(i, -1) for i in new] + [(i, Dt.sample_seed(c.seed, stage, 0xCE47, i, v))
+                                                     for v in range(c.views) for i in new]
+            centres = self._new_centres(centre_items, labels[torch.tensor([i for i, _ in centre_items])] - have)
+            embedded = len(centre_items)
         if self.head is None:
             self.head = _make_head(c, n_cls, self.device, self.group)
             lo, hi = getattr(self.head, "shard", (0, n_cls))
@@ -439,7 +476,7 @@ class Trainer:
                         batch_size=bs, steps=c.steps[stage], global_step=self.global_step,
                         centre_seconds=round(time.perf_counter() - t0, 3))
         self.say(f"stage {stage + 1}/{len(self.plan.counts)}: {n_cls} classes ({n_cls - have} new, centres from "
-                 f"{len(centre_items)} embeddings), batch {bs}"
+                 f"{embedded} embeddings), batch {bs}"
                  + (f" ({c.grad_accum} micro-batches a step)" if c.grad_accum > 1 else "")
                  + f", up to {c.steps[stage]} steps")
 
@@ -452,8 +489,27 @@ class Trainer:
         else:  # each rank embeds every world-th item; all-gathered in item order
             mine = embed_dataset(self.model, self.dataset, centre_items[self.rank::self.world], **kw)
             emb = self.dd.gather_rows(mine, len(centre_items), c.dim)
-        centres = simcore.PartialMarginHead.centres_from_embeddings(emb, groups)
-        if c.subcenters > 1:   # K copies per class, slightly apart so that each can become dominant
+        return self._subcentres(simcore.PartialMarginHead.centres_from_embeddings(emb, groups))
+
+    def _streamed_centres(self, have, n_cls):
+        """(the centres of head classes [have, n_cls), the embeddings they come from) from one pass over
+        this rank's shards (a streaming source), summed over the ranks."""
+        c = self.c
+        loader = self.source.centre_loader(c, self.stage, have, n_cls, max(c.batch_size), rank=self.rank,
+                                           world=self.world, device=self.device)
+        sums, counts = embedding_sums(self.model, loader, have, n_cls - have, c.dim, device=self.device,
+                                      precision=c.precision)
+        if self.dd is not None:
+            self.dd.sum_(sums)
+            self.dd.sum_(counts)
+        centres = sums.cpu() / counts.cpu().clamp_min(1).unsqueeze(1)
+        return self._subcentres(centres), int(counts.sum())
+
+    def _subcentres(self, centres):
+        """The centres on the device; with sub-centres K copies per class, slightly apart so that each can
+        become dominant."""
+        c = self.c
+        if c.subcenters > 1:
             g = torch.Generator().manual_seed(Dt.sample_seed(c.seed, self.stage, 0x5C))
             centres = centres.repeat_interleave(c.subcenters, 0)
             centres = centres + 1e-2 * torch.randn(centres.shape, generator=g)
@@ -470,8 +526,7 @@ class Trainer:
         self.result.stages.append(summary)
         self.sink.event(event="stage_end", global_step=self.global_step, **summary)
         self.stage, self.stage_step = stage + 1, 0
-        self.checkpoints.save(self, self.checkpoints.last, self.stage, 0,
-                              copy_to=os.path.join(self.c.output, f"stage{self.stage}.pt"))
+        self._save(self.stage, 0, copy_to=os.path.join(self.c.output, f"stage{self.stage}.pt"))
         if self.stage < len(self.plan.counts):
             self._simulated_failure()
 
@@ -497,6 +552,7 @@ class Trainer:
             "stage_losses": self.sink.stage_losses, "stages": self.result.stages,
             "num_images": self.data.num_items, "num_classes": self.data.num_classes,
             "class_order": self.plan.class_order, "log_offset": None, "simcore": simcore.__version__,
+            "data_position": self.data_position,
         }
 
     def shard_state(self, tag):

@@ -50,7 +50,7 @@ class TrainWarning(UserWarning):
 @dataclass
 class TrainConfig:
     """Everything ``train`` needs; the ``simcore train`` flags map one to one (docs/train.md)."""
-    images: str                                   # folder (recursive) or text file listing images
+    images: str                                   # folder (recursive), text file listing images, .rec, shards
     output: str                                   # run folder: checkpoints, log.jsonl, loss.png
     backbone: str = "smallcnn"                    # or a timm model name
     pretrained: bool = False                      # timm: start from its pretrained weights
@@ -58,7 +58,8 @@ class TrainConfig:
     depth: int = 1                                # smallcnn convolutions per stage
     dim: int = 256
     image_size: int = 64
-    labels: str = "image"                         # "image": one class per image; "folder": per sub-folder
+    labels: str = "image"                         # "image": one class per image; "folder": per sub-folder;
+    #                                               "record": a .rec's labels; "cls" / "stem": shards' .cls / key stem
     drip: Sequence[Union[int, str]] = ("ALL",)    # class count per stage, increasing; "ALL" = every class
     batch_size: Sequence[int] = (32,)             # one per stage, or one for all (a micro-batch with grad_accum)
     grad_accum: int = 1                           # micro-batches of batch_size per optimizer step
@@ -119,7 +120,10 @@ class TrainConfig:
         ``output`` is (or can be) a folder, a resume names a file in ``output``. Reads no image.
         NoImagesError / TrainSetupError."""
         from simcore.isc.data import NoImagesError
-        if images and not os.path.exists(self.images):
+        from simcore.isc.shards import is_shard_pattern
+        if images and is_shard_pattern(self.images):
+            _check_shard_files(self.images)
+        elif images and not os.path.exists(self.images):
             raise NoImagesError(f"{self.images}: no such folder or file")
         if os.path.exists(self.output) and not os.path.isdir(self.output):
             raise TrainSetupError(f"-o/--output {self.output}: exists and is not a folder")
@@ -154,6 +158,11 @@ class TrainConfig:
         if (self.labels == "record") != self.images.endswith(".rec"):
             raise TrainSetupError(f"--labels record goes with a RecordIO .rec file (and a .rec with --labels "
                                   f"record), got {self.images} with --labels {self.labels}")
+        from simcore.isc.shards import is_shard_pattern
+        if (self.labels in ("cls", "stem")) != is_shard_pattern(self.images):
+            raise TrainSetupError(f"--labels cls or stem goes with WebDataset shards (a .tar or a pattern such as "
+                                  f"train-{{000000..000099}}.tar), and shards with one of them, got {self.images} "
+                                  f"with --labels {self.labels}")
         bins = self.val_bins()
         for path in bins:
             if not os.path.isfile(path):
@@ -164,6 +173,14 @@ class TrainConfig:
         for folder in self.val_reid_dirs():
             if not os.path.isdir(folder):
                 raise TrainSetupError(f"--val-reid {folder}: no such folder")
+
+
+def _check_shard_files(pattern):
+    """Every shard of the pattern is a file, none of them empty (their samples are read by the scan)."""
+    from simcore.isc.shards import expand_shards
+    for path in expand_shards(pattern):
+        if os.path.getsize(path) == 0:
+            raise TrainSetupError(f"IMAGES {pattern}: the shard {path} is an empty file")
 
 
 def jsonable(v):
@@ -222,7 +239,8 @@ def _bad(name, accepted, got):
 
 
 def _check_choices(c):
-    for name, choices in (("labels", ("image", "folder", "record")), ("precision", PRECISIONS), ("loss", LOSSES),
+    for name, choices in (("labels", ("image", "folder", "record", "cls", "stem")), ("precision", PRECISIONS),
+                          ("loss", LOSSES),
                           ("optimizer", ("adam", "sgd")), ("augment_on", AUGMENT_ON)):
         if getattr(c, name) not in choices:
             raise _bad(name, "one of " + ", ".join(choices), getattr(c, name))

@@ -3,7 +3,8 @@
 ``init_distributed`` returns None in one process; under ``torchrun`` (WORLD_SIZE > 1, or a process
 group the caller initialised) a ``Dist``: gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``. Its
 collectives are the few the trainer needs: a handful of host integers per step, one agreement
-on errors (so that no rank waits for a failed one forever) and the rows of the new centres.
+on errors (so that no rank waits for a failed one forever), the rows of the new centres (or, streamed
+from shards, their sums) and a streamed data set's position at a checkpoint.
 """
 from __future__ import annotations
 
@@ -48,6 +49,19 @@ class Dist:
             raise error
         if failed:
             raise TrainSetupError(f"rank(s) {failed} failed to {what} (see the error on those ranks)")
+
+    def gather_objects(self, obj):
+        """Every rank's ``obj`` (picklable; small: a checkpoint's data position), in rank order."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def sum_(self, tensor):
+        """``tensor`` summed over the ranks, in place (through the backend's device); returns it."""
+        buf = tensor.to(self.comm)
+        dist.all_reduce(buf, group=self.group)
+        tensor.copy_(buf)
+        return tensor
 
     def gather_rows(self, local, n, dim):
         """The (n, dim) float32 rows of items 0..n-1 when rank r holds items r, r+R, r+2R, ... (``local``)."""
