@@ -306,3 +306,15 @@ def test_two_ranks_read_disjoint_shards_and_resume_bit_for_bit(shard_root, tmp_p
             expected[(e, k)] = max(expected.get((e, k), 0), p + 1)
     assert consumed == expected and sum(consumed.values()) == 12 and {k for _, k in consumed} <= shards[0] | shards[1]
     assert {k for _, k in consumed} & shards[0] and {k for _, k in consumed} & shards[1]
+
+
+def test_grad_accum_on_shards_takes_n_micro_batches_a_step(shard_root, tmp_path, capsys, monkeypatch):
+    """--grad-accum 2 --batch-size 4 on shards: each step takes 8 samples off the stream (logged rows)
+    and the micro-batches really run (the stage line says so)."""
+    r = cli(capsys, monkeypatch, shard_root, "train", PATTERN, "--labels", "cls", "-o", tmp_path / "run", *BASE,
+            "--grad-accum", "2")
+    assert r.returncode == 0, r.stderr
+    assert "batch 8 (2 micro-batches a step)" in r.stderr
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"step"' in line]
+    steps = [s for s in steps if "batch" in s]
+    assert [s["batch"] for s in steps] == [8, 8, 8]
