@@ -128,6 +128,10 @@ CXX_FLAGS = ["-std=c++17", "-fvisibility=hidden", "-fopenmp", "-fno-math-errno",
 if os.environ.get("SIMCORE_NATIVE") == "1":
     CXX_FLAGS.append("-march=native")
 LINK_FLAGS = ["-fopenmp"] + SAN
+# The emulation's __shared__ variables (function statics, csrc/cuda/emulation/cuda_emulation.h): each in a
+# section of its own, which the linker script gathers into the one the scheduler poisons before each block.
+EMULATION_FLAGS = CXX_FLAGS + ["-fdata-sections"]
+EMULATION_LINK_FLAGS = LINK_FLAGS + ["-Wl,-T," + os.path.join("csrc", "cuda", "emulation", "shared_memory.ld")]
 
 
 class BuildExt(build_ext):
@@ -170,7 +174,7 @@ class BuildExt(build_ext):
         common = ["-fPIC", "-Icsrc", "-I" + include, "-I" + _pybind11_include(), "-Wno-unused-function"]
         plain = [f for f in CXX_FLAGS if f not in SAN and f != "-O3"] + ["-O1"]
         jobs = [(src, ["-x", "c++", "-include", os.path.join("csrc", "cuda", "emulation", "cuda_emulation.h")]
-                 + CXX_FLAGS) for src in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))]
+                 + EMULATION_FLAGS) for src in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))]
         jobs += [(src, plain) for src in sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
         out_dir = os.path.join(self.build_temp, "emulation")
         os.makedirs(out_dir, exist_ok=True)
@@ -247,8 +251,8 @@ if _emulation in ("1", "only"):
                        + glob.glob(os.path.join("csrc", "cuda", "emulation", "*.cpp"))),
         include_dirs=["csrc"],
         define_macros=[("SIMCORE_WITH_CUDA", "1"), ("SIMCORE_CUDA_EMULATION", "1"), ("SIMCORE_MODULE_NAME", "_C_emu")],
-        extra_compile_args=CXX_FLAGS,
-        extra_link_args=LINK_FLAGS,
+        extra_compile_args=EMULATION_FLAGS,
+        extra_link_args=EMULATION_LINK_FLAGS,
         language="c++",
     ))
 

@@ -3,6 +3,8 @@ break CUDA's rules, naming kernel, block and thread; the launch limits of a GPU 
 kernels give the same bits whatever order a block's threads run in; one switch turns it on."""
 import importlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,12 @@ def test_a_correct_kernel_runs():
     assert _emu().emulation_selftest("block_sum") == ""  # sums checked in C++
 
 
+def test_each_block_finds_its_shared_memory_poisoned():
+    """A block that reads __shared__ memory it has not written finds 0xff bytes (NaN, -1), not the
+    values the previous block left, which are often the right ones."""
+    assert _emu().emulation_selftest("stale_shared") == ""  # values checked in C++
+
+
 @pytest.mark.parametrize("case,message", [
     ("divergent_barrier", r"divergent_barrier_kernel, block \(1,0,0\), thread \(5,0,0\): returned while "
                           r"other threads of its block wait at a barrier \(63 of 64"),
@@ -35,6 +43,30 @@ def test_a_correct_kernel_runs():
 def test_broken_synchronisation_is_an_error_naming_kernel_block_and_thread(case, message):
     with pytest.raises(RuntimeError, match="CUDA emulation: kernel .*" + message):
         _emu().emulation_selftest(case)
+
+
+def _built_with_asan():
+    return emulation_built() and bool(_emu().build_info.get("address_sanitizer"))
+
+
+@pytest.mark.skipif(not _built_with_asan(), reason="needs the emulation built with ASan and run under it: "
+                    "SIMCORE_SANITIZE=address,undefined bash .ci/cuda_emulation")
+@pytest.mark.parametrize("case,report", [
+    ("global_out_of_bounds", r"AddressSanitizer: heap-buffer-overflow"),
+    # UBSan's object-size check sees a declared array first; ASan's redzone would otherwise
+    ("shared_out_of_bounds", r"AddressSanitizer: global-buffer-overflow|runtime error: load of address .* "
+                             r"with insufficient space for an object of type 'const int'"),
+])
+def test_the_sanitizers_report_an_out_of_bounds_access_naming_the_kernel(case, report):
+    """ASan + UBSan see the emulated kernels' global and __shared__ accesses (in a child process: the
+    report ends it). The child loads the module file alone: importing simcore (and torch) under ASan
+    would cost CI half a minute per case."""
+    load = ("import importlib.util as u, sys; s = u.spec_from_file_location('simcore._C_emu', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); m.emulation_selftest(sys.argv[2])")
+    child = subprocess.run([sys.executable, "-c", load, _emu().__file__, case], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode != 0 and re.search(report, child.stderr), child.stderr[-3000:]
+    assert f"in {case}_kernel" in child.stderr, child.stderr[-3000:]
 
 
 @pytest.mark.parametrize("case,message", [

@@ -54,6 +54,11 @@ PYBIND11_MODULE(SIMCORE_MODULE_NAME, m) {
 #endif
 #ifdef SIMCORE_CUDA_EMULATION
   info["cuda_emulation"] = true;
+#ifdef __SANITIZE_ADDRESS__
+  info["address_sanitizer"] = true;  // tests/test_cuda_emulation.py checks that ASan sees the kernels
+#else
+  info["address_sanitizer"] = false;
+#endif
   // The order a block's threads run in between synchronisations (cuda_emulation.h).
   m.def("emulation_schedule", [](const std::string& order, uint64_t seed) {
     using simcore::emu::Schedule;

@@ -10,6 +10,7 @@
 //  - __syncthreads and friends are real barriers; the warp intrinsics are warp-wide
 //    rendezvous that check their mask against the lanes that arrive;
 //  - __shared__ variables are function statics: valid because blocks never overlap;
+//    each block finds them filled with 0xff bytes (NaN, -1), not the last block's values;
 //  - atomics are plain read-modify-writes: threads never run at the same time;
 //  - the launch limits of a GPU (block size, grid size, dynamic shared memory) fail the
 //    launch as cudaErrorInvalidConfiguration; a divergent barrier, a warp mask that does
@@ -39,7 +40,11 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static  // one block at a time: a static is the block's shared memory
+// One block at a time: a static is the block's shared memory. The linker gathers these
+// statics into one section (shared_memory.ld), which the scheduler fills with 0xff bytes
+// before each block. (A section attribute here would do, but GCC before 14 ignores it
+// in function templates.)
+#define __shared__ static
 
 // CUDA's math library has these in the global namespace.
 using std::isfinite;

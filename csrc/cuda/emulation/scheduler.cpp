@@ -29,8 +29,8 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define SIMCORE_EMU_ASAN 1
 #endif
 
 uint3 threadIdx;
@@ -41,6 +41,54 @@ dim3 gridDim;
 namespace simcore {
 namespace emu {
 namespace {
+
+// ASan must be told of every stack switch: start_switch before, with the bounds of the
+// stack switched to, finish_switch after, which hands back the bounds of the stack left.
+// The way back to the caller needs the caller's bounds too: with none, ASan took the
+// calling stack to be empty and aborted at the next exception thrown there. Nothing
+// without ASan.
+#if defined(__SANITIZE_ADDRESS__)
+void asan_start_switch(void** fake_stack_save, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack_save, bottom, size);
+}
+void asan_finish_switch(void* fake_stack, const void** old_bottom, size_t* old_size) {
+  __sanitizer_finish_switch_fiber(fake_stack, old_bottom, old_size);
+}
+// The frames of fibers abandoned by a failed block leave their redzones poisoned.
+void asan_unpoison(void* p, size_t n) { ASAN_UNPOISON_MEMORY_REGION(p, n); }
+// Fills [p, end) with `byte` where ASan lets a program write (not its redzones).
+void fill_addressable(char* p, char* end, int byte) {
+  while (p < end) {
+    char* bad = static_cast<char*>(__asan_region_is_poisoned(p, static_cast<size_t>(end - p)));
+    if (bad == nullptr) bad = end;
+    std::memset(p, byte, static_cast<size_t>(bad - p));
+    p = bad;
+    while (p < end && __asan_address_is_poisoned(p)) ++p;
+  }
+}
+#else
+void asan_start_switch(void**, const void*, size_t) {}
+void asan_finish_switch(void*, const void**, size_t*) {}
+void asan_unpoison(void*, size_t) {}
+void fill_addressable(char* p, char* end, int byte) { std::memset(p, byte, static_cast<size_t>(end - p)); }
+#endif
+
+}  // namespace
+}  // namespace emu
+}  // namespace simcore
+
+// The kernels' __shared__ variables, between these two symbols of shared_memory.ld.
+extern "C" char simcore_emu_shared_begin[];
+extern "C" char simcore_emu_shared_end[];
+
+namespace simcore {
+namespace emu {
+namespace {
+
+// Static shared memory as each block finds it: 0xff bytes (NaN as a float, -1 as an int),
+// so a kernel that reads shared memory its block has not written gets a wrong answer,
+// never the previous block's value (which is often the right one).
+void poison_shared_memory() { fill_addressable(simcore_emu_shared_begin, simcore_emu_shared_end, 0xff); }
 
 #if defined(__x86_64__)
 // A suspended fiber: its stack pointer, below the callee-saved registers and the return address.
@@ -110,6 +158,7 @@ struct Thread {
   unsigned mask = 0;   // warp op
   uint64_t bits = 0, result = 0;
   int arg = 0, width = 32;
+  void* fake_stack = nullptr;  // ASan's stack for its locals while it is switched out
 };
 
 const char* barrier_name(int op) {
@@ -146,9 +195,8 @@ struct Block {
   std::string error;
   char* stacks = nullptr;
   size_t stack_bytes = 0;
-#ifdef SIMCORE_EMU_ASAN
-  void* fake_stack = nullptr;
-#endif
+  const void* main_stack_bottom = nullptr;  // the calling thread's stack, for ASan
+  size_t main_stack_size = 0;
 
   Thread& self() { return threads[current]; }
 
@@ -173,33 +221,24 @@ struct Block {
   }
 
   void switch_to_main() {
-#ifdef SIMCORE_EMU_ASAN
-    __sanitizer_start_switch_fiber(self().state == State::Done ? nullptr : &fake_stack, nullptr, 0);
-#endif
-    switch_context(&self().ctx, &main_ctx);
-#ifdef SIMCORE_EMU_ASAN
-    __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
-#endif
+    Thread& me = self();
+    asan_start_switch(me.state == State::Done ? nullptr : &me.fake_stack, main_stack_bottom, main_stack_size);
+    switch_context(&me.ctx, &main_ctx);
+    asan_finish_switch(me.fake_stack, &main_stack_bottom, &main_stack_size);
   }
 
   void run_thread(unsigned t) {
     current = t;
     set_thread_index(t);
-#ifdef SIMCORE_EMU_ASAN
-    void* main_fake = nullptr;
-    __sanitizer_start_switch_fiber(&main_fake, stacks + t * kStackBytes, kStackBytes);
-#endif
+    void* main_fake_stack = nullptr;
+    asan_start_switch(&main_fake_stack, stacks + t * kStackBytes, kStackBytes);
     switch_context(&main_ctx, &threads[t].ctx);
-#ifdef SIMCORE_EMU_ASAN
-    __sanitizer_finish_switch_fiber(main_fake, nullptr, nullptr);
-#endif
+    asan_finish_switch(main_fake_stack, nullptr, nullptr);
   }
 
   static void entry() {
     Block* b = g_block;
-#ifdef SIMCORE_EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
-#endif
+    asan_finish_switch(nullptr, &b->main_stack_bottom, &b->main_stack_size);
     try {
       (*b->body)();
     } catch (const std::exception& e) {
@@ -460,10 +499,14 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t smem, const std::f
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = uint3{x, y, z};
+        poison_shared_memory();
         b.start_threads();
         round_order(b.n, &order);
         b.run(order);
-        if (!b.error.empty()) throw std::runtime_error(b.error);
+        if (!b.error.empty()) {
+          asan_unpoison(b.stacks, size_t{b.n} * kStackBytes);  // the failed block's fibers never return
+          throw std::runtime_error(b.error);
+        }
       }
 }
 

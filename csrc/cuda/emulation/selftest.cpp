@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/tensor_view.h"
 
@@ -60,6 +61,27 @@ __global__ void block_sum_kernel(const int* in, int* out) {
   }
 }
 
+// Block 0 fills a shared array; block 1 only reads it. On a GPU block 1 finds whatever the
+// memory held; here it must find the poison (0xff bytes: -1), not block 0's values.
+__global__ void stale_shared_kernel(int* out) {
+  __shared__ int values[64];
+  if (blockIdx.x == 0) values[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = values[threadIdx.x];
+}
+
+// One element past a heap array, and past a __shared__ array (33 threads): under ASan each
+// is a report naming the kernel (tests/test_cuda_emulation.py runs them in a child process).
+// Through a pointer, as kernels index: UBSan's bounds check sees only a declared array's index.
+__global__ void global_out_of_bounds_kernel(const int* in, int* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+__global__ void shared_out_of_bounds_kernel(int* out) {
+  __shared__ int values[32];
+  values[threadIdx.x % 32] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  const int* v = values;
+  out[threadIdx.x] = v[threadIdx.x];
+}
+
 std::string launch_error() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : cudaGetErrorString(e);
@@ -83,7 +105,18 @@ std::string selftest(const std::string& name) {
       const long long want = (1024LL * b + 1024LL * (b + 1) - 1) * 1024 / 2;
       SIMCORE_CHECK(out[b] == want, "block_sum: block ", b, " gave ", out[b], ", want ", want);
     }
-  } else if (name == "too_many_threads") SIMCORE_LAUNCH(1, 1025, 0, nullptr, block_sum_kernel)(in, out);
+  } else if (name == "stale_shared") {
+    SIMCORE_LAUNCH(2, 64, 0, nullptr, stale_shared_kernel)(out);
+    for (int t = 0; t < 128; ++t) {
+      const int want = t < 64 ? t : -1;
+      SIMCORE_CHECK(out[t] == want, "stale_shared: thread ", t % 64, " of block ", t / 64, " read ", out[t], ", want ",
+                    want);
+    }
+  } else if (name == "global_out_of_bounds") {
+    const std::vector<int> heap(64, 1);
+    SIMCORE_LAUNCH(1, 64, 0, nullptr, global_out_of_bounds_kernel)(heap.data(), out);
+  } else if (name == "shared_out_of_bounds") SIMCORE_LAUNCH(1, 33, 0, nullptr, shared_out_of_bounds_kernel)(out);
+  else if (name == "too_many_threads") SIMCORE_LAUNCH(1, 1025, 0, nullptr, block_sum_kernel)(in, out);
   else if (name == "block_z_too_large") SIMCORE_LAUNCH(1, dim3(1, 1, 65), 0, nullptr, block_sum_kernel)(in, out);
   else if (name == "grid_y_too_large") SIMCORE_LAUNCH(dim3(1, 65536), 32, 0, nullptr, block_sum_kernel)(in, out);
   else if (name == "empty_grid") SIMCORE_LAUNCH(0, 32, 0, nullptr, block_sum_kernel)(in, out);
