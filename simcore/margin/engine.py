@@ -304,10 +304,12 @@ def _held_only_here(t):
 _cpu_gradients = _CpuGradients()
 
 
-def cpu_gradient_buffer(shape, dtype):
-    """An uninitialised CPU tensor for a gradient that autograd receives: recycled (see
-    :class:`_CpuGradients`) when it is large."""
-    return _cpu_gradients.empty(shape, dtype)
+def gradient_buffer(shape, dtype, device):
+    """An uninitialised tensor for a gradient that autograd receives: on the CPU recycled (see
+    :class:`_CpuGradients`) when it is large; on CUDA a new one (torch's caching allocator)."""
+    if device.type == "cpu":
+        return _cpu_gradients.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _scratch(numel, dtype, device):

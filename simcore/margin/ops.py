@@ -27,7 +27,7 @@ import torch
 
 from simcore import dispatch
 from simcore.margin.checks import REDUCTIONS
-from simcore.margin.engine import (EngineOptions, MarginSpec, cpu_gradient_buffer, current_engine_options,
+from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, gradient_buffer,
                                    fused_margin_softmax, margin_grad, split_dynamic)
 from simcore.margin.gemm import gemm_operand_dtype
 from simcore.reference.margin_softmax import margin_softmax_loss
@@ -90,9 +90,7 @@ def _run_engine(x, labels, weight, sampled, row_margins, sp, dyn, row_weight, ne
     if not need_gw:
         gw = weight.new_empty(0)
     elif compact_gw:  # every row is written
-        shape = (sampled.numel() * sp.subcenters, weight.shape[1])
-        gw = (cpu_gradient_buffer(shape, torch.float32) if weight.device.type == "cpu"
-              else torch.empty(shape, dtype=torch.float32, device=weight.device))
+        gw = gradient_buffer((sampled.numel() * sp.subcenters, weight.shape[1]), torch.float32, weight.device)
     else:
         gw = _weight_grad_buffer(weight, sampled.numel() * sp.subcenters)
     loss_rows, tcos = fused_margin_softmax(x, labels, weight, sampled, sp, row_margins=row_margins,
