@@ -51,6 +51,7 @@ HYPER = {
     "sgd-plain": dict(lr=0.3, momentum=0.0, weight_decay=0.0),
     "adamw": dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
     "adamw-nodecay": dict(lr=3e-3, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.0),
+    "adamw-beta0": dict(lr=1e-2, betas=(0.0, 0.0), eps=1e-8, weight_decay=0.05),  # 0**t: log(0) = -inf inside
 }
 
 

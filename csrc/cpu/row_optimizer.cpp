@@ -144,17 +144,17 @@ SIMCORE_CLONES void sgd_row(T* w, const float* g, float* buf, int64_t d, float s
 }
 
 template <class T>
-SIMCORE_CLONES void adamw_row(T* w, const float* g, float* m, float* v, int64_t d, float scale, float lr, float b1,
-                              float b2, float eps, float decay, float bc1, float bc2) {
+SIMCORE_CLONES void adamw_row(T* w, const float* g, float* m, float* v, int64_t d, float inv_scale, float b1,
+                              float b2, float eps, float decay, float step_size, float inv_sqrt_bc2) {
   const float c1 = 1.0f - b1, c2 = 1.0f - b2;
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) {
-    const float gk = g[k] / scale;
+    const float gk = g[k] * inv_scale;
     const float mk = b1 * m[k] + c1 * gk;
     const float vk = b2 * v[k] + c2 * gk * gk;
     m[k] = mk;
     v[k] = vk;
-    w[k] = from_float<T>(to_float(w[k]) * decay - lr * (mk / bc1) / (std::sqrt(vk / bc2) + eps));
+    w[k] = from_float<T>(to_float(w[k]) * decay - step_size * mk / (std::sqrt(vk) * inv_sqrt_bc2 + eps));
   }
 }
 
@@ -202,8 +202,10 @@ void row_adamw(const TensorView& weight, const TensorView& rows, const TensorVie
   check_rows(ids, n, weight.size(0));
   float scale = 1.0f;
   if (n == 0 || !step_scale(grad_scale, found_inf, &scale)) return;
-  const float lr = static_cast<float>(p.lr), b1 = static_cast<float>(p.beta1), b2 = static_cast<float>(p.beta2);
+  const float b1 = static_cast<float>(p.beta1), b2 = static_cast<float>(p.beta2);
   const float eps = static_cast<float>(p.eps), decay = static_cast<float>(1.0 - p.lr * p.weight_decay);
+  const float inv_scale = 1.0f / scale;
+  const double log_b1 = std::log(p.beta1), log_b2 = std::log(p.beta2);
   const float* gp = grad.ptr<float>();
   float* mp = exp_avg.ptr<float>();
   float* vp = exp_avg_sq.ptr<float>();
@@ -220,13 +222,14 @@ void row_adamw(const TensorView& weight, const TensorView& rows, const TensorVie
           prefetch_row(wp + ahead * lw, d * sizeof(T), true);
           prefetch_row(mp + ahead * lm, d * 4, true);
           prefetch_row(vp + ahead * lv, d * 4, true);
+          prefetch_row(sp + ahead, 8, true);
         }
         const int64_t row = ids[r], t = sp[row] + 1;
         sp[row] = t;
-        const float bc1 = static_cast<float>(1.0 - std::pow(p.beta1, static_cast<double>(t)));
-        const float bc2 = static_cast<float>(1.0 - std::pow(p.beta2, static_cast<double>(t)));
-        adamw_row(wp + row * lw, gp + r * lg, mp + row * lm, vp + row * lv, d, scale, lr, b1, b2, eps, decay, bc1,
-                  bc2);
+        const double bc1 = -std::expm1(static_cast<double>(t) * log_b1);
+        const double bc2 = -std::expm1(static_cast<double>(t) * log_b2);
+        adamw_row(wp + row * lw, gp + r * lg, mp + row * lm, vp + row * lv, d, inv_scale, b1, b2, eps, decay,
+                  static_cast<float>(p.lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)));
       }
     });
   });
