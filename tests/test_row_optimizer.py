@@ -3,6 +3,7 @@ against the float64 reference (simcore.reference.row_optimizer) and against torc
 dense parameter; rows that are not updated stay bit for bit as they were; GradScaler's
 grad_scale / found_inf; the boundary's checks."""
 import math
+import sys
 
 import pytest
 import torch
@@ -139,6 +140,43 @@ def test_found_inf_skips_and_grad_scale_unscales(optimizer, seed):
     run(optimizer, unscaled, rows, grad, hyper=dict(lr=0.1))
     for k, v in state.items():
         assert torch.equal(v, unscaled[k]), k  # 1024 is a power of two: unscaling is exact
+
+
+def _vma_flags(address):
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _huge_page_advised(t):
+    aligned = (t.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
+    assert aligned + (2 << 20) <= t.data_ptr() + t.numel() * t.element_size()
+    return "hg" in _vma_flags(aligned)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
+def test_head_tables_are_advised_onto_huge_pages():
+    """The head's weight and optimizer state, also after grow(), carry MADV_HUGEPAGE (VmFlags "hg");
+    a small table is not advised."""
+    head = simcore.PartialMarginHead(40_000, 128, optimizer="adamw")
+    for name in ("weight", "exp_avg", "exp_avg_sq"):
+        assert _huge_page_advised(getattr(head, name)), name
+    head.grow(torch.randn(100, 128))
+    for name in ("weight", "exp_avg", "exp_avg_sq"):
+        assert _huge_page_advised(getattr(head, name)), f"{name} after grow"
+    table = row_optimizer.row_table((4096, 1024))
+    assert dispatch.extension().advise_huge_pages(tensor_arg(table)) % (2 << 20) == 0
+    assert dispatch.extension().advise_huge_pages(tensor_arg(torch.empty(100))) == 0
+    with pytest.raises(ValueError, match="must be contiguous"):
+        dispatch.extension().advise_huge_pages(tensor_arg(table[:, ::2]))
 
 
 def test_empty_rows_change_nothing():

@@ -4,6 +4,7 @@
 #include "bindings/ops.h"
 #include "bindings/tensor_arg.h"
 #include "common/tensor_view.h"
+#include "cpu/huge_pages.h"
 
 #ifdef SIMCORE_WITH_CUDA
 #include "cuda/runtime.h"
@@ -116,6 +117,14 @@ PYBIND11_MODULE(SIMCORE_MODULE_NAME, m) {
     out["contiguous"] = v.is_contiguous();
     return out;
   });
+
+  // Huge pages for a large row table before it is first written (cpu/huge_pages.h).
+  m.def("advise_huge_pages", [](const py::handle& t) {
+    const simcore::TensorView v = simcore::tensor_from_py(t, "table");
+    v.expect_device(simcore::Device::CPU, 0).expect_contiguous();
+    return simcore::cpu::advise_huge_pages(v.data, v.numel() * simcore::itemsize(v.dtype));
+  }, "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a contiguous CPU tensor; returns the bytes advised",
+        py::arg("table"));
 
   simcore::bind_margin_softmax(m);
   simcore::bind_cosine_topk(m);

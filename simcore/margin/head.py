@@ -19,7 +19,7 @@ from simcore.margin.checks import (FLOAT_DTYPES, check_dynamic_scalars, check_fa
                                    check_validate, margin_dtype, per_row_margins)
 from simcore.margin.engine import MarginSpec, centre_ids, target_cosines
 from simcore.margin.ops import runs_compiled, sampled_margin_loss
-from simcore.margin.row_optimizer import row_adamw_, row_sgd_
+from simcore.margin.row_optimizer import row_adamw_, row_sgd_, row_table, stacked_rows
 from simcore.margin.sampling import check_sampled, sample_classes
 
 __all__ = ["PartialMarginHead", "HeadOptimizer"]
@@ -205,7 +205,7 @@ class PartialMarginHead(nn.Module):
         self.subcenters, self.filter_threshold = subcenters, filter_threshold
         self.m1, self.margin, self.m3, self.scale, self.sample_rate = m1, margin, m3, scale, sample_rate
         self.optimizer = optimizer
-        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_dim, device=device, dtype=dtype),
+        self.weight = nn.Parameter(row_table((num_classes * subcenters, embedding_dim), device=device, dtype=dtype),
                                    requires_grad=False)
         nn.init.normal_(self.weight, std=0.01)
         hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
@@ -268,11 +268,11 @@ class PartialMarginHead(nn.Module):
         like = dict(device=self.weight.device, dtype=torch.float32)
         d = self.weight.shape[1]
         if self.optimizer == "sgd":
-            self.register_buffer("momentum_buffer", torch.zeros(rows, d, **like) if self.momentum else None)
+            self.register_buffer("momentum_buffer", row_table((rows, d), **like).zero_() if self.momentum else None)
         else:
-            self.register_buffer("exp_avg", torch.zeros(rows, d, **like))
-            self.register_buffer("exp_avg_sq", torch.zeros(rows, d, **like))
-            self.register_buffer("row_step", torch.zeros(rows, dtype=torch.int64, device=self.weight.device))
+            self.register_buffer("exp_avg", row_table((rows, d), **like).zero_())
+            self.register_buffer("exp_avg_sq", row_table((rows, d), **like).zero_())
+            self.register_buffer("row_step", row_table((rows,), dtype=torch.int64, device=self.weight.device).zero_())
 
     def forward(self, embeddings, labels, *, generator=None, sampled=None, return_sampled=False):
         """Loss (mean over the batch) over the positives plus sampled negatives.
@@ -461,11 +461,11 @@ class PartialMarginHead(nn.Module):
             raise ValueError("new_centres holds NaN or Inf")
         old = self.num_classes
         n = new_centres.shape[0]  # rows (n / K classes)
-        self.weight = nn.Parameter(torch.cat([self.weight, new_centres.to(self.weight)]), requires_grad=False)
+        self.weight = nn.Parameter(stacked_rows([self.weight, new_centres.to(self.weight)]), requires_grad=False)
         for name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step"):
             buf = getattr(self, name, None)
             if buf is not None:
-                setattr(self, name, torch.cat([buf, buf.new_zeros((n,) + buf.shape[1:])]))
+                setattr(self, name, stacked_rows([buf, buf.new_zeros((n,) + buf.shape[1:])]))
         self._pieces.clear()
         self._make_sink()
         return torch.arange(old, old + n // self.subcenters, device=self.weight.device)

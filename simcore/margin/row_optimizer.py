@@ -21,7 +21,29 @@ from simcore import dispatch
 from simcore.dispatch import tensor_arg
 from simcore.reference import row_optimizer as reference
 
-__all__ = ["row_sgd_", "row_adamw_"]
+__all__ = ["row_sgd_", "row_adamw_", "row_table", "stacked_rows"]
+
+_HUGE_PAGE = 2 << 20
+
+
+def row_table(shape, *, dtype=None, device=None) -> torch.Tensor:
+    """An uninitialised table of rows for the head's weight or optimizer state. A CPU table of
+    several MiB is put on 2 MiB pages before it is first written (``advise_huge_pages``,
+    csrc/cpu/huge_pages.h): a step touches ~sample_rate of its rows in random order, and on 4 KiB
+    pages nearly each of those rows costs a TLB miss."""
+    table = torch.empty(shape, dtype=dtype, device=device)
+    big = table.numel() * table.element_size() >= 4 * _HUGE_PAGE
+    if big and table.device.type == "cpu" and not dispatch.cuda_path(table.device) \
+            and dispatch.use_compiled(table.device):
+        dispatch.extension().advise_huge_pages(tensor_arg(table))
+    return table
+
+
+def stacked_rows(parts) -> torch.Tensor:
+    """``torch.cat(parts)`` (along rows) into a :func:`row_table`."""
+    first = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    return torch.cat(parts, out=row_table((rows,) + tuple(first.shape[1:]), dtype=first.dtype, device=first.device))
 
 
 def _packed(t):

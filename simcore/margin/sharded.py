@@ -51,6 +51,7 @@ from simcore.margin.checks import per_row_margins
 from simcore.margin.engine import current_engine_options, fused_margin_softmax, margin_grad, target_cosines
 from simcore.margin.gemm import gemm_operand_dtype
 from simcore.margin.head import PartialMarginHead
+from simcore.margin.row_optimizer import stacked_rows
 from simcore.margin.ops import scaled_by_upstream
 from simcore.margin.sampling import check_sampled, sample_classes
 
@@ -477,12 +478,12 @@ class ShardedPartialMarginHead(PartialMarginHead, sharded_form=True):
             dist.all_to_all_single(out, src.contiguous(), recv, send, group=self.process_group)
             return out.to(buf.dtype)
 
-        weight = torch.cat([moved(self.weight.detach()), fresh.to(device=dev, dtype=self.weight.dtype)])
+        weight = stacked_rows([moved(self.weight.detach()), fresh.to(device=dev, dtype=self.weight.dtype)])
         states = {}
         for name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_step"):
             buf = getattr(self, name, None)
             if buf is not None:
-                states[name] = torch.cat([moved(buf), buf.new_zeros((fresh.shape[0],) + tuple(buf.shape[1:]))])
+                states[name] = stacked_rows([moved(buf), buf.new_zeros((fresh.shape[0],) + tuple(buf.shape[1:]))])
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         for name, buf in states.items():
             setattr(self, name, buf)
