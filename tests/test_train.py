@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import hardware_only  # noqa: E402
 from test_data import write_photos  # noqa: E402
+from train_helpers import TINY, log_records, photo_folder, tiny_config  # noqa: E402
 
 from simcore.isc import augment as A  # noqa: E402
 from simcore.isc import train as T  # noqa: E402
@@ -18,38 +19,26 @@ from simcore.isc.backbones import BackboneError, TimmBackbone, build_backbone  #
 from simcore.isc.embed import load_checkpoint  # noqa: E402
 from simcore.isc.files import atomic_write  # noqa: E402
 
-TINY = dict(widths=(8, 16), dim=16, image_size=32, sample_rate=1.0, progress=False, lr=3e-3, views=1)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    write_photos(root, 12, size=40)
-    return root
-
-
-def config(folder, out, **kw):
-    return T.TrainConfig(images=str(folder), output=str(out), **{**TINY, **kw})
-
-
-def steps_of(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["event"] == "step"]
+    return photo_folder(tmp_path_factory, 12)
 
 
 @pytest.mark.parametrize("augment_on", ["workers", "device"])
 def test_an_interrupted_run_resumes_bit_for_bit(folder, tmp_path, monkeypatch, augment_on):
     kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(4, 5), checkpoint_every=3, warmup=2, augment_on=augment_on)
-    full = T.train(config(folder, tmp_path / "a", **kw), log_fn=lambda m: None)
+    full = T.train(tiny_config(folder, tmp_path / "a", **kw), log_fn=lambda m: None)
     monkeypatch.setenv(T.FAIL_AFTER_STEP_ENV, "7")       # stage 2, step 3; the last checkpoint: global step 6
     with pytest.raises(RuntimeError, match="simulated failure after step 7"):
-        T.train(config(folder, tmp_path / "b", **kw), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path / "b", **kw), log_fn=lambda m: None)
     monkeypatch.delenv(T.FAIL_AFTER_STEP_ENV)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["global_step"] == 6
-    resumed = T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), workers=2, **kw),
+    resumed = T.train(tiny_config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), workers=2, **kw),
                       log_fn=lambda m: None)
     assert len(resumed.losses) == 3                       # steps 7, 8, 9 again
-    a, b = steps_of(tmp_path / "a"), steps_of(tmp_path / "b")
+    a, b = log_records(tmp_path / "a", "step"), log_records(tmp_path / "b", "step")
     assert [r["global_step"] for r in b] == list(range(1, 10))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]           # the log was cut back at the checkpoint
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
@@ -62,19 +51,19 @@ def test_an_interrupted_run_resumes_bit_for_bit(folder, tmp_path, monkeypatch, a
     assert full.stages[0]["classes"] == 4 and full.stages[1]["steps"] == 5
     other = "device" if augment_on == "workers" else "workers"   # the mode shapes the samples: a resume keeps it
     with pytest.raises(ValueError, match=rf"augment_on \('{augment_on}' -> '{other}'\)"):
-        T.train(config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), **dict(kw, augment_on=other)),
-                log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"),
+                            **dict(kw, augment_on=other)), log_fn=lambda m: None)
 
 
 def test_resume_refuses_other_settings(folder, tmp_path):
-    T.train(config(folder, tmp_path, steps=2, batch_size=4), log_fn=lambda m: None)
+    T.train(tiny_config(folder, tmp_path, steps=2, batch_size=4), log_fn=lambda m: None)
     with pytest.raises(ValueError, match=r"dim \(16 -> 8\)"):
-        T.train(config(folder, tmp_path, steps=2, batch_size=4, dim=8, resume=str(tmp_path / "last.pt")))
+        T.train(tiny_config(folder, tmp_path, steps=2, batch_size=4, dim=8, resume=str(tmp_path / "last.pt")))
 
 
 def test_checkpoint_contents_and_atomic_writes(folder, tmp_path):
-    r = T.train(config(folder, tmp_path, drip=(6, 12), steps=(2, 2), batch_size=4, checkpoint_every=1,
-                       precision="fp16"), log_fn=lambda m: None)
+    r = T.train(tiny_config(folder, tmp_path, drip=(6, 12), steps=(2, 2), batch_size=4, checkpoint_every=1,
+                            precision="fp16"), log_fn=lambda m: None)
     ck = load_checkpoint(r.checkpoint)
     for key in ("model", "head", "optimizer", "scaler", "rng", "stage", "step", "global_step", "backbone",
                 "class_order", "log_offset"):
@@ -124,7 +113,7 @@ def test_a_failed_setup_leaves_no_file_open(folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "_make_optimizer", broken)
     with pytest.raises(RuntimeError, match="no optimizer today") as failure:
-        T.train(config(folder, tmp_path, steps=1, batch_size=4, tensorboard=True), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path, steps=1, batch_size=4, tensorboard=True), log_fn=lambda m: None)
     assert (tmp_path / "log.jsonl").exists() and (tmp_path / "tb").is_dir()   # both were open
     # while the caller holds the exception (a notebook keeps the last traceback), its frames live on
     assert failure.traceback and _open_files_under(tmp_path) == []
@@ -142,7 +131,7 @@ def test_cuda_steps_wait_for_the_gpu_only_to_read_the_loss(folder, tmp_path, pre
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                T.train(config(folder, out, steps=steps, batch_size=4, device="cuda", precision=precision),
+                T.train(tiny_config(folder, out, steps=steps, batch_size=4, device="cuda", precision=precision),
                         log_fn=lambda m: None)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
@@ -150,21 +139,22 @@ def test_cuda_steps_wait_for_the_gpu_only_to_read_the_loss(folder, tmp_path, pre
 
     short, long = syncs(3, tmp_path / "short"), syncs(9, tmp_path / "long")
     assert long - short == 6, (short, long)
-    assert len(steps_of(tmp_path / "long")) == 9
+    assert len(log_records(tmp_path / "long", "step")) == 9
 
 
 def test_a_fresh_run_never_overwrites_another_run(folder, tmp_path):
-    T.train(config(folder, tmp_path, steps=1, batch_size=4), log_fn=lambda m: None)
+    T.train(tiny_config(folder, tmp_path, steps=1, batch_size=4), log_fn=lambda m: None)
     before = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(T.TrainSetupError, match="already holds a run"):
-        T.train(config(folder, tmp_path, steps=1, batch_size=4), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path, steps=1, batch_size=4), log_fn=lambda m: None)
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("loss", T.LOSSES)
 def test_every_loss_trains(folder, tmp_path, loss):
-    r = T.train(config(folder, tmp_path, loss=loss, steps=2, batch_size=4, subcenters=2 if loss == "arcface" else 1,
-                       optimizer="sgd" if loss == "cosface" else "adam"), log_fn=lambda m: None)
+    r = T.train(tiny_config(folder, tmp_path, loss=loss, steps=2, batch_size=4,
+                            subcenters=2 if loss == "arcface" else 1, optimizer="sgd" if loss == "cosface" else "adam"),
+                log_fn=lambda m: None)
     assert len(r.losses) == 2 and all(torch.isfinite(torch.tensor(r.losses)))
 
 
@@ -179,8 +169,8 @@ def test_bf16_and_the_loss_goes_down(folder, tmp_path, monkeypatch, augment_on):
         return real(self, images, **kw)
 
     monkeypatch.setattr(A.RandomAugment, "__call__", spy)
-    r = T.train(config(folder, tmp_path, steps=30, batch_size=12, precision="bf16", scale=16.0, margin=0.2,
-                       augment_on=augment_on), log_fn=lambda m: None)
+    r = T.train(tiny_config(folder, tmp_path, steps=30, batch_size=12, precision="bf16", scale=16.0, margin=0.2,
+                            augment_on=augment_on), log_fn=lambda m: None)
     assert all(torch.isfinite(torch.tensor(r.losses)))
     first, last = sum(r.losses[:5]) / 5, sum(r.losses[-5:]) / 5
     assert last < first, (first, last)
@@ -202,14 +192,14 @@ def test_stop_ends_a_stage_early_and_folder_labels(tmp_path):
 
 def test_validation_plot_and_log(folder, tmp_path):
     msgs = []
-    r = T.train(config(folder, tmp_path / "run", steps=2, batch_size=4, val_dir=str(folder), val_max=5, plot=True),
+    r = T.train(tiny_config(folder, tmp_path / "run", steps=2, batch_size=4, val_dir=str(folder), val_max=5, plot=True),
                 log_fn=msgs.append)
     v = r.val[0]
     assert v["images"] == 5 and 0 <= v["micro_ap"] <= 1 and 0 <= v["recall_at_p90"] <= 1
     assert os.path.getsize(tmp_path / "run" / "loss.png") > 1000
     events = [json.loads(line)["event"] for line in open(tmp_path / "run" / "log.jsonl")]
     assert events == ["start", "stage_start", "step", "step", "val", "stage_end", "checkpoint"]
-    step = steps_of(tmp_path / "run")[0]
+    step = log_records(tmp_path / "run", "step")[0]
     assert {"loss", "lr", "head_lr", "images_per_second", "stage", "classes"} <= set(step)
     assert any("validation: µAP" in m for m in msgs)
 
@@ -219,20 +209,20 @@ def test_corrupt_files_are_counted_or_refused(folder, tmp_path):
     shutil.copytree(folder, tmp_path / "imgs")
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
-        r = T.train(config(tmp_path / "imgs", tmp_path / "run", steps=1, batch_size=4), log_fn=lambda m: None)
+        r = T.train(tiny_config(tmp_path / "imgs", tmp_path / "run", steps=1, batch_size=4), log_fn=lambda m: None)
     assert r.skipped_files == 1
     start = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
     assert start["skipped_files"] == 1 and start["images"] == 12
     from simcore.isc.data import CorruptImageError
     with pytest.raises(CorruptImageError, match="broken.jpg"):
-        T.train(config(tmp_path / "imgs", tmp_path / "run2", steps=1, strict=True), log_fn=lambda m: None)
+        T.train(tiny_config(tmp_path / "imgs", tmp_path / "run2", steps=1, strict=True), log_fn=lambda m: None)
 
 
 def test_bad_settings_are_clear_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="asks for 20 classes but the images hold 12"):
-        T.train(config(folder, tmp_path, drip=(4, 20)), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path, drip=(4, 20)), log_fn=lambda m: None)
     with pytest.raises(ValueError, match="must grow"):
-        T.train(config(folder, tmp_path, drip=(8, 4), steps=1), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path, drip=(8, 4), steps=1), log_fn=lambda m: None)
     with pytest.raises(ValueError, match="steps has 2 values for 3 drip stages"):
         T.TrainConfig(images="x", output="y", drip="2,4,ALL", steps="1,2").normalised()
     with pytest.raises(ValueError, match="drip: 'abc' is not a whole number"):
@@ -243,12 +233,12 @@ def test_bad_settings_are_clear_errors(folder, tmp_path):
             mp.delenv(k, raising=False)
         with pytest.raises(T.TrainSetupError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: "
                                                     "start the ranks with torchrun"):
-            T.train(config(folder, tmp_path))
+            T.train(tiny_config(folder, tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
     from simcore.isc.data import NoImagesError
     with pytest.raises(NoImagesError, match="no images"):
-        T.train(config(empty, tmp_path / "run"))
+        T.train(tiny_config(empty, tmp_path / "run"))
 
 
 def test_timm_backbones_by_name(monkeypatch):

@@ -18,37 +18,25 @@ import pytest
 import torch
 from conftest import rel_err, spawn_ranks  # noqa: E402
 from test_cli import run_inproc  # noqa: F401  (the fixture: simcore.isc.cli.main in-process)
-from test_data import write_photos  # noqa: E402
 from test_train_ddp import _no_batchnorm  # noqa: E402
+from train_helpers import photo_folder, step_losses, tiny_config  # noqa: E402
 
 from simcore.isc import train as T  # noqa: E402
 from simcore.isc.embed import load_checkpoint  # noqa: E402
 
-TINY = dict(widths=(8, 16), dim=16, image_size=32, progress=False, lr=3e-3, views=1, sample_rate=0.5)
-RUN = dict(drip=(6, "ALL"), steps=(3, 3), checkpoint_every=2)
+RUN = dict(sample_rate=0.5, drip=(6, "ALL"), steps=(3, 3), checkpoint_every=2)
 # another summation order through 6 Adam steps (measured: 1.1e-6 in fp32, 7e-8 under the CPU's fp16 autocast)
 TOL = {"fp32": 1e-5, "fp16": 1e-4}
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    write_photos(root, 12, size=40)
-    return root
-
-
-def _config(folder, out, **kw):
-    return T.TrainConfig(images=str(folder), output=str(out), **{**TINY, **RUN, **kw})
-
-
-def _losses(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if r["event"] == "step"]
+    return photo_folder(tmp_path_factory, 12)
 
 
 def _compare_runs(a, b, tol):
     """Largest relative difference of the losses, then the final backbone and centres within ``tol``."""
-    la, lb = _losses(a), _losses(b)
+    la, lb = step_losses(a), step_losses(b)
     assert len(la) == len(lb) == 6
     worst = max(abs(x - y) / abs(y) for x, y in zip(la, lb))
     assert worst <= tol, (la, lb)
@@ -70,11 +58,11 @@ def test_two_micro_batches_step_as_one_double_batch(folder, tmp_path, monkeypatc
         return accumulate(embed, head, micro_batches, **kw)
     accumulate = T.accumulate_gradients
     monkeypatch.setattr(T, "accumulate_gradients", spy)
-    T.train(_config(folder, tmp_path / "accum", batch_size=3, grad_accum=2, precision=precision),
+    T.train(tiny_config(folder, tmp_path / "accum", RUN, batch_size=3, grad_accum=2, precision=precision),
             log_fn=lambda m: None)
     assert seen == [[3, 3]] * 6
     seen.clear()
-    T.train(_config(folder, tmp_path / "big", batch_size=6, precision=precision), log_fn=lambda m: None)
+    T.train(tiny_config(folder, tmp_path / "big", RUN, batch_size=6, precision=precision), log_fn=lambda m: None)
     assert seen == [[6]] * 6
     worst = _compare_runs(tmp_path / "accum", tmp_path / "big", TOL[precision])
     print(f"{precision}: --grad-accum 2 vs one batch of 6: largest relative loss difference {worst:.2e}")
@@ -82,18 +70,19 @@ def test_two_micro_batches_step_as_one_double_batch(folder, tmp_path, monkeypatc
 
 def test_an_interrupted_accumulating_run_resumes_bit_for_bit(folder, tmp_path, monkeypatch):
     kw = dict(batch_size=(2, 3), grad_accum=2, warmup=2)
-    T.train(_config(folder, tmp_path / "a", **kw), log_fn=lambda m: None)
+    T.train(tiny_config(folder, tmp_path / "a", RUN, **kw), log_fn=lambda m: None)
     monkeypatch.setenv(T.FAIL_AFTER_STEP_ENV, "5")        # stage 2, step 2; the last checkpoint: global step 4
     with pytest.raises(RuntimeError, match="simulated failure after step 5"):
-        T.train(_config(folder, tmp_path / "b", **kw), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path / "b", RUN, **kw), log_fn=lambda m: None)
     monkeypatch.delenv(T.FAIL_AFTER_STEP_ENV)
     resume = str(tmp_path / "b" / "last.pt")
     assert load_checkpoint(resume)["global_step"] == 4
     with pytest.raises(ValueError, match=r"grad_accum \(2 -> 3\)"):
-        T.train(_config(folder, tmp_path / "b", resume=resume, **dict(kw, grad_accum=3)), log_fn=lambda m: None)
-    resumed = T.train(_config(folder, tmp_path / "b", resume=resume, workers=1, **kw), log_fn=lambda m: None)
+        T.train(tiny_config(folder, tmp_path / "b", RUN, resume=resume, **dict(kw, grad_accum=3)),
+                log_fn=lambda m: None)
+    resumed = T.train(tiny_config(folder, tmp_path / "b", RUN, resume=resume, workers=1, **kw), log_fn=lambda m: None)
     assert len(resumed.losses) == 2
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
     ca, cb = load_checkpoint(tmp_path / "a" / "final.pt"), load_checkpoint(tmp_path / "b" / "final.pt")
     for part in ("model", "head"):
         for k in ca[part]:
@@ -108,14 +97,14 @@ def _ddp_worker(rank, tmp, folder):
     try:
         T.build_backbone = _no_batchnorm
         for name, kw in (("accum", dict(batch_size=4, grad_accum=2)), ("big", dict(batch_size=8))):
-            T.train(_config(folder, os.path.join(tmp, name), **kw), log_fn=lambda m: None)
+            T.train(tiny_config(folder, os.path.join(tmp, name), RUN, **kw), log_fn=lambda m: None)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_accumulate_as_they_step_the_double_batch(folder, tmp_path):
     spawn_ranks(_ddp_worker, 2, tmp_path, args=(str(folder),), deadline_s=240)
-    la, lb = _losses(tmp_path / "accum"), _losses(tmp_path / "big")
+    la, lb = step_losses(tmp_path / "accum"), step_losses(tmp_path / "big")
     assert len(la) == len(lb) == 6
     assert max(abs(x - y) / abs(y) for x, y in zip(la, lb)) <= TOL["fp32"], (la, lb)
     ca, cb = (load_checkpoint(tmp_path / name / "final.pt") for name in ("accum", "big"))

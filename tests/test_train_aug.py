@@ -6,11 +6,16 @@ import sys
 
 import pytest
 import torch
-from test_train import config, folder  # noqa: E402,F401  (folder: the module's image fixture)
+from train_helpers import photo_folder, tiny_config  # noqa: E402
 
 from simcore.isc import augment as A  # noqa: E402
 from simcore.isc import data as Dt  # noqa: E402
 from simcore.isc import train as T  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return photo_folder(tmp_path_factory, 12)
 
 
 def test_both_modes_give_the_model_the_same_kind_of_batch(folder):
@@ -32,17 +37,17 @@ def test_both_modes_give_the_model_the_same_kind_of_batch(folder):
 
 
 def test_the_modes_differ_and_bad_values_are_refused(folder, tmp_path):
-    w = T.train(config(folder, tmp_path / "w", steps=2, batch_size=4), log_fn=lambda m: None)
-    d = T.train(config(folder, tmp_path / "d", steps=2, batch_size=4, augment_on="device"), log_fn=lambda m: None)
+    w = T.train(tiny_config(folder, tmp_path / "w", steps=2, batch_size=4), log_fn=lambda m: None)
+    d = T.train(tiny_config(folder, tmp_path / "d", steps=2, batch_size=4, augment_on="device"), log_fn=lambda m: None)
     assert w.losses[0] != d.losses[0]                    # other copies (the same data order and init)
     with pytest.raises(ValueError, match="--augment-on must be one of workers, device, got 'gpu'"):
-        config(folder, tmp_path / "x", augment_on="gpu").normalised()
+        tiny_config(folder, tmp_path / "x", augment_on="gpu").normalised()
 
 
 def test_tensorboard_missing_is_a_note_and_training_goes_on(folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)       # as if tensorboard were absent
     msgs = []
-    r = T.train(config(folder, tmp_path, steps=2, batch_size=4, tensorboard=True), log_fn=msgs.append)
+    r = T.train(tiny_config(folder, tmp_path, steps=2, batch_size=4, tensorboard=True), log_fn=msgs.append)
     assert len(r.losses) == 2
     assert [m for m in msgs if m.startswith("--tensorboard")] == [T.TENSORBOARD_MISSING]
     notes = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"note"' in line]
@@ -51,7 +56,7 @@ def test_tensorboard_missing_is_a_note_and_training_goes_on(folder, tmp_path, mo
 
 
 def test_tensorboard_event_files(folder, tmp_path):
-    T.train(config(folder, tmp_path, steps=3, batch_size=4, tensorboard=True, val_dir=str(folder), val_max=4),
+    T.train(tiny_config(folder, tmp_path, steps=3, batch_size=4, tensorboard=True, val_dir=str(folder), val_max=4),
             log_fn=lambda m: None)
     files = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
     assert files
@@ -71,14 +76,14 @@ def _ddp_worker(rank, tmp, folder):
                             timeout=datetime.timedelta(seconds=60))
     kw = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(3, 3), checkpoint_every=2, augment_on="device")
     try:
-        out = {"a": T.train(config(folder, os.path.join(tmp, "a"), **kw), log_fn=lambda m: None).losses}
+        out = {"a": T.train(tiny_config(folder, os.path.join(tmp, "a"), **kw), log_fn=lambda m: None).losses}
         os.environ[T.FAIL_AFTER_STEP_ENV] = "5"
         try:
-            T.train(config(folder, os.path.join(tmp, "b"), **kw), log_fn=lambda m: None)
+            T.train(tiny_config(folder, os.path.join(tmp, "b"), **kw), log_fn=lambda m: None)
         except T.SimulatedFailure:
             out["b_failed"] = True
         del os.environ[T.FAIL_AFTER_STEP_ENV]
-        out["b"] = T.train(config(folder, os.path.join(tmp, "b"), resume=os.path.join(tmp, "b", "last.pt"), **kw),
+        out["b"] = T.train(tiny_config(folder, os.path.join(tmp, "b"), resume=os.path.join(tmp, "b", "last.pt"), **kw),
                            log_fn=lambda m: None).losses
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
     finally:

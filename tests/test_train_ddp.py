@@ -21,12 +21,11 @@ import sys
 import pytest
 import torch
 from conftest import TESTS_DIR, rel_err, spawn_ranks, subprocess_env  # noqa: E402
-from test_data import write_photos  # noqa: E402
+from train_helpers import photo_folder, step_losses, tiny_config  # noqa: E402
 
 from simcore.isc import train as T  # noqa: E402
 from simcore.isc.embed import load_checkpoint  # noqa: E402
 
-TINY = dict(widths=(8, 16), dim=16, image_size=32, sample_rate=1.0, progress=False, lr=3e-3, views=1)
 RUN = dict(drip=(4, "ALL"), batch_size=(4, 6), steps=(3, 3), checkpoint_every=2)
 FAIL_AT = 5        # stage 2, step 2; the last checkpoint before it: global step 4 (stage 2, step 1)
 TOL = 1e-5         # float rounding of another summation order, through 6 Adam steps
@@ -49,15 +48,6 @@ def _no_batchnorm(spec, pretrained=None):
     return model
 
 
-def _config(folder, out, **kw):
-    return T.TrainConfig(images=str(folder), output=str(out), **{**TINY, **RUN, **kw})
-
-
-def _losses(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if r["event"] == "step"]
-
-
 def _error(fn):
     try:
         fn()
@@ -73,17 +63,18 @@ def _worker(rank, tmp, folder):
                             timeout=datetime.timedelta(seconds=60))
     try:
         T.build_backbone = _no_batchnorm
-        out = {"few_classes": _error(lambda: T.train(_config(folder, os.path.join(tmp, "x"), drip=(1, "ALL")))),
-               "rank1_bad": _error(lambda: T.train(_config(folder if rank == 0 else os.path.join(tmp, "nope"),
-                                                           os.path.join(tmp, "y")), log_fn=lambda m: None))}
-        out["a"] = T.train(_config(folder, os.path.join(tmp, "a")), log_fn=lambda m: None).losses
+        out = {"few_classes": _error(lambda: T.train(tiny_config(folder, os.path.join(tmp, "x"), RUN,
+                                                                 drip=(1, "ALL")))),
+               "rank1_bad": _error(lambda: T.train(tiny_config(folder if rank == 0 else os.path.join(tmp, "nope"),
+                                                               os.path.join(tmp, "y"), RUN), log_fn=lambda m: None))}
+        out["a"] = T.train(tiny_config(folder, os.path.join(tmp, "a"), RUN), log_fn=lambda m: None).losses
         os.environ[T.FAIL_AFTER_STEP_ENV] = str(FAIL_AT)
         try:
-            T.train(_config(folder, os.path.join(tmp, "b")), log_fn=lambda m: None)
+            T.train(tiny_config(folder, os.path.join(tmp, "b"), RUN), log_fn=lambda m: None)
         except T.SimulatedFailure as e:
             out["b_failed"] = str(e)
         del os.environ[T.FAIL_AFTER_STEP_ENV]
-        out["b"] = T.train(_config(folder, os.path.join(tmp, "b"), resume=os.path.join(tmp, "b", "last.pt")),
+        out["b"] = T.train(tiny_config(folder, os.path.join(tmp, "b"), RUN, resume=os.path.join(tmp, "b", "last.pt")),
                            log_fn=lambda m: None).losses
         out["group_kept"] = dist.is_initialized()      # train leaves a group it did not create
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
@@ -93,9 +84,7 @@ def _worker(rank, tmp, folder):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    write_photos(root, 12, size=40)
-    return root
+    return photo_folder(tmp_path_factory, 12)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +94,7 @@ def runs(folder, tmp_path_factory):
     outs = [torch.load(tmp / f"out{r}.pt") for r in range(2)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "build_backbone", _no_batchnorm)
-        one = T.train(_config(folder, tmp / "one"), log_fn=lambda m: None)
+        one = T.train(tiny_config(folder, tmp / "one", RUN), log_fn=lambda m: None)
     return tmp, outs, one
 
 
@@ -121,7 +110,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(runs):
     tmp, outs, one = runs
     a0, a1 = outs[0]["a"], outs[1]["a"]
     assert a0 == a1 and len(a0) == 6                    # the global batch's loss, on every rank
-    assert _losses(tmp / "a") == a0                     # rank 0's log
+    assert step_losses(tmp / "a") == a0                     # rank 0's log
     worst = max(abs(x - y) / abs(y) for x, y in zip(a0, one.losses))
     print(f"2 ranks vs 1 process: losses {a0} vs {one.losses}, largest relative difference {worst:.2e}")
     assert worst <= TOL, (a0, one.losses)
@@ -164,7 +153,7 @@ def test_an_interrupted_two_rank_run_resumes_bit_for_bit(runs):
     for o in outs:
         assert f"after step {FAIL_AT}" in o["b_failed"]
         assert o["b"] == o["a"][FAIL_AT - 1:]           # steps 5 and 6 again, from the step-4 checkpoint
-    assert _losses(tmp / "b") == outs[0]["a"]
+    assert step_losses(tmp / "b") == outs[0]["a"]
     ha, hb = _full_head(tmp / "a"), _full_head(tmp / "b")
     for k in ha:
         assert torch.equal(ha[k], hb[k]), k
@@ -177,7 +166,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, folder, monkeypatch)
     shutil.copytree(tmp / "a", tmp / "a1")
     monkeypatch.setattr(T, "build_backbone", _no_batchnorm)
     msgs = []
-    r = T.train(_config(folder, tmp / "a1", resume=str(tmp / "a1" / "stage1.pt")), log_fn=msgs.append)
+    r = T.train(tiny_config(folder, tmp / "a1", RUN, resume=str(tmp / "a1" / "stage1.pt")), log_fn=msgs.append)
     assert any("saved by 2 rank(s), now 1" in m for m in msgs)
     assert max(abs(x - y) / abs(y) for x, y in zip(r.losses, outs[0]["a"][3:])) <= TOL
     ck = load_checkpoint(tmp / "a1" / "final.pt")

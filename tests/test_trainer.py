@@ -15,17 +15,15 @@ import torch
 from conftest import subprocess_env
 from test_cli import run_inproc  # noqa: F401  (the fixture: simcore.isc.cli.main in-process)
 from test_data import write_photos
+from train_helpers import TINY, photo_folder
 
 from simcore.isc import train as T
 
-TINY = dict(widths=(8, 16), dim=16, image_size=32, sample_rate=1.0, progress=False, lr=3e-3, views=1)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    write_photos(root, 8, size=40)
-    return root
+    return photo_folder(tmp_path_factory, 8)
 
 
 def test_the_loop_by_hand(folder, tmp_path):
