@@ -51,8 +51,8 @@ from simcore.margin.checks import per_row_margins
 from simcore.margin.engine import current_engine_options, fused_margin_softmax, margin_grad, target_cosines
 from simcore.margin.gemm import gemm_operand_dtype
 from simcore.margin.head import PartialMarginHead
-from simcore.margin.row_optimizer import stacked_rows
 from simcore.margin.ops import scaled_by_upstream
+from simcore.margin.row_optimizer import stacked_rows
 from simcore.margin.sampling import check_sampled, sample_classes
 
 __all__ = ["ShardedPartialMarginHead", "shard_bounds", "load_resharded"]
