@@ -27,8 +27,8 @@ import torch
 
 from simcore import dispatch
 from simcore.margin.checks import REDUCTIONS
-from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, gradient_buffer,
-                                   fused_margin_softmax, margin_grad, split_dynamic)
+from simcore.margin.engine import (EngineOptions, MarginSpec, current_engine_options, fused_margin_softmax,
+                                   gradient_buffer, margin_grad, split_dynamic)
 from simcore.margin.gemm import gemm_operand_dtype
 from simcore.reference.margin_softmax import margin_softmax_loss
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from simcore.isc.training.config import TrainSetupError, resolve_device
 
-__all__ = ["Dist", "init_distributed", "finish_distributed"]
+__all__ = ["Dist", "gather_objects", "init_distributed", "finish_distributed"]
 
 
 class Dist:
@@ -52,9 +52,7 @@ class Dist:
 
     def gather_objects(self, obj):
         """Every rank's ``obj`` (picklable; small: a checkpoint's data position), in rank order."""
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.control)
-        return out
+        return gather_objects(obj, self.control)
 
     def sum_(self, tensor):
         """``tensor`` summed over the ranks, in place (through the backend's device); returns it."""
@@ -84,6 +82,13 @@ def _rank_device(device_name, local):
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     return device
+
+
+def gather_objects(obj, group=None):
+    """Every rank's ``obj`` (picklable, small) through ``group`` (None: the default group), in rank order."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def init_distributed(device_name):

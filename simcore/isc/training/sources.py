@@ -111,6 +111,7 @@ class ShardSource(DataSource):
     def scan(self, c, log=None) -> TrainingData:
         from simcore.isc.shards import expand_shards, scan_shards
         from simcore.isc.training.config import TrainSetupError
+        from simcore.isc.training.distributed import gather_objects
         dist = torch.distributed
         ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         world = dist.get_world_size() if ranks else 1
@@ -121,7 +122,7 @@ class ShardSource(DataSource):
                                   f"{max(shards // world, 1) if shards >= world else 0} workers, or more shards")
         share = {}
         if ranks:   # every rank reads 1/R of the shards; they exchange what they found
-            share = dict(part=(dist.get_rank(), world), gather=_all_gather_object)
+            share = dict(part=(dist.get_rank(), world), gather=gather_objects)
         self.scanned = scan_shards(self.location, labels=c.labels, strict=c.strict, threads=max(c.workers, 1),
                                    log=log, **share)
         return TrainingData(self.scanned.labels, self.scanned.num_classes, len(self.scanned.skipped),
@@ -174,12 +175,6 @@ class ShardSource(DataSource):
         ``ShardProgress.state_dict()``), and the worker count and world size they were read with."""
         from simcore.isc.shards import ShardProgress
         return dict(ShardProgress.merge(states).state_dict(), workers=workers, world_size=world)
-
-
-def _all_gather_object(obj):
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def source_for(location) -> DataSource:
