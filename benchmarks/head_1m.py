@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from bench_train import DenseArcFace
 
 import simcore
 
@@ -22,6 +23,19 @@ S = C // 10
 
 def minor_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def dense_peer(optimizer, x, y):
+    """A step of the dense peer with the same margin, scale and optimizer settings as simcore's head."""
+    peer = DenseArcFace(C, D, margin=0.4, scale=40.0)
+    opt = (torch.optim.SGD(peer.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.AdamW(peer.parameters(), lr=0.1, weight_decay=0.0))
+
+    def step():
+        peer(x.clone().requires_grad_(True), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def build(optimizer):
@@ -42,7 +56,7 @@ def build(optimizer):
 
     def floor_out():
         torch.mm(xx, w.t(), out=cos), torch.mm(gl, w, out=gx), torch.mm(gl.t(), xx, out=gw)
-    return dict(step=step, floor_fresh=floor_fresh, floor_out=floor_out)
+    return dict(step=step, floor_fresh=floor_fresh, floor_out=floor_out, peer=dense_peer(optimizer, x, y))
 
 
 def main():
@@ -65,6 +79,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps(dict(optimizer=args.optimizer, step_ms=round(med["step"], 1),
                           floor_fresh_ms=round(med["floor_fresh"], 1), floor_out_ms=round(med["floor_out"], 1),
+                          peer_ms=round(med["peer"], 1), x_peer=round(med["step"] / med["peer"], 4),
                           x_floor_fresh=round(med["step"] / med["floor_fresh"], 3),
                           x_floor_out=round(med["step"] / med["floor_out"], 3),
                           faults_per_step=int(statistics.median(faults)))))
